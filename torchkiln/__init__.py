@@ -1,0 +1,33 @@
+"""torchkiln: a graph-level compiler and export toolchain for PyTorch.
+
+    compiled = torchkiln.compile(model, example_inputs, passes="cleanup,fold_batchnorm",
+                                 backend="onnxruntime", dynamic_axes="batch")
+    compiled(x); print(compiled.report.table()); compiled.save("out/")
+    again = torchkiln.load("out/")
+"""
+
+from torchkiln.compiler.api import compile
+from torchkiln.compiler.compiled import CompiledModel, load
+from torchkiln.compiler.passes import Pass, PassConfig, PassResult, register_pass, registered_passes
+from torchkiln.compiler.program import Program, TensorSpec
+from torchkiln.compiler.trace import trace
+from torchkiln.compiler.verify import Tolerance
+from torchkiln.errors import (
+    ArtifactError,
+    BackendError,
+    ConfigError,
+    ExportError,
+    InputError,
+    KilnError,
+    PassError,
+    TraceError,
+    VerificationError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArtifactError", "BackendError", "CompiledModel", "ConfigError", "ExportError", "InputError", "KilnError",
+    "Pass", "PassConfig", "PassError", "PassResult", "Program", "TensorSpec", "Tolerance", "TraceError",
+    "VerificationError", "compile", "load", "register_pass", "registered_passes", "trace",
+]  # fmt: skip

@@ -1,0 +1,38 @@
+"""Backends, looked up by name. Each lives in its own module, imported only when used, so that
+``import torchkiln`` never pulls in onnx, onnxruntime or tensorrt."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from typing import Any
+
+from torchkiln.backends.base import Artifact, Backend, BackendOptions
+from torchkiln.errors import ConfigError
+
+_MODULES = {
+    "torch": "torchkiln.backends.torch_backend",
+    "onnx": "torchkiln.backends.onnx_backend",
+    "onnxruntime": "torchkiln.backends.onnxruntime_backend",
+}
+
+BACKEND_NAMES = tuple(_MODULES)
+
+
+def get_backend(name: str) -> Backend:
+    if name not in _MODULES:
+        raise ConfigError(f"unknown backend '{name}'", where="backend", hint=f"choose one of {', '.join(_MODULES)}")
+    backend: Backend = importlib.import_module(_MODULES[name]).BACKEND
+    return backend
+
+
+def backend_options(name: str, options: Mapping[str, Any] | BackendOptions | None) -> BackendOptions:
+    backend = get_backend(name)
+    if isinstance(options, BackendOptions):
+        if not isinstance(options, backend.Options):
+            raise ConfigError(f"options of type {type(options).__name__} do not belong to backend '{name}'")
+        return options
+    return backend.Options.from_mapping(options or {}, owner=f"backend {name}")
+
+
+__all__ = ["Artifact", "Backend", "BackendOptions", "BACKEND_NAMES", "backend_options", "get_backend"]

@@ -1,0 +1,61 @@
+"""The backend interface: ``lower(program, options) -> Artifact``.
+
+A backend turns a (rewritten) Program into an :class:`Artifact`: something that runs with torch
+tensors in and out using the Program's flat calling convention, saves its files into a directory
+and loads back from one. Backends never know which passes ran.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from torchkiln.compiler.options import Options
+from torchkiln.compiler.program import Program
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendOptions(Options):
+    """Options of a backend; subclass with option() fields."""
+
+
+class Artifact(abc.ABC):
+    backend: ClassVar[str]
+
+    @abc.abstractmethod
+    def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Run on flat inputs; return flat outputs."""
+
+    @abc.abstractmethod
+    def save(self, directory: Path) -> list[str]:
+        """Write the artifact's files into ``directory`` (which exists); return their names."""
+
+    @classmethod
+    @abc.abstractmethod
+    def load(cls, directory: Path, options: dict[str, Any]) -> Artifact:
+        """Rebuild from files written by :meth:`save`."""
+
+    def file_bytes(self) -> int | None:
+        """Size of the deployable file(s), if the artifact has any."""
+        return None
+
+    def notes(self) -> list[str]:
+        return []
+
+
+class Backend(abc.ABC):
+    name: ClassVar[str]
+    Options: ClassVar[type[BackendOptions]] = BackendOptions
+
+    @abc.abstractmethod
+    def lower(self, program: Program, options: BackendOptions) -> Artifact:
+        """Build an artifact from the program."""
+
+    @abc.abstractmethod
+    def load(self, directory: Path, options: BackendOptions) -> Artifact:
+        """Load an artifact this backend saved."""

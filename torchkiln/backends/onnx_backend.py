@@ -1,0 +1,237 @@
+"""``onnx`` backend: export the rewritten graph to an ONNX model.
+
+Exporter: ``torch.onnx.export(..., dynamo=True)`` on a ``torch.export`` program of the rewritten
+graph. It is the exporter PyTorch maintains (the TorchScript one warns that it will be removed),
+it keeps dynamic axes as symbolic dims, and it records for every ONNX node the module path and FX
+node it came from (``pkg.torch.onnx.name_scopes``); we rename nodes to ``<module path>/<OpType>``
+so profiles and errors read in the user's terms. It costs ~1-3 s per export, which we accept.
+
+The model is written to a staging directory as soon as it is built (``model.onnx``, plus
+``model.onnx.data`` when weights go to external data: always above 2 GB) and checked with
+``onnx.checker``. Running it uses ONNX Runtime on the CPU; the ``onnxruntime`` backend adds
+provider and session choices.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import re
+import shutil
+import tempfile
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from torchkiln.backends.base import Artifact, Backend, BackendOptions
+from torchkiln.compiler.options import option
+from torchkiln.compiler.program import Program
+from torchkiln.compiler.trace import export_graph, quiet
+from torchkiln.errors import ArtifactError, BackendError, ExportError
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+_TWO_GB = 2**31 - 1
+MIN_OPSET = 18
+
+
+@dataclasses.dataclass(frozen=True)
+class OnnxOptions(BackendOptions):
+    opset: int = option(18, "ONNX opset to emit (18 or newer)")
+    optimize: bool = option(True, "run the exporter's ONNX optimizer (constant folding, fusions)")
+    external_data: Literal["auto", "always", "never"] = option(
+        "auto", "store weights in model.onnx.data: auto = only when the model is over 2 GB"
+    )
+    check: bool = option(True, "validate the result with onnx.checker")
+
+    def validate(self) -> None:
+        import onnx
+
+        newest = onnx.defs.onnx_opset_version()
+        if not MIN_OPSET <= self.opset <= newest:
+            self.fail("opset", f"must be between {MIN_OPSET} and {newest} (this onnx), got {self.opset}")
+
+
+class OnnxArtifact(Artifact):
+    backend = "onnx"
+    options_class: type[OnnxOptions] = OnnxOptions
+
+    def __init__(self, directory: Path, options: OnnxOptions, owns_directory: bool = False):
+        self.directory = directory
+        self.options = options
+        self._session: Any = None
+        if owns_directory:
+            weakref.finalize(self, shutil.rmtree, directory, True)
+
+    @property
+    def model_path(self) -> Path:
+        return self.directory / MODEL_FILE
+
+    def files(self) -> list[str]:
+        return [f for f in (MODEL_FILE, DATA_FILE) if (self.directory / f).exists()]
+
+    def file_bytes(self) -> int:
+        return sum((self.directory / f).stat().st_size for f in self.files())
+
+    @property
+    def session(self) -> Any:
+        if self._session is None:
+            self._session = self.create_session()
+        return self._session
+
+    def create_session(self) -> Any:
+        import onnxruntime as ort
+
+        return ort.InferenceSession(str(self.model_path), providers=["CPUExecutionProvider"])
+
+    def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        session = self.session
+        feeds = {meta.name: t.detach().cpu().contiguous().numpy() for meta, t in zip(session.get_inputs(), inputs)}
+        try:
+            outputs = session.run(None, feeds)
+        except Exception as exc:
+            raise BackendError(f"ONNX Runtime failed to run {self.model_path}: {exc}") from exc
+        return [torch.from_numpy(o) for o in outputs]
+
+    def save(self, directory: Path) -> list[str]:
+        names = self.files()
+        for name in names:
+            shutil.copyfile(self.directory / name, directory / name)
+        return names
+
+    @classmethod
+    def load(cls, directory: Path, options: dict[str, Any]) -> OnnxArtifact:
+        parsed = cls.options_class.from_mapping(options, owner=f"backend {cls.backend}")
+        artifact = cls(directory, parsed)  # type: ignore[arg-type]
+        try:
+            artifact.session  # noqa: B018 - load eagerly so a corrupt file fails here
+        except Exception as exc:
+            raise ArtifactError(f"cannot load {MODEL_FILE}: {exc}", where=str(artifact.model_path)) from exc
+        return artifact
+
+
+def export_onnx(program: Program, options: OnnxOptions, directory: Path) -> None:
+    """Export the program to ``directory/model.onnx`` (and its data file)."""
+    import onnx
+
+    names = [s.name for s in program.inputs]
+    try:
+        exported = export_graph(program.graph_module, names, program.example_inputs, program.dynamic_axes)
+    except Exception as exc:
+        raise ExportError(f"torch.export of the rewritten graph failed: {type(exc).__name__}: {exc}") from exc
+    try:
+        with quiet():
+            onnx_program = torch.onnx.export(
+                exported,
+                (),
+                dynamo=True,
+                opset_version=options.opset,
+                optimize=options.optimize,
+                input_names=names,
+                output_names=[s.name for s in program.outputs],
+                verbose=False,
+            )
+    except Exception as exc:
+        raise _explain_export_failure(exc, exported, program) from exc
+    _rename_dims(onnx_program.model, program)
+    _rename_nodes(onnx_program.model)
+    external = {"always": True, "never": False, "auto": None}[options.external_data]
+    with quiet():
+        onnx_program.save(str(directory / MODEL_FILE), external_data=external)
+    if options.check:
+        try:
+            onnx.checker.check_model(str(directory / MODEL_FILE))
+        except Exception as exc:
+            raise ExportError(f"the exported ONNX model failed onnx.checker: {exc}") from exc
+
+
+def _rename_dims(model: Any, program: Program) -> None:
+    """Give symbolic dims the user's axis names (the exporter calls them s0, s77, ...)."""
+    import onnx_ir as ir
+
+    mapping: dict[str, str] = {}
+    for value, spec in zip(model.graph.inputs, program.inputs):
+        for dim, want in zip(value.shape or (), spec.shape):
+            if isinstance(dim, ir.SymbolicDim) and dim.value and isinstance(want, str):
+                mapping[dim.value] = want
+    if not mapping:
+        return
+    values = list(model.graph.inputs) + [out for node in model.graph for out in node.outputs]
+    for value in values:
+        if value.shape is not None and any(isinstance(d, ir.SymbolicDim) and d.value in mapping for d in value.shape):
+            value.shape = ir.Shape(
+                [mapping.get(d.value, d.value) if isinstance(d, ir.SymbolicDim) else d for d in value.shape]
+            )
+
+
+def _rename_nodes(model: Any) -> None:
+    """``<module path>/<OpType>`` (or ``<fx node>/<OpType>`` at the root), made unique."""
+    seen: dict[str, int] = {}
+    for node in model.graph:
+        raw = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+        try:
+            scopes = ast.literal_eval(raw) if raw else []
+        except (ValueError, SyntaxError):
+            scopes = []
+        owner = next((s for s in reversed(scopes[:-1]) if s), None) or (scopes[-1] if scopes else "")
+        base = f"{owner}/{node.op_type}" if owner else (node.name or node.op_type)
+        count = seen.get(base, 0)
+        seen[base] = count + 1
+        node.name = base if count == 0 else f"{base}_{count}"
+
+
+def _explain_export_failure(exc: Exception, exported: Any, program: Program) -> ExportError:
+    text = "\n".join(f"{e}" for e in _chain(exc))
+    op = re.search(r"target=(?:torch\.ops\.)?([\w.]+)", text) or re.search(r"OpOverload\(op='([\w.]+)'", text)
+    op_name = op.group(1) if op else None
+    where = None
+    if op_name:
+        short = op_name.split(".")[1] if "." in op_name else op_name
+        for node in exported.graph.nodes:
+            if node.op == "call_function" and short in str(node.target):
+                stack = node.meta.get("nn_module_stack") or {}
+                module = next(reversed(stack.values()))[0] if stack else "(root)"
+                where = f"FX node '{node.name}' in module '{module}'"
+                break
+    return ExportError(
+        f"ONNX export failed: no ONNX translation for {op_name or 'an operator'}"
+        if op_name
+        else f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}",
+        where=where,
+        hint="replace the op, register a custom ONNX translation (torch.onnx custom_translation_table), "
+        "or use the torch backend",
+    )
+
+
+def _chain(exc: BaseException | None) -> list[BaseException]:
+    out = []
+    while exc is not None and len(out) < 10:
+        out.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return out
+
+
+class OnnxBackend(Backend):
+    name = "onnx"
+    Options = OnnxOptions
+
+    def lower(self, program: Program, options: BackendOptions) -> OnnxArtifact:
+        assert isinstance(options, OnnxOptions)
+        directory = Path(tempfile.mkdtemp(prefix="torchkiln-onnx-"))
+        try:
+            export_onnx(program, options, directory)
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        return self.artifact_class(directory, options, owns_directory=True)
+
+    def load(self, directory: Path, options: BackendOptions) -> OnnxArtifact:
+        return self.artifact_class.load(directory, options.to_dict())
+
+    artifact_class: type[OnnxArtifact] = OnnxArtifact
+
+
+BACKEND = OnnxBackend()

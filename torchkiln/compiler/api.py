@@ -1,0 +1,103 @@
+"""``torchkiln.compile``: trace → passes → backend, verified against the eager model."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchkiln.backends import BackendOptions, backend_options, get_backend
+from torchkiln.compiler import graph as G
+from torchkiln.compiler.compiled import CompiledModel
+from torchkiln.compiler.manager import PassManager, default_instruments
+from torchkiln.compiler.passes import Pass, parse_pipeline
+from torchkiln.compiler.program import Program
+from torchkiln.compiler.report import ArtifactRecord, Report
+from torchkiln.compiler.trace import DynamicAxes, trace
+from torchkiln.compiler.verify import FP32, ErrorStats, Tolerance, compare
+from torchkiln.errors import VerificationError
+
+DEFAULT_PASSES = ("cleanup", "fold_batchnorm")
+
+
+def compile(  # noqa: A001 - the public name users expect
+    model: nn.Module,
+    example_inputs: Any,
+    passes: str | Iterable[str | Pass] = DEFAULT_PASSES,
+    backend: str = "onnxruntime",
+    backend_options: Mapping[str, Any] | BackendOptions | None = None,
+    dynamic_axes: DynamicAxes = None,
+    verify: bool = True,
+    tolerance: Tolerance = FP32,
+    frontend: str = "auto",
+    leaf_modules: Sequence[str] = (),
+    latency_runs: int = 10,
+    name: str | None = None,
+) -> CompiledModel:
+    """Compile ``model`` for ``example_inputs`` (a tensor, a tuple, or a dict of keyword tensors).
+
+    ``passes`` is a pipeline string (``"cleanup,fold_batchnorm"``) or a list of specs / Pass
+    objects. ``dynamic_axes`` is ``"batch"`` or ``{input: {axis: name}}``. With ``verify`` every
+    pass is checked against the eager model and the artifact must match it within ``tolerance``,
+    else :class:`VerificationError`. ``latency_runs`` > 0 adds eager vs artifact latency (median) to
+    the report.
+    """
+    pipeline = parse_pipeline(passes)
+    options = _resolve_options(backend, backend_options)
+    start = time.perf_counter()
+    program = trace(model, example_inputs, frontend=frontend, dynamic_axes=dynamic_axes, leaf_modules=leaf_modules, name=name)
+    report = Report(program.name, program.flavour, trace_seconds=time.perf_counter() - start, notes=list(program.notes))
+    report.passes = PassManager(pipeline, default_instruments(tolerance, verify)).run(program)
+    report.params, report.param_bytes = G.parameter_stats(program.graph_module)
+
+    start = time.perf_counter()
+    artifact = get_backend(backend).lower(program, options)
+    record = ArtifactRecord(backend, seconds=time.perf_counter() - start, file_bytes=artifact.file_bytes())
+    report.artifact = record
+    worst = measure_error(program, artifact.run, tolerance)
+    record.max_abs_error, record.max_rel_error, record.tolerance = worst.max_abs, worst.max_rel, str(tolerance)
+    if verify and not worst.within():
+        raise VerificationError(
+            f"the {backend} artifact differs from the eager model: output {worst.worst_output} has max abs error "
+            f"{worst.max_abs:.3e}, above the {worst.allowed:.3e} allowed by the tolerance ({tolerance})",
+            hint="pass a looser `tolerance`, or verify=False to accept it; compare the backends to find the op",
+        )
+    if latency_runs > 0:
+        inputs = program.example_inputs
+        record.eager_ms = median_ms(lambda: model(**dict(zip((s.name for s in program.inputs), inputs))), latency_runs)
+        record.artifact_ms = median_ms(lambda: artifact.run(inputs), latency_runs)
+    record.notes = artifact.notes()
+    names = [p.spec for p in pipeline]
+    return CompiledModel(artifact, program.inputs, program.outputs, program.out_spec, report, options, names)
+
+
+def _resolve_options(backend: str, options: Mapping[str, Any] | BackendOptions | None) -> BackendOptions:
+    return backend_options(backend, options)
+
+
+def measure_error(program: Program, run: Callable[[Sequence[torch.Tensor]], Sequence[torch.Tensor]], tolerance: Tolerance) -> ErrorStats:
+    """Worst error of ``run`` against the eager outputs over all the program's checks."""
+    worst: ErrorStats | None = None
+    for check in program.checks:
+        stats = compare(run(check.inputs), check.outputs, tolerance)
+        if worst is None or stats.ratio > worst.ratio:
+            worst = stats
+    assert worst is not None
+    return worst
+
+
+def median_ms(fn: Callable[[], Any], runs: int, warmup: int = 3) -> float:
+    """Median wall time of ``fn`` in milliseconds after ``warmup`` calls."""
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)

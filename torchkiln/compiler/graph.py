@@ -1,0 +1,136 @@
+"""Small helpers over torch.fx graphs shared by the tracer, the passes and the instruments."""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+import torch
+from torch import fx
+from torch.fx.graph import CodeGen
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils import _pytree as pytree
+
+
+def flat_graph_module(gm: fx.GraphModule, training: bool) -> fx.GraphModule:
+    """Rebuild a GraphModule from ``torch.export(...).module()`` with the flat calling convention.
+
+    Drops the input-guard call and the pytree codegen (and with it the forward pre-hook that checks
+    the original argument structure); torchkiln checks inputs itself against the Program's specs.
+    """
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+    graph._codegen = CodeGen()
+    flat = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    flat.training = training
+    return flat
+
+
+def flatten_output(gm: fx.GraphModule) -> int:
+    """Make the graph return a flat tuple of its output leaves; return how many there are."""
+    output = output_node(gm.graph)
+    leaves, _ = pytree.tree_flatten(output.args[0])
+    output.args = (tuple(leaves),)
+    gm.recompile()
+    return len(leaves)
+
+
+def output_node(graph: fx.Graph) -> fx.Node:
+    for node in reversed(graph.nodes):
+        if node.op == "output":
+            return node
+    raise ValueError("graph has no output node")
+
+
+def op_key(node: fx.Node, gm: fx.GraphModule) -> str | None:
+    """A readable op name for histograms: module class for call_module, target name otherwise."""
+    if node.op == "call_module":
+        return type(gm.get_submodule(str(node.target))).__name__
+    if node.op == "call_method":
+        return f".{node.target}"
+    if node.op == "call_function":
+        target = node.target
+        if isinstance(target, torch._ops.OpOverload):
+            return f"aten.{target._schema.name.split('::')[-1]}"
+        return getattr(target, "__name__", str(target))
+    return None
+
+
+def op_histogram(gm: fx.GraphModule) -> dict[str, int]:
+    counts: collections.Counter[str] = collections.Counter()
+    for node in gm.graph.nodes:
+        key = op_key(node, gm)
+        if key is not None:
+            counts[key] += 1
+    return dict(sorted(counts.items()))
+
+
+def parameter_stats(gm: fx.GraphModule) -> tuple[int, int]:
+    """(number of parameter elements, bytes of parameters and buffers)."""
+    params = sum(p.numel() for p in gm.parameters())
+    nbytes = sum(p.numel() * p.element_size() for p in gm.parameters())
+    nbytes += sum(b.numel() * b.element_size() for b in gm.buffers())
+    return params, nbytes
+
+
+def annotate(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> None:
+    """Shape propagation: store ``tensor_meta`` (shape, dtype) on every node that yields a tensor."""
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*inputs)
+
+
+def shape_of(node: Any) -> tuple[int, ...] | None:
+    meta = getattr(node, "meta", {}).get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def dtype_of(node: Any) -> torch.dtype | None:
+    meta = getattr(node, "meta", {}).get("tensor_meta") if isinstance(node, fx.Node) else None
+    return meta.dtype if meta is not None and hasattr(meta, "dtype") else None
+
+
+def add_attribute(gm: fx.GraphModule, base: str, value: torch.Tensor, parameter: bool) -> str:
+    """Register ``value`` on the root module under a fresh name derived from ``base``; return it."""
+    stem = "".join(c if c.isalnum() else "_" for c in base).strip("_") or "const"
+    name, i = stem, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{stem}_{i}"
+    if parameter:
+        gm.register_parameter(name, torch.nn.Parameter(value.detach(), requires_grad=False))
+    else:
+        gm.register_buffer(name, value.detach())
+    return name
+
+
+def get_attr_value(gm: fx.GraphModule, target: str) -> Any:
+    owner, _, leaf = target.rpartition(".")
+    module = gm.get_submodule(owner) if owner else gm
+    return getattr(module, leaf)
+
+
+def drop_unused_attributes(gm: fx.GraphModule) -> None:
+    """Delete submodules, parameters and buffers that no node references any more."""
+    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    for name, _ in list(gm.named_parameters(recurse=True, remove_duplicate=False)) + list(
+        gm.named_buffers(recurse=True, remove_duplicate=False)
+    ):
+        if name not in used:
+            owner, _, leaf = name.rpartition(".")
+            module = gm.get_submodule(owner) if owner else gm
+            if not _used_by_called_module(gm, owner):
+                delattr(module, leaf)
+    gm.delete_all_unused_submodules()
+
+
+def _used_by_called_module(gm: fx.GraphModule, owner: str) -> bool:
+    if not owner:
+        return False
+    called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    return any(owner == c or owner.startswith(c + ".") for c in called)
+
+
+def call_module_count(gm: fx.GraphModule, target: str) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == target)

@@ -1,0 +1,116 @@
+"""The pass manager and the instruments it runs around every pass.
+
+Instruments are hooks (``before_pass`` / ``after_pass``), never code inside a pass: timing, op and
+parameter counts, graph lint/verification and the numeric check against the eager model all live
+here, so a pass only rewrites.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from torchkiln.compiler import graph as G
+from torchkiln.compiler.passes import Pass
+from torchkiln.compiler.program import Program
+from torchkiln.compiler.report import PassRecord
+from torchkiln.compiler.verify import FP32, Tolerance, compare
+from torchkiln.errors import KilnError, PassError
+
+
+class Instrument:
+    def before_pass(self, pass_: Pass, program: Program, record: PassRecord) -> None:
+        """Called before the pass runs."""
+
+    def after_pass(self, pass_: Pass, program: Program, record: PassRecord) -> None:
+        """Called after the pass succeeded; may raise PassError to reject its result."""
+
+
+class Timing(Instrument):
+    def before_pass(self, pass_: Pass, program: Program, record: PassRecord) -> None:
+        self._start = time.perf_counter()
+
+    def after_pass(self, pass_: Pass, program: Program, record: PassRecord) -> None:
+        record.seconds = time.perf_counter() - self._start
+
+
+class Counts(Instrument):
+    """Op histogram, parameter count and parameter/buffer bytes before and after."""
+
+    def before_pass(self, pass_: Pass, program: Program, record: PassRecord) -> None:
+        record.ops_before = G.op_histogram(program.graph_module)
+        record.params_before, record.bytes_before = G.parameter_stats(program.graph_module)
+
+    def after_pass(self, pass_: Pass, program: Program, record: PassRecord) -> None:
+        record.ops_after = G.op_histogram(program.graph_module)
+        record.params_after, record.bytes_after = G.parameter_stats(program.graph_module)
+
+
+class GraphCheck(Instrument):
+    """Lint the graph and re-run shape propagation, which refreshes the metadata the next pass
+    reads and proves the rewritten graph still runs on the example inputs."""
+
+    def after_pass(self, pass_: Pass, program: Program, record: PassRecord) -> None:
+        try:
+            program.graph_module.graph.lint()
+            G.annotate(program.graph_module, program.example_inputs)
+        except Exception as exc:
+            raise PassError(f"pass '{pass_.name}' left an invalid graph: {type(exc).__name__}: {exc}") from exc
+
+
+class Numerics(Instrument):
+    """Compare the graph's outputs with the eager model on every check input set. Lossless passes
+    must stay within ``tolerance``; lossy ones are measured and reported."""
+
+    def __init__(self, tolerance: Tolerance = FP32):
+        self.tolerance = tolerance
+
+    def after_pass(self, pass_: Pass, program: Program, record: PassRecord) -> None:
+        worst = None
+        for check in program.checks:
+            try:
+                stats = compare(program.run(check.inputs), check.outputs, self.tolerance)
+            except ValueError as exc:
+                raise PassError(f"pass '{pass_.name}' changed the outputs' structure: {exc}") from exc
+            if worst is None or stats.ratio > worst.ratio:
+                worst = stats
+        assert worst is not None
+        record.max_abs_error, record.max_rel_error = worst.max_abs, worst.max_rel
+        if pass_.lossless and not worst.within():
+            raise PassError(
+                f"pass '{pass_.name}' changed output {worst.worst_output} by max abs {worst.max_abs:.3e} "
+                f"(allowed {worst.allowed:.3e}: {self.tolerance})",
+                hint="this is a bug in the pass; run without it and report the model",
+            )
+
+
+def default_instruments(tolerance: Tolerance = FP32, verify: bool = True) -> list[Instrument]:
+    instruments: list[Instrument] = [Timing(), Counts(), GraphCheck()]
+    if verify:
+        instruments.append(Numerics(tolerance))
+    return instruments
+
+
+class PassManager:
+    def __init__(self, passes: Sequence[Pass], instruments: Sequence[Instrument] | None = None):
+        self.passes = list(passes)
+        self.instruments = list(instruments) if instruments is not None else default_instruments()
+
+    def run(self, program: Program) -> list[PassRecord]:
+        records: list[PassRecord] = []
+        for pass_ in self.passes:
+            record = PassRecord(name=pass_.name, spec=pass_.spec)
+            try:
+                for instrument in self.instruments:
+                    instrument.before_pass(pass_, program, record)
+                result = pass_(program)
+                record.modified, record.stats, record.notes = result.modified, result.stats, result.notes
+                for instrument in self.instruments:
+                    instrument.after_pass(pass_, program, record)
+            except Exception as exc:
+                done = ", ".join(r.spec for r in records)
+                cause = exc.message if isinstance(exc, KilnError) else f"{type(exc).__name__}: {exc}"
+                hint = exc.hint if isinstance(exc, KilnError) else None
+                raise PassError(f"while running {pass_.spec} after [{done}]: {cause}", hint=hint) from exc
+            records.append(record)
+        return records

@@ -1,0 +1,149 @@
+"""Pass base class, the one pass registry, and pass spec parsing.
+
+A pass is a small class with a frozen :class:`PassConfig` and one entry point, :meth:`Pass.run`,
+which rewrites ``program.graph_module`` in place and returns a :class:`PassResult`. Calling the pass
+(``pass_(program)``) runs it and enforces the contract: ``modified=False`` must mean the graph is
+unchanged, and the module is recompiled afterwards.
+
+Specs are strings: ``fold_batchnorm`` or ``prune:ratio=0.5,structured=true``. A pipeline string
+separates passes with commas; a comma-separated token of the form ``key=value`` (without a ``:``)
+continues the options of the pass before it, so ``cleanup,prune:ratio=0.5,structured=true`` is two
+passes.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import importlib
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
+
+from torchkiln.compiler.options import Options
+from torchkiln.compiler.program import Program
+from torchkiln.errors import ConfigError, PassError
+
+
+@dataclasses.dataclass(frozen=True)
+class PassConfig(Options):
+    """Options of a pass. Subclass with :func:`~torchkiln.compiler.options.option` fields."""
+
+
+@dataclasses.dataclass
+class PassResult:
+    modified: bool
+    stats: dict[str, int | float] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+class Pass(abc.ABC):
+    """Base class of every graph rewrite."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[PassConfig]] = PassConfig
+    #: Lossless passes must keep outputs within the fp32 tolerance; the manager enforces it.
+    lossless: ClassVar[bool] = True
+
+    def __init__(self, config: PassConfig | None = None):
+        self.config = config if config is not None else self.Config()
+
+    @abc.abstractmethod
+    def run(self, program: Program) -> PassResult:
+        """Rewrite ``program.graph_module`` in place."""
+
+    def __call__(self, program: Program) -> PassResult:
+        before = program.graph_module.graph.python_code("self").src
+        result = self.run(program)
+        program.graph_module.recompile()
+        after = program.graph_module.graph.python_code("self").src
+        if not result.modified and before != after:
+            raise PassError(f"pass '{self.name}' reported modified=False but changed the graph")
+        return result
+
+    @property
+    def spec(self) -> str:
+        options = ",".join(f"{k}={_format(v)}" for k, v in self.config.changed().items())
+        return f"{self.name}:{options}" if options else self.name
+
+    def __repr__(self) -> str:
+        return f"<pass {self.spec}>"
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return "|".join(map(str, value))
+    return str(value)
+
+
+_REGISTRY: dict[str, type[Pass]] = {}
+# Modules that define built-in passes; imported on first registry access to keep import cheap.
+_BUILTIN_MODULES = ("torchkiln.passes.cleanup", "torchkiln.passes.fold_batchnorm")
+_loaded = False
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    """Class decorator: add a pass to the registry under ``cls.name``."""
+    name = getattr(cls, "name", None)
+    if not name or not name.replace("_", "").isalnum() or name.lower() != name:
+        raise TypeError(f"{cls.__name__}.name must be a snake_case string, got {name!r}")
+    if name in _REGISTRY and _REGISTRY[name] is not cls:
+        raise TypeError(f"pass name '{name}' is already registered by {_REGISTRY[name].__name__}")
+    cls.Config.owner = name
+    _REGISTRY[name] = cls
+    return cls
+
+
+def registered_passes() -> dict[str, type[Pass]]:
+    global _loaded
+    if not _loaded:
+        for module in _BUILTIN_MODULES:
+            importlib.import_module(module)
+        _loaded = True
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_pass(name: str) -> type[Pass]:
+    passes = registered_passes()
+    if name not in passes:
+        raise ConfigError(f"unknown pass '{name}'", where=name, hint=f"available passes: {', '.join(passes)}")
+    return passes[name]
+
+
+def make_pass(name: str, options: Mapping[str, Any] | None = None) -> Pass:
+    cls = get_pass(name)
+    return cls(cls.Config.from_mapping(options or {}, owner=name))  # type: ignore[arg-type]
+
+
+def parse_pass(spec: str) -> Pass:
+    """``name`` or ``name:key=value,key=value`` → a configured pass."""
+    name, _, rest = spec.strip().partition(":")
+    options: dict[str, str] = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"bad option '{item}' in pass spec '{spec}'", where=spec, hint="write key=value")
+        options[key.strip()] = value.strip()
+    return make_pass(name.strip(), options)
+
+
+def parse_pipeline(passes: str | Iterable[str | Pass]) -> list[Pass]:
+    """A pipeline string, or a list of specs / Pass objects, → configured passes in order."""
+    if isinstance(passes, str):
+        specs: list[str] = []
+        for token in filter(None, (t.strip() for t in passes.split(","))):
+            if "=" in token and ":" not in token and specs:
+                specs[-1] += ("," if ":" in specs[-1] else ":") + token
+            else:
+                specs.append(token)
+        return [parse_pass(s) for s in specs]
+    result = []
+    for item in passes:
+        if isinstance(item, Pass):
+            result.append(item)
+        elif isinstance(item, str):
+            result.append(parse_pass(item))
+        else:
+            raise ConfigError(f"a pass must be a spec string or a Pass, got {type(item).__name__}")
+    return result

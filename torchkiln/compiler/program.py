@@ -1,0 +1,151 @@
+"""The IR: a :class:`Program` is a flat-calling ``torch.fx.GraphModule`` plus what we know about it.
+
+Calling convention. Whatever structure the user's model takes and returns, the graph module of a
+Program takes its input tensors as flat positional arguments (in :attr:`Program.inputs` order) and
+returns a flat tuple of tensors. :attr:`Program.out_spec` rebuilds the user's output structure
+(tensor, tuple, list, dict) and :func:`bind_inputs` maps a user call ``(*args, **kwargs)`` onto the
+flat inputs. Every backend uses the same convention, so outputs come back in the same structure
+from all of them.
+
+Checks. A Program carries one or more :class:`Check` s: input sets with the eager model's outputs
+on them. The first is the user's example inputs; when the program has dynamic axes a second one
+runs at another size along those axes, so passes and backends are verified off the traced shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import fx
+from torch.utils import _pytree as pytree
+
+from torchkiln.errors import InputError
+
+Dim = int | str  # an int is a static size; a str names a dynamic axis
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise InputError(f"unknown dtype '{name}'", hint="use a torch dtype name such as float32, int64")
+    return dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """Name, shape (named dynamic axes as strings) and dtype of one flat input or output."""
+
+    name: str
+    shape: tuple[Dim, ...]
+    dtype: str
+
+    def check(self, value: Any) -> None:
+        """Raise InputError unless ``value`` is a tensor this spec accepts."""
+        if not isinstance(value, torch.Tensor):
+            raise InputError(
+                f"input '{self.name}' must be a torch.Tensor, got {type(value).__name__}",
+                where=self.name,
+                hint=f"pass a tensor of shape {self.pretty_shape()} and dtype {self.dtype}",
+            )
+        if dtype_name(value.dtype) != self.dtype:
+            raise InputError(
+                f"input '{self.name}' has dtype {dtype_name(value.dtype)}, expected {self.dtype}",
+                where=self.name,
+                hint=f"convert it with .to(torch.{self.dtype})",
+            )
+        shape = tuple(value.shape)
+        fits = len(shape) == len(self.shape) and all(
+            isinstance(want, str) or want == got for want, got in zip(self.shape, shape)
+        )
+        if not fits:
+            hint = "compile with dynamic_axes to accept other sizes" if len(shape) == len(self.shape) else None
+            raise InputError(
+                f"input '{self.name}' has shape {list(shape)}, expected {self.pretty_shape()}",
+                where=self.name,
+                hint=hint,
+            )
+
+    def pretty_shape(self) -> str:
+        return "[" + ", ".join(str(d) for d in self.shape) + "]"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TensorSpec:
+        return cls(str(data["name"]), tuple(data["shape"]), str(data["dtype"]))
+
+    @classmethod
+    def of(cls, name: str, tensor: torch.Tensor, axes: Mapping[int, str] | None = None) -> TensorSpec:
+        axes = axes or {}
+        shape = tuple(axes.get(i, int(n)) for i, n in enumerate(tensor.shape))
+        return cls(name, shape, dtype_name(tensor.dtype))
+
+
+@dataclasses.dataclass
+class Check:
+    """Inputs and the eager model's outputs on them."""
+
+    inputs: tuple[torch.Tensor, ...]
+    outputs: tuple[torch.Tensor, ...]
+
+
+@dataclasses.dataclass
+class Program:
+    graph_module: fx.GraphModule
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    out_spec: pytree.TreeSpec
+    flavour: str  # "fx" (module calls) or "export" (ATen calls from torch.export)
+    checks: list[Check]
+    name: str = "model"
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def example_inputs(self) -> tuple[torch.Tensor, ...]:
+        return self.checks[0].inputs
+
+    @property
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {
+            spec.name: {i: d for i, d in enumerate(spec.shape) if isinstance(d, str)}
+            for spec in self.inputs
+            if any(isinstance(d, str) for d in spec.shape)
+        }
+
+    def run(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        with torch.no_grad():
+            return tuple(self.graph_module(*inputs))
+
+
+def bind_inputs(specs: Sequence[TensorSpec], args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[torch.Tensor]:
+    """Map a call ``(*args, **kwargs)`` onto the flat inputs, checking each against its spec."""
+    names = [s.name for s in specs]
+    if len(args) > len(specs):
+        raise InputError(
+            f"expected at most {len(specs)} positional inputs ({', '.join(names)}), got {len(args)}"
+        )
+    values: dict[str, Any] = dict(zip(names, args))
+    for key, value in kwargs.items():
+        if key not in names:
+            raise InputError(f"unexpected input '{key}'", where=key, hint=f"inputs are: {', '.join(names)}")
+        if key in values:
+            raise InputError(f"input '{key}' given both by position and by name", where=key)
+        values[key] = value
+    missing = [n for n in names if n not in values]
+    if missing:
+        raise InputError(f"missing input(s): {', '.join(missing)}", hint=f"inputs are: {', '.join(names)}")
+    for spec in specs:
+        spec.check(values[spec.name])
+    return [values[n] for n in names]
+
+
+def unflatten_outputs(flat: Sequence[torch.Tensor], out_spec: pytree.TreeSpec) -> Any:
+    return pytree.tree_unflatten(list(flat), out_spec)

@@ -1,0 +1,116 @@
+"""The compile report: what each pass did and what the artifact measures, as a table or JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+
+@dataclasses.dataclass
+class PassRecord:
+    name: str
+    spec: str
+    modified: bool = False
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+    ops_before: dict[str, int] = dataclasses.field(default_factory=dict)
+    ops_after: dict[str, int] = dataclasses.field(default_factory=dict)
+    params_before: int = 0
+    params_after: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+    max_abs_error: float | None = None
+    max_rel_error: float | None = None
+
+    @property
+    def op_delta(self) -> dict[str, int]:
+        keys = sorted(set(self.ops_before) | set(self.ops_after))
+        delta = {k: self.ops_after.get(k, 0) - self.ops_before.get(k, 0) for k in keys}
+        return {k: v for k, v in delta.items() if v}
+
+
+@dataclasses.dataclass
+class ArtifactRecord:
+    backend: str
+    seconds: float = 0.0
+    file_bytes: int | None = None
+    max_abs_error: float | None = None
+    max_rel_error: float | None = None
+    tolerance: str | None = None
+    eager_ms: float | None = None
+    artifact_ms: float | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class Report:
+    model: str
+    flavour: str
+    trace_seconds: float = 0.0
+    params: int = 0
+    param_bytes: int = 0
+    passes: list[PassRecord] = dataclasses.field(default_factory=list)
+    artifact: ArtifactRecord | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        for record, raw in zip(self.passes, data["passes"]):
+            raw["op_delta"] = record.op_delta
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Report:
+        data = dict(data)
+        passes = []
+        for raw in data.pop("passes", []):
+            raw = {k: v for k, v in raw.items() if k != "op_delta"}
+            passes.append(PassRecord(**raw))
+        artifact = data.pop("artifact", None)
+        return cls(**data, passes=passes, artifact=ArtifactRecord(**artifact) if artifact else None)
+
+    def table(self) -> str:
+        lines = [f"torchkiln report: {self.model} (captured with {self.flavour}, {self.trace_seconds:.2f} s)"]
+        header = ("pass", "modified", "seconds", "params", "max abs err", "ops changed / stats")
+        rows = [header]
+        for p in self.passes:
+            changes = ", ".join(f"{k} {v:+d}" for k, v in p.op_delta.items())
+            stats = ", ".join(f"{k}={v}" for k, v in p.stats.items() if v)
+            rows.append(
+                (
+                    p.spec,
+                    "yes" if p.modified else "no",
+                    f"{p.seconds:.3f}",
+                    f"{p.params_before:,} -> {p.params_after:,}",
+                    "-" if p.max_abs_error is None else f"{p.max_abs_error:.2e}",
+                    "; ".join(x for x in (changes, stats) if x) or "-",
+                )
+            )
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
+        for row in rows:
+            lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
+        for p in self.passes:
+            lines.extend(f"  note ({p.name}): {n}" for n in p.notes)
+        lines.extend(f"  note: {n}" for n in self.notes)
+        if self.artifact:
+            lines.append(_artifact_line(self.artifact, self.params, self.param_bytes))
+            lines.extend(f"  note ({self.artifact.backend}): {n}" for n in self.artifact.notes)
+        return "\n".join(lines)
+
+
+def _artifact_line(a: ArtifactRecord, params: int, param_bytes: int) -> str:
+    parts = [f"backend {a.backend}: built in {a.seconds:.2f} s", f"params {params:,} ({param_bytes / 1e6:.2f} MB)"]
+    if a.file_bytes is not None:
+        parts.append(f"file {a.file_bytes / 1e6:.2f} MB")
+    if a.max_abs_error is not None:
+        parts.append(f"max abs err {a.max_abs_error:.2e} (rel {a.max_rel_error:.2e}; tolerance {a.tolerance})")
+    if a.eager_ms is not None and a.artifact_ms is not None:
+        parts.append(
+            f"latency {a.artifact_ms:.3f} ms vs eager {a.eager_ms:.3f} ms ({a.eager_ms / a.artifact_ms:.2f}x)"
+        )
+    return "  " + "; ".join(parts)

@@ -1,0 +1,323 @@
+"""Capture a model as a :class:`Program`.
+
+Two frontends produce the two graph flavours the passes understand:
+
+* ``fx``: ``torch.fx`` symbolic tracing. Module calls stay ``call_module`` nodes (``Conv2d``,
+  ``BatchNorm2d``), which keeps module names and is cheap.
+* ``export``: ``torch.export`` then ``.module()``. ATen-level ``call_function`` nodes
+  (``aten.conv2d``, ``aten.batch_norm``) with weights as ``get_attr`` nodes. It handles what symbolic
+  tracing cannot (data-dependent shapes, Hugging Face models) at the cost of a slower capture.
+
+``auto`` tries fx and falls back to export. The user's module is never mutated: both trace a copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import io
+import logging
+import os
+import traceback
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from torchkiln.compiler import graph as G
+from torchkiln.compiler.program import Check, Program, TensorSpec
+from torchkiln.errors import ConfigError, InputError, TraceError
+
+FRONTENDS = ("auto", "fx", "export")
+DynamicAxes = Mapping[str, Mapping[int, str] | Sequence[int]] | str | None
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+def trace(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    frontend: str = "auto",
+    dynamic_axes: DynamicAxes = None,
+    leaf_modules: Sequence[str] = (),
+    name: str | None = None,
+) -> Program:
+    """Trace a copy of ``model`` on ``example_inputs`` (a tensor, a tuple of tensors, or a dict of
+    keyword tensors) into a Program annotated with shapes and dtypes."""
+    if not isinstance(model, nn.Module):
+        raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    if frontend not in FRONTENDS:
+        raise ConfigError(f"unknown frontend '{frontend}'", where="frontend", hint=f"choose one of {FRONTENDS}")
+    args, kwargs = _split_inputs(example_inputs)
+    names, flat = _bind(model, args, kwargs)
+    axes = normalize_dynamic_axes(dynamic_axes, names, flat)
+    try:
+        work = copy.deepcopy(model)
+    except Exception as exc:  # deepcopy of arbitrary user objects can fail in many ways
+        raise TraceError(f"cannot copy the model: {exc}", hint="make the module deep-copyable") from exc
+
+    checks = [_reference(work, names, tuple(flat))]
+    if axes:
+        checks.append(_reference(work, names, widen(tuple(flat), names, axes)))
+    out_flat, out_spec = pytree.tree_flatten(_run(work, names, flat))
+
+    if frontend == "fx":
+        gm, flavour = _fx_capture(work, names, leaf_modules), "fx"
+    elif frontend == "export":
+        gm, flavour = _export_capture(work, names, flat, axes), "export"
+    else:
+        try:
+            gm, flavour = _fx_capture(work, names, leaf_modules), "fx"
+        except TraceError as fx_error:
+            try:
+                gm, flavour = _export_capture(work, names, flat, axes), "export"
+            except TraceError as export_error:
+                raise TraceError(
+                    f"{fx_error.message}; torch.export also failed: {export_error.message}",
+                    where=fx_error.where,
+                    hint=fx_error.hint,
+                ) from export_error
+    if G.flatten_output(gm) != len(out_flat):
+        raise TraceError("the traced graph returns a different number of outputs than the model")
+
+    G.annotate(gm, checks[0].inputs)
+    inputs = [TensorSpec.of(n, t, axes.get(n)) for n, t in zip(names, flat)]
+    outputs = [TensorSpec.of(f"output_{i}" if len(out_flat) > 1 else "output", t) for i, t in enumerate(out_flat)]
+    outputs = _mark_dynamic_outputs(outputs, checks)
+    notes = ["model is in training mode; call model.eval() before compiling for deployment"] if model.training else []
+    return Program(gm, inputs, outputs, out_spec, flavour, checks, name or type(model).__name__, notes)
+
+
+def _split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    raise InputError(
+        f"example_inputs must be a tensor, a tuple of tensors or a dict of tensors, got {type(example_inputs).__name__}"
+    )
+
+
+def _bind(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[str], list[torch.Tensor]]:
+    signature = inspect.signature(model.forward)
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise InputError(
+            f"example inputs do not fit {type(model).__name__}.forward{signature}: {exc}",
+            hint="pass one tensor per forward() parameter, by position or by name",
+        ) from None
+    names, flat = [], []
+    for key, value in bound.arguments.items():
+        kind = signature.parameters[key].kind
+        if kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            raise InputError(f"forward(*{key}) / forward(**{key}) parameters are not supported as inputs", where=key)
+        if not isinstance(value, torch.Tensor):
+            raise InputError(
+                f"example input '{key}' must be a torch.Tensor, got {type(value).__name__}",
+                where=key,
+                hint="non-tensor arguments are not graph inputs; bind them with functools.partial or a default",
+            )
+        names.append(key)
+        flat.append(value)
+    if not names:
+        raise InputError("the model takes no tensor inputs", hint="pass at least one example tensor")
+    return names, flat
+
+
+def normalize_dynamic_axes(
+    spec: DynamicAxes, names: Sequence[str], flat: Sequence[torch.Tensor]
+) -> dict[str, dict[int, str]]:
+    """Accept ``"batch"`` (axis 0 of every input), ``{name: [axes]}`` or ``{name: {axis: dim_name}}``."""
+    if spec is None:
+        return {}
+    if isinstance(spec, str):
+        if spec != "batch":
+            raise ConfigError(f"dynamic_axes='{spec}' is not understood", hint='use "batch" or {input: {axis: name}}')
+        spec = {n: {0: "batch"} for n in names}
+    rank = dict(zip(names, (t.dim() for t in flat)))
+    result: dict[str, dict[int, str]] = {}
+    for input_name, axes in spec.items():
+        if input_name not in rank:
+            raise ConfigError(
+                f"dynamic_axes names unknown input '{input_name}'", where="dynamic_axes", hint=f"inputs: {list(names)}"
+            )
+        if not isinstance(axes, Mapping):
+            axes = {int(a): f"{input_name}_dim{int(a)}" for a in axes}
+        for axis in axes:
+            if not -rank[input_name] <= int(axis) < rank[input_name]:
+                raise ConfigError(
+                    f"dynamic axis {axis} is out of range for input '{input_name}' of rank {rank[input_name]}",
+                    where=f"dynamic_axes.{input_name}",
+                )
+        result[input_name] = {int(a) % rank[input_name]: str(d) for a, d in axes.items()}
+    return result
+
+
+def widen(flat: tuple[torch.Tensor, ...], names: Sequence[str], axes: Mapping[str, Mapping[int, str]]) -> tuple[torch.Tensor, ...]:
+    """Inputs grown by one along every dynamic axis (same growth per dim name), so the graph is
+    exercised off its traced shape and torch.export does not specialize size-1 dims."""
+    out = []
+    for name, tensor in zip(names, flat):
+        for axis in sorted(axes.get(name, {})):
+            tensor = torch.cat([tensor, tensor.narrow(axis, 0, 1)], dim=axis)
+        out.append(tensor)
+    return tuple(out)
+
+
+def _run(model: nn.Module, names: Sequence[str], flat: Sequence[torch.Tensor]) -> Any:
+    with torch.no_grad():
+        return model(**dict(zip(names, flat)))
+
+
+def _reference(model: nn.Module, names: Sequence[str], flat: tuple[torch.Tensor, ...]) -> Check:
+    try:
+        result = _run(model, names, flat)
+    except Exception as exc:
+        shapes = ", ".join(f"{n}: {list(t.shape)} {t.dtype}" for n, t in zip(names, flat))
+        raise InputError(
+            f"the model fails on the example inputs ({shapes}): {type(exc).__name__}: {exc}",
+            hint="check the example input shapes and dtypes against what the model expects",
+        ) from exc
+    leaves, _ = pytree.tree_flatten_with_path(result)
+    for path, leaf in leaves:
+        if not isinstance(leaf, torch.Tensor):
+            raise TraceError(
+                f"model output{pytree.keystr(path)} is a {type(leaf).__name__}, not a tensor",
+                hint="return only tensors (in a tensor, tuple, list or dict)",
+            )
+    return Check(flat, tuple(leaf for _, leaf in leaves))
+
+
+def _mark_dynamic_outputs(outputs: list[TensorSpec], checks: list[Check]) -> list[TensorSpec]:
+    """An output axis whose size differs between the checks is dynamic."""
+    if len(checks) < 2:
+        return outputs
+    marked = []
+    for spec, other in zip(outputs, checks[1].outputs):
+        shape = tuple(
+            f"{spec.name}_dim{i}" if isinstance(d, int) and i < other.dim() and other.shape[i] != d else d
+            for i, d in enumerate(spec.shape)
+        )
+        marked.append(TensorSpec(spec.name, shape, spec.dtype))
+    return marked
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self, leaf_modules: Sequence[str]):
+        super().__init__()
+        self.leaf_paths = set(leaf_modules)
+        self.path_stack: list[str] = []
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return module_qualified_name in self.leaf_paths or super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        self.path_stack.append(self.path_of_module(m))
+        result = super().call_module(m, forward, args, kwargs)
+        self.path_stack.pop()  # left in place on failure: it names the failing module
+        return result
+
+
+def _fx_capture(model: nn.Module, names: Sequence[str], leaf_modules: Sequence[str]) -> fx.GraphModule:
+    signature = inspect.signature(model.forward)
+    concrete = {
+        k: p.default
+        for k, p in signature.parameters.items()
+        if k not in names and p.default is not inspect.Parameter.empty
+    }
+    tracer = _Tracer(leaf_modules)
+    try:
+        graph = tracer.trace(model, concrete_args=concrete or None)
+    except Exception as exc:
+        raise _explain_trace_failure(exc, tracer, type(model).__name__) from exc
+    for node in list(graph.nodes):
+        if node.op == "placeholder" and node.target not in names:
+            _erase_with_users(graph, node)  # with fx's guards that the default was not overridden
+    graph._codegen = fx.graph.CodeGen()
+    gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    gm.training = model.training
+    return gm
+
+
+def _erase_with_users(graph: fx.Graph, node: fx.Node) -> None:
+    doomed, stack = {node}, [node]
+    while stack:
+        for user in stack.pop().users:
+            if user not in doomed:
+                doomed.add(user)
+                stack.append(user)
+    for victim in reversed([n for n in graph.nodes if n in doomed]):
+        graph.erase_node(victim)
+
+
+def _explain_trace_failure(exc: Exception, tracer: _Tracer, model_name: str) -> TraceError:
+    module = tracer.path_stack[-1] if tracer.path_stack else f"{model_name} (root)"
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(_TORCH_DIR)]
+    where = f"module '{module}'"
+    if frames:
+        frame = frames[-1]
+        where += f", {frame.filename}:{frame.lineno}: {(frame.line or '').strip()}"
+    if "control flow" in text or "iterated" in text or "bool" in text:
+        cause = f"data-dependent control flow ({text})"
+    else:
+        cause = f"unsupported call ({type(exc).__name__}: {text})"
+    return TraceError(
+        f"symbolic tracing failed: {cause}",
+        where=where,
+        hint=f"mark the module as a leaf (leaf_modules=['{module}']), fix the value with concrete_args, "
+        "or use frontend='export'",
+    )
+
+
+def _export_capture(
+    model: nn.Module, names: Sequence[str], flat: Sequence[torch.Tensor], axes: Mapping[str, Mapping[int, str]]
+) -> fx.GraphModule:
+    try:
+        program = export_graph(model, names, flat, axes)
+    except Exception as exc:
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        raise TraceError(
+            f"torch.export failed: {type(exc).__name__}: {lines[0] if lines else ''}",
+            hint="see torch.export's documentation on dynamic shapes and unsupported Python; "
+            "or make the model symbolically traceable",
+        ) from exc
+    return G.flat_graph_module(program.module(), training=model.training)
+
+
+def export_graph(
+    model: nn.Module, names: Sequence[str], flat: Sequence[torch.Tensor], axes: Mapping[str, Mapping[int, str]]
+) -> torch.export.ExportedProgram:
+    """``torch.export`` with inputs as keywords and one ``Dim`` per dynamic axis name, on inputs
+    widened along those axes (size-1 example dims would otherwise be specialized)."""
+    dims: dict[str, Any] = {}
+    shapes = {n: {a: dims.setdefault(d, torch.export.Dim(d)) for a, d in axes.get(n, {}).items()} for n in names}
+    examples = widen(tuple(flat), names, axes)
+    with quiet():
+        return torch.export.export(
+            model, (), dict(zip(names, examples)), dynamic_shapes=shapes if axes else None, strict=False
+        )
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence the prints, warnings and log lines torch's exporters emit while working."""
+    sink = io.StringIO()
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "torch.fx")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)

@@ -1,0 +1,235 @@
+"""``cleanup``: remove what computes nothing.
+
+Four rewrites, in order, on both graph flavours (module calls and ATen calls):
+
+1. **No-ops in eval mode** — ``Dropout`` (module not training, or ``training=False``), ``Identity``,
+   ``x.contiguous()``, and arithmetic identities ``x * 1``, ``1 * x``, ``x + 0``, ``0 + x``,
+   ``x - 0``, ``x / 1`` when the result has the same shape and dtype as ``x`` (so a promotion such
+   as ``bool * 1 -> int64`` or a broadcast is never dropped). ``y = op(x)`` becomes ``y = x``.
+2. **Redundant reshapes** — ``reshape(reshape(x, a), b) -> reshape(x, b)`` when the inner result
+   has no other user; a reshape/view/flatten whose output shape equals its input shape is dropped.
+   With dynamic axes that equality must also hold at a second size along those axes, so
+   ``x.view(1, -1)`` traced at batch 1 is kept.
+3. **Constant folding** — a node whose inputs are all parameters, buffers or constants (and that
+   is neither random nor side-effecting) is evaluated once and replaced by a buffer, unless the
+   result is larger than both its inputs and ``max_constant_bytes``.
+4. **Dead code** — nodes whose results are unused, then the parameters/submodules nobody reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from collections.abc import Container
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from torchkiln.compiler import graph as G
+from torchkiln.compiler.options import option
+from torchkiln.compiler.passes import Pass, PassConfig, PassResult, register_pass
+from torchkiln.compiler.program import Program
+
+aten = torch.ops.aten
+
+_DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+# target -> (index, keyword, default) of its "training" argument
+_DROPOUT_FUNCTIONS: dict[Any, tuple[int, str, bool]] = {
+    F.dropout: (2, "training", True),
+    F.dropout1d: (2, "training", True),
+    F.dropout2d: (2, "training", True),
+    F.dropout3d: (2, "training", True),
+    F.alpha_dropout: (2, "training", False),
+    torch.dropout: (2, "train", True),
+    aten.dropout.default: (2, "train", True),
+}
+# op -> (identity constant, constant may be on the left)
+_IDENTITIES: dict[Any, tuple[float, bool]] = {}
+for _ops, _identity in (
+    ((operator.mul, torch.mul, aten.mul.Tensor, aten.mul.Scalar, "mul"), (1, True)),
+    ((operator.add, torch.add, aten.add.Tensor, aten.add.Scalar, "add"), (0, True)),
+    ((operator.sub, torch.sub, aten.sub.Tensor, aten.sub.Scalar, "sub"), (0, False)),
+    ((operator.truediv, torch.div, aten.div.Tensor, aten.div.Scalar, "div"), (1, False)),
+):
+    _IDENTITIES.update(dict.fromkeys(_ops, _identity))
+
+_FULL_RESHAPES = {"view", "reshape", torch.reshape, aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+_RESHAPES = _FULL_RESHAPES | {"flatten", torch.flatten, aten.flatten.using_ints}
+_RANDOM_WORDS = ("rand", "dropout", "bernoulli", "normal", "uniform", "multinomial", "empty", "poisson")
+
+
+@dataclasses.dataclass(frozen=True)
+class CleanupConfig(PassConfig):
+    remove_noops: bool = option(True, "drop eval-mode Dropout, Identity, contiguous and x*1 / x+0 style no-ops")
+    simplify_reshapes: bool = option(True, "collapse reshape chains and drop reshapes to the same shape")
+    fold_constants: bool = option(True, "evaluate subgraphs that depend only on parameters/constants")
+    max_constant_bytes: int = option(1 << 16, "a folded constant may exceed its inputs' size up to this many bytes")
+
+    def validate(self) -> None:
+        if self.max_constant_bytes < 0:
+            self.fail("max_constant_bytes", f"must be >= 0, got {self.max_constant_bytes}")
+
+
+@register_pass
+class Cleanup(Pass):
+    """Dead code, eval-mode no-ops, redundant reshapes and constant subgraphs."""
+
+    name = "cleanup"
+    Config = CleanupConfig
+
+    def run(self, program: Program) -> PassResult:
+        config: CleanupConfig = self.config  # type: ignore[assignment]
+        gm = program.graph_module
+        stats: dict[str, int | float] = {}
+        if config.remove_noops:
+            stats["noops_removed"] = remove_noops(gm)
+        if config.simplify_reshapes:
+            stats["reshapes_removed"] = simplify_reshapes(program)
+        if config.fold_constants:
+            stats["constants_folded"] = fold_constants(gm, config.max_constant_bytes)
+        stats["dead_nodes_removed"] = remove_dead_code(gm)
+        return PassResult(modified=any(stats.values()), stats=stats)
+
+
+def _arg(node: fx.Node, index: int, keyword: str, default: Any) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(keyword, default)
+
+
+def _same_tensor_type(a: Any, b: fx.Node) -> bool:
+    shape_a, shape_b = G.shape_of(a), G.shape_of(b)
+    return shape_a is not None and shape_a == shape_b and G.dtype_of(a) == G.dtype_of(b)
+
+
+def noop_source(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
+    """The input that ``node`` merely passes through, or None if it computes something."""
+    first = node.args[0] if node.args else None
+    if not isinstance(first, fx.Node):
+        return None
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        if isinstance(module, nn.Identity) or (isinstance(module, _DROPOUT_MODULES) and not module.training):
+            return first
+        return None
+    if node.op == "call_method" and node.target == "contiguous":
+        return first
+    if node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS:
+        return None if _arg(node, *_DROPOUT_FUNCTIONS[node.target]) else first
+    return _arithmetic_identity(node)
+
+
+def _arithmetic_identity(node: fx.Node) -> fx.Node | None:
+    if node.op not in ("call_function", "call_method") or node.target not in _IDENTITIES:
+        return None
+    if len(node.args) != 2 or set(node.kwargs) - {"alpha"}:
+        return None
+    identity, commutative = _IDENTITIES[node.target]
+    left, right = node.args
+    for tensor, constant in ((left, right), (right, left)) if commutative else ((left, right),):
+        is_number = isinstance(constant, (int, float)) and not isinstance(constant, bool)
+        if is_number and constant == identity and isinstance(tensor, fx.Node) and _same_tensor_type(tensor, node):
+            return tensor
+    return None
+
+
+def remove_noops(gm: fx.GraphModule) -> int:
+    removed = 0
+    for node in list(gm.graph.nodes):
+        source = noop_source(node, gm)
+        if source is not None:
+            node.replace_all_uses_with(source)
+            gm.graph.erase_node(node)
+            removed += 1
+    return removed
+
+
+def _is_reshape(node: Any, kinds: set[Any] = _RESHAPES) -> bool:
+    return isinstance(node, fx.Node) and node.op in ("call_method", "call_function") and node.target in kinds
+
+
+def simplify_reshapes(program: Program) -> int:
+    gm = program.graph_module
+    removed = 0
+    for node in list(gm.graph.nodes):
+        inner = node.args[0] if node.args else None
+        if _is_reshape(node, _FULL_RESHAPES) and _is_reshape(inner) and len(inner.users) == 1:
+            node.update_arg(0, inner.args[0])
+            if node.target == "view":
+                node.target = "reshape"  # view of a non-contiguous input would fail; reshape never does
+            elif node.target is aten.view.default:
+                node.target = aten.reshape.default
+            gm.graph.erase_node(inner)
+            removed += 1
+    candidates = [n for n in gm.graph.nodes if _is_reshape(n) and _same_tensor_type(n.args[0], n)]
+    if candidates and len(program.checks) > 1:
+        gm.recompile()
+        G.annotate(gm, program.checks[1].inputs)
+        candidates = [n for n in candidates if G.shape_of(n) == G.shape_of(n.args[0])]
+        G.annotate(gm, program.example_inputs)
+    for node in candidates:
+        node.replace_all_uses_with(node.args[0])
+        gm.graph.erase_node(node)
+        removed += 1
+    return removed
+
+
+def _foldable(node: fx.Node, constant: Container[fx.Node]) -> bool:
+    if node.op not in ("call_function", "call_method") or node.is_impure():
+        return False
+    name = str(getattr(node.target, "__name__", node.target)).lower()
+    if any(word in name for word in _RANDOM_WORDS):
+        return False
+    inputs = node.all_input_nodes
+    return bool(inputs) and all(n in constant for n in inputs)
+
+
+def fold_constants(gm: fx.GraphModule, max_bytes: int) -> int:
+    values: dict[fx.Node, Any] = {}
+    from_parameter: dict[fx.Node, bool] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            values[node] = G.get_attr_value(gm, str(node.target))
+            from_parameter[node] = isinstance(values[node], nn.Parameter)
+        elif _foldable(node, values):
+            values[node] = _evaluate(node, values)
+            from_parameter[node] = any(from_parameter[n] for n in node.all_input_nodes)
+    folded = 0
+    for node, value in values.items():
+        if node.op == "get_attr" or not isinstance(value, torch.Tensor):
+            continue
+        if all(user in values for user in node.users):
+            continue  # folded as part of a larger constant
+        input_bytes = sum(_nbytes(values[n]) for n in node.all_input_nodes)
+        if _nbytes(value) > max(max_bytes, input_bytes):
+            continue
+        name = G.add_attribute(gm, f"folded_{node.name}", value, parameter=from_parameter[node])
+        with gm.graph.inserting_before(node):
+            replacement = gm.graph.get_attr(name)
+        node.replace_all_uses_with(replacement)
+        folded += 1
+    return folded
+
+
+def _evaluate(node: fx.Node, values: dict[fx.Node, Any]) -> Any:
+    args = fx.node.map_arg(node.args, lambda n: values[n])
+    kwargs = fx.node.map_arg(node.kwargs, lambda n: values[n])
+    with torch.no_grad():
+        if node.op == "call_method":
+            self_value, *rest = args
+            return getattr(self_value, str(node.target))(*rest, **kwargs)
+        return node.target(*args, **kwargs)  # type: ignore[operator]
+
+
+def _nbytes(value: Any) -> int:
+    return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
+
+
+def remove_dead_code(gm: fx.GraphModule) -> int:
+    before = len(gm.graph.nodes)
+    gm.graph.eliminate_dead_code()
+    removed = before - len(gm.graph.nodes)
+    G.drop_unused_attributes(gm)
+    return removed
