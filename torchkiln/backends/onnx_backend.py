@@ -30,7 +30,7 @@ from torchkiln.backends.base import Artifact, Backend, BackendOptions
 from torchkiln.compiler.options import option
 from torchkiln.compiler.program import Program
 from torchkiln.compiler.trace import export_graph, quiet
-from torchkiln.errors import ArtifactError, BackendError, ExportError
+from torchkiln.errors import ArtifactError, BackendError, ExportError, KilnError
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -120,6 +120,8 @@ def export_onnx(program: Program, options: OnnxOptions, directory: Path) -> None
     names = [s.name for s in program.inputs]
     try:
         exported = export_graph(program.graph_module, names, program.example_inputs, program.dynamic_axes)
+    except KilnError:
+        raise
     except Exception as exc:
         raise ExportError(f"torch.export of the rewritten graph failed: {type(exc).__name__}: {exc}") from exc
     try:

@@ -18,7 +18,7 @@ from torchkiln.backends.base import Artifact, Backend, BackendOptions
 from torchkiln.compiler import graph as G
 from torchkiln.compiler.program import Program
 from torchkiln.compiler.trace import export_graph
-from torchkiln.errors import ArtifactError, ExportError
+from torchkiln.errors import ArtifactError, ExportError, KilnError
 
 FILE = "program.pt2"
 
@@ -52,6 +52,8 @@ class TorchArtifact(Artifact):
             names = [s.name for s in program.inputs]
             try:
                 self._exported = export_graph(self.module, names, program.example_inputs, program.dynamic_axes)
+            except KilnError:
+                raise
             except Exception as exc:
                 raise ExportError(
                     f"torch.export of the rewritten graph failed: {type(exc).__name__}: {exc}"

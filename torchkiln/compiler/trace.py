@@ -30,7 +30,7 @@ from torch.utils import _pytree as pytree
 
 from torchkiln.compiler import graph as G
 from torchkiln.compiler.program import Check, Program, TensorSpec
-from torchkiln.errors import ConfigError, InputError, TraceError
+from torchkiln.errors import ConfigError, InputError, KilnError, TraceError
 
 FRONTENDS = ("auto", "fx", "export")
 DynamicAxes = Mapping[str, Mapping[int, str] | Sequence[int]] | str | None
@@ -282,6 +282,8 @@ def _export_capture(
 ) -> fx.GraphModule:
     try:
         program = export_graph(model, names, flat, axes)
+    except KilnError:
+        raise
     except Exception as exc:
         lines = [line for line in str(exc).splitlines() if line.strip()]
         raise TraceError(
@@ -295,15 +297,27 @@ def _export_capture(
 def export_graph(
     model: nn.Module, names: Sequence[str], flat: Sequence[torch.Tensor], axes: Mapping[str, Mapping[int, str]]
 ) -> torch.export.ExportedProgram:
-    """``torch.export`` with inputs as keywords and one ``Dim`` per dynamic axis name, on inputs
-    widened along those axes (size-1 example dims would otherwise be specialized)."""
-    dims: dict[str, Any] = {}
-    shapes = {n: {a: dims.setdefault(d, torch.export.Dim(d)) for a, d in axes.get(n, {}).items()} for n in names}
+    """``torch.export`` with inputs as keywords, on inputs widened along the dynamic axes (size-1
+    example dims would otherwise be specialized). Each dynamic axis is ``Dim.AUTO`` so that export
+    infers its range (a positional table bounds a sequence axis, say); an axis the model pins to
+    one size raises ConfigError naming it."""
+    shapes = {n: {a: torch.export.Dim.AUTO for a in axes.get(n, {})} for n in names}
     examples = widen(tuple(flat), names, axes)
     with quiet():
-        return torch.export.export(
+        program = torch.export.export(
             model, (), dict(zip(names, examples)), dynamic_shapes=shapes if axes else None, strict=False
         )
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    for name, spec in zip(names, program.graph_signature.user_inputs):
+        fake = placeholders[str(spec)].meta.get("val")
+        for axis, dim_name in axes.get(name, {}).items():
+            if fake is not None and not isinstance(fake.shape[axis], torch.SymInt):
+                raise ConfigError(
+                    f"axis {axis} ('{dim_name}') of input '{name}' cannot be dynamic: the model fixes it to {fake.shape[axis]}",
+                    where=f"dynamic_axes.{name}",
+                    hint="drop that axis from dynamic_axes (e.g. nn.LSTM unrolls over a fixed sequence length)",
+                )
+    return program
 
 
 @contextlib.contextmanager
