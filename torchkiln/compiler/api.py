@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchkiln.backends import BackendOptions, backend_options, get_backend
+from torchkiln.backends import BackendOptions, get_backend
+from torchkiln.backends import backend_options as backend_options_for
 from torchkiln.compiler import graph as G
 from torchkiln.compiler.compiled import CompiledModel
 from torchkiln.compiler.manager import PassManager, default_instruments
@@ -37,6 +38,7 @@ def compile(  # noqa: A001 - the public name users expect
     leaf_modules: Sequence[str] = (),
     latency_runs: int = 10,
     name: str | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> CompiledModel:
     """Compile ``model`` for ``example_inputs`` (a tensor, a tuple, or a dict of keyword tensors).
 
@@ -44,20 +46,24 @@ def compile(  # noqa: A001 - the public name users expect
     objects. ``dynamic_axes`` is ``"batch"`` or ``{input: {axis: name}}``. With ``verify`` every
     pass is checked against the eager model and the artifact must match it within ``tolerance``,
     else :class:`VerificationError`. ``latency_runs`` > 0 adds eager vs artifact latency (median) to
-    the report.
+    the report. ``progress`` receives a line per stage.
     """
+    say = progress or (lambda _: None)
     pipeline = parse_pipeline(passes)
-    options = _resolve_options(backend, backend_options)
+    options = backend_options_for(backend, backend_options)
+    say("tracing")
     start = time.perf_counter()
     program = trace(model, example_inputs, frontend=frontend, dynamic_axes=dynamic_axes, leaf_modules=leaf_modules, name=name)
     report = Report(program.name, program.flavour, trace_seconds=time.perf_counter() - start, notes=list(program.notes))
-    report.passes = PassManager(pipeline, default_instruments(tolerance, verify)).run(program)
+    report.passes = PassManager(pipeline, default_instruments(tolerance, verify, progress, len(pipeline))).run(program)
     report.params, report.param_bytes = G.parameter_stats(program.graph_module)
 
+    say(f"lowering to {backend}")
     start = time.perf_counter()
     artifact = get_backend(backend).lower(program, options)
     record = ArtifactRecord(backend, seconds=time.perf_counter() - start, file_bytes=artifact.file_bytes())
     report.artifact = record
+    say("verifying against the eager model")
     worst = measure_error(program, artifact.run, tolerance)
     record.max_abs_error, record.max_rel_error, record.tolerance = worst.max_abs, worst.max_rel, str(tolerance)
     if verify and not worst.within():
@@ -73,10 +79,6 @@ def compile(  # noqa: A001 - the public name users expect
     record.notes = artifact.notes()
     names = [p.spec for p in pipeline]
     return CompiledModel(artifact, program.inputs, program.outputs, program.out_spec, report, options, names)
-
-
-def _resolve_options(backend: str, options: Mapping[str, Any] | BackendOptions | None) -> BackendOptions:
-    return backend_options(backend, options)
 
 
 def measure_error(program: Program, run: Callable[[Sequence[torch.Tensor]], Sequence[torch.Tensor]], tolerance: Tolerance) -> ErrorStats:

@@ -24,6 +24,7 @@ def atomic_directory(destination: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it 0700; the artifact should not be
     except OSError as exc:
         raise ArtifactError(
             f"cannot write to {dest.parent}: {exc.strerror or exc}", where=str(dest), hint="choose a writable output directory"
@@ -34,6 +35,12 @@ def atomic_directory(destination: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _replace(staging: Path, dest: Path) -> None:

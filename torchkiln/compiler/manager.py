@@ -8,7 +8,7 @@ here, so a pass only rewrites.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from torchkiln.compiler import graph as G
 from torchkiln.compiler.passes import Pass
@@ -84,8 +84,22 @@ class Numerics(Instrument):
             )
 
 
-def default_instruments(tolerance: Tolerance = FP32, verify: bool = True) -> list[Instrument]:
-    instruments: list[Instrument] = [Timing(), Counts(), GraphCheck()]
+class Progress(Instrument):
+    """Report each pass as it starts (the CLI prints these to stderr)."""
+
+    def __init__(self, callback: Callable[[str], None], total: int):
+        self.callback, self.total, self.done = callback, total, 0
+
+    def before_pass(self, pass_: Pass, program: Program, record: PassRecord) -> None:
+        self.done += 1
+        self.callback(f"pass {self.done}/{self.total}: {pass_.spec}")
+
+
+def default_instruments(
+    tolerance: Tolerance = FP32, verify: bool = True, progress: Callable[[str], None] | None = None, total: int = 0
+) -> list[Instrument]:
+    instruments: list[Instrument] = [Progress(progress, total)] if progress else []
+    instruments += [Timing(), Counts(), GraphCheck()]
     if verify:
         instruments.append(Numerics(tolerance))
     return instruments

@@ -14,8 +14,9 @@ runs at another size along those axes, so passes and backends are verified off t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -121,8 +122,17 @@ class Program:
         }
 
     def run(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        with torch.no_grad():
+        with deterministic():
             return tuple(self.graph_module(*inputs))
+
+
+@contextlib.contextmanager
+def deterministic(seed: int = 0) -> Iterator[None]:
+    """No grad, and the same random stream for every reference and graph run, so that a model
+    with random ops (Dropout in training mode) compares equal to its own graph."""
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        yield
 
 
 def bind_inputs(specs: Sequence[TensorSpec], args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[torch.Tensor]:

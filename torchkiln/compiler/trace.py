@@ -29,7 +29,8 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from torchkiln.compiler import graph as G
-from torchkiln.compiler.program import Check, Program, TensorSpec
+from torchkiln.compiler.program import Check, Program, TensorSpec, deterministic
+from torchkiln.compiler.verify import compare
 from torchkiln.errors import ConfigError, InputError, KilnError, TraceError
 
 FRONTENDS = ("auto", "fx", "export")
@@ -62,7 +63,14 @@ def trace(
 
     checks = [_reference(work, names, tuple(flat))]
     if axes:
-        checks.append(_reference(work, names, widen(tuple(flat), names, axes)))
+        try:
+            checks.append(_reference(work, names, widen(tuple(flat), names, axes)))
+        except InputError as exc:
+            raise ConfigError(
+                f"the model does not run when its dynamic axes {axes} change size: {exc.message}",
+                where="dynamic_axes",
+                hint="make only the axes the model really accepts at any size dynamic",
+            ) from exc
     out_flat, out_spec = pytree.tree_flatten(_run(work, names, flat))
 
     if frontend == "fx":
@@ -84,6 +92,7 @@ def trace(
     if G.flatten_output(gm) != len(out_flat):
         raise TraceError("the traced graph returns a different number of outputs than the model")
 
+    _verify_capture(gm, checks, axes)
     G.annotate(gm, checks[0].inputs)
     inputs = [TensorSpec.of(n, t, axes.get(n)) for n, t in zip(names, flat)]
     outputs = [TensorSpec.of(f"output_{i}" if len(out_flat) > 1 else "output", t) for i, t in enumerate(out_flat)]
@@ -172,7 +181,7 @@ def widen(flat: tuple[torch.Tensor, ...], names: Sequence[str], axes: Mapping[st
 
 
 def _run(model: nn.Module, names: Sequence[str], flat: Sequence[torch.Tensor]) -> Any:
-    with torch.no_grad():
+    with deterministic():
         return model(**dict(zip(names, flat)))
 
 
@@ -193,6 +202,29 @@ def _reference(model: nn.Module, names: Sequence[str], flat: tuple[torch.Tensor,
                 hint="return only tensors (in a tensor, tuple, list or dict)",
             )
     return Check(flat, tuple(leaf for _, leaf in leaves))
+
+
+def _verify_capture(gm: fx.GraphModule, checks: list[Check], axes: Mapping[str, Mapping[int, str]]) -> None:
+    """The captured graph must reproduce the eager model on every check (the traced shapes and,
+    with dynamic axes, the widened ones) before any pass touches it."""
+    for check in checks:
+        shapes = ", ".join(str(list(t.shape)) for t in check.inputs)
+        try:
+            with deterministic():
+                stats = compare(tuple(gm(*check.inputs)), check.outputs)
+            cause = None if stats.within() else f"output {stats.worst_output} differs by {stats.max_abs:.3e}"
+        except Exception as exc:
+            cause = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if cause is None:
+            continue
+        if axes:
+            raise ConfigError(
+                f"the captured graph does not reproduce the model at input shapes {shapes}: {cause}",
+                where="dynamic_axes",
+                hint="the model fixes a dynamic axis to its traced size (e.g. through a Python int); "
+                "drop that axis from dynamic_axes",
+            )
+        raise TraceError(f"the captured graph does not reproduce the model at input shapes {shapes}: {cause}")
 
 
 def _mark_dynamic_outputs(outputs: list[TensorSpec], checks: list[Check]) -> list[TensorSpec]:

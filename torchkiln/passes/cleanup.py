@@ -108,7 +108,7 @@ def noop_source(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
     """The input that ``node`` merely passes through, or None if it computes something."""
     first = node.args[0] if node.args else None
     if not isinstance(first, fx.Node):
-        return None
+        return _arithmetic_identity(node)  # 1 * x has the constant first
     if node.op == "call_module":
         module = gm.get_submodule(str(node.target))
         if isinstance(module, nn.Identity) or (isinstance(module, _DROPOUT_MODULES) and not module.training):
@@ -188,24 +188,24 @@ def _foldable(node: fx.Node, constant: Container[fx.Node]) -> bool:
 
 def fold_constants(gm: fx.GraphModule, max_bytes: int) -> int:
     values: dict[fx.Node, Any] = {}
-    from_parameter: dict[fx.Node, bool] = {}
+    roots: dict[fx.Node, frozenset[fx.Node]] = {}  # the stored tensors each constant derives from
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             values[node] = G.get_attr_value(gm, str(node.target))
-            from_parameter[node] = isinstance(values[node], nn.Parameter)
+            roots[node] = frozenset([node])
         elif _foldable(node, values):
             values[node] = _evaluate(node, values)
-            from_parameter[node] = any(from_parameter[n] for n in node.all_input_nodes)
+            roots[node] = frozenset().union(*(roots[n] for n in node.all_input_nodes))
     folded = 0
     for node, value in values.items():
         if node.op == "get_attr" or not isinstance(value, torch.Tensor):
             continue
         if all(user in values for user in node.users):
             continue  # folded as part of a larger constant
-        input_bytes = sum(_nbytes(values[n]) for n in node.all_input_nodes)
-        if _nbytes(value) > max(max_bytes, input_bytes):
-            continue
-        name = G.add_attribute(gm, f"folded_{node.name}", value, parameter=from_parameter[node])
+        if _nbytes(value) > max(max_bytes, sum(_nbytes(values[r]) for r in roots[node])):
+            continue  # e.g. an expand: storing the result would grow the model
+        from_parameter = any(isinstance(values[r], nn.Parameter) for r in roots[node])
+        name = G.add_attribute(gm, f"folded_{node.name}", value, parameter=from_parameter)
         with gm.graph.inserting_before(node):
             replacement = gm.graph.get_attr(name)
         node.replace_all_uses_with(replacement)

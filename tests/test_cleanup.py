@@ -1,0 +1,163 @@
+"""cleanup: structure, numerics, the no-op case and the cases it must leave alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import SMALL_ZOO, op_count
+from torchkiln import models
+from torchkiln.compiler.manager import PassManager
+from torchkiln.compiler.passes import parse_pass
+from torchkiln.compiler.trace import trace
+
+FLAVOURS = ["fx", "export"]
+
+
+def run_cleanup(model, inputs, frontend="fx", spec="cleanup", **trace_kwargs):
+    program = trace(model, inputs, frontend=frontend, **trace_kwargs)
+    records = PassManager([parse_pass(spec)]).run(program)  # verifies numerics at fp32 tolerance
+    return program, records[0]
+
+
+class NoOps(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.drop = nn.Dropout(0.5)
+        self.ident = nn.Identity()
+
+    def forward(self, x):
+        h = self.ident(self.drop(self.fc(x)))
+        h = torch.nn.functional.dropout(h, 0.3, training=False)
+        h = (h * 1 + 0).contiguous()
+        h = 1 * h - 0
+        return h / 1
+
+
+@pytest.mark.parametrize("frontend", FLAVOURS)
+def test_noops_are_removed_and_outputs_match(frontend):
+    program, record = run_cleanup(NoOps().eval(), torch.randn(2, 8), frontend)
+    assert record.modified and record.stats["noops_removed"] >= 6
+    ops = set(record.ops_after)
+    assert ops <= {"Linear", "aten.linear"}, ops
+    assert record.max_abs_error == 0.0
+
+
+def test_dropout_in_training_mode_is_kept():
+    model = NoOps().train()
+    program = trace(model, torch.randn(2, 8), frontend="fx")
+    record = PassManager([parse_pass("cleanup")], instruments=[]).run(program)[0]
+    assert op_count(program.graph_module, "Dropout") == 1
+    assert op_count(program.graph_module, "dropout") == 0  # F.dropout(training=False) still goes
+    assert record.stats["noops_removed"] >= 5
+
+
+def test_type_changing_identities_are_kept():
+    class Promote(nn.Module):
+        def forward(self, mask, x):
+            return mask * 1, x + 0, x.int() * 1.0  # bool->int64, kept; float, dropped; int->float, kept
+
+    inputs = (torch.tensor([True, False]), torch.randn(2))
+    program, record = run_cleanup(Promote(), inputs)
+    assert record.stats["noops_removed"] == 1
+    outputs = program.run(inputs)
+    assert outputs[0].dtype == torch.int64 and outputs[2].dtype == torch.float32
+
+
+class Reshapes(nn.Module):
+    def forward(self, x):
+        a = x.reshape(x.size(0), 4, 4).reshape(x.size(0), 16)  # chain -> one reshape -> identity
+        b = x.view(x.size(0), -1)  # same shape at any batch: identity
+        c = x.flatten(1)  # rank 2 already: identity
+        d = x.view(1, -1)  # same shape at batch 1 only: must stay when batch is dynamic
+        return a + b + c, d
+
+
+@pytest.mark.parametrize("frontend", FLAVOURS)
+def test_reshapes_with_dynamic_batch(frontend):
+    program, record = run_cleanup(Reshapes(), torch.randn(1, 16), frontend, dynamic_axes="batch")
+    assert record.stats["reshapes_removed"] >= 4
+    reshapes = [n for n in program.graph_module.graph.nodes if "view" in str(n.target) or "reshape" in str(n.target)]
+    assert len(reshapes) == 1  # only x.view(1, -1) is left
+    # at batch 2 the kept reshape still does what the original did
+    out = program.run((torch.randn(2, 16),))
+    assert out[1].shape == (1, 32)
+
+
+def test_reshape_without_dynamic_axes_at_same_shape_is_removed():
+    program, record = run_cleanup(Reshapes(), torch.randn(1, 16))
+    assert not any("view" in str(n.target) or "reshape" in str(n.target) for n in program.graph_module.graph.nodes)
+
+
+class Constants(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 8))
+        self.register_buffer("offset", torch.randn(8))
+
+    def forward(self, x):
+        w = (self.w.t() * 2).contiguous()  # parameters only: folded
+        noise = torch.rand(8)  # random: never folded
+        return x @ w + self.offset.exp(), noise.shape[0] * x
+
+
+@pytest.mark.parametrize("frontend, folded", [("fx", 1), ("export", 2)])
+def test_constant_subgraphs_are_folded(frontend, folded):
+    # fx evaluates buffer and factory calls while tracing, so only the parameter chain is left to
+    # fold there; the export graph also keeps exp(offset) and the random op as nodes.
+    program = trace(Constants(), torch.randn(2, 8), frontend=frontend)
+    record = PassManager([parse_pass("cleanup")]).run(program)[0]
+    assert record.stats["constants_folded"] == folded
+    ops = set(record.ops_after)
+    assert not {"t", "exp", "aten.t", "aten.exp", "aten.permute"} & ops, ops
+    assert [k for k in record.ops_before if "rand" in k] == [k for k in ops if "rand" in k]
+    assert record.params_after == record.params_before  # a folded parameter stays a parameter
+
+
+def test_constant_folding_respects_size_limit():
+    class Grow(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.v = nn.Parameter(torch.randn(1, 64))
+
+        def forward(self, x):
+            return x + self.v.expand(64, 64).contiguous()
+
+    program = trace(Grow(), torch.randn(64, 64), frontend="fx")
+    record = PassManager([parse_pass("cleanup:max_constant_bytes=1024,remove_noops=false")]).run(program)[0]
+    assert record.stats["constants_folded"] == 0
+    program = trace(Grow(), torch.randn(64, 64), frontend="fx")
+    record = PassManager([parse_pass("cleanup:remove_noops=false")]).run(program)[0]
+    assert record.stats["constants_folded"] == 1
+
+
+def test_dead_code_is_removed():
+    class Dead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            self.unused(x)
+            return self.used(x)
+
+    program, record = run_cleanup(Dead(), torch.randn(1, 4))
+    assert record.stats["dead_nodes_removed"] == 1
+    assert not hasattr(program.graph_module, "unused")
+    assert record.params_after < record.params_before
+
+
+@pytest.mark.parametrize("frontend", FLAVOURS)
+@pytest.mark.parametrize("name", SMALL_ZOO)
+def test_every_zoo_model_then_second_run_is_a_no_op(name, frontend):
+    entry = models.get(name)
+    program = trace(entry.build(), entry.example_inputs(), frontend=frontend, dynamic_axes=entry.dynamic_axes)
+    manager = PassManager([parse_pass("cleanup")])
+    first = manager.run(program)[0]
+    assert first.max_abs_error is not None and first.max_abs_error <= 1e-5
+    graph_before = program.graph_module.graph.python_code("self").src
+    second = manager.run(program)[0]
+    assert second.modified is False and not any(second.stats.values())
+    assert program.graph_module.graph.python_code("self").src == graph_before

@@ -1,0 +1,53 @@
+"""The ``kiln`` command line: one module per command, all reached through :func:`main`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from torchkiln.errors import ConfigError, InputError, KilnError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from torchkiln import __version__
+    from torchkiln.cli import export, inspect, models, passes
+
+    parser = argparse.ArgumentParser(prog="kiln", description="torchkiln: compile PyTorch models to verified deployable artifacts")
+    parser.add_argument("--version", action="version", version=f"torchkiln {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in (export, inspect, passes, models):
+        command.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args))
+    except KilnError as exc:
+        if args.debug:
+            raise
+        line = f"kiln {args.command}: error: {exc.message}"
+        if exc.where:
+            line += f" [at {exc.where}]"
+        if exc.hint:
+            line += f" (hint: {exc.hint})"
+        print(line.replace("\n", " "), file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, (ConfigError, InputError)) else EXIT_FAILED
+    except KeyboardInterrupt:
+        print(f"kiln {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"kiln {args.command}: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)".replace("\n", " "), file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def console_main() -> None:
+    sys.exit(main())

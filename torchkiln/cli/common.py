@@ -1,0 +1,119 @@
+"""What the CLI commands share: loading MODEL arguments and parsing --input / --dynamic."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchkiln import models
+from torchkiln.compiler.program import dtype_from_name
+from torchkiln.errors import ConfigError, InputError
+
+INTEGER_HIGH = 100
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help="zoo name (see `kiln models`), path/to/file.py:factory or package.module:factory")
+    parser.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="example input as [name=]1x3x224x224[:dtype[:high]]; repeat for several inputs. "
+        "Zoo models have defaults. Integer inputs are drawn from [0, high), high defaults to 100",
+    )
+    parser.add_argument("--frontend", choices=("auto", "fx", "export"), default="auto", help="graph capture (default: auto)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the random example inputs (default: 0)")
+
+
+def load_model(spec: str) -> tuple[nn.Module, models.ZooEntry | None]:
+    """A zoo name, ``file.py:factory`` or ``package.module:factory`` → model in eval mode."""
+    if ":" not in spec:
+        entry = models.get(spec)
+        return entry.build(), entry
+    location, _, factory_name = spec.rpartition(":")
+    module = _import(location, spec)
+    factory = getattr(module, factory_name, None)
+    if not callable(factory):
+        raise ConfigError(f"'{factory_name}' is not a callable in {location}", where=spec, hint="MODEL is path.py:factory")
+    try:
+        model = factory()
+    except Exception as exc:
+        raise ConfigError(f"calling {factory_name}() failed: {type(exc).__name__}: {exc}", where=spec) from exc
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"{factory_name}() returned a {type(model).__name__}, not a torch.nn.Module", where=spec)
+    return model.eval(), None
+
+
+def _import(location: str, spec: str) -> Any:
+    if location.endswith(".py"):
+        path = Path(location)
+        if not path.is_file():
+            raise ConfigError(f"model file {path} does not exist", where=spec)
+        module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        assert module_spec is not None and module_spec.loader is not None
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[path.stem] = module
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as exc:
+            raise ConfigError(f"importing {path} failed: {type(exc).__name__}: {exc}", where=spec) from exc
+        return module
+    try:
+        return importlib.import_module(location)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import module '{location}': {exc}", where=spec) from exc
+
+
+def parse_input(text: str, default_name: str) -> tuple[str, tuple[int, ...], torch.dtype, int]:
+    """``[name=]1x3x224x224[:dtype[:high]]`` → (name, shape, dtype, high)."""
+    name, eq, rest = text.partition("=")
+    if not eq:
+        name, rest = default_name, text
+    shape_text, _, type_text = rest.partition(":")
+    dtype_text, _, high_text = type_text.partition(":")
+    try:
+        shape = tuple(int(d) for d in shape_text.lower().split("x"))
+        high = int(high_text) if high_text else INTEGER_HIGH
+    except ValueError:
+        raise InputError(f"bad --input '{text}'", where=text, hint="write e.g. 1x3x224x224 or ids=1x128:int64:30522") from None
+    if any(d <= 0 for d in shape):
+        raise InputError(f"bad --input '{text}': sizes must be positive", where=text)
+    return name.strip(), shape, dtype_from_name(dtype_text or "float32"), high
+
+
+def example_inputs(args: argparse.Namespace, entry: models.ZooEntry | None) -> dict[str, torch.Tensor]:
+    if not args.input:
+        if entry is None:
+            raise InputError("--input is required for a model that is not in the zoo", hint="e.g. --input 1x3x224x224")
+        return entry.example_inputs(seed=args.seed)
+    zoo_names = [i.name for i in entry.inputs] if entry else []
+    generator = torch.Generator().manual_seed(args.seed)
+    tensors = {}
+    for index, text in enumerate(args.input):
+        default = zoo_names[index] if index < len(zoo_names) else ("x" if index == 0 else f"input_{index}")
+        name, shape, dtype, high = parse_input(text, default)
+        if dtype.is_floating_point:
+            tensors[name] = torch.randn(shape, generator=generator).to(dtype)
+        else:
+            tensors[name] = torch.randint(0, high, shape, generator=generator, dtype=dtype)
+    return tensors
+
+
+def parse_dynamic(items: list[str], batch: bool, names: list[str]) -> dict[str, dict[int, str]] | None:
+    """``--dynamic-batch`` and ``--dynamic name:axis=dim`` → dynamic_axes."""
+    axes: dict[str, dict[int, str]] = {n: {0: "batch"} for n in names} if batch else {}
+    for item in items:
+        target, _, dim = item.partition("=")
+        name, _, axis = target.partition(":")
+        if not (name and axis.lstrip("-").isdigit()):
+            raise ConfigError(f"bad --dynamic '{item}'", where=item, hint="write input:axis=name, e.g. input_ids:1=sequence")
+        axes.setdefault(name, {})[int(axis)] = dim or f"{name}_dim{axis}"
+    return axes or None

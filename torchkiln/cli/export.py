@@ -1,0 +1,64 @@
+"""``kiln export``: compile a model through passes to a backend artifact directory."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torchkiln
+from torchkiln.backends import BACKEND_NAMES
+from torchkiln.cli.common import add_model_arguments, example_inputs, load_model, parse_dynamic
+from torchkiln.compiler.api import DEFAULT_PASSES
+from torchkiln.compiler.verify import Tolerance
+from torchkiln.errors import ConfigError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("export", help="compile MODEL through passes to a backend artifact", description=__doc__)
+    add_model_arguments(parser)
+    parser.add_argument("--passes", default=",".join(DEFAULT_PASSES), help="pass pipeline, e.g. cleanup,fold_batchnorm (see `kiln passes`); '' for none")
+    parser.add_argument("--backend", choices=BACKEND_NAMES, default="onnxruntime")
+    parser.add_argument("--backend-option", action="append", default=[], metavar="KEY=VALUE", help="backend option, e.g. opset=19 (repeatable)")
+    parser.add_argument("--dynamic-batch", action="store_true", help="make axis 0 of every input dynamic")
+    parser.add_argument("--dynamic", action="append", default=[], metavar="INPUT:AXIS=NAME", help="make one axis dynamic (repeatable)")
+    parser.add_argument("--atol", type=float, default=Tolerance().atol, help="verification tolerance: absolute part")
+    parser.add_argument("--rtol", type=float, default=Tolerance().rtol, help="verification tolerance: part relative to output scale")
+    parser.add_argument("--no-verify", action="store_true", help="report the error against eager but do not fail on it")
+    parser.add_argument("-o", "--output", required=True, help="artifact directory (replaced atomically)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    parser.set_defaults(run=run)
+
+
+def _backend_options(items: list[str]) -> dict[str, str]:
+    options = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"bad --backend-option '{item}'", where=item, hint="write key=value")
+        options[key.strip()] = value.strip()
+    return options
+
+
+def run(args: argparse.Namespace) -> int:
+    model, entry = load_model(args.model)
+    inputs = example_inputs(args, entry)
+    progress = None if args.quiet else (lambda stage: print(f"kiln: {stage}", file=sys.stderr, flush=True))
+    compiled = torchkiln.compile(
+        model,
+        inputs,
+        passes=args.passes,
+        backend=args.backend,
+        backend_options=_backend_options(args.backend_option),
+        dynamic_axes=parse_dynamic(args.dynamic, args.dynamic_batch, list(inputs)),
+        verify=not args.no_verify,
+        tolerance=Tolerance(args.atol, args.rtol),
+        frontend=args.frontend,
+        name=args.model if entry else None,
+        progress=progress,
+    )
+    compiled.save(args.output)
+    if not args.quiet:
+        print(compiled.report.to_json() if args.json else compiled.report.table())
+        print(f"kiln: wrote {args.output}", file=sys.stderr)
+    return 0
