@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import SMALL_ZOO, op_count
 from torch import nn
 
-from conftest import SMALL_ZOO, op_count
 from torchkiln import models
 from torchkiln.compiler.manager import PassManager
 from torchkiln.compiler.passes import parse_pass
@@ -79,7 +79,9 @@ class Reshapes(nn.Module):
 def test_reshapes_with_dynamic_batch(frontend):
     program, record = run_cleanup(Reshapes(), torch.randn(1, 16), frontend, dynamic_axes="batch")
     assert record.stats["reshapes_removed"] >= 4
-    reshapes = [n for n in program.graph_module.graph.nodes if "view" in str(n.target) or "reshape" in str(n.target)]
+    reshapes = [
+        n for n in program.graph_module.graph.nodes if "view" in str(n.target) or "reshape" in str(n.target)
+    ]
     assert len(reshapes) == 1  # only x.view(1, -1) is left
     # at batch 2 the kept reshape still does what the original did
     out = program.run((torch.randn(2, 16),))
@@ -88,7 +90,9 @@ def test_reshapes_with_dynamic_batch(frontend):
 
 def test_reshape_without_dynamic_axes_at_same_shape_is_removed():
     program, record = run_cleanup(Reshapes(), torch.randn(1, 16))
-    assert not any("view" in str(n.target) or "reshape" in str(n.target) for n in program.graph_module.graph.nodes)
+    assert not any(
+        "view" in str(n.target) or "reshape" in str(n.target) for n in program.graph_module.graph.nodes
+    )
 
 
 class Constants(nn.Module):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import SMALL_ZOO
 from torch import nn
 
-from conftest import SMALL_ZOO
 from torchkiln import models
 from torchkiln.compiler.graph import op_histogram
 from torchkiln.compiler.manager import PassManager
@@ -42,7 +42,15 @@ LAYERS = [
 
 
 @pytest.mark.parametrize("frontend", FLAVOURS)
-@pytest.mark.parametrize("model, shape", LAYERS, ids=lambda v: type(v[0]).__name__ + ("_g" if getattr(v[0], "groups", 1) > 1 else "") if isinstance(v, nn.Sequential) else "")
+@pytest.mark.parametrize(
+    "model, shape",
+    LAYERS,
+    ids=lambda v: (
+        type(v[0]).__name__ + ("_g" if getattr(v[0], "groups", 1) > 1 else "")
+        if isinstance(v, nn.Sequential)
+        else ""
+    ),
+)
 def test_each_layer_kind_folds_exactly(model, shape, frontend):
     program, record = fold(model, torch.randn(shape), frontend)
     assert record.modified and record.stats["folded"] == 1 and not record.notes
@@ -119,7 +127,9 @@ def test_reasons_not_to_fold(model, shape, reason, frontends):
     for frontend in frontends:
         program, record = fold(model, torch.randn(shape), frontend)
         assert not record.modified, frontend
-        assert len(record.notes) == 1 and reason in record.notes[0] and "not folded" in record.notes[0], record.notes
+        assert len(record.notes) == 1 and reason in record.notes[0] and "not folded" in record.notes[0], (
+            record.notes
+        )
         assert record.notes[0].startswith("bn: ")
         assert record.max_abs_error == 0.0
 

@@ -74,7 +74,9 @@ def test_pipeline_accepts_pass_objects_and_rejects_others():
 
 
 def test_config_declares_types_defaults_and_docs():
-    rows = {name: (type_, default, doc) for name, type_, default, doc in get_pass("cleanup").Config.describe()}
+    rows = {
+        name: (type_, default, doc) for name, type_, default, doc in get_pass("cleanup").Config.describe()
+    }
     assert rows["max_constant_bytes"][:2] == ("int", "65536")
     assert rows["remove_noops"][2]
 

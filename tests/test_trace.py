@@ -179,4 +179,6 @@ def test_axis_that_export_specializes_is_named():
             return x.reshape(x.size(0), n * 4)
 
     with pytest.raises(ConfigError, match="does not reproduce the model at input shapes"):
-        trace(PythonInt(), torch.randn(1, 12, 4), frontend="export", dynamic_axes={"x": {0: "batch", 1: "seq"}})
+        trace(
+            PythonInt(), torch.randn(1, 12, 4), frontend="export", dynamic_axes={"x": {0: "batch", 1: "seq"}}
+        )

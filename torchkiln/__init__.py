@@ -1,9 +1,9 @@
 """torchkiln: a graph-level compiler and export toolchain for PyTorch.
 
-    compiled = torchkiln.compile(model, example_inputs, passes="cleanup,fold_batchnorm",
-                                 backend="onnxruntime", dynamic_axes="batch")
-    compiled(x); print(compiled.report.table()); compiled.save("out/")
-    again = torchkiln.load("out/")
+compiled = torchkiln.compile(model, example_inputs, passes="cleanup,fold_batchnorm",
+                             backend="onnxruntime", dynamic_axes="batch")
+compiled(x); print(compiled.report.table()); compiled.save("out/")
+again = torchkiln.load("out/")
 """
 
 from torchkiln.compiler.api import compile

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from torchkiln.backends.base import Artifact, Backend, BackendOptions
 from torchkiln.errors import ConfigError
@@ -21,7 +21,9 @@ BACKEND_NAMES = tuple(_MODULES)
 
 def get_backend(name: str) -> Backend:
     if name not in _MODULES:
-        raise ConfigError(f"unknown backend '{name}'", where="backend", hint=f"choose one of {', '.join(_MODULES)}")
+        raise ConfigError(
+            f"unknown backend '{name}'", where="backend", hint=f"choose one of {', '.join(_MODULES)}"
+        )
     backend: Backend = importlib.import_module(_MODULES[name]).BACKEND
     return backend
 
@@ -32,7 +34,7 @@ def backend_options(name: str, options: Mapping[str, Any] | BackendOptions | Non
         if not isinstance(options, backend.Options):
             raise ConfigError(f"options of type {type(options).__name__} do not belong to backend '{name}'")
         return options
-    return backend.Options.from_mapping(options or {}, owner=f"backend {name}")
+    return cast(BackendOptions, backend.Options.from_mapping(options or {}, owner=f"backend {name}"))
 
 
 __all__ = ["Artifact", "Backend", "BackendOptions", "BACKEND_NAMES", "backend_options", "get_backend"]

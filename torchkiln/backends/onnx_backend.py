@@ -89,7 +89,9 @@ class OnnxArtifact(Artifact):
 
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         session = self.session
-        feeds = {meta.name: t.detach().cpu().contiguous().numpy() for meta, t in zip(session.get_inputs(), inputs)}
+        feeds = {
+            meta.name: t.detach().cpu().contiguous().numpy() for meta, t in zip(session.get_inputs(), inputs)
+        }
         try:
             outputs = session.run(None, feeds)
         except Exception as exc:
@@ -138,6 +140,7 @@ def export_onnx(program: Program, options: OnnxOptions, directory: Path) -> None
             )
     except Exception as exc:
         raise _explain_export_failure(exc, exported, program) from exc
+    assert onnx_program is not None  # dynamo=True always returns a program
     _rename_dims(onnx_program.model, program)
     _rename_nodes(onnx_program.model)
     external = {"always": True, "never": False, "auto": None}[options.external_data]
@@ -163,9 +166,14 @@ def _rename_dims(model: Any, program: Program) -> None:
         return
     values = list(model.graph.inputs) + [out for node in model.graph for out in node.outputs]
     for value in values:
-        if value.shape is not None and any(isinstance(d, ir.SymbolicDim) and d.value in mapping for d in value.shape):
+        if value.shape is not None and any(
+            isinstance(d, ir.SymbolicDim) and d.value in mapping for d in value.shape
+        ):
             value.shape = ir.Shape(
-                [mapping.get(d.value, d.value) if isinstance(d, ir.SymbolicDim) else d for d in value.shape]
+                [
+                    mapping.get(d.value or "", d.value) if isinstance(d, ir.SymbolicDim) else d
+                    for d in value.shape
+                ]
             )
 
 
@@ -209,7 +217,7 @@ def _explain_export_failure(exc: Exception, exported: Any, program: Program) -> 
 
 
 def _chain(exc: BaseException | None) -> list[BaseException]:
-    out = []
+    out: list[BaseException] = []
     while exc is not None and len(out) < 10:
         out.append(exc)
         exc = exc.__cause__ or exc.__context__

@@ -18,13 +18,19 @@ from torchkiln.errors import BackendError
 
 OPTIMIZED_FILE = "model.optimized.onnx"
 _AUTO_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+_LEVELS = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class OrtOptions(OnnxOptions):
     providers: tuple[str, ...] = option(
-        ("auto",), "execution providers in priority order ('|'-separated); auto = TensorRT/CUDA when installed, then CPU"
+        ("auto",),
+        "execution providers in priority order ('|'-separated); auto = TensorRT/CUDA when installed, then CPU",
     )
     graph_optimization_level: Literal["disable", "basic", "extended", "all"] = option(
         "all", "ONNX Runtime graph optimization level"
@@ -67,7 +73,9 @@ class OrtArtifact(OnnxArtifact):
 
         options: OrtOptions = self.options  # type: ignore[assignment]
         session_options = ort.SessionOptions()
-        session_options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[options.graph_optimization_level])
+        session_options.graph_optimization_level = getattr(
+            ort.GraphOptimizationLevel, _LEVELS[options.graph_optimization_level]
+        )
         session_options.intra_op_num_threads = options.intra_op_threads
         session_options.inter_op_num_threads = options.inter_op_threads
         session_options.log_severity_level = 3

@@ -51,7 +51,9 @@ class TorchArtifact(Artifact):
             program = self._program
             names = [s.name for s in program.inputs]
             try:
-                self._exported = export_graph(self.module, names, program.example_inputs, program.dynamic_axes)
+                self._exported = export_graph(
+                    self.module, names, program.example_inputs, program.dynamic_axes
+                )
             except KilnError:
                 raise
             except Exception as exc:
@@ -69,7 +71,9 @@ class TorchArtifact(Artifact):
         try:
             exported = torch.export.load(directory / FILE)
         except Exception as exc:
-            raise ArtifactError(f"cannot load {FILE}: {type(exc).__name__}: {exc}", where=str(directory / FILE)) from exc
+            raise ArtifactError(
+                f"cannot load {FILE}: {type(exc).__name__}: {exc}", where=str(directory / FILE)
+            ) from exc
         return cls(G.flat_graph_module(exported.module(), training=False), exported=exported)
 
 

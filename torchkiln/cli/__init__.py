@@ -15,7 +15,9 @@ def build_parser() -> argparse.ArgumentParser:
     from torchkiln import __version__
     from torchkiln.cli import export, inspect, models, passes
 
-    parser = argparse.ArgumentParser(prog="kiln", description="torchkiln: compile PyTorch models to verified deployable artifacts")
+    parser = argparse.ArgumentParser(
+        prog="kiln", description="torchkiln: compile PyTorch models to verified deployable artifacts"
+    )
     parser.add_argument("--version", action="version", version=f"torchkiln {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -45,7 +47,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if args.debug:
             raise
-        print(f"kiln {args.command}: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)".replace("\n", " "), file=sys.stderr)
+        print(
+            f"kiln {args.command}: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)".replace(
+                "\n", " "
+            ),
+            file=sys.stderr,
+        )
         return EXIT_INTERNAL
 
 

@@ -20,7 +20,11 @@ INTEGER_HIGH = 100
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL", help="zoo name (see `kiln models`), path/to/file.py:factory or package.module:factory")
+    parser.add_argument(
+        "model",
+        metavar="MODEL",
+        help="zoo name (see `kiln models`), path/to/file.py:factory or package.module:factory",
+    )
     parser.add_argument(
         "--input",
         action="append",
@@ -29,7 +33,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="example input as [name=]1x3x224x224[:dtype[:high]]; repeat for several inputs. "
         "Zoo models have defaults. Integer inputs are drawn from [0, high), high defaults to 100",
     )
-    parser.add_argument("--frontend", choices=("auto", "fx", "export"), default="auto", help="graph capture (default: auto)")
+    parser.add_argument(
+        "--frontend", choices=("auto", "fx", "export"), default="auto", help="graph capture (default: auto)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for the random example inputs (default: 0)")
 
 
@@ -42,13 +48,19 @@ def load_model(spec: str) -> tuple[nn.Module, models.ZooEntry | None]:
     module = _import(location, spec)
     factory = getattr(module, factory_name, None)
     if not callable(factory):
-        raise ConfigError(f"'{factory_name}' is not a callable in {location}", where=spec, hint="MODEL is path.py:factory")
+        raise ConfigError(
+            f"'{factory_name}' is not a callable in {location}", where=spec, hint="MODEL is path.py:factory"
+        )
     try:
         model = factory()
     except Exception as exc:
-        raise ConfigError(f"calling {factory_name}() failed: {type(exc).__name__}: {exc}", where=spec) from exc
+        raise ConfigError(
+            f"calling {factory_name}() failed: {type(exc).__name__}: {exc}", where=spec
+        ) from exc
     if not isinstance(model, nn.Module):
-        raise ConfigError(f"{factory_name}() returned a {type(model).__name__}, not a torch.nn.Module", where=spec)
+        raise ConfigError(
+            f"{factory_name}() returned a {type(model).__name__}, not a torch.nn.Module", where=spec
+        )
     return model.eval(), None
 
 
@@ -83,7 +95,9 @@ def parse_input(text: str, default_name: str) -> tuple[str, tuple[int, ...], tor
         shape = tuple(int(d) for d in shape_text.lower().split("x"))
         high = int(high_text) if high_text else INTEGER_HIGH
     except ValueError:
-        raise InputError(f"bad --input '{text}'", where=text, hint="write e.g. 1x3x224x224 or ids=1x128:int64:30522") from None
+        raise InputError(
+            f"bad --input '{text}'", where=text, hint="write e.g. 1x3x224x224 or ids=1x128:int64:30522"
+        ) from None
     if any(d <= 0 for d in shape):
         raise InputError(f"bad --input '{text}': sizes must be positive", where=text)
     return name.strip(), shape, dtype_from_name(dtype_text or "float32"), high
@@ -92,7 +106,9 @@ def parse_input(text: str, default_name: str) -> tuple[str, tuple[int, ...], tor
 def example_inputs(args: argparse.Namespace, entry: models.ZooEntry | None) -> dict[str, torch.Tensor]:
     if not args.input:
         if entry is None:
-            raise InputError("--input is required for a model that is not in the zoo", hint="e.g. --input 1x3x224x224")
+            raise InputError(
+                "--input is required for a model that is not in the zoo", hint="e.g. --input 1x3x224x224"
+            )
         return entry.example_inputs(seed=args.seed)
     zoo_names = [i.name for i in entry.inputs] if entry else []
     generator = torch.Generator().manual_seed(args.seed)
@@ -114,6 +130,8 @@ def parse_dynamic(items: list[str], batch: bool, names: list[str]) -> dict[str, 
         target, _, dim = item.partition("=")
         name, _, axis = target.partition(":")
         if not (name and axis.lstrip("-").isdigit()):
-            raise ConfigError(f"bad --dynamic '{item}'", where=item, hint="write input:axis=name, e.g. input_ids:1=sequence")
+            raise ConfigError(
+                f"bad --dynamic '{item}'", where=item, hint="write input:axis=name, e.g. input_ids:1=sequence"
+            )
         axes.setdefault(name, {})[int(axis)] = dim or f"{name}_dim{axis}"
     return axes or None

@@ -14,16 +14,43 @@ from torchkiln.errors import ConfigError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("export", help="compile MODEL through passes to a backend artifact", description=__doc__)
+    parser = sub.add_parser(
+        "export", help="compile MODEL through passes to a backend artifact", description=__doc__
+    )
     add_model_arguments(parser)
-    parser.add_argument("--passes", default=",".join(DEFAULT_PASSES), help="pass pipeline, e.g. cleanup,fold_batchnorm (see `kiln passes`); '' for none")
+    parser.add_argument(
+        "--passes",
+        default=",".join(DEFAULT_PASSES),
+        help="pass pipeline, e.g. cleanup,fold_batchnorm (see `kiln passes`); '' for none",
+    )
     parser.add_argument("--backend", choices=BACKEND_NAMES, default="onnxruntime")
-    parser.add_argument("--backend-option", action="append", default=[], metavar="KEY=VALUE", help="backend option, e.g. opset=19 (repeatable)")
+    parser.add_argument(
+        "--backend-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="backend option, e.g. opset=19 (repeatable)",
+    )
     parser.add_argument("--dynamic-batch", action="store_true", help="make axis 0 of every input dynamic")
-    parser.add_argument("--dynamic", action="append", default=[], metavar="INPUT:AXIS=NAME", help="make one axis dynamic (repeatable)")
-    parser.add_argument("--atol", type=float, default=Tolerance().atol, help="verification tolerance: absolute part")
-    parser.add_argument("--rtol", type=float, default=Tolerance().rtol, help="verification tolerance: part relative to output scale")
-    parser.add_argument("--no-verify", action="store_true", help="report the error against eager but do not fail on it")
+    parser.add_argument(
+        "--dynamic",
+        action="append",
+        default=[],
+        metavar="INPUT:AXIS=NAME",
+        help="make one axis dynamic (repeatable)",
+    )
+    parser.add_argument(
+        "--atol", type=float, default=Tolerance().atol, help="verification tolerance: absolute part"
+    )
+    parser.add_argument(
+        "--rtol",
+        type=float,
+        default=Tolerance().rtol,
+        help="verification tolerance: part relative to output scale",
+    )
+    parser.add_argument(
+        "--no-verify", action="store_true", help="report the error against eager but do not fail on it"
+    )
     parser.add_argument("-o", "--output", required=True, help="artifact directory (replaced atomically)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     parser.add_argument("--quiet", action="store_true", help="print nothing but errors")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 from torchkiln.cli.common import add_model_arguments, example_inputs, load_model
 from torchkiln.compiler import graph as G
@@ -11,7 +12,9 @@ from torchkiln.compiler.trace import trace
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("inspect", help="op histogram, parameters and shapes of MODEL's graph", description=__doc__)
+    parser = sub.add_parser(
+        "inspect", help="op histogram, parameters and shapes of MODEL's graph", description=__doc__
+    )
     add_model_arguments(parser)
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--nodes", action="store_true", help="list every node with its shape and dtype")
@@ -24,11 +27,16 @@ def run(args: argparse.Namespace) -> int:
     gm = program.graph_module
     params, nbytes = G.parameter_stats(gm)
     nodes = [
-        {"name": n.name, "op": G.op_key(n, gm) or n.op, "target": str(n.target), "shape": list(G.shape_of(n) or []),
-         "dtype": str(G.dtype_of(n) or "").removeprefix("torch.")}  # fmt: skip
+        {
+            "name": n.name,
+            "op": G.op_key(n, gm) or n.op,
+            "target": str(n.target),
+            "shape": list(G.shape_of(n) or []),
+            "dtype": str(G.dtype_of(n) or "").removeprefix("torch."),
+        }  # fmt: skip
         for n in gm.graph.nodes
     ]
-    summary = {
+    summary: dict[str, Any] = {
         "model": program.name,
         "flavour": program.flavour,
         "inputs": [s.to_dict() for s in program.inputs],

@@ -15,7 +15,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     for name, entry in models.ZOO.items():
         inputs = ", ".join(
-            f"{i.name}={'x'.join(map(str, i.shape))}:{str(i.dtype).removeprefix('torch.')}" for i in entry.inputs
+            f"{i.name}={'x'.join(map(str, i.shape))}:{str(i.dtype).removeprefix('torch.')}"
+            for i in entry.inputs
         )
         print(f"{name:18s} {inputs:28s} {entry.description}")
     return 0

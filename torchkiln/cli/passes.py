@@ -21,7 +21,9 @@ def run(args: argparse.Namespace) -> int:
         data = {
             name: {
                 "doc": (cls.__doc__ or "").strip(),
-                "options": [dict(zip(("name", "type", "default", "doc"), row)) for row in cls.Config.describe()],
+                "options": [
+                    dict(zip(("name", "type", "default", "doc"), row)) for row in cls.Config.describe()
+                ],
             }
             for name, cls in passes.items()
         }

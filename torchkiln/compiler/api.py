@@ -53,9 +53,20 @@ def compile(  # noqa: A001 - the public name users expect
     options = backend_options_for(backend, backend_options)
     say("tracing")
     start = time.perf_counter()
-    program = trace(model, example_inputs, frontend=frontend, dynamic_axes=dynamic_axes, leaf_modules=leaf_modules, name=name)
-    report = Report(program.name, program.flavour, trace_seconds=time.perf_counter() - start, notes=list(program.notes))
-    report.passes = PassManager(pipeline, default_instruments(tolerance, verify, progress, len(pipeline))).run(program)
+    program = trace(
+        model,
+        example_inputs,
+        frontend=frontend,
+        dynamic_axes=dynamic_axes,
+        leaf_modules=leaf_modules,
+        name=name,
+    )
+    report = Report(
+        program.name, program.flavour, trace_seconds=time.perf_counter() - start, notes=list(program.notes)
+    )
+    report.passes = PassManager(
+        pipeline, default_instruments(tolerance, verify, progress, len(pipeline))
+    ).run(program)
     report.params, report.param_bytes = G.parameter_stats(program.graph_module)
 
     say(f"lowering to {backend}")
@@ -65,7 +76,11 @@ def compile(  # noqa: A001 - the public name users expect
     report.artifact = record
     say("verifying against the eager model")
     worst = measure_error(program, artifact.run, tolerance)
-    record.max_abs_error, record.max_rel_error, record.tolerance = worst.max_abs, worst.max_rel, str(tolerance)
+    record.max_abs_error, record.max_rel_error, record.tolerance = (
+        worst.max_abs,
+        worst.max_rel,
+        str(tolerance),
+    )
     if verify and not worst.within():
         raise VerificationError(
             f"the {backend} artifact differs from the eager model: output {worst.worst_output} has max abs error "
@@ -74,14 +89,18 @@ def compile(  # noqa: A001 - the public name users expect
         )
     if latency_runs > 0:
         inputs = program.example_inputs
-        record.eager_ms = median_ms(lambda: model(**dict(zip((s.name for s in program.inputs), inputs))), latency_runs)
+        record.eager_ms = median_ms(
+            lambda: model(**dict(zip((s.name for s in program.inputs), inputs))), latency_runs
+        )
         record.artifact_ms = median_ms(lambda: artifact.run(inputs), latency_runs)
     record.notes = artifact.notes()
     names = [p.spec for p in pipeline]
     return CompiledModel(artifact, program.inputs, program.outputs, program.out_spec, report, options, names)
 
 
-def measure_error(program: Program, run: Callable[[Sequence[torch.Tensor]], Sequence[torch.Tensor]], tolerance: Tolerance) -> ErrorStats:
+def measure_error(
+    program: Program, run: Callable[[Sequence[torch.Tensor]], Sequence[torch.Tensor]], tolerance: Tolerance
+) -> ErrorStats:
     """Worst error of ``run`` against the eager outputs over all the program's checks."""
     worst: ErrorStats | None = None
     for check in program.checks:

@@ -100,12 +100,16 @@ def load(directory: str | os.PathLike[str]) -> CompiledModel:
     """Load a directory written by :meth:`CompiledModel.save`."""
     path = Path(directory)
     if not path.is_dir():
-        raise ArtifactError(f"{path} is not a directory", where=str(path), hint="pass the directory given to save()")
+        raise ArtifactError(
+            f"{path} is not a directory", where=str(path), hint="pass the directory given to save()"
+        )
     manifest = _read_manifest(path)
     for name, digest in manifest["files"].items():
         file = path / name
         if not file.is_file():
-            raise ArtifactError(f"artifact file {name} is missing", where=str(file), hint="rebuild the artifact")
+            raise ArtifactError(
+                f"artifact file {name} is missing", where=str(file), hint="rebuild the artifact"
+            )
         if sha256(file) != digest:
             raise ArtifactError(
                 f"artifact file {name} does not match its manifest checksum (truncated or modified)",
@@ -121,7 +125,9 @@ def load(directory: str | os.PathLike[str]) -> CompiledModel:
     except KilnError as exc:
         raise ArtifactError(f"{MANIFEST} is invalid: {exc.message}", where=str(path / MANIFEST)) from exc
     except (KeyError, TypeError, ValueError) as exc:
-        raise ArtifactError(f"{MANIFEST} is invalid: {type(exc).__name__}: {exc}", where=str(path / MANIFEST)) from exc
+        raise ArtifactError(
+            f"{MANIFEST} is invalid: {type(exc).__name__}: {exc}", where=str(path / MANIFEST)
+        ) from exc
     artifact = get_backend(manifest["backend"]).load(path, options)
     return CompiledModel(artifact, inputs, outputs, out_spec, report, options, list(manifest["passes"]))
 
@@ -134,9 +140,13 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     try:
         manifest = json.loads(file.read_text())
     except FileNotFoundError:
-        raise ArtifactError(f"no {MANIFEST} in {path}", where=str(file), hint="is this a torchkiln artifact directory?") from None
+        raise ArtifactError(
+            f"no {MANIFEST} in {path}", where=str(file), hint="is this a torchkiln artifact directory?"
+        ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{MANIFEST} is unreadable or corrupt: {exc}", where=str(file), hint="rebuild the artifact") from exc
+        raise ArtifactError(
+            f"{MANIFEST} is unreadable or corrupt: {exc}", where=str(file), hint="rebuild the artifact"
+        ) from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{MANIFEST} is not a torchkiln manifest", where=str(file))
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -147,5 +157,7 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         )
     missing = [k for k in _REQUIRED if k not in manifest]
     if missing:
-        raise ArtifactError(f"{MANIFEST} lacks {', '.join(missing)}", where=str(file), hint="rebuild the artifact")
+        raise ArtifactError(
+            f"{MANIFEST} lacks {', '.join(missing)}", where=str(file), hint="rebuild the artifact"
+        )
     return manifest

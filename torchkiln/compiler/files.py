@@ -20,14 +20,18 @@ def atomic_directory(destination: str | os.PathLike[str]) -> Iterator[Path]:
     ``destination`` by rename, on any failure it is removed and ``destination`` is untouched."""
     dest = Path(destination)
     if dest.exists() and not dest.is_dir():
-        raise ArtifactError(f"{dest} exists and is not a directory", where=str(dest), hint="choose another output path")
+        raise ArtifactError(
+            f"{dest} exists and is not a directory", where=str(dest), hint="choose another output path"
+        )
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
         os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it 0700; the artifact should not be
     except OSError as exc:
         raise ArtifactError(
-            f"cannot write to {dest.parent}: {exc.strerror or exc}", where=str(dest), hint="choose a writable output directory"
+            f"cannot write to {dest.parent}: {exc.strerror or exc}",
+            where=str(dest),
+            hint="choose a writable output directory",
         ) from exc
     try:
         yield staging

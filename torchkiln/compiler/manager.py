@@ -55,7 +55,9 @@ class GraphCheck(Instrument):
             program.graph_module.graph.lint()
             G.annotate(program.graph_module, program.example_inputs)
         except Exception as exc:
-            raise PassError(f"pass '{pass_.name}' left an invalid graph: {type(exc).__name__}: {exc}") from exc
+            raise PassError(
+                f"pass '{pass_.name}' left an invalid graph: {type(exc).__name__}: {exc}"
+            ) from exc
 
 
 class Numerics(Instrument):
@@ -96,7 +98,10 @@ class Progress(Instrument):
 
 
 def default_instruments(
-    tolerance: Tolerance = FP32, verify: bool = True, progress: Callable[[str], None] | None = None, total: int = 0
+    tolerance: Tolerance = FP32,
+    verify: bool = True,
+    progress: Callable[[str], None] | None = None,
+    total: int = 0,
 ) -> list[Instrument]:
     instruments: list[Instrument] = [Progress(progress, total)] if progress else []
     instruments += [Timing(), Counts(), GraphCheck()]

@@ -76,7 +76,11 @@ class Options:
 
     def changed(self) -> dict[str, Any]:
         """Only the options that differ from their defaults (for compact spec strings)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) != f.default}
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != f.default
+        }
 
 
 def _type_name(tp: Any) -> str:
@@ -111,9 +115,7 @@ def _coerce(raw: Any, tp: Any, where: str) -> Any:
             for choice in choices:
                 if raw == choice or str(raw) == str(choice):
                     return choice
-            raise ConfigError(
-                f"{where}: {raw!r} is not one of {', '.join(map(str, choices))}", where=where
-            )
+            raise ConfigError(f"{where}: {raw!r} is not one of {', '.join(map(str, choices))}", where=where)
         if origin is tuple:
             (item,) = get_args(tp)[:1]
             items = raw.split("|") if isinstance(raw, str) else list(raw)

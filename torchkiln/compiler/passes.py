@@ -54,7 +54,11 @@ class Pass(abc.ABC):
     def __call__(self, program: Program) -> PassResult:
         before = program.graph_module.graph.python_code("self").src
         result = self.run(program)
-        program.graph_module.recompile()
+        try:
+            program.graph_module.graph.lint()
+            program.graph_module.recompile()
+        except Exception as exc:
+            raise PassError(f"pass '{self.name}' left an invalid graph: {type(exc).__name__}: {exc}") from exc
         after = program.graph_module.graph.python_code("self").src
         if not result.modified and before != after:
             raise PassError(f"pass '{self.name}' reported modified=False but changed the graph")
@@ -123,7 +127,9 @@ def parse_pass(spec: str) -> Pass:
     for item in filter(None, (p.strip() for p in rest.split(","))):
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
-            raise ConfigError(f"bad option '{item}' in pass spec '{spec}'", where=spec, hint="write key=value")
+            raise ConfigError(
+                f"bad option '{item}' in pass spec '{spec}'", where=spec, hint="write key=value"
+            )
         options[key.strip()] = value.strip()
     return make_pass(name.strip(), options)
 

@@ -66,7 +66,9 @@ class TensorSpec:
             isinstance(want, str) or want == got for want, got in zip(self.shape, shape)
         )
         if not fits:
-            hint = "compile with dynamic_axes to accept other sizes" if len(shape) == len(self.shape) else None
+            hint = (
+                "compile with dynamic_axes to accept other sizes" if len(shape) == len(self.shape) else None
+            )
             raise InputError(
                 f"input '{self.name}' has shape {list(shape)}, expected {self.pretty_shape()}",
                 where=self.name,
@@ -135,7 +137,9 @@ def deterministic(seed: int = 0) -> Iterator[None]:
         yield
 
 
-def bind_inputs(specs: Sequence[TensorSpec], args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[torch.Tensor]:
+def bind_inputs(
+    specs: Sequence[TensorSpec], args: Sequence[Any], kwargs: Mapping[str, Any]
+) -> list[torch.Tensor]:
     """Map a call ``(*args, **kwargs)`` onto the flat inputs, checking each against its spec."""
     names = [s.name for s in specs]
     if len(args) > len(specs):

@@ -104,11 +104,16 @@ class Report:
 
 
 def _artifact_line(a: ArtifactRecord, params: int, param_bytes: int) -> str:
-    parts = [f"backend {a.backend}: built in {a.seconds:.2f} s", f"params {params:,} ({param_bytes / 1e6:.2f} MB)"]
+    parts = [
+        f"backend {a.backend}: built in {a.seconds:.2f} s",
+        f"params {params:,} ({param_bytes / 1e6:.2f} MB)",
+    ]
     if a.file_bytes is not None:
         parts.append(f"file {a.file_bytes / 1e6:.2f} MB")
     if a.max_abs_error is not None:
-        parts.append(f"max abs err {a.max_abs_error:.2e} (rel {a.max_rel_error:.2e}; tolerance {a.tolerance})")
+        parts.append(
+            f"max abs err {a.max_abs_error:.2e} (rel {a.max_rel_error:.2e}; tolerance {a.tolerance})"
+        )
     if a.eager_ms is not None and a.artifact_ms is not None:
         parts.append(
             f"latency {a.artifact_ms:.3f} ms vs eager {a.eager_ms:.3f} ms ({a.eager_ms / a.artifact_ms:.2f}x)"

@@ -52,7 +52,9 @@ def trace(
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
     if frontend not in FRONTENDS:
-        raise ConfigError(f"unknown frontend '{frontend}'", where="frontend", hint=f"choose one of {FRONTENDS}")
+        raise ConfigError(
+            f"unknown frontend '{frontend}'", where="frontend", hint=f"choose one of {FRONTENDS}"
+        )
     args, kwargs = _split_inputs(example_inputs)
     names, flat = _bind(model, args, kwargs)
     axes = normalize_dynamic_axes(dynamic_axes, names, flat)
@@ -95,9 +97,15 @@ def trace(
     _verify_capture(gm, checks, axes)
     G.annotate(gm, checks[0].inputs)
     inputs = [TensorSpec.of(n, t, axes.get(n)) for n, t in zip(names, flat)]
-    outputs = [TensorSpec.of(f"output_{i}" if len(out_flat) > 1 else "output", t) for i, t in enumerate(out_flat)]
+    outputs = [
+        TensorSpec.of(f"output_{i}" if len(out_flat) > 1 else "output", t) for i, t in enumerate(out_flat)
+    ]
     outputs = _mark_dynamic_outputs(outputs, checks)
-    notes = ["model is in training mode; call model.eval() before compiling for deployment"] if model.training else []
+    notes = (
+        ["model is in training mode; call model.eval() before compiling for deployment"]
+        if model.training
+        else []
+    )
     return Program(gm, inputs, outputs, out_spec, flavour, checks, name or type(model).__name__, notes)
 
 
@@ -113,7 +121,9 @@ def _split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]
     )
 
 
-def _bind(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[str], list[torch.Tensor]]:
+def _bind(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[list[str], list[torch.Tensor]]:
     signature = inspect.signature(model.forward)
     try:
         bound = signature.bind(*args, **kwargs)
@@ -126,7 +136,9 @@ def _bind(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tu
     for key, value in bound.arguments.items():
         kind = signature.parameters[key].kind
         if kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
-            raise InputError(f"forward(*{key}) / forward(**{key}) parameters are not supported as inputs", where=key)
+            raise InputError(
+                f"forward(*{key}) / forward(**{key}) parameters are not supported as inputs", where=key
+            )
         if not isinstance(value, torch.Tensor):
             raise InputError(
                 f"example input '{key}' must be a torch.Tensor, got {type(value).__name__}",
@@ -148,14 +160,18 @@ def normalize_dynamic_axes(
         return {}
     if isinstance(spec, str):
         if spec != "batch":
-            raise ConfigError(f"dynamic_axes='{spec}' is not understood", hint='use "batch" or {input: {axis: name}}')
+            raise ConfigError(
+                f"dynamic_axes='{spec}' is not understood", hint='use "batch" or {input: {axis: name}}'
+            )
         spec = {n: {0: "batch"} for n in names}
     rank = dict(zip(names, (t.dim() for t in flat)))
     result: dict[str, dict[int, str]] = {}
     for input_name, axes in spec.items():
         if input_name not in rank:
             raise ConfigError(
-                f"dynamic_axes names unknown input '{input_name}'", where="dynamic_axes", hint=f"inputs: {list(names)}"
+                f"dynamic_axes names unknown input '{input_name}'",
+                where="dynamic_axes",
+                hint=f"inputs: {list(names)}",
             )
         if not isinstance(axes, Mapping):
             axes = {int(a): f"{input_name}_dim{int(a)}" for a in axes}
@@ -169,7 +185,9 @@ def normalize_dynamic_axes(
     return result
 
 
-def widen(flat: tuple[torch.Tensor, ...], names: Sequence[str], axes: Mapping[str, Mapping[int, str]]) -> tuple[torch.Tensor, ...]:
+def widen(
+    flat: tuple[torch.Tensor, ...], names: Sequence[str], axes: Mapping[str, Mapping[int, str]]
+) -> tuple[torch.Tensor, ...]:
     """Inputs grown by one along every dynamic axis (same growth per dim name), so the graph is
     exercised off its traced shape and torch.export does not specialize size-1 dims."""
     out = []
@@ -310,7 +328,10 @@ def _explain_trace_failure(exc: Exception, tracer: _Tracer, model_name: str) -> 
 
 
 def _export_capture(
-    model: nn.Module, names: Sequence[str], flat: Sequence[torch.Tensor], axes: Mapping[str, Mapping[int, str]]
+    model: nn.Module,
+    names: Sequence[str],
+    flat: Sequence[torch.Tensor],
+    axes: Mapping[str, Mapping[int, str]],
 ) -> fx.GraphModule:
     try:
         program = export_graph(model, names, flat, axes)
@@ -327,7 +348,10 @@ def _export_capture(
 
 
 def export_graph(
-    model: nn.Module, names: Sequence[str], flat: Sequence[torch.Tensor], axes: Mapping[str, Mapping[int, str]]
+    model: nn.Module,
+    names: Sequence[str],
+    flat: Sequence[torch.Tensor],
+    axes: Mapping[str, Mapping[int, str]],
 ) -> torch.export.ExportedProgram:
     """``torch.export`` with inputs as keywords, on inputs widened along the dynamic axes (size-1
     example dims would otherwise be specialized). Each dynamic axis is ``Dim.AUTO`` so that export

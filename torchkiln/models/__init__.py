@@ -67,8 +67,10 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> None:
     generator = torch.Generator().manual_seed(seed + 2)
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
-                n = module.num_features
+            if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+                continue
+            n = module.num_features
+            if module.running_mean is not None and module.running_var is not None:
                 module.running_mean.copy_(torch.rand(n, generator=generator) - 0.5)
                 module.running_var.copy_(torch.rand(n, generator=generator) * 1.5 + 0.5)
                 if module.affine:
@@ -83,18 +85,39 @@ def _image(size: int, channels: int = 3) -> tuple[ZooInput, ...]:
 ZOO: dict[str, ZooEntry] = {
     e.name: e
     for e in (
-        ZooEntry("mlp", MLP, (ZooInput("x", (1, 64)),), "MLP: Linear-BatchNorm1d-ReLU-Dropout x2, classifier"),
+        ZooEntry(
+            "mlp", MLP, (ZooInput("x", (1, 64)),), "MLP: Linear-BatchNorm1d-ReLU-Dropout x2, classifier"
+        ),
         ZooEntry("resnet", resnet_tiny, _image(32), "ResNet, basic blocks (1,1,1,1), width 16, 32x32"),
-        ZooEntry("resnet_bottleneck", resnet_bottleneck_tiny, _image(32), "ResNet, bottleneck blocks (1,1,1,1), width 8, 32x32"),
-        ZooEntry("mobilenet_v2", MobileNetV2, _image(32), "MobileNetV2 x0.35: depthwise convs, inverted residuals, ReLU6"),
+        ZooEntry(
+            "resnet_bottleneck",
+            resnet_bottleneck_tiny,
+            _image(32),
+            "ResNet, bottleneck blocks (1,1,1,1), width 8, 32x32",
+        ),
+        ZooEntry(
+            "mobilenet_v2",
+            MobileNetV2,
+            _image(32),
+            "MobileNetV2 x0.35: depthwise convs, inverted residuals, ReLU6",
+        ),
         ZooEntry("vit", ViT, _image(32), "ViT: 4x4 patches, 2 layers, dim 64, 4 heads, LayerNorm, GELU"),
         ZooEntry(
             "text_encoder",
             TextEncoder,
-            (ZooInput("input_ids", (1, 16), torch.int64, high=1000, dynamic=((0, "batch"), (1, "sequence"))),),
+            (
+                ZooInput(
+                    "input_ids", (1, 16), torch.int64, high=1000, dynamic=((0, "batch"), (1, "sequence"))
+                ),
+            ),
             "Transformer encoder over token ids: embedding, 2 layers, dim 64, dynamic batch and sequence",
         ),
-        ZooEntry("unet", UNet, _image(32), "UNet with an Inception bottom: concat branches, ConvTranspose and interpolate upsampling"),
+        ZooEntry(
+            "unet",
+            UNet,
+            _image(32),
+            "UNet with an Inception bottom: concat branches, ConvTranspose and interpolate upsampling",
+        ),
         ZooEntry(
             "lstm",
             LSTMClassifier,

@@ -8,7 +8,13 @@ from torch import Tensor, nn
 
 
 class MLP(nn.Module):
-    def __init__(self, in_features: int = 64, hidden: Sequence[int] = (128, 64), num_classes: int = 10, dropout: float = 0.1):
+    def __init__(
+        self,
+        in_features: int = 64,
+        hidden: Sequence[int] = (128, 64),
+        num_classes: int = 10,
+        dropout: float = 0.1,
+    ):
         super().__init__()
         layers: list[nn.Module] = []
         width = in_features

@@ -12,7 +12,10 @@ from torch import Tensor, nn
 
 
 def _conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+    return [
+        nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+    ]
 
 
 class BasicBlock(nn.Module):
@@ -24,7 +27,9 @@ class BasicBlock(nn.Module):
         self.conv1, self.bn1 = _conv_bn(cin, width, 3, stride)
         self.conv2, self.bn2 = _conv_bn(width, cout, 3)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = nn.Sequential(*_conv_bn(cin, cout, 1, stride)) if stride != 1 or cin != cout else None
+        self.downsample = (
+            nn.Sequential(*_conv_bn(cin, cout, 1, stride)) if stride != 1 or cin != cout else None
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -43,7 +48,9 @@ class Bottleneck(nn.Module):
         self.conv2, self.bn2 = _conv_bn(width, width, 3, stride)
         self.conv3, self.bn3 = _conv_bn(width, cout, 1)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = nn.Sequential(*_conv_bn(cin, cout, 1, stride)) if stride != 1 or cin != cout else None
+        self.downsample = (
+            nn.Sequential(*_conv_bn(cin, cout, 1, stride)) if stride != 1 or cin != cout else None
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)

@@ -9,7 +9,9 @@ from torch import Tensor, nn
 
 
 def _conv_bn_relu(cin: int, cout: int, kernel: int = 3) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU()
+    )
 
 
 class Inception(nn.Module):
@@ -17,7 +19,9 @@ class Inception(nn.Module):
         super().__init__()
         self.b1 = _conv_bn_relu(cin, branch, 1)
         self.b3 = nn.Sequential(_conv_bn_relu(cin, branch, 1), _conv_bn_relu(branch, branch, 3))
-        self.b5 = nn.Sequential(_conv_bn_relu(cin, branch, 1), _conv_bn_relu(branch, branch, 3), _conv_bn_relu(branch, branch, 3))
+        self.b5 = nn.Sequential(
+            _conv_bn_relu(cin, branch, 1), _conv_bn_relu(branch, branch, 3), _conv_bn_relu(branch, branch, 3)
+        )
         self.pool = nn.Sequential(nn.MaxPool2d(3, 1, 1), _conv_bn_relu(cin, branch, 1))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -30,7 +34,9 @@ class UNet(nn.Module):
         w = width
         self.enc1, self.enc2 = _conv_bn_relu(in_channels, w), _conv_bn_relu(w, 2 * w)
         self.bottom = Inception(2 * w, w)  # 4 branches of w channels
-        self.up1 = nn.Sequential(nn.ConvTranspose2d(4 * w, 2 * w, 2, stride=2), nn.BatchNorm2d(2 * w), nn.ReLU())
+        self.up1 = nn.Sequential(
+            nn.ConvTranspose2d(4 * w, 2 * w, 2, stride=2), nn.BatchNorm2d(2 * w), nn.ReLU()
+        )
         self.dec1 = _conv_bn_relu(4 * w, 2 * w)
         self.reduce = _conv_bn_relu(2 * w, w, 1)
         self.dec2 = _conv_bn_relu(2 * w, w)

@@ -34,7 +34,14 @@ from torchkiln.compiler.program import Program
 
 aten = torch.ops.aten
 
-_DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+_DROPOUT_MODULES = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
 # target -> (index, keyword, default) of its "training" argument
 _DROPOUT_FUNCTIONS: dict[Any, tuple[int, str, bool]] = {
     F.dropout: (2, "training", True),
@@ -55,17 +62,28 @@ for _ops, _identity in (
 ):
     _IDENTITIES.update(dict.fromkeys(_ops, _identity))
 
-_FULL_RESHAPES = {"view", "reshape", torch.reshape, aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+_FULL_RESHAPES = {
+    "view",
+    "reshape",
+    torch.reshape,
+    aten.view.default,
+    aten.reshape.default,
+    aten._unsafe_view.default,
+}
 _RESHAPES = _FULL_RESHAPES | {"flatten", torch.flatten, aten.flatten.using_ints}
 _RANDOM_WORDS = ("rand", "dropout", "bernoulli", "normal", "uniform", "multinomial", "empty", "poisson")
 
 
 @dataclasses.dataclass(frozen=True)
 class CleanupConfig(PassConfig):
-    remove_noops: bool = option(True, "drop eval-mode Dropout, Identity, contiguous and x*1 / x+0 style no-ops")
+    remove_noops: bool = option(
+        True, "drop eval-mode Dropout, Identity, contiguous and x*1 / x+0 style no-ops"
+    )
     simplify_reshapes: bool = option(True, "collapse reshape chains and drop reshapes to the same shape")
     fold_constants: bool = option(True, "evaluate subgraphs that depend only on parameters/constants")
-    max_constant_bytes: int = option(1 << 16, "a folded constant may exceed its inputs' size up to this many bytes")
+    max_constant_bytes: int = option(
+        1 << 16, "a folded constant may exceed its inputs' size up to this many bytes"
+    )
 
     def validate(self) -> None:
         if self.max_constant_bytes < 0:
@@ -130,7 +148,12 @@ def _arithmetic_identity(node: fx.Node) -> fx.Node | None:
     left, right = node.args
     for tensor, constant in ((left, right), (right, left)) if commutative else ((left, right),):
         is_number = isinstance(constant, (int, float)) and not isinstance(constant, bool)
-        if is_number and constant == identity and isinstance(tensor, fx.Node) and _same_tensor_type(tensor, node):
+        if (
+            is_number
+            and constant == identity
+            and isinstance(tensor, fx.Node)
+            and _same_tensor_type(tensor, node)
+        ):
             return tensor
     return None
 
@@ -155,7 +178,12 @@ def simplify_reshapes(program: Program) -> int:
     removed = 0
     for node in list(gm.graph.nodes):
         inner = node.args[0] if node.args else None
-        if _is_reshape(node, _FULL_RESHAPES) and _is_reshape(inner) and len(inner.users) == 1:
+        if (
+            _is_reshape(node, _FULL_RESHAPES)
+            and isinstance(inner, fx.Node)
+            and _is_reshape(inner)
+            and len(inner.users) == 1
+        ):
             node.update_arg(0, inner.args[0])
             if node.target == "view":
                 node.target = "reshape"  # view of a non-contiguous input would fail; reshape never does

@@ -20,6 +20,7 @@ inputs, so weights shared with other nodes are never touched.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, cast
 
 import torch
 from torch import fx, nn
@@ -29,8 +30,17 @@ from torchkiln.compiler.passes import Pass, PassConfig, PassResult, register_pas
 from torchkiln.compiler.program import Program
 
 aten = torch.ops.aten
+_BatchNorm = nn.modules.batchnorm._BatchNorm
 
-_LAYER_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
+_LAYER_MODULES = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+    nn.Linear,
+)
 _CONV_OPS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.conv1d.padding,
              aten.conv2d.padding, aten.conv3d.padding}  # fmt: skip
 _TRANSPOSED_OPS = {aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input}
@@ -64,20 +74,23 @@ class FoldBatchNorm(Pass):
         gm = program.graph_module
         folded, notes = 0, []
         for node in list(gm.graph.nodes):
-            if node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), nn.modules.batchnorm._BatchNorm):
-                reason = _fold_module(gm, node)
+            if node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), _BatchNorm):
+                fold = _fold_module
             elif node.op == "call_function" and node.target in _BN_OPS:
-                reason = _fold_aten(gm, node)
+                fold = _fold_aten
             else:
                 continue
-            if reason:
-                notes.append(f"{_label(node)}: not folded, {reason}")
-            else:
+            try:
+                fold(gm, node)
                 folded += 1
+            except _Skip as reason:
+                notes.append(f"{_label(node)}: not folded, {reason}")
         if folded:
             gm.graph.eliminate_dead_code()
             G.drop_unused_attributes(gm)
-        return PassResult(modified=folded > 0, stats={"folded": folded, "not_folded": len(notes)}, notes=notes)
+        return PassResult(
+            modified=folded > 0, stats={"folded": folded, "not_folded": len(notes)}, notes=notes
+        )
 
 
 def _label(node: fx.Node) -> str:
@@ -109,83 +122,82 @@ def folded_weights(
     return w.to(weight.dtype), b.to(weight.dtype)
 
 
-def _common_checks(bn_node: fx.Node, layer: fx.Node, is_linear: bool, channels: int, out_channels: int) -> str | None:
+class _Skip(Exception):
+    """Raised with the reason a BN is left alone; the pass turns it into a note."""
+
+
+def _common_checks(layer: fx.Node, is_linear: bool, channels: int, out_channels: int) -> None:
     if len(layer.users) != 1:
-        return f"the output of {_label(layer)} has other users"
+        raise _Skip(f"the output of {_label(layer)} has other users")
     if is_linear and len(G.shape_of(layer) or ()) != 2:
-        return "BN normalizes dim 1 of a Linear output that is not 2-D, which is not its feature axis"
+        raise _Skip("BN normalizes dim 1 of a Linear output that is not 2-D, which is not its feature axis")
     if channels != out_channels:
-        return f"BN has {channels} channels but {_label(layer)} produces {out_channels}"
-    return None
+        raise _Skip(f"BN has {channels} channels but {_label(layer)} produces {out_channels}")
 
 
-def _fold_module(gm: fx.GraphModule, bn_node: fx.Node) -> str | None:
-    bn = gm.get_submodule(str(bn_node.target))
+def _fold_module(gm: fx.GraphModule, bn_node: fx.Node) -> None:
+    bn = cast(_BatchNorm, gm.get_submodule(str(bn_node.target)))
     if bn.training:
-        return "BN is in training mode"
+        raise _Skip("BN is in training mode")
     if bn.running_mean is None or bn.running_var is None:
-        return "BN has no running statistics (track_running_stats=False)"
+        raise _Skip("BN has no running statistics (track_running_stats=False)")
     layer = bn_node.args[0]
     if not (isinstance(layer, fx.Node) and layer.op == "call_module"):
-        return "its input is not a Conv/ConvTranspose/Linear module call"
-    module = gm.get_submodule(str(layer.target))
+        raise _Skip("its input is not a Conv/ConvTranspose/Linear module call")
+    module: Any = gm.get_submodule(str(layer.target))
     if not isinstance(module, _LAYER_MODULES):
-        return f"its input {layer.target} is a {type(module).__name__}, not a Conv/ConvTranspose/Linear"
+        raise _Skip(f"its input {layer.target} is a {type(module).__name__}, not a Conv/ConvTranspose/Linear")
     if G.call_module_count(gm, str(layer.target)) > 1:
-        return f"{layer.target} is called at more than one place"
-    transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
-    groups = getattr(module, "groups", 1)
-    out_channels = module.out_features if isinstance(module, nn.Linear) else module.out_channels
-    reason = _common_checks(bn_node, layer, isinstance(module, nn.Linear), bn.num_features, out_channels)
-    if reason:
-        return reason
+        raise _Skip(f"{layer.target} is called at more than one place")
+    is_linear = isinstance(module, nn.Linear)
+    out_channels: int = module.out_features if is_linear else module.out_channels  # type: ignore[assignment]
+    _common_checks(layer, is_linear, int(bn.num_features), out_channels)
     stats = _Stats(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
-    weight, bias = folded_weights(module.weight, module.bias, stats, transposed, groups)
+    transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
+    weight, bias = folded_weights(module.weight, module.bias, stats, transposed, getattr(module, "groups", 1))
     module.weight = nn.Parameter(weight, requires_grad=module.weight.requires_grad)
     module.bias = nn.Parameter(bias, requires_grad=module.weight.requires_grad)
     bn_node.replace_all_uses_with(layer)
     gm.graph.erase_node(bn_node)
-    return None
 
 
-def _tensor_arg(gm: fx.GraphModule, node: fx.Node, index: int) -> torch.Tensor | None | str:
-    """A get_attr argument's tensor, None for an absent/None argument, or a reason string."""
+def _stored(gm: fx.GraphModule, node: fx.Node, index: int) -> torch.Tensor | None:
+    """A get_attr argument's tensor, or None for an absent/None argument."""
     value = node.args[index] if len(node.args) > index else None
     if value is None:
         return None
     if isinstance(value, fx.Node) and value.op == "get_attr":
-        return G.get_attr_value(gm, str(value.target))
-    return f"argument {index} of {node.name} is computed, not a stored tensor"
+        return cast(torch.Tensor, G.get_attr_value(gm, str(value.target)))
+    raise _Skip(f"argument {index} of {node.name} is computed, not a stored tensor")
 
 
-def _fold_aten(gm: fx.GraphModule, bn_node: fx.Node) -> str | None:
+def _fold_aten(gm: fx.GraphModule, bn_node: fx.Node) -> None:
     if bn_node.target is aten.batch_norm.default and bn_node.args[5]:
-        return "BN is in training mode"
+        raise _Skip("BN is in training mode")
     output = bn_node
     if bn_node.target is aten._native_batch_norm_legit_no_training.default:
         getters = list(bn_node.users)
         if len(getters) != 1 or getters[0].args[1] != 0:
-            return "its mean/var outputs are used"
+            raise _Skip("its mean/var outputs are used")
         output = getters[0]
     layer = bn_node.args[0]
     if not (isinstance(layer, fx.Node) and layer.op == "call_function" and layer.target in _LAYER_OPS):
-        return "its input is not a conv/conv_transpose/linear op"
-    args = [_tensor_arg(gm, bn_node, i) for i in range(1, 5)] + [_tensor_arg(gm, layer, 1), _tensor_arg(gm, layer, 2)]
-    for arg in args:
-        if isinstance(arg, str):
-            return arg
-    gamma, beta, mean, var, weight, bias = args
+        raise _Skip("its input is not a conv/conv_transpose/linear op")
+    gamma, beta, mean, var = (_stored(gm, bn_node, i) for i in range(1, 5))
+    weight, bias = _stored(gm, layer, 1), _stored(gm, layer, 2)
     if mean is None or var is None or weight is None:
-        return "BN has no running statistics"
+        raise _Skip("BN has no running statistics")
     transposed, groups = _layer_geometry(layer)
     out_channels = weight.shape[1] * groups if transposed else weight.shape[0]
-    reason = _common_checks(bn_node, layer, layer.target is aten.linear.default, mean.numel(), out_channels)
-    if reason:
-        return reason
-    stats = _Stats(gamma, beta, mean, var, float(bn_node.args[_BN_OPS[bn_node.target]]))  # type: ignore[index]
-    new_weight, new_bias = folded_weights(weight, bias, stats, transposed, groups)
+    _common_checks(layer, layer.target is aten.linear.default, mean.numel(), out_channels)
+    eps = float(cast(float, bn_node.args[_BN_OPS[cast(Any, bn_node.target)]]))
+    new_weight, new_bias = folded_weights(
+        weight, bias, _Stats(gamma, beta, mean, var, eps), transposed, groups
+    )
     with gm.graph.inserting_before(layer):
-        w_node = gm.graph.get_attr(G.add_attribute(gm, f"{layer.name}_folded_weight", new_weight, parameter=True))
+        w_node = gm.graph.get_attr(
+            G.add_attribute(gm, f"{layer.name}_folded_weight", new_weight, parameter=True)
+        )
         b_node = gm.graph.get_attr(G.add_attribute(gm, f"{layer.name}_folded_bias", new_bias, parameter=True))
     layer.update_arg(1, w_node)
     if len(layer.args) > 2:
@@ -193,13 +205,13 @@ def _fold_aten(gm: fx.GraphModule, bn_node: fx.Node) -> str | None:
     else:
         layer.args = (*layer.args, b_node)
     output.replace_all_uses_with(layer)
-    return None
 
 
 def _layer_geometry(layer: fx.Node) -> tuple[bool, int]:
     """(transposed, groups) of an ATen conv/linear call."""
+    args = cast(tuple[Any, ...], layer.args)
     if layer.target in _TRANSPOSED_OPS:
-        return True, int(layer.args[6]) if len(layer.args) > 6 else 1
+        return True, int(args[6]) if len(args) > 6 else 1
     if layer.target is aten.convolution.default:
-        return bool(layer.args[6]), int(layer.args[8])
+        return bool(args[6]), int(args[8])
     return False, 1

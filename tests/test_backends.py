@@ -1,0 +1,130 @@
+"""Backends: every zoo model on torch and ONNX Runtime (dynamic axes), ONNX details, options."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+from conftest import SMALL_ZOO, compile_quietly
+from torch import nn
+
+from torchkiln import models
+from torchkiln.errors import BackendError, ConfigError, ExportError
+
+
+def other_sizes(entry: models.ZooEntry) -> dict[str, torch.Tensor]:
+    """Inputs at batch 3 (and sequence 20 where the sequence is dynamic): off the traced shape."""
+    inputs = entry.example_inputs(batch=3, seed=7)
+    for spec in entry.inputs:
+        if (1, "sequence") in spec.dynamic:
+            t = inputs[spec.name]
+            inputs[spec.name] = torch.cat([t, t, t[:, :8]], dim=1)[:, :20]
+    return inputs
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("name", SMALL_ZOO)
+def test_zoo_model_matches_eager_at_other_batch_sizes(name, backend):
+    entry = models.get(name)
+    model = entry.build()
+    compiled = compile_quietly(
+        model, entry.example_inputs(), backend=backend, dynamic_axes=entry.dynamic_axes
+    )
+    inputs = other_sizes(entry)
+    with torch.no_grad():
+        expected = model(**inputs)
+    actual = compiled(**inputs)
+    assert actual.shape == expected.shape
+    scale = expected.abs().max().item()
+    assert (actual - expected).abs().max().item() <= 1e-4 * max(scale, 1.0)
+    assert compiled.report.artifact.max_rel_error <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def resnet_onnx(tmp_path_factory):
+    entry = models.get("resnet")
+    compiled = compile_quietly(entry.build(), entry.example_inputs(), backend="onnx", dynamic_axes="batch")
+    directory = compiled.save(tmp_path_factory.mktemp("resnet") / "artifact")
+    return compiled, onnx.load(str(directory / "model.onnx"))
+
+
+def test_onnx_node_names_trace_back_to_modules(resnet_onnx):
+    _, model = resnet_onnx
+    names = {n.name for n in model.graph.node}
+    assert "layer1.0.conv1/Conv" in names and "fc/Gemm" in names, sorted(names)[:20]
+    assert all(n.metadata_props for n in model.graph.node)  # exporter's fx_node / scope records kept
+
+
+def test_onnx_dynamic_axes_carry_their_names(resnet_onnx):
+    _, model = resnet_onnx
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert model.graph.output[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert model.opset_import[0].version == 18
+
+
+def test_onnx_opset_option(tmp_path):
+    compiled = compile_quietly(
+        nn.Linear(4, 2), torch.randn(1, 4), backend="onnx", backend_options={"opset": 20}
+    )
+    model = onnx.load(str(compiled.save(tmp_path / "a") / "model.onnx"))
+    assert model.opset_import[0].version == 20
+    with pytest.raises(ConfigError, match="opset' must be between 18"):
+        compile_quietly(nn.Linear(4, 2), torch.randn(1, 4), backend="onnx", backend_options={"opset": 11})
+
+
+def test_external_data(tmp_path):
+    compiled = compile_quietly(
+        nn.Linear(64, 64), torch.randn(1, 64), backend_options={"external_data": "always"}
+    )
+    directory = compiled.save(tmp_path / "a")
+    assert (directory / "model.onnx.data").stat().st_size >= 64 * 64 * 4
+    import torchkiln
+
+    loaded = torchkiln.load(directory)
+    x = torch.randn(1, 64)
+    torch.testing.assert_close(loaded(x), compiled(x))
+
+
+def test_unsupported_op_names_fx_node_and_module():
+    class Odd(nn.Module):
+        def forward(self, x):
+            return torch.special.bessel_j0(x)
+
+    model = nn.Sequential(nn.Linear(4, 4), Odd())
+    with pytest.raises(ExportError) as info:
+        compile_quietly(model, torch.randn(2, 4), backend="onnx")
+    assert "bessel_j0" in info.value.message
+    assert "module '1'" in info.value.where and "FX node" in info.value.where
+
+
+def test_provider_selection():
+    with pytest.raises(BackendError, match="NopeExecutionProvider not available") as info:
+        compile_quietly(
+            nn.Linear(4, 2), torch.randn(1, 4), backend_options={"providers": "NopeExecutionProvider"}
+        )
+    assert "CPUExecutionProvider" in info.value.hint
+    compiled = compile_quietly(
+        nn.Linear(4, 2), torch.randn(1, 4), backend_options={"providers": ["CPUExecutionProvider"]}
+    )
+    assert compiled.report.artifact.notes == ["providers: CPUExecutionProvider"]
+
+
+def test_session_options_and_optimized_model(tmp_path):
+    options = {"graph_optimization_level": "basic", "intra_op_threads": 1, "save_optimized": True}
+    compiled = compile_quietly(nn.Linear(4, 2), torch.randn(1, 4), backend_options=options)
+    directory = compiled.save(tmp_path / "a")
+    assert onnx.load(str(directory / "model.optimized.onnx")).graph.node
+    with pytest.raises(ConfigError, match="not one of disable, basic, extended, all"):
+        compile_quietly(
+            nn.Linear(4, 2), torch.randn(1, 4), backend_options={"graph_optimization_level": "max"}
+        )
+
+
+@pytest.mark.parametrize("backend, options, message", [
+    ("tvm", {}, "unknown backend 'tvm'"),
+    ("onnxruntime", {"threads": 2}, "unknown option 'threads'"),
+    ("torch", {"opset": 18}, "unknown option 'opset'"),
+])  # fmt: skip
+def test_bad_backend_or_option(backend, options, message):
+    with pytest.raises(ConfigError, match=message):
+        compile_quietly(nn.Linear(4, 2), torch.randn(1, 4), backend=backend, backend_options=options)
