@@ -249,3 +249,28 @@ def test_resave_replaces_atomically(saved):
 def test_unknown_pass_fails_before_any_work():
     with pytest.raises(ConfigError, match="unknown pass 'fuse_everything'"):
         compile_quietly(nn.Linear(4, 2), torch.randn(1, 4), passes="cleanup,fuse_everything")
+
+
+class NamedOut(nn.Module):
+    Out = __import__("collections").namedtuple("Out", "logits features")
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.Out(self.fc(x), x)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_namedtuple_output_is_kept_and_saved_as_a_tuple(frontend, tmp_path):
+    model = NamedOut().eval()
+    compiled = compile_quietly(model, torch.randn(1, 4), backend="torch", frontend=frontend)
+    x = torch.randn(1, 4)
+    out = compiled(x)
+    assert type(out) is NamedOut.Out
+    torch.testing.assert_close(out.logits, model(x).logits)
+    loaded = torchkiln.load(compiled.save(tmp_path / "a"))
+    again = loaded(x)
+    assert type(again) is tuple and len(again) == 2  # the class cannot be named in the manifest
+    torch.testing.assert_close(again[0], model(x).logits)

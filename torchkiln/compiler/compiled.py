@@ -72,7 +72,7 @@ class CompiledModel:
                 "backend_options": _jsonable(self.options.to_dict()),
                 "inputs": [s.to_dict() for s in self.inputs],
                 "outputs": [s.to_dict() for s in self.outputs],
-                "out_spec": pytree.treespec_dumps(self.out_spec),
+                "out_spec": portable_spec(self.out_spec),
                 "passes": self.passes,
                 "versions": versions(),
                 "files": {name: sha256(staging / name) for name in files},
@@ -80,6 +80,34 @@ class CompiledModel:
             }
             write_text_atomic(staging / MANIFEST, json.dumps(manifest, indent=2, default=str))
         return Path(directory)
+
+
+def portable_spec(spec: pytree.TreeSpec) -> str:
+    """Serialize the output structure. A NamedTuple class that pytree cannot name is saved as a
+    plain tuple (a loaded artifact then returns tuples there); other custom nodes must be
+    registered with a serialized name."""
+    try:
+        return pytree.treespec_dumps(spec)
+    except NotImplementedError:
+        pass
+    plain = _plain_tuples(pytree.tree_unflatten(list(range(spec.num_leaves)), spec))
+    try:
+        return pytree.treespec_dumps(pytree.tree_structure(plain))
+    except NotImplementedError as exc:
+        raise ArtifactError(
+            f"cannot save the model's output structure: {exc}",
+            hint="return tensors in tuples, lists or dicts, or register the type with a serialized name",
+        ) from exc
+
+
+def _plain_tuples(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return tuple(_plain_tuples(v) for v in value)  # drops the NamedTuple class
+    if isinstance(value, list):
+        return [_plain_tuples(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain_tuples(v) for k, v in value.items()}
+    return value
 
 
 def _jsonable(options: dict[str, Any]) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import operator
 from typing import Any
 
 import torch
@@ -28,13 +29,25 @@ def flat_graph_module(gm: fx.GraphModule, training: bool) -> fx.GraphModule:
     return flat
 
 
-def flatten_output(gm: fx.GraphModule) -> int:
-    """Make the graph return a flat tuple of its output leaves; return how many there are."""
+def flatten_output(gm: fx.GraphModule, expected: int) -> None:
+    """Make the graph return a flat tuple of its ``expected`` output leaves.
+
+    Usually the output node's argument shows the structure (a tuple/dict of nodes). When a node
+    builds it instead (fx records ``NamedTuple(a, b)`` as a call), flatten the value in the graph.
+    """
     output = output_node(gm.graph)
     leaves, _ = pytree.tree_flatten(output.args[0])
+    if len(leaves) != expected or not all(isinstance(leaf, fx.Node) for leaf in leaves):
+        with gm.graph.inserting_before(output):
+            flat = gm.graph.call_function(tree_leaves, (output.args[0],))
+            leaves = [gm.graph.call_function(operator.getitem, (flat, i)) for i in range(expected)]
     output.args = (tuple(leaves),)
     gm.recompile()
-    return len(leaves)
+
+
+def tree_leaves(value: Any) -> tuple[Any, ...]:
+    """The leaves of a pytree as a tuple (a graph-callable helper for :func:`flatten_output`)."""
+    return tuple(pytree.tree_leaves(value))
 
 
 def output_node(graph: fx.Graph) -> fx.Node:
