@@ -18,7 +18,19 @@ def _conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1)
     ]
 
 
-class BasicBlock(nn.Module):
+def _shortcut(cin: int, cout: int, stride: int) -> nn.Sequential | None:
+    """1x1 conv + BN on the residual path when the block changes shape, else the identity."""
+    return nn.Sequential(*_conv_bn(cin, cout, 1, stride)) if stride != 1 or cin != cout else None
+
+
+class _Residual(nn.Module):
+    downsample: nn.Sequential | None
+
+    def shortcut(self, x: Tensor) -> Tensor:
+        return x if self.downsample is None else self.downsample(x)
+
+
+class BasicBlock(_Residual):
     expansion = 1
 
     def __init__(self, cin: int, width: int, stride: int = 1):
@@ -27,18 +39,14 @@ class BasicBlock(nn.Module):
         self.conv1, self.bn1 = _conv_bn(cin, width, 3, stride)
         self.conv2, self.bn2 = _conv_bn(width, cout, 3)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = (
-            nn.Sequential(*_conv_bn(cin, cout, 1, stride)) if stride != 1 or cin != cout else None
-        )
+        self.downsample = _shortcut(cin, cout, stride)
 
     def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        return self.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_Residual):
     expansion = 4
 
     def __init__(self, cin: int, width: int, stride: int = 1):
@@ -48,16 +56,12 @@ class Bottleneck(nn.Module):
         self.conv2, self.bn2 = _conv_bn(width, width, 3, stride)
         self.conv3, self.bn3 = _conv_bn(width, cout, 1)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = (
-            nn.Sequential(*_conv_bn(cin, cout, 1, stride)) if stride != 1 or cin != cout else None
-        )
+        self.downsample = _shortcut(cin, cout, stride)
 
     def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        return self.relu(self.bn3(self.conv3(out)) + self.shortcut(x))
 
 
 class ResNet(nn.Module):
