@@ -109,8 +109,10 @@ def test_auto_falls_back_to_export():
 
 
 def test_auto_reports_both_failures():
-    with pytest.raises(TraceError, match="torch.export also failed"):
+    with pytest.raises(TraceError, match="torch.export also failed") as info:
         trace(DataDependent(), torch.randn(2, 4))
+    assert "leaf_modules=['body.1']" in info.value.hint and "torch.cond" in info.value.hint
+    assert "frontend='export'" not in info.value.hint
 
 
 @pytest.mark.parametrize(

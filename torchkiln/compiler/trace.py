@@ -63,17 +63,18 @@ def trace(
     except Exception as exc:  # deepcopy of arbitrary user objects can fail in many ways
         raise TraceError(f"cannot copy the model: {exc}", hint="make the module deep-copyable") from exc
 
-    checks = [_reference(work, names, tuple(flat))]
+    first, out_spec = _reference(work, names, tuple(flat))
+    checks = [first]
     if axes:
         try:
-            checks.append(_reference(work, names, widen(tuple(flat), names, axes)))
+            checks.append(_reference(work, names, widen(tuple(flat), names, axes))[0])
         except InputError as exc:
             raise ConfigError(
                 f"the model does not run when its dynamic axes {axes} change size: {exc.message}",
                 where="dynamic_axes",
                 hint="make only the axes the model really accepts at any size dynamic",
             ) from exc
-    out_flat, out_spec = pytree.tree_flatten(_run(work, names, flat))
+    out_flat = first.outputs
 
     if frontend == "fx":
         gm, flavour = _fx_capture(work, names, leaf_modules), "fx"
@@ -89,7 +90,9 @@ def trace(
                 raise TraceError(
                     f"{fx_error.message}; torch.export also failed: {export_error.message}",
                     where=fx_error.where,
-                    hint=fx_error.hint,
+                    hint=(fx_error.hint or "").replace(
+                        ", or use frontend='export'", "; for torch.export rewrite the branch with torch.cond"
+                    ),
                 ) from export_error
     G.flatten_output(gm, len(out_flat))
 
@@ -202,7 +205,9 @@ def _run(model: nn.Module, names: Sequence[str], flat: Sequence[torch.Tensor]) -
         return model(**dict(zip(names, flat)))
 
 
-def _reference(model: nn.Module, names: Sequence[str], flat: tuple[torch.Tensor, ...]) -> Check:
+def _reference(
+    model: nn.Module, names: Sequence[str], flat: tuple[torch.Tensor, ...]
+) -> tuple[Check, pytree.TreeSpec]:
     try:
         result = _run(model, names, flat)
     except Exception as exc:
@@ -218,7 +223,7 @@ def _reference(model: nn.Module, names: Sequence[str], flat: tuple[torch.Tensor,
                 f"model output{pytree.keystr(path)} is a {type(leaf).__name__}, not a tensor",
                 hint="return only tensors (in a tensor, tuple, list or dict)",
             )
-    return Check(flat, tuple(leaf for _, leaf in leaves))
+    return Check(flat, tuple(leaf for _, leaf in leaves)), pytree.tree_structure(result)
 
 
 def _verify_capture(gm: fx.GraphModule, checks: list[Check], axes: Mapping[str, Mapping[int, str]]) -> None:
