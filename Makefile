@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench fuzz-long clean
 
 # torch is pinned in its own step: an open range would pull the CUDA build (several GB).
 $(STAMP): pyproject.toml
@@ -25,6 +25,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_zoo.py
+
+fuzz-long: $(STAMP)
+	TORCHKILN_FUZZ_EXAMPLES=1000 $(BIN)/python -m pytest tests/test_fuzz.py -k random_models
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache

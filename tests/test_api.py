@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from torch import nn
 import torchkiln
 from torchkiln import models
 from torchkiln.compiler.passes import Pass, PassResult
-from torchkiln.errors import ArtifactError, ConfigError, InputError, VerificationError
+from torchkiln.errors import VerificationError
 
 BACKENDS = ["torch", "onnx", "onnxruntime"]
 
@@ -118,137 +117,6 @@ def test_looser_tolerance_accepts():
         models.build("mlp"), torch.randn(1, 64), passes=[Perturb()], backend="torch", tolerance=tolerance
     )
     assert compiled.report.artifact.tolerance.startswith("atol=1000")
-
-
-@pytest.fixture(scope="module")
-def structured():
-    return compile_quietly(Structured().eval(), (torch.randn(2, 4), torch.randn(2, 5)), backend="torch")
-
-
-@pytest.mark.parametrize(
-    "args, kwargs, message",
-    [
-        ((torch.randn(2, 4),), {}, "missing input"),
-        ((torch.randn(2, 4), torch.randn(2, 5), torch.randn(1)), {}, "at most 2 positional"),
-        ((torch.randn(2, 4),), {"z": torch.randn(2, 5)}, "unexpected input 'z'"),
-        ((torch.randn(2, 4), torch.randn(2, 5)), {"x": torch.randn(2, 4)}, "given both"),
-        ((torch.randn(2, 4), torch.randn(3, 5)), {}, r"'y' has shape \[3, 5\], expected \[2, 5\]"),
-        ((torch.randn(2, 4), torch.randn(2, 5, 1)), {}, "has shape"),
-        ((torch.randn(2, 4).double(), torch.randn(2, 5)), {}, "dtype float64, expected float32"),
-        (([[1.0] * 4] * 2, torch.randn(2, 5)), {}, "must be a torch.Tensor"),
-    ],
-)
-def test_bad_call_inputs(structured, args, kwargs, message):
-    with pytest.raises(InputError, match=message):
-        structured(*args, **kwargs)
-
-
-def test_static_shape_error_suggests_dynamic_axes(structured):
-    with pytest.raises(InputError) as info:
-        structured(torch.randn(5, 4), torch.randn(5, 5))
-    assert "dynamic_axes" in info.value.hint
-
-
-@pytest.fixture
-def saved(tmp_path):
-    compiled = compile_quietly(nn.Linear(4, 2), torch.randn(1, 4))
-    return compiled, compiled.save(tmp_path / "artifact")
-
-
-def _edit_manifest(directory, **changes):
-    path = directory / "manifest.json"
-    manifest = json.loads(path.read_text())
-    manifest.update(changes)
-    path.write_text(json.dumps(manifest))
-
-
-@pytest.mark.parametrize(
-    "corrupt, message",
-    [
-        (lambda d: (d / "manifest.json").unlink(), "no manifest.json"),
-        (lambda d: (d / "manifest.json").write_text("{not json"), "unreadable or corrupt"),
-        (lambda d: (d / "manifest.json").write_text("[]"), "not a torchkiln manifest"),
-        (lambda d: _edit_manifest(d, format_version=99), "format version 99 is not supported"),
-        (lambda d: _edit_manifest(d, passes=None, report=None) or _drop_key(d, "inputs"), "lacks inputs"),
-        (lambda d: (d / "model.onnx").unlink(), "model.onnx is missing"),
-        (lambda d: _truncate(d / "model.onnx"), "does not match its manifest checksum"),
-        (lambda d: _edit_manifest(d, backend="tvm"), "invalid: unknown backend 'tvm'"),
-        (lambda d: _edit_manifest(d, backend_options={"opset": "x"}), "invalid"),
-        (lambda d: _edit_manifest(d, out_spec="garbage"), "invalid"),
-    ],
-)
-def test_corrupt_artifact_directory(saved, corrupt, message):
-    _, directory = saved
-    corrupt(directory)
-    with pytest.raises(ArtifactError, match=message):
-        torchkiln.load(directory)
-
-
-def _truncate(path):
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-
-
-def _drop_key(directory, key):
-    path = directory / "manifest.json"
-    manifest = json.loads(path.read_text())
-    del manifest[key]
-    path.write_text(json.dumps(manifest))
-
-
-def test_corrupt_model_with_matching_checksum_is_an_artifact_error(saved):
-    from torchkiln.compiler.files import sha256
-
-    _, directory = saved
-    (directory / "model.onnx").write_bytes(b"not an onnx model")
-    _edit_manifest(directory, files={"model.onnx": sha256(directory / "model.onnx")})
-    with pytest.raises(ArtifactError, match="cannot load model.onnx"):
-        torchkiln.load(directory)
-
-
-def test_load_of_missing_directory(tmp_path):
-    with pytest.raises(ArtifactError, match="is not a directory"):
-        torchkiln.load(tmp_path / "nope")
-
-
-def test_save_into_unwritable_place_leaves_nothing(saved, tmp_path):
-    compiled, _ = saved
-    blocker = tmp_path / "file"
-    blocker.write_text("x")
-    with pytest.raises(ArtifactError, match="cannot write to"):
-        compiled.save(blocker / "artifact")
-    with pytest.raises(ArtifactError, match="exists and is not a directory"):
-        compiled.save(blocker)
-    assert blocker.read_text() == "x"
-
-
-def test_failed_save_keeps_the_previous_artifact(saved, monkeypatch):
-    compiled, directory = saved
-    before = {p.name: p.read_bytes() for p in directory.iterdir()}
-
-    def half_write(target):
-        (target / "model.onnx").write_bytes(b"partial")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(compiled.artifact, "save", half_write)
-    with pytest.raises(OSError, match="disk full"):
-        compiled.save(directory)
-    assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
-    assert sorted(os.listdir(directory.parent)) == ["artifact"]  # no staging directory left
-    torchkiln.load(directory)
-
-
-def test_resave_replaces_atomically(saved):
-    compiled, directory = saved
-    (directory / "stale.txt").write_text("old")
-    compiled.save(directory)
-    assert not (directory / "stale.txt").exists()
-    assert sorted(os.listdir(directory.parent)) == ["artifact"]
-
-
-def test_unknown_pass_fails_before_any_work():
-    with pytest.raises(ConfigError, match="unknown pass 'fuse_everything'"):
-        compile_quietly(nn.Linear(4, 2), torch.randn(1, 4), passes="cleanup,fuse_everything")
 
 
 class NamedOut(nn.Module):

@@ -10,7 +10,7 @@ from torch import nn
 
 from torchkiln import models
 from torchkiln.compiler.trace import trace
-from torchkiln.errors import ConfigError, InputError, TraceError
+from torchkiln.errors import ConfigError, TraceError
 
 
 class TwoInputs(nn.Module):
@@ -113,49 +113,6 @@ def test_auto_reports_both_failures():
         trace(DataDependent(), torch.randn(2, 4))
     assert "leaf_modules=['body.1']" in info.value.hint and "torch.cond" in info.value.hint
     assert "frontend='export'" not in info.value.hint
-
-
-@pytest.mark.parametrize(
-    "inputs, error, message",
-    [
-        (torch.randn(2, 7), InputError, "fails on the example inputs"),  # wrong feature size
-        ("not a tensor", InputError, "must be a tensor"),
-        ((torch.randn(2, 4), 3), InputError, "must be a torch.Tensor"),
-        ((torch.randn(2, 4), torch.randn(2, 5), torch.randn(1), torch.randn(1)), InputError, "do not fit"),
-        ({"x": torch.randn(2, 4), "z": torch.randn(2, 5)}, InputError, "do not fit"),
-    ],
-)
-def test_bad_example_inputs(inputs, error, message):
-    model = TwoInputs() if not isinstance(inputs, torch.Tensor) else nn.Linear(4, 2)
-    with pytest.raises(error, match=message):
-        trace(model, inputs)
-
-
-def test_not_a_module():
-    with pytest.raises(TraceError, match="expected a torch.nn.Module"):
-        trace(lambda x: x, torch.randn(1))
-
-
-def test_non_tensor_output_is_named():
-    class ReturnsInt(nn.Module):
-        def forward(self, x):
-            return x, 3
-
-    with pytest.raises(TraceError, match=r"output\[1\] is a int"):
-        trace(ReturnsInt(), torch.randn(1))
-
-
-@pytest.mark.parametrize(
-    "axes, message",
-    [
-        ({"nope": [0]}, "unknown input 'nope'"),
-        ({"input": [5]}, "out of range"),
-        ("sequence", "not understood"),
-    ],
-)
-def test_bad_dynamic_axes(axes, message):
-    with pytest.raises(ConfigError, match=message):
-        trace(nn.Linear(4, 2), torch.randn(2, 4), dynamic_axes=axes)
 
 
 def test_dynamic_axes_add_a_second_check_and_name_output_axes():

@@ -108,6 +108,11 @@ def trace(
         if model.training
         else []
     )
+    notes += [
+        f"output {i} has NaN/Inf on the example inputs; verification only covers its finite elements"
+        for i, t in enumerate(out_flat)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
     return Program(gm, inputs, outputs, out_spec, flavour, checks, name or type(model).__name__, notes)
 
 
@@ -146,6 +151,12 @@ def _bind(
                 f"example input '{key}' must be a torch.Tensor, got {type(value).__name__}",
                 where=key,
                 hint="non-tensor arguments are not graph inputs; bind them with functools.partial or a default",
+            )
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise InputError(
+                f"example input '{key}' contains NaN or Inf",
+                where=key,
+                hint="verification compares outputs on the example inputs: give finite values",
             )
         names.append(key)
         flat.append(value)

@@ -1,0 +1,346 @@
+"""Bad input over every public entry point: compile, trace, calling a compiled model, save, load
+and every CLI command. Each case must raise a typed KilnError (the CLI: exit 1 or 2 with one line,
+never 3 = internal error) and leave no partial artifact behind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import compile_quietly
+from torch import nn
+
+import torchkiln
+from torchkiln.cli import main
+from torchkiln.compiler.files import sha256
+from torchkiln.errors import ArtifactError, ConfigError, InputError, TraceError
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(5, 3)
+
+    def forward(self, x, y):
+        return self.a(x) + self.b(y)
+
+
+class ReturnsInt(nn.Module):
+    def forward(self, x):
+        return x, 3
+
+
+def nan_at(shape, index=0, value=float("nan")):
+    t = torch.randn(shape)
+    t.view(-1)[index] = value
+    return t
+
+
+X, Y = torch.randn(2, 4), torch.randn(2, 5)
+LINEAR = nn.Linear(4, 2)
+
+COMPILE_CASES = [
+    # (id, model, example inputs, compile keyword arguments, error type, message)
+    ("model-not-a-module", lambda x: x, X, {}, TraceError, "expected a torch.nn.Module"),
+    ("inputs-wrong-type", LINEAR, "not a tensor", {}, InputError, "must be a tensor"),
+    ("inputs-non-tensor-element", TwoInputs(), (X, 3), {}, InputError, "'y' must be a torch.Tensor"),
+    ("inputs-too-many", TwoInputs(), (X, Y, Y), {}, InputError, "do not fit"),
+    ("inputs-unknown-keyword", TwoInputs(), {"x": X, "z": Y}, {}, InputError, "do not fit"),
+    ("inputs-wrong-shape", LINEAR, torch.randn(2, 7), {}, InputError, "fails on the example inputs"),
+    (
+        "inputs-wrong-dtype",
+        LINEAR,
+        torch.ones(2, 4, dtype=torch.int64),
+        {},
+        InputError,
+        "fails on the example inputs",
+    ),
+    ("inputs-nan", LINEAR, nan_at((2, 4)), {}, InputError, "'input' contains NaN or Inf"),
+    ("inputs-inf", LINEAR, nan_at((2, 4), 3, float("inf")), {}, InputError, "contains NaN or Inf"),
+    ("output-not-a-tensor", ReturnsInt(), X, {}, TraceError, r"output\[1\] is a int"),
+    ("unknown-pass", LINEAR, X, {"passes": "cleanup,fuse_all"}, ConfigError, "unknown pass 'fuse_all'"),
+    ("unknown-pass-option", LINEAR, X, {"passes": "cleanup:fold=1"}, ConfigError, "unknown option 'fold'"),
+    ("bad-pass-value", LINEAR, X, {"passes": "cleanup:max_constant_bytes=-5"}, ConfigError, "must be >= 0"),
+    ("pass-not-a-spec", LINEAR, X, {"passes": [3]}, ConfigError, "must be a spec string or a Pass"),
+    ("unknown-backend", LINEAR, X, {"backend": "tvm"}, ConfigError, "unknown backend 'tvm'"),
+    (
+        "unknown-backend-option",
+        LINEAR,
+        X,
+        {"backend_options": {"threads": 2}},
+        ConfigError,
+        "unknown option 'threads'",
+    ),
+    ("bad-backend-option", LINEAR, X, {"backend_options": {"opset": "new"}}, ConfigError, "expected int"),
+    ("unknown-frontend", LINEAR, X, {"frontend": "jit"}, ConfigError, "unknown frontend 'jit'"),
+    (
+        "dynamic-unknown-input",
+        LINEAR,
+        X,
+        {"dynamic_axes": {"nope": [0]}},
+        ConfigError,
+        "unknown input 'nope'",
+    ),
+    ("dynamic-axis-range", LINEAR, X, {"dynamic_axes": {"input": [2]}}, ConfigError, "out of range"),
+    ("dynamic-bad-string", LINEAR, X, {"dynamic_axes": "sequence"}, ConfigError, "not understood"),
+]
+
+
+@pytest.mark.parametrize("case", COMPILE_CASES, ids=[c[0] for c in COMPILE_CASES])
+def test_compile(case):
+    _, model, inputs, kwargs, error, message = case
+    with pytest.raises(error, match=message):
+        compile_quietly(model, inputs, **kwargs)
+
+
+TRACE_CASES = [c for c in COMPILE_CASES if set(c[3]) <= {"frontend", "dynamic_axes"}]
+
+
+@pytest.mark.parametrize("case", TRACE_CASES, ids=[c[0] for c in TRACE_CASES])
+def test_trace(case):
+    _, model, inputs, kwargs, error, message = case
+    with pytest.raises(error, match=message):
+        torchkiln.trace(model, inputs, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def two_inputs():
+    return compile_quietly(TwoInputs().eval(), (X, Y), backend="torch")
+
+
+CALL_CASES = [
+    ("missing", (X,), {}, "missing input"),
+    ("too-many", (X, Y, Y), {}, "at most 2 positional"),
+    ("unknown-name", (X,), {"z": Y}, "unexpected input 'z'"),
+    ("twice", (X, Y), {"x": X}, "given both"),
+    ("wrong-size", (X, torch.randn(3, 5)), {}, r"'y' has shape \[3, 5\], expected \[2, 5\]"),
+    ("wrong-rank", (X, torch.randn(2, 5, 1)), {}, "has shape"),
+    ("wrong-dtype", (X.double(), Y), {}, "dtype float64, expected float32"),
+    ("not-a-tensor", ([[1.0] * 4] * 2, Y), {}, "must be a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("case", CALL_CASES, ids=[c[0] for c in CALL_CASES])
+def test_calling_a_compiled_model(two_inputs, case):
+    _, args, kwargs, message = case
+    with pytest.raises(InputError, match=message):
+        two_inputs(*args, **kwargs)
+
+
+def test_static_shape_error_suggests_dynamic_axes(two_inputs):
+    with pytest.raises(InputError) as info:
+        two_inputs(torch.randn(5, 4), torch.randn(5, 5))
+    assert "dynamic_axes" in info.value.hint
+
+
+def test_nan_at_call_time_propagates_like_eager(two_inputs):
+    out = two_inputs(nan_at((2, 4)), Y)
+    assert torch.isnan(out).any()  # the user's data: not an error, same as eager
+
+
+@pytest.fixture
+def saved(tmp_path):
+    compiled = compile_quietly(nn.Linear(4, 2), torch.randn(1, 4))
+    return compiled, compiled.save(tmp_path / "artifact")
+
+
+def _edit_manifest(directory, **changes):
+    path = directory / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest.update(changes)
+    for key in [k for k, v in changes.items() if v is ...]:
+        del manifest[key]
+    path.write_text(json.dumps(manifest))
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _replace_model_keeping_checksum(directory):
+    (directory / "model.onnx").write_bytes(b"not an onnx model")
+    _edit_manifest(directory, files={"model.onnx": sha256(directory / "model.onnx")})
+
+
+LOAD_CASES = [
+    ("no-manifest", lambda d: (d / "manifest.json").unlink(), "no manifest.json"),
+    ("manifest-not-json", lambda d: (d / "manifest.json").write_text("{not json"), "unreadable or corrupt"),
+    ("manifest-truncated", lambda d: _truncate(d / "manifest.json"), "unreadable or corrupt"),
+    ("manifest-not-ours", lambda d: (d / "manifest.json").write_text("[]"), "not a torchkiln manifest"),
+    ("manifest-newer", lambda d: _edit_manifest(d, format_version=99), "format version 99 is not supported"),
+    ("manifest-missing-key", lambda d: _edit_manifest(d, inputs=...), "lacks inputs"),
+    ("model-missing", lambda d: (d / "model.onnx").unlink(), "model.onnx is missing"),
+    ("model-truncated", lambda d: _truncate(d / "model.onnx"), "does not match its manifest checksum"),
+    ("model-corrupt", _replace_model_keeping_checksum, "cannot load model.onnx"),
+    ("unknown-backend", lambda d: _edit_manifest(d, backend="tvm"), "invalid: unknown backend 'tvm'"),
+    ("bad-backend-option", lambda d: _edit_manifest(d, backend_options={"opset": "x"}), "invalid"),
+    ("bad-output-spec", lambda d: _edit_manifest(d, out_spec="garbage"), "invalid"),
+    ("bad-input-spec", lambda d: _edit_manifest(d, inputs=[{"name": "x"}]), "invalid"),
+]
+
+
+@pytest.mark.parametrize("case", LOAD_CASES, ids=[c[0] for c in LOAD_CASES])
+def test_load_refuses_corrupt_artifacts(saved, case):
+    _, corrupt, message = case
+    _, directory = saved
+    corrupt(directory)
+    with pytest.raises(ArtifactError, match=message):
+        torchkiln.load(directory)
+
+
+@pytest.mark.parametrize("target", ["missing", "file"])
+def test_load_of_something_that_is_not_an_artifact(tmp_path, target):
+    path = tmp_path / target
+    if target == "file":
+        path.write_text("x")
+    with pytest.raises(ArtifactError, match="is not a directory"):
+        torchkiln.load(path)
+
+
+def _can_create_in(directory: Path) -> bool:
+    probe = directory / ".kiln-write-probe"
+    try:
+        probe.mkdir()
+    except OSError:
+        return False
+    probe.rmdir()
+    return True
+
+
+@pytest.fixture
+def unwritable_dir(tmp_path):
+    """A directory this process cannot create entries in: a 0500 directory, or for root (whom
+    permissions do not stop) the kernel's /sys."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if not _can_create_in(locked):
+            yield locked
+        elif Path("/sys").is_dir() and not _can_create_in(Path("/sys")):
+            yield Path("/sys")
+        else:
+            pytest.skip("no unwritable directory available to this user")
+    finally:
+        locked.chmod(0o700)
+        locked.rmdir()
+
+
+def leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
+
+
+def test_save_into_read_only_directory(saved, unwritable_dir):
+    compiled, _ = saved
+    with pytest.raises(ArtifactError, match="cannot write to"):
+        compiled.save(unwritable_dir / "kiln-artifact")
+    assert not (unwritable_dir / "kiln-artifact").exists()
+
+
+def test_save_below_a_file(saved, tmp_path):
+    compiled, _ = saved
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ArtifactError, match="cannot write to"):
+        compiled.save(blocker / "artifact")
+    with pytest.raises(ArtifactError, match="exists and is not a directory"):
+        compiled.save(blocker)
+    assert blocker.read_text() == "x" and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("interruption", [OSError("disk full"), KeyboardInterrupt()], ids=["error", "ctrl-c"])
+def test_interrupted_save_keeps_the_previous_artifact(saved, monkeypatch, interruption):
+    compiled, directory = saved
+    before = {p.name: p.read_bytes() for p in directory.iterdir()}
+
+    def half_write(target):
+        (target / "model.onnx").write_bytes(b"partial")
+        raise interruption
+
+    monkeypatch.setattr(compiled.artifact, "save", half_write)
+    with pytest.raises(type(interruption)):
+        compiled.save(directory)
+    assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
+    assert leftovers(directory.parent) == []
+    torchkiln.load(directory)
+
+
+def test_interrupted_first_save_leaves_nothing(monkeypatch, tmp_path):
+    compiled = compile_quietly(nn.Linear(4, 2), torch.randn(1, 4))
+    monkeypatch.setattr(compiled.artifact, "save", lambda target: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        compiled.save(tmp_path / "new")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resave_replaces_atomically(saved):
+    compiled, directory = saved
+    (directory / "stale.txt").write_text("old")
+    compiled.save(directory)
+    assert not (directory / "stale.txt").exists() and leftovers(directory.parent) == []
+
+
+CLI_CASES = [
+    # (argv, exit code, message); {tmp} is the test's directory, {locked} an unwritable one
+    (["export", "resnet", "--passes", "cleanup,fuse_all", "-o", "{tmp}/o"], 2, "unknown pass 'fuse_all'"),
+    (["export", "resnet", "--passes", "cleanup:bogus=1", "-o", "{tmp}/o"], 2, "unknown option 'bogus'"),
+    (["export", "resnet", "--backend-option", "opset=5", "-o", "{tmp}/o"], 2, "must be between 18"),
+    (["export", "resnet", "--backend-option", "opset", "-o", "{tmp}/o"], 2, "bad --backend-option"),
+    (["export", "no_such_model", "-o", "{tmp}/o"], 2, "unknown zoo model 'no_such_model'"),
+    (["export", "resnet", "--input", "1x3xbig", "-o", "{tmp}/o"], 2, "bad --input '1x3xbig'"),
+    (["export", "resnet", "--input", "0x3x32x32", "-o", "{tmp}/o"], 2, "sizes must be positive"),
+    (["export", "resnet", "--input", "1x3x32x32:float99", "-o", "{tmp}/o"], 2, "unknown dtype 'float99'"),
+    (["export", "resnet", "--input", "1x4x32x32", "-o", "{tmp}/o"], 2, "fails on the example inputs"),
+    (["export", "resnet", "--dynamic", "x=batch", "-o", "{tmp}/o"], 2, "bad --dynamic"),
+    (["export", "resnet", "--dynamic", "y:0=batch", "-o", "{tmp}/o"], 2, "unknown input 'y'"),
+    (["export", "{tmp}/missing.py:build", "--input", "1x4", "-o", "{tmp}/o"], 2, "does not exist"),
+    (["export", "{tmp}/broken.py:build", "--input", "1x4", "-o", "{tmp}/o"], 2, "importing"),
+    (
+        ["export", "{tmp}/broken_factory.py:build", "--input", "1x4", "-o", "{tmp}/o"],
+        2,
+        "calling build() failed",
+    ),
+    (
+        ["export", "torchkiln.nothing_here:build", "--input", "1x4", "-o", "{tmp}/o"],
+        2,
+        "cannot import module",
+    ),
+    (["export", "torchkiln.models:ZOO", "--input", "1x4", "-o", "{tmp}/o"], 2, "not a callable"),
+    (
+        ["export", "torchkiln.models:small_models", "--input", "1x4", "-o", "{tmp}/o"],
+        2,
+        "not a torch.nn.Module",
+    ),
+    (["export", "torch.nn:Identity", "-o", "{tmp}/o"], 2, "--input is required"),
+    (["export", "mlp", "-o", "{tmp}/file/o"], 1, "cannot write to"),
+    (["export", "mlp", "-o", "{locked}/o"], 1, "cannot write to"),
+    (["inspect", "mlp", "--input", "1x65"], 2, "fails on the example inputs"),
+    (["inspect", "{tmp}/untraceable.py:build", "--input", "2x4"], 1, "symbolic tracing failed"),
+    (["passes", "nope"], 2, "unknown pass 'nope'"),
+]
+
+FILES = {
+    "broken.py": "raise RuntimeError('bad module')\n",
+    "broken_factory.py": "def build():\n    raise ValueError('no weights')\n",
+    "untraceable.py": (
+        "import torch\n\nclass M(torch.nn.Module):\n    def forward(self, x):\n"
+        "        if x.sum() > 0:\n            return x\n        return -x\n\ndef build():\n    return M()\n"
+    ),
+    "file": "",
+}
+
+
+@pytest.mark.parametrize("case", CLI_CASES, ids=[" ".join(c[0][:3]) for c in CLI_CASES])
+def test_cli(capsys, tmp_path, unwritable_dir, case):
+    argv, code, message = case
+    for name, text in FILES.items():
+        (tmp_path / name).write_text(text)
+    argv = [a.replace("{tmp}", str(tmp_path)).replace("{locked}", str(unwritable_dir)) for a in argv]
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if not line.startswith("kiln: ")]  # drop progress lines
+    assert len(errors) == 1 and message in errors[0] and "error:" in errors[0], err
+    assert "Traceback" not in err and "internal error" not in err
+    assert not (tmp_path / "o").exists() and leftovers(tmp_path) == []
