@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchkiln.backends import BackendOptions, get_backend
+from torchkiln.backends import Artifact, BackendOptions, get_backend
 from torchkiln.backends import backend_options as backend_options_for
 from torchkiln.compiler import graph as G
 from torchkiln.compiler.compiled import CompiledModel
@@ -75,27 +75,38 @@ def compile(  # noqa: A001 - the public name users expect
     record = ArtifactRecord(backend, seconds=time.perf_counter() - start, file_bytes=artifact.file_bytes())
     report.artifact = record
     say("verifying against the eager model")
+    _verify(program, artifact, record, tolerance, strict=verify)
+    if latency_runs > 0:
+        _measure_latency(model, program, artifact, record, latency_runs)
+    record.notes = artifact.notes()
+    names = [p.spec for p in pipeline]
+    return CompiledModel(artifact, program.inputs, program.outputs, program.out_spec, report, options, names)
+
+
+def _verify(
+    program: Program, artifact: Artifact, record: ArtifactRecord, tolerance: Tolerance, strict: bool
+) -> None:
     worst = measure_error(program, artifact.run, tolerance)
     record.max_abs_error, record.max_rel_error, record.tolerance = (
         worst.max_abs,
         worst.max_rel,
         str(tolerance),
     )
-    if verify and not worst.within():
+    if strict and not worst.within():
         raise VerificationError(
-            f"the {backend} artifact differs from the eager model: output {worst.worst_output} has max abs error "
-            f"{worst.max_abs:.3e}, above the {worst.allowed:.3e} allowed by the tolerance ({tolerance})",
+            f"the {record.backend} artifact differs from the eager model: output {worst.worst_output} has max abs "
+            f"error {worst.max_abs:.3e}, above the {worst.allowed:.3e} allowed by the tolerance ({tolerance})",
             hint="pass a looser `tolerance`, or verify=False to accept it; compare the backends to find the op",
         )
-    if latency_runs > 0:
-        inputs = program.example_inputs
-        record.eager_ms = median_ms(
-            lambda: model(**dict(zip((s.name for s in program.inputs), inputs))), latency_runs
-        )
-        record.artifact_ms = median_ms(lambda: artifact.run(inputs), latency_runs)
-    record.notes = artifact.notes()
-    names = [p.spec for p in pipeline]
-    return CompiledModel(artifact, program.inputs, program.outputs, program.out_spec, report, options, names)
+
+
+def _measure_latency(
+    model: nn.Module, program: Program, artifact: Artifact, record: ArtifactRecord, runs: int
+) -> None:
+    inputs = program.example_inputs
+    by_name = dict(zip((s.name for s in program.inputs), inputs))
+    record.eager_ms = median_ms(lambda: model(**by_name), runs)
+    record.artifact_ms = median_ms(lambda: artifact.run(inputs), runs)
 
 
 def measure_error(
