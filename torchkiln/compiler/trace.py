@@ -63,37 +63,9 @@ def trace(
     except Exception as exc:  # deepcopy of arbitrary user objects can fail in many ways
         raise TraceError(f"cannot copy the model: {exc}", hint="make the module deep-copyable") from exc
 
-    first, out_spec = _reference(work, names, tuple(flat))
-    checks = [first]
-    if axes:
-        try:
-            checks.append(_reference(work, names, widen(tuple(flat), names, axes))[0])
-        except InputError as exc:
-            raise ConfigError(
-                f"the model does not run when its dynamic axes {axes} change size: {exc.message}",
-                where="dynamic_axes",
-                hint="make only the axes the model really accepts at any size dynamic",
-            ) from exc
-    out_flat = first.outputs
-
-    if frontend == "fx":
-        gm, flavour = _fx_capture(work, names, leaf_modules), "fx"
-    elif frontend == "export":
-        gm, flavour = _export_capture(work, names, flat, axes), "export"
-    else:
-        try:
-            gm, flavour = _fx_capture(work, names, leaf_modules), "fx"
-        except TraceError as fx_error:
-            try:
-                gm, flavour = _export_capture(work, names, flat, axes), "export"
-            except TraceError as export_error:
-                raise TraceError(
-                    f"{fx_error.message}; torch.export also failed: {export_error.message}",
-                    where=fx_error.where,
-                    hint=(fx_error.hint or "").replace(
-                        ", or use frontend='export'", "; for torch.export rewrite the branch with torch.cond"
-                    ),
-                ) from export_error
+    checks, out_spec = _checks(work, names, tuple(flat), axes)
+    out_flat = checks[0].outputs
+    gm, flavour = _capture(work, names, flat, axes, frontend, leaf_modules)
     G.flatten_output(gm, len(out_flat))
 
     _verify_capture(gm, checks, axes)
@@ -114,6 +86,54 @@ def trace(
         if t.is_floating_point() and not bool(torch.isfinite(t).all())
     ]
     return Program(gm, inputs, outputs, out_spec, flavour, checks, name or type(model).__name__, notes)
+
+
+def _checks(
+    model: nn.Module,
+    names: Sequence[str],
+    flat: tuple[torch.Tensor, ...],
+    axes: Mapping[str, Mapping[int, str]],
+) -> tuple[list[Check], pytree.TreeSpec]:
+    """Eager outputs at the example inputs and, with dynamic axes, at inputs one larger along them."""
+    first, out_spec = _reference(model, names, flat)
+    checks = [first]
+    if axes:
+        try:
+            checks.append(_reference(model, names, widen(flat, names, axes))[0])
+        except InputError as exc:
+            raise ConfigError(
+                f"the model does not run when its dynamic axes {axes} change size: {exc.message}",
+                where="dynamic_axes",
+                hint="make only the axes the model really accepts at any size dynamic",
+            ) from exc
+    return checks, out_spec
+
+
+def _capture(
+    model: nn.Module,
+    names: Sequence[str],
+    flat: Sequence[torch.Tensor],
+    axes: Mapping[str, Mapping[int, str]],
+    frontend: str,
+    leaf_modules: Sequence[str],
+) -> tuple[fx.GraphModule, str]:
+    if frontend == "fx":
+        return _fx_capture(model, names, leaf_modules), "fx"
+    if frontend == "export":
+        return _export_capture(model, names, flat, axes), "export"
+    try:
+        return _fx_capture(model, names, leaf_modules), "fx"
+    except TraceError as fx_error:
+        try:
+            return _export_capture(model, names, flat, axes), "export"
+        except TraceError as export_error:
+            raise TraceError(
+                f"{fx_error.message}; torch.export also failed: {export_error.message}",
+                where=fx_error.where,
+                hint=(fx_error.hint or "").replace(
+                    ", or use frontend='export'", "; for torch.export rewrite the branch with torch.cond"
+                ),
+            ) from export_error
 
 
 def _split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
