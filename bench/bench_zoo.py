@@ -23,7 +23,7 @@ import torch
 import torchkiln
 from torchkiln import models
 from torchkiln.compiler.api import median_ms
-from torchkiln.compiler.trace import quiet
+from torchkiln.compiler.export import quiet
 
 
 def seconds(fn, builds: int) -> float:

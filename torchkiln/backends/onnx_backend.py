@@ -27,9 +27,9 @@ from typing import Any, Literal
 import torch
 
 from torchkiln.backends.base import Artifact, Backend, BackendOptions
+from torchkiln.compiler.export import export_graph, quiet
 from torchkiln.compiler.options import option
 from torchkiln.compiler.program import Program
-from torchkiln.compiler.trace import export_graph, quiet
 from torchkiln.errors import ArtifactError, BackendError, ExportError, KilnError
 
 MODEL_FILE = "model.onnx"

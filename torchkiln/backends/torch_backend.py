@@ -16,8 +16,8 @@ from torch import fx
 
 from torchkiln.backends.base import Artifact, Backend, BackendOptions
 from torchkiln.compiler import graph as G
+from torchkiln.compiler.export import export_graph
 from torchkiln.compiler.program import Program
-from torchkiln.compiler.trace import export_graph
 from torchkiln.errors import ArtifactError, ExportError, KilnError
 
 FILE = "program.pt2"

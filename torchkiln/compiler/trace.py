@@ -13,15 +13,11 @@ Two frontends produce the two graph flavours the passes understand:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import inspect
-import io
-import logging
 import os
 import traceback
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -29,6 +25,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from torchkiln.compiler import graph as G
+from torchkiln.compiler.export import export_graph, widen
 from torchkiln.compiler.program import Check, Program, TensorSpec, deterministic
 from torchkiln.compiler.verify import compare
 from torchkiln.errors import ConfigError, InputError, KilnError, TraceError
@@ -218,19 +215,6 @@ def normalize_dynamic_axes(
     return result
 
 
-def widen(
-    flat: tuple[torch.Tensor, ...], names: Sequence[str], axes: Mapping[str, Mapping[int, str]]
-) -> tuple[torch.Tensor, ...]:
-    """Inputs grown by one along every dynamic axis (same growth per dim name), so the graph is
-    exercised off its traced shape and torch.export does not specialize size-1 dims."""
-    out = []
-    for name, tensor in zip(names, flat):
-        for axis in sorted(axes.get(name, {})):
-            tensor = torch.cat([tensor, tensor.narrow(axis, 0, 1)], dim=axis)
-        out.append(tensor)
-    return tuple(out)
-
-
 def _run(model: nn.Module, names: Sequence[str], flat: Sequence[torch.Tensor]) -> Any:
     with deterministic():
         return model(**dict(zip(names, flat)))
@@ -380,49 +364,3 @@ def _export_capture(
             "or make the model symbolically traceable",
         ) from exc
     return G.flat_graph_module(program.module(), training=model.training)
-
-
-def export_graph(
-    model: nn.Module,
-    names: Sequence[str],
-    flat: Sequence[torch.Tensor],
-    axes: Mapping[str, Mapping[int, str]],
-) -> torch.export.ExportedProgram:
-    """``torch.export`` with inputs as keywords, on inputs widened along the dynamic axes (size-1
-    example dims would otherwise be specialized). Each dynamic axis is ``Dim.AUTO`` so that export
-    infers its range (a positional table bounds a sequence axis, say); an axis the model pins to
-    one size raises ConfigError naming it."""
-    shapes = {n: {a: torch.export.Dim.AUTO for a in axes.get(n, {})} for n in names}
-    examples = widen(tuple(flat), names, axes)
-    with quiet():
-        program = torch.export.export(
-            model, (), dict(zip(names, examples)), dynamic_shapes=shapes if axes else None, strict=False
-        )
-    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
-    for name, spec in zip(names, program.graph_signature.user_inputs):
-        fake = placeholders[str(spec)].meta.get("val")
-        for axis, dim_name in axes.get(name, {}).items():
-            if fake is not None and not isinstance(fake.shape[axis], torch.SymInt):
-                raise ConfigError(
-                    f"axis {axis} ('{dim_name}') of input '{name}' cannot be dynamic: the model fixes it to {fake.shape[axis]}",
-                    where=f"dynamic_axes.{name}",
-                    hint="drop that axis from dynamic_axes (e.g. nn.LSTM unrolls over a fixed sequence length)",
-                )
-    return program
-
-
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    """Silence the prints, warnings and log lines torch's exporters emit while working."""
-    sink = io.StringIO()
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "torch.fx")]
-    levels = [lg.level for lg in loggers]
-    try:
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
