@@ -30,7 +30,7 @@ from torchkiln.backends.base import Artifact, Backend, BackendOptions
 from torchkiln.compiler.export import export_graph, quiet
 from torchkiln.compiler.options import option
 from torchkiln.compiler.program import Program
-from torchkiln.errors import ArtifactError, BackendError, ExportError, KilnError
+from torchkiln.errors import ArtifactError, BackendError, ExportError
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -122,8 +122,6 @@ def export_onnx(program: Program, options: OnnxOptions, directory: Path) -> None
     names = [s.name for s in program.inputs]
     try:
         exported = export_graph(program.graph_module, names, program.example_inputs, program.dynamic_axes)
-    except KilnError:
-        raise
     except Exception as exc:
         raise ExportError(f"torch.export of the rewritten graph failed: {type(exc).__name__}: {exc}") from exc
     try:

@@ -18,7 +18,7 @@ from torchkiln.backends.base import Artifact, Backend, BackendOptions
 from torchkiln.compiler import graph as G
 from torchkiln.compiler.export import export_graph
 from torchkiln.compiler.program import Program
-from torchkiln.errors import ArtifactError, ExportError, KilnError
+from torchkiln.errors import ArtifactError, ExportError
 
 FILE = "program.pt2"
 
@@ -54,8 +54,6 @@ class TorchArtifact(Artifact):
                 self._exported = export_graph(
                     self.module, names, program.example_inputs, program.dynamic_axes
                 )
-            except KilnError:
-                raise
             except Exception as exc:
                 raise ExportError(
                     f"torch.export of the rewritten graph failed: {type(exc).__name__}: {exc}"

@@ -13,8 +13,6 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from torchkiln.errors import ConfigError
-
 
 def widen(
     flat: tuple[torch.Tensor, ...], names: Sequence[str], axes: Mapping[str, Mapping[int, str]]
@@ -37,24 +35,14 @@ def export_graph(
 ) -> torch.export.ExportedProgram:
     """``torch.export`` with inputs as keywords, on inputs widened along the dynamic axes (size-1
     example dims would otherwise be specialized). Each dynamic axis is ``Dim.AUTO`` so that export
-    infers its range (a positional table bounds a sequence axis, say); an axis the model pins to
-    one size raises ConfigError naming it."""
+    infers its range (a positional table bounds a sequence axis, say). Export does not fail when
+    the model pins an axis; callers verify the result against eager at two sizes, which does."""
     shapes = {n: {a: torch.export.Dim.AUTO for a in axes.get(n, {})} for n in names}
     examples = widen(tuple(flat), names, axes)
     with quiet():
         program = torch.export.export(
             model, (), dict(zip(names, examples)), dynamic_shapes=shapes if axes else None, strict=False
         )
-    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
-    for name, spec in zip(names, program.graph_signature.user_inputs):
-        fake = placeholders[str(spec)].meta.get("val")
-        for axis, dim_name in axes.get(name, {}).items():
-            if fake is not None and not isinstance(fake.shape[axis], torch.SymInt):
-                raise ConfigError(
-                    f"axis {axis} ('{dim_name}') of input '{name}' cannot be dynamic: the model fixes it to {fake.shape[axis]}",
-                    where=f"dynamic_axes.{name}",
-                    hint="drop that axis from dynamic_axes (e.g. nn.LSTM unrolls over a fixed sequence length)",
-                )
     return program
 
 

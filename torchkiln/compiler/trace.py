@@ -28,7 +28,7 @@ from torchkiln.compiler import graph as G
 from torchkiln.compiler.export import export_graph, widen
 from torchkiln.compiler.program import Check, Program, TensorSpec, deterministic
 from torchkiln.compiler.verify import compare
-from torchkiln.errors import ConfigError, InputError, KilnError, TraceError
+from torchkiln.errors import ConfigError, InputError, TraceError
 
 FRONTENDS = ("auto", "fx", "export")
 DynamicAxes = Mapping[str, Mapping[int, str] | Sequence[int]] | str | None
@@ -354,8 +354,6 @@ def _export_capture(
 ) -> fx.GraphModule:
     try:
         program = export_graph(model, names, flat, axes)
-    except KilnError:
-        raise
     except Exception as exc:
         lines = [line for line in str(exc).splitlines() if line.strip()]
         raise TraceError(
