@@ -95,3 +95,10 @@ def test_inspect(capsys):
 def test_models(capsys):
     code, out, _ = run(capsys, "models")
     assert code == 0 and "resnet50" in out and "input_ids=1x16:int64" in out
+
+
+def test_export_help_lists_backend_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    out = capsys.readouterr().out
+    assert "opset (int, default 18)" in out and "providers (list of str" in out and "torch: none" in out

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 import torchkiln
-from torchkiln.backends import BACKEND_NAMES
+from torchkiln.backends import BACKEND_NAMES, get_backend
 from torchkiln.cli.common import add_model_arguments, example_inputs, load_model, parse_dynamic
 from torchkiln.compiler.api import DEFAULT_PASSES
 from torchkiln.compiler.verify import Tolerance
@@ -15,7 +15,11 @@ from torchkiln.errors import ConfigError
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
-        "export", help="compile MODEL through passes to a backend artifact", description=__doc__
+        "export",
+        help="compile MODEL through passes to a backend artifact",
+        description=__doc__,
+        epilog=_backend_options_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_arguments(parser)
     parser.add_argument(
@@ -55,6 +59,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
     parser.set_defaults(run=run)
+
+
+def _backend_options_help() -> str:
+    """--backend-option keys per backend, from the options' own declarations."""
+    lines = ["backend options (--backend-option KEY=VALUE):"]
+    for name in BACKEND_NAMES:
+        rows = get_backend(name).Options.describe()
+        lines.append(f"  {name}:" + ("" if rows else " none"))
+        lines += [f"    {key} ({type_}, default {default}): {doc}" for key, type_, default, doc in rows]
+    return "\n".join(lines)
 
 
 def _backend_options(items: list[str]) -> dict[str, str]:
