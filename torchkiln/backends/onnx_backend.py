@@ -27,6 +27,7 @@ from typing import Any, Literal
 import torch
 
 from torchkiln.backends.base import Artifact, Backend, BackendOptions
+from torchkiln.backends.onnx_lowering import translation_table
 from torchkiln.compiler.export import export_graph, quiet
 from torchkiln.compiler.options import option
 from torchkiln.compiler.program import Program
@@ -135,6 +136,7 @@ def export_onnx(program: Program, options: OnnxOptions, directory: Path) -> None
                 input_names=names,
                 output_names=[s.name for s in program.outputs],
                 verbose=False,
+                custom_translation_table=translation_table(),
             )
     except Exception as exc:
         raise _explain_export_failure(exc, exported, program) from exc
@@ -189,6 +191,10 @@ def _rename_nodes(model: Any) -> None:
         count = seen.get(base, 0)
         seen[base] = count + 1
         node.name = base if count == 0 else f"{base}_{count}"
+        # The exporter's provenance (stack traces, FX node text, class paths) can be half the file of
+        # a small model; keep only the scope names, which map a node back to its module.
+        for key in [k for k in node.metadata_props if k != "pkg.torch.onnx.name_scopes"]:
+            del node.metadata_props[key]
 
 
 def _explain_export_failure(exc: Exception, exported: Any, program: Program) -> ExportError:

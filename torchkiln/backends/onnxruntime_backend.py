@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
+import torch
+
 from torchkiln.backends.onnx_backend import OnnxArtifact, OnnxBackend, OnnxOptions
 from torchkiln.compiler.options import option
 from torchkiln.errors import BackendError
@@ -101,9 +103,33 @@ class OrtBackend(OnnxBackend):
     artifact_class = OrtArtifact
 
     def lower(self, program: Any, options: Any) -> OrtArtifact:
+        _refuse_bfloat16(program, options)
         artifact = super().lower(program, options)
-        artifact.session  # noqa: B018 - build the session now: provider errors surface at compile time
+        try:
+            artifact.session  # noqa: B018 - build the session now: provider errors surface at compile time
+        except BackendError:
+            raise
+        except Exception as exc:
+            raise BackendError(
+                f"ONNX Runtime cannot load the exported model: {exc}",
+                hint="try backend 'torch', or a different opset (backend option opset=...)",
+            ) from exc
         return artifact  # type: ignore[return-value]
+
+
+def _refuse_bfloat16(program: Any, options: OrtOptions) -> None:
+    """ONNX Runtime's CPU provider has no bfloat16 Conv/Gemm/Add kernels: say so up front."""
+    if resolve_providers(options.providers) != ["CPUExecutionProvider"]:
+        return
+    for node in program.graph_module.graph.nodes:
+        meta = node.meta.get("tensor_meta")
+        if getattr(meta, "dtype", None) is torch.bfloat16:
+            raise BackendError(
+                f"the graph computes in bfloat16 (first at node '{node.name}'), which ONNX Runtime's CPU "
+                "provider cannot run",
+                where=node.name,
+                hint="use quantize:mode=fp16 for ONNX Runtime, or backend 'torch' (or a GPU provider) for bf16",
+            )
 
 
 BACKEND = OrtBackend()

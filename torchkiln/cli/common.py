@@ -14,6 +14,7 @@ from torch import nn
 
 from torchkiln import models
 from torchkiln.compiler.program import dtype_from_name
+from torchkiln.data import load_batches
 from torchkiln.errors import ConfigError, InputError
 
 INTEGER_HIGH = 100
@@ -121,6 +122,23 @@ def example_inputs(args: argparse.Namespace, entry: models.ZooEntry | None) -> d
         else:
             tensors[name] = torch.randint(0, high, shape, generator=generator, dtype=dtype)
     return tensors
+
+
+def calibration_batches(
+    args: argparse.Namespace, entry: models.ZooEntry | None, example: dict[str, torch.Tensor]
+) -> list[Any] | None:
+    """``--calibration FILE.pt|FILE.npz|random:N`` → batches (None without the option)."""
+    source = args.calibration
+    if not source:
+        return None
+    if source.startswith("random:"):
+        count = source.removeprefix("random:")
+        if not count.isdigit() or int(count) < 1:
+            raise ConfigError(f"bad --calibration '{source}'", where=source, hint="write random:N with N >= 1")
+        seeds = range(args.seed + 1, args.seed + 1 + int(count))
+        return [example_inputs(argparse.Namespace(**{**vars(args), "seed": s}), entry) for s in seeds]
+    batch = next(iter(example.values())).shape[0] if example else 1
+    return load_batches(source, list(example), max(int(batch), 1))
 
 
 def parse_dynamic(items: list[str], batch: bool, names: list[str]) -> dict[str, dict[int, str]] | None:

@@ -7,7 +7,13 @@ import sys
 
 import torchkiln
 from torchkiln.backends import BACKEND_NAMES, get_backend
-from torchkiln.cli.common import add_model_arguments, example_inputs, load_model, parse_dynamic
+from torchkiln.cli.common import (
+    add_model_arguments,
+    calibration_batches,
+    example_inputs,
+    load_model,
+    parse_dynamic,
+)
 from torchkiln.compiler.api import DEFAULT_PASSES
 from torchkiln.compiler.verify import Tolerance
 from torchkiln.errors import ConfigError
@@ -35,6 +41,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="backend option, e.g. opset=19 (repeatable)",
     )
+    parser.add_argument(
+        "--calibration",
+        metavar="SOURCE",
+        help="calibration data for quantize mode=int8: FILE.pt / FILE.npz (split into batches like the "
+        "example input), or random:N for N random batches (a smoke test, not real ranges)",
+    )
     parser.add_argument("--dynamic-batch", action="store_true", help="make axis 0 of every input dynamic")
     parser.add_argument(
         "--dynamic",
@@ -44,13 +56,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="make one axis dynamic (repeatable)",
     )
     parser.add_argument(
-        "--atol", type=float, default=Tolerance().atol, help="verification tolerance: absolute part"
+        "--atol",
+        type=float,
+        help=f"verification tolerance: absolute part (default {Tolerance().atol:g}; lossy passes: their promise)",
     )
     parser.add_argument(
         "--rtol",
         type=float,
-        default=Tolerance().rtol,
-        help="verification tolerance: part relative to output scale",
+        help=f"verification tolerance: part relative to output scale (default {Tolerance().rtol:g})",
     )
     parser.add_argument(
         "--no-verify", action="store_true", help="report the error against eager but do not fail on it"
@@ -92,8 +105,9 @@ def run(args: argparse.Namespace) -> int:
         backend=args.backend,
         backend_options=_backend_options(args.backend_option),
         dynamic_axes=parse_dynamic(args.dynamic, args.dynamic_batch, list(inputs)),
+        calibration_data=calibration_batches(args, entry, inputs),
         verify=not args.no_verify,
-        tolerance=Tolerance(args.atol, args.rtol),
+        tolerance=Tolerance(args.atol, args.rtol) if args.atol is not None or args.rtol is not None else None,
         frontend=args.frontend,
         name=args.model if entry else None,
         progress=progress,

@@ -13,6 +13,7 @@ from torch import nn
 from torchkiln.backends import Artifact, BackendOptions, get_backend
 from torchkiln.backends import backend_options as backend_options_for
 from torchkiln.compiler import graph as G
+from torchkiln.compiler.calibration import CalibrationData, no_progress, tqdm_progress
 from torchkiln.compiler.compiled import CompiledModel
 from torchkiln.compiler.manager import PassManager, default_instruments
 from torchkiln.compiler.passes import Pass, parse_pipeline
@@ -32,8 +33,9 @@ def compile(  # noqa: A001 - the public name users expect
     backend: str = "onnxruntime",
     backend_options: Mapping[str, Any] | BackendOptions | None = None,
     dynamic_axes: DynamicAxes = None,
+    calibration_data: Iterable[Any] | None = None,
     verify: bool = True,
-    tolerance: Tolerance = FP32,
+    tolerance: Tolerance | None = None,
     frontend: str = "auto",
     leaf_modules: Sequence[str] = (),
     latency_runs: int = 10,
@@ -43,13 +45,18 @@ def compile(  # noqa: A001 - the public name users expect
     """Compile ``model`` for ``example_inputs`` (a tensor, a tuple, or a dict of keyword tensors).
 
     ``passes`` is a pipeline string (``"cleanup,fold_batchnorm"``) or a list of specs / Pass
-    objects. ``dynamic_axes`` is ``"batch"`` or ``{input: {axis: name}}``. With ``verify`` every
-    pass is checked against the eager model and the artifact must match it within ``tolerance``,
-    else :class:`VerificationError`. ``latency_runs`` > 0 adds eager vs artifact latency (median) to
-    the report. ``progress`` receives a line per stage.
+    objects. ``dynamic_axes`` is ``"batch"`` or ``{input: {axis: name}}``. ``calibration_data`` is
+    an iterable of input batches (tensors, tuples or dicts) for passes that calibrate (``quantize``).
+    With ``verify`` every pass is checked against the eager model and the artifact must match it
+    within ``tolerance`` — by default fp32 (:data:`FP32`), or what the pipeline's lossy passes
+    promise (int8: cosine similarity) — else :class:`VerificationError`. ``latency_runs`` > 0 adds
+    eager vs artifact latency (median) to the report. ``progress`` receives a line per stage; with
+    it, long loops inside passes (calibration) show a progress bar on stderr.
     """
     say = progress or (lambda _: None)
     pipeline = parse_pipeline(passes)
+    pass_tolerance = tolerance or FP32  # lossless passes; lossy ones check their own promise
+    tolerance = tolerance or pipeline_tolerance(pipeline)
     options = backend_options_for(backend, backend_options)
     say("tracing")
     start = time.perf_counter()
@@ -61,11 +68,14 @@ def compile(  # noqa: A001 - the public name users expect
         leaf_modules=leaf_modules,
         name=name,
     )
+    if calibration_data is not None:
+        program.calibration = CalibrationData(calibration_data, program.inputs)
+    program.progress = tqdm_progress if progress else no_progress
     report = Report(
         program.name, program.flavour, trace_seconds=time.perf_counter() - start, notes=list(program.notes)
     )
     report.passes = PassManager(
-        pipeline, default_instruments(tolerance, verify, progress, len(pipeline))
+        pipeline, default_instruments(pass_tolerance, verify, progress, len(pipeline))
     ).run(program)
     report.params, report.param_bytes = G.parameter_stats(program.graph_module)
 
@@ -92,12 +102,30 @@ def _verify(
         worst.max_rel,
         str(tolerance),
     )
+    record.cosine = worst.cosine
     if strict and not worst.within():
+        measured = (
+            f"cosine similarity {worst.cosine:.5f}"
+            if tolerance.min_cosine is not None
+            else f"max abs error {worst.max_abs:.3e}, above the {worst.allowed:.3e} allowed"
+        )
         raise VerificationError(
-            f"the {record.backend} artifact differs from the eager model: output {worst.worst_output} has max abs "
-            f"error {worst.max_abs:.3e}, above the {worst.allowed:.3e} allowed by the tolerance ({tolerance})",
+            f"the {record.backend} artifact differs from the eager model: output {worst.worst_output} has "
+            f"{measured} by the tolerance ({tolerance})",
             hint="pass a looser `tolerance`, or verify=False to accept it; compare the backends to find the op",
         )
+
+
+def pipeline_tolerance(pipeline: Sequence[Pass]) -> Tolerance:
+    """FP32 for lossless pipelines; else the loosest promise of the lossy passes (a cosine floor
+    wins over absolute tolerances, which cannot describe int8 error)."""
+    promises = [t for t in (p.tolerance() for p in pipeline if not p.lossless) if t is not None]
+    if not promises:
+        return FP32
+    floors = [t.min_cosine for t in promises if t.min_cosine is not None]
+    if floors:
+        return Tolerance(min_cosine=min(floors))
+    return Tolerance(atol=max(t.atol for t in promises), rtol=max(t.rtol for t in promises))
 
 
 def _measure_latency(

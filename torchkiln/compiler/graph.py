@@ -66,7 +66,8 @@ def op_key(node: fx.Node, gm: fx.GraphModule) -> str | None:
     if node.op == "call_function":
         target = node.target
         if isinstance(target, torch._ops.OpOverload):
-            return f"aten.{target._schema.name.split('::')[-1]}"
+            namespace, _, name = target._schema.name.partition("::")
+            return f"{namespace}.{name}"
         return getattr(target, "__name__", str(target))
     return None
 

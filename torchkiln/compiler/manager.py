@@ -61,27 +61,36 @@ class GraphCheck(Instrument):
 
 class Numerics(Instrument):
     """Compare the graph's outputs with the eager model on every check input set. Lossless passes
-    must stay within ``tolerance``; lossy ones are measured and reported."""
+    must stay within ``tolerance``; lossy ones within what they promise (:meth:`Pass.tolerance`)."""
 
     def __init__(self, tolerance: Tolerance = FP32):
         self.tolerance = tolerance
 
     def after_pass(self, pass_: Pass, program: Program, record: PassRecord) -> None:
+        tolerance = self.tolerance if pass_.lossless else pass_.tolerance()
         worst = None
         for check in program.checks:
             try:
-                stats = compare(program.run(check.inputs), check.outputs, self.tolerance)
+                stats = compare(program.run(check.inputs), check.outputs, tolerance or self.tolerance)
             except ValueError as exc:
                 raise PassError(f"pass '{pass_.name}' changed the outputs' structure: {exc}") from exc
             if worst is None or stats.ratio > worst.ratio:
                 worst = stats
         assert worst is not None
         record.max_abs_error, record.max_rel_error = worst.max_abs, worst.max_rel
+        record.cosine = worst.cosine
+        record.tolerance = None if pass_.lossless or tolerance is None else str(tolerance)
         if pass_.lossless and not worst.within():
             raise PassError(
                 f"pass '{pass_.name}' changed output {worst.worst_output} by max abs {worst.max_abs:.3e} "
                 f"(allowed {worst.allowed:.3e}: {self.tolerance})",
                 hint="this is a bug in the pass; run without it and report the model",
+            )
+        if tolerance is not None and not pass_.lossless and not worst.within():
+            raise PassError(
+                f"pass '{pass_.spec}' broke its accuracy promise on output {worst.worst_output}: cosine "
+                f"{worst.cosine:.4f}, max abs error {worst.max_abs:.3e} (promised: {tolerance})",
+                hint="keep more layers in higher precision (ignore=..., max_error=...) or relax the promise",
             )
 
 

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 from torchkiln.compiler.options import Options
 from torchkiln.compiler.program import Program
+from torchkiln.compiler.verify import Tolerance
 from torchkiln.errors import ConfigError, PassError
 
 
@@ -46,6 +47,11 @@ class Pass(abc.ABC):
 
     def __init__(self, config: PassConfig | None = None):
         self.config = config if config is not None else self.Config()
+
+    def tolerance(self) -> Tolerance | None:
+        """What a lossy pass promises about its outputs against the eager model (checked after it
+        runs, and by ``compile`` on the artifact); None for lossless passes, which keep fp32."""
+        return None
 
     @abc.abstractmethod
     def run(self, program: Program) -> PassResult:
@@ -83,7 +89,7 @@ def _format(value: Any) -> str:
 
 _REGISTRY: dict[str, type[Pass]] = {}
 # Modules that define built-in passes; imported on first registry access to keep import cheap.
-_BUILTIN_MODULES = ("torchkiln.passes.cleanup", "torchkiln.passes.fold_batchnorm")
+_BUILTIN_MODULES = ("torchkiln.passes.cleanup", "torchkiln.passes.fold_batchnorm", "torchkiln.passes.quantize")
 _loaded = False
 
 

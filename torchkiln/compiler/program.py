@@ -110,6 +110,10 @@ class Program:
     checks: list[Check]
     name: str = "model"
     notes: list[str] = dataclasses.field(default_factory=list)
+    #: Calibration batches for data-driven passes (quantization); set by ``compile``.
+    calibration: Any = dataclasses.field(default=None, repr=False)
+    #: ``progress(iterable, total, description)`` for long loops inside passes; passes never print.
+    progress: Any = dataclasses.field(default=None, repr=False)
 
     @property
     def example_inputs(self) -> tuple[torch.Tensor, ...]:

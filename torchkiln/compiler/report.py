@@ -23,6 +23,8 @@ class PassRecord:
     bytes_after: int = 0
     max_abs_error: float | None = None
     max_rel_error: float | None = None
+    cosine: float | None = None
+    tolerance: str | None = None  # what a lossy pass promised (None: fp32 for lossless passes)
 
     @property
     def op_delta(self) -> dict[str, int]:
@@ -38,6 +40,7 @@ class ArtifactRecord:
     file_bytes: int | None = None
     max_abs_error: float | None = None
     max_rel_error: float | None = None
+    cosine: float | None = None
     tolerance: str | None = None
     eager_ms: float | None = None
     artifact_ms: float | None = None
@@ -86,8 +89,8 @@ class Report:
                     p.spec,
                     "yes" if p.modified else "no",
                     f"{p.seconds:.3f}",
-                    f"{p.params_before:,} -> {p.params_after:,}",
-                    "-" if p.max_abs_error is None else f"{p.max_abs_error:.2e}",
+                    _params_cell(p),
+                    _error_cell(p),
                     "; ".join(x for x in (changes, stats) if x) or "-",
                 )
             )
@@ -103,6 +106,21 @@ class Report:
         return "\n".join(lines)
 
 
+def _params_cell(p: PassRecord) -> str:
+    cell = f"{p.params_before:,} -> {p.params_after:,}"
+    if p.bytes_before != p.bytes_after:
+        cell += f" ({p.bytes_before / 1e6:.2f} -> {p.bytes_after / 1e6:.2f} MB)"
+    return cell
+
+
+def _error_cell(p: PassRecord) -> str:
+    if p.max_abs_error is None:
+        return "-"
+    if p.tolerance is not None and p.cosine is not None:  # a lossy pass: direction matters more
+        return f"{p.max_abs_error:.2e} cos {p.cosine:.4f}"
+    return f"{p.max_abs_error:.2e}"
+
+
 def _artifact_line(a: ArtifactRecord, params: int, param_bytes: int) -> str:
     parts = [
         f"backend {a.backend}: built in {a.seconds:.2f} s",
@@ -111,8 +129,9 @@ def _artifact_line(a: ArtifactRecord, params: int, param_bytes: int) -> str:
     if a.file_bytes is not None:
         parts.append(f"file {a.file_bytes / 1e6:.2f} MB")
     if a.max_abs_error is not None:
+        cosine = f", cosine {a.cosine:.5f}" if a.cosine is not None else ""
         parts.append(
-            f"max abs err {a.max_abs_error:.2e} (rel {a.max_rel_error:.2e}; tolerance {a.tolerance})"
+            f"max abs err {a.max_abs_error:.2e} (rel {a.max_rel_error:.2e}{cosine}; tolerance {a.tolerance})"
         )
     if a.eager_ms is not None and a.artifact_ms is not None:
         parts.append(

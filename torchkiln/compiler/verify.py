@@ -3,6 +3,9 @@
 The check is scale-aware: with ``scale = max |reference|`` over an output, it passes when
 ``max |actual - reference| <= atol + rtol * scale``. An elementwise rtol breaks down on outputs
 near zero; relating the error to the output's scale is what "the same model" means in practice.
+
+Quantized models are judged by direction instead: a :class:`Tolerance` with ``min_cosine`` passes
+when every output's cosine similarity to the reference (flattened) is at least that floor.
 """
 
 from __future__ import annotations
@@ -17,8 +20,11 @@ import torch
 class Tolerance:
     atol: float = 1e-5
     rtol: float = 1e-4
+    min_cosine: float | None = None  # when set, the check is cosine similarity >= min_cosine
 
     def __str__(self) -> str:
+        if self.min_cosine is not None:
+            return f"cosine similarity >= {self.min_cosine:g}"
         return f"atol={self.atol:g} + rtol={self.rtol:g} x output scale"
 
 
@@ -31,10 +37,14 @@ class ErrorStats:
     max_rel: float  # max_abs / scale, worst output
     worst_output: int
     allowed: float  # the largest max_abs the tolerance accepts for the worst output
+    cosine: float = 1.0  # the lowest cosine similarity over the outputs
+    min_cosine: float | None = None
 
     @property
     def ratio(self) -> float:
         """Error as a fraction of what the tolerance allows (> 1 fails)."""
+        if self.min_cosine is not None:
+            return _cosine_ratio(self.cosine, self.min_cosine)
         if self.max_abs == 0:
             return 0.0
         return self.max_abs / self.allowed if self.allowed > 0 else float("inf")
@@ -49,8 +59,9 @@ def compare(
     """Worst error over all outputs; raises ValueError on structure or shape mismatch."""
     if len(actual) != len(reference):
         raise ValueError(f"{len(actual)} outputs, expected {len(reference)}")
-    worst = ErrorStats(0.0, 0.0, 0, tolerance.atol)
-    worst_ratio = -1.0
+    floor = tolerance.min_cosine
+    worst = ErrorStats(0.0, 0.0, 0, tolerance.atol, 1.0, floor)
+    worst_ratio, lowest_cosine = -1.0, 1.0
     for i, (a, r) in enumerate(zip(actual, reference)):
         if tuple(a.shape) != tuple(r.shape):
             raise ValueError(f"output {i} has shape {list(a.shape)}, expected {list(r.shape)}")
@@ -59,13 +70,30 @@ def compare(
             continue
         finite = torch.isfinite(r64)
         if not torch.equal(finite, torch.isfinite(a64)):
-            return ErrorStats(float("inf"), float("inf"), i, 0.0)
+            return ErrorStats(float("inf"), float("inf"), i, 0.0, 0.0, floor)
         diff = (a64 - r64)[finite].abs()
         max_abs = float(diff.max()) if diff.numel() else 0.0
         scale = float(r64[finite].abs().max()) if finite.any() else 0.0
         allowed = tolerance.atol + tolerance.rtol * scale
-        ratio = max_abs / allowed
+        cosine = cosine_similarity(a64[finite], r64[finite])
+        lowest_cosine = min(lowest_cosine, cosine)
+        ratio = _cosine_ratio(cosine, floor) if floor is not None else max_abs / allowed
         if ratio > worst_ratio:
             worst_ratio = ratio
-            worst = ErrorStats(max_abs, max_abs / scale if scale else max_abs, i, allowed)
-    return worst
+            worst = ErrorStats(max_abs, max_abs / scale if scale else max_abs, i, allowed, cosine, floor)
+    return dataclasses.replace(worst, cosine=lowest_cosine)
+
+
+def cosine_similarity(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    """Of the flattened tensors; 1.0 when both are zero, 0.0 when only one is."""
+    a, r = actual.flatten().double(), reference.flatten().double()
+    norms = float(a.norm() * r.norm())
+    if norms == 0:
+        return 1.0 if float(a.norm()) == float(r.norm()) else 0.0
+    return float(torch.dot(a, r)) / norms
+
+
+def _cosine_ratio(cosine: float, floor: float) -> float:
+    if cosine >= 1.0:
+        return 0.0
+    return (1.0 - cosine) / (1.0 - floor) if floor < 1.0 else float("inf")

@@ -1,0 +1,73 @@
+"""ONNX translations of torchkiln's own IR ops (:mod:`torchkiln.compiler.quant_ops`).
+
+Passed to ``torch.onnx.export`` as its ``custom_translation_table``; PyTorch's decomposed
+quantize/dequantize ops need none (the exporter maps them to QuantizeLinear/DequantizeLinear).
+
+* ``dynamic_linear`` → DynamicQuantizeLinear, MatMulInteger, Cast, Mul (and Add for the bias):
+  the operator form ONNX Runtime fuses into its DynamicQuantizeMatMul kernel.
+* ``weight_only_linear`` → ``com.microsoft.MatMulNBits`` (ONNX Runtime's int4/int8 weight GEMM).
+  onnx has no schema for contrib ops, and the exporter's op builder needs one, so a minimal schema
+  (inputs, attributes, types) is registered once.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+MSFT_DOMAIN = "com.microsoft"
+
+
+@functools.cache
+def translation_table() -> dict[Any, Any]:
+    import onnxscript
+    from onnxscript import opset18 as op
+
+    import torchkiln.compiler.quant_ops  # noqa: F401 - the ops must exist to be keys
+
+    _register_matmul_nbits_schema()
+    msft = onnxscript.values.Opset(MSFT_DOMAIN, 1)
+
+    def dynamic_linear(x: Any, weight: Any, scale: Any, bias: Any) -> Any:
+        xq, x_scale, x_zero = op.DynamicQuantizeLinear(x)
+        acc = op.MatMulInteger(xq, op.Transpose(weight, perm=[1, 0]), x_zero)
+        y = op.Mul(op.Cast(acc, to=1), op.Mul(x_scale, scale))  # to=1: FLOAT
+        return y if _static_size(bias) == 0 else op.Add(y, bias)
+
+    def weight_only_linear(x: Any, packed: Any, scales: Any, bias: Any, bits: int, block_size: int) -> Any:
+        n, blocks, _ = packed.shape
+        in_features = x.shape[-1]
+        y = msft.MatMulNBits(x, packed, scales, K=int(in_features), N=int(n), bits=bits, block_size=block_size)
+        return y if _static_size(bias) == 0 else op.Add(y, bias)
+
+    ops = torch.ops.torchkiln
+    return {ops.dynamic_linear.default: dynamic_linear, ops.weight_only_linear.default: weight_only_linear}
+
+
+def _static_size(value: Any) -> int:
+    shape = getattr(value, "shape", None)
+    return int(shape[0]) if shape is not None and len(shape) else 1
+
+
+def _register_matmul_nbits_schema() -> None:
+    import onnx
+    from onnx.defs import OpSchema
+
+    try:
+        onnx.defs.get_schema("MatMulNBits", 1, MSFT_DOMAIN)
+        return
+    except onnx.defs.SchemaError:
+        pass
+    formal, attribute, kind = OpSchema.FormalParameter, OpSchema.Attribute, OpSchema.AttrType
+    schema = OpSchema(
+        "MatMulNBits",
+        MSFT_DOMAIN,
+        1,
+        inputs=[formal("A", "T1"), formal("B", "T2"), formal("scales", "T1")],
+        outputs=[formal("Y", "T1")],
+        type_constraints=[("T1", ["tensor(float)", "tensor(float16)"], ""), ("T2", ["tensor(uint8)"], "")],
+        attributes=[attribute(name, kind.INT, "") for name in ("K", "N", "bits", "block_size")],
+    )
+    onnx.defs.register_schema(schema)

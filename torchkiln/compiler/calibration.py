@@ -1,0 +1,85 @@
+"""Calibration data: the user's example batches, checked one at a time against the program inputs.
+
+``compile(..., calibration_data=...)`` accepts any iterable (a list, a generator, a DataLoader) whose
+items are what the model is called with: a tensor, a tuple/list of positional tensors, or a dict of
+keyword tensors. Batches are validated as they stream past, so a long dataset is never held in
+memory; the error for a bad batch names its index and the input at fault.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from torchkiln.compiler.program import TensorSpec, bind_inputs
+from torchkiln.errors import InputError, KilnError
+
+#: ``progress(iterable, total, description)`` wraps an iterable with a progress display.
+ProgressBar = Callable[[Iterable[Any], "int | None", str], Iterable[Any]]
+
+
+def no_progress(items: Iterable[Any], total: int | None, description: str) -> Iterable[Any]:
+    return items
+
+
+def tqdm_progress(items: Iterable[Any], total: int | None, description: str) -> Iterable[Any]:
+    """A tqdm bar on stderr (hidden when stderr is not a terminal)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(items, total=total, desc=description, unit="batch", disable=None, leave=False)
+
+
+class CalibrationData:
+    """Validated flat input tuples from the user's iterable (re-iterable when the source is)."""
+
+    def __init__(self, source: Any, specs: Sequence[TensorSpec]):
+        if isinstance(source, (torch.Tensor, str, bytes)) or not isinstance(source, Iterable):
+            raise InputError(
+                f"calibration data must be an iterable of input batches, got {type(source).__name__}",
+                hint="pass a list of example inputs (tensors, tuples or dicts) or a DataLoader",
+            )
+        self.source = source
+        self.specs = list(specs)
+
+    def total(self) -> int | None:
+        try:
+            return len(self.source)  # type: ignore[arg-type]
+        except TypeError:
+            return None
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        count = 0
+        for index, item in enumerate(self.source):
+            yield self._bind(index, item)
+            count += 1
+        if count == 0:
+            raise InputError(
+                "calibration data is empty",
+                hint="pass at least one batch; a few hundred samples from the training set is typical",
+            )
+
+    def _bind(self, index: int, item: Any) -> tuple[torch.Tensor, ...]:
+        args: tuple[Any, ...]
+        if isinstance(item, Mapping):
+            args, kwargs = (), dict(item)
+        elif isinstance(item, (tuple, list)):
+            args, kwargs = tuple(item), {}
+        else:
+            args, kwargs = (item,), {}
+        try:
+            flat = bind_inputs(self.specs, args, kwargs)
+        except KilnError as exc:
+            hint = exc.hint
+            if isinstance(item, (tuple, list)) and len(item) > len(self.specs):
+                hint = "yield model inputs only, e.g. `(x for x, _ in loader)` for (input, label) batches"
+            raise InputError(f"calibration batch {index}: {exc.message}", where=exc.where, hint=hint) from None
+        for spec, tensor in zip(self.specs, flat):
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise InputError(
+                    f"calibration batch {index}: input '{spec.name}' contains NaN or Inf",
+                    where=spec.name,
+                    hint="calibration ranges would be meaningless; clean the data first",
+                )
+        return tuple(flat)

@@ -1,0 +1,221 @@
+"""``quantize``: static int8 PTQ, dynamic int8, weight-only int8/int4, fp16 / bf16.
+
+Modes (``quantize:mode=...``):
+
+* ``int8`` (static): activation ranges calibrated on ``compile(..., calibration_data=...)``;
+  Q/DQ placed where runtimes fuse them into integer kernels (:mod:`.static`).
+* ``dynamic``: Linear layers with int8 weights, activations quantized per call (:mod:`.linear`).
+* ``weight_only``: Linear weights in ``bits`` = 8 or 4 with a scale per ``block_size`` inputs.
+* ``fp16`` / ``bf16``: low-precision compute, ``keep_fp32`` ops and fp32 I/O (:mod:`.half`).
+
+Layers named in ``ignore`` (module paths, ``*`` globs) or with fewer than ``min_macs``
+multiply-accumulates stay in float. With ``max_error`` (relative RMS error of the outputs on the
+calibration batches) the most sensitive layers stay in float until the error fits; ``sensitivity``
+reports the ranked per-layer table (:mod:`.sensitivity`). Every layer left in float gets a note.
+
+The pass works on a copy of the graph and swaps it in at the end, so a failure leaves the
+program untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import fnmatch
+import itertools
+from collections.abc import Iterator, Sequence
+from typing import Literal
+
+import torch
+from torch import fx
+
+import torchkiln.compiler.quant_ops  # noqa: F401 - registers the quantized IR ops
+from torchkiln.compiler import graph as G
+from torchkiln.compiler.calibration import no_progress
+from torchkiln.compiler.options import option
+from torchkiln.compiler.passes import Pass, PassConfig, PassResult, register_pass
+from torchkiln.compiler.program import Program
+from torchkiln.compiler.verify import Tolerance
+from torchkiln.errors import InputError
+from torchkiln.passes.quantize import half, linear, sensitivity, static
+from torchkiln.passes.quantize.layers import Layer, find_layers
+
+Mode = Literal["int8", "dynamic", "weight_only", "fp16", "bf16"]
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeConfig(PassConfig):
+    mode: Mode = option("int8", "int8 (static, calibrated), dynamic, weight_only, fp16 or bf16")
+    calibrator: Literal["minmax", "percentile", "entropy", "mse"] = option(
+        "minmax", "how activation ranges are chosen from the calibration histograms"
+    )
+    percentile: float = option(99.99, "percentile calibrator: the percentile kept inside the range")
+    calibration_batches: int = option(0, "use at most this many calibration batches (0 = all)")
+    target: Literal["onnxruntime", "tensorrt"] = option(
+        "onnxruntime", "activation format: uint8 asymmetric (onnxruntime) or int8 symmetric (tensorrt)"
+    )
+    reduce_range: Literal["auto", "on", "off"] = option(
+        "auto", "7-bit weights (AVX2 without VNNI saturates 8-bit); auto = on for dynamic only"
+    )
+    op_types: tuple[Literal["conv", "linear", "matmul"], ...] = option(
+        ("conv", "linear", "matmul"), "layer kinds to quantize (int8 mode)"
+    )
+    ignore: tuple[str, ...] = option((), "module paths (globs) to keep in float, e.g. stem.*|head")
+    min_macs: int = option(0, "keep layers with fewer multiply-accumulates than this in float")
+    max_error: float | None = option(None, "error budget (relative RMS of outputs): keep sensitive layers in float")
+    sensitivity: bool = option(False, "measure and report each layer's sensitivity (SQNR when alone)")
+    sensitivity_batches: int = option(4, "calibration batches used to measure sensitivity and error")
+    min_cosine: float = option(0.99, "promise checked against eager: output cosine similarity floor")
+    bits: Literal[4, 8] = option(4, "weight_only: bits per weight")
+    block_size: int = option(32, "weight_only: inputs sharing one scale (a power of 2, >= 16)")
+    keep_fp32: tuple[str, ...] = option(half.DEFAULT_KEEP_FP32, "fp16/bf16: ops that stay in float32")
+    fp32_io: bool = option(True, "fp16/bf16: keep float32 inputs and outputs")
+
+    def validate(self) -> None:
+        if not 50.0 < self.percentile <= 100.0:
+            self.fail("percentile", f"must be in (50, 100], got {self.percentile}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            self.fail("block_size", f"must be a power of 2 and at least 16, got {self.block_size}")
+        if self.max_error is not None and self.max_error <= 0:
+            self.fail("max_error", f"must be > 0, got {self.max_error}")
+        if not 0.0 < self.min_cosine <= 1.0:
+            self.fail("min_cosine", f"must be in (0, 1], got {self.min_cosine}")
+        for key in ("calibration_batches", "min_macs"):
+            if getattr(self, key) < 0:
+                self.fail(key, f"must be >= 0, got {getattr(self, key)}")
+        if self.sensitivity_batches < 1:
+            self.fail("sensitivity_batches", f"must be >= 1, got {self.sensitivity_batches}")
+
+
+@register_pass
+class Quantize(Pass):
+    """Quantize to int8 (static or dynamic), int8/int4 weights only, or fp16/bf16."""
+
+    name = "quantize"
+    Config = QuantizeConfig
+    lossless = False
+    config: QuantizeConfig
+
+    def tolerance(self) -> Tolerance:
+        if self.config.mode in ("fp16", "bf16"):
+            return Tolerance(atol=1e-3, rtol=1e-2 if self.config.mode == "fp16" else 5e-2)
+        return Tolerance(min_cosine=self.config.min_cosine)
+
+    def run(self, program: Program) -> PassResult:
+        work = copy.deepcopy(program.graph_module)
+        if self.config.mode in ("fp16", "bf16"):
+            result = self._half(work, program)
+        else:
+            result = self._integer(work, program)
+        if result.modified:
+            program.graph_module = work
+        return result
+
+    def _half(self, gm: fx.GraphModule, program: Program) -> PassResult:
+        dtype = torch.float16 if self.config.mode == "fp16" else torch.bfloat16
+        low, kept = half.convert(gm, dtype, self.config.keep_fp32, program.example_inputs, self.config.fp32_io)
+        return PassResult(modified=low > 0, stats={f"{self.config.mode}_ops": low, "fp32_ops": kept})
+
+    def _integer(self, gm: fx.GraphModule, program: Program) -> PassResult:
+        layers, notes = find_layers(gm)
+        G.annotate(gm, program.example_inputs)  # the canonical nodes' dtypes guide placement
+        chosen = self._select(layers, notes)
+        if not chosen:
+            notes.append("no layer to quantize: nothing changed")
+            return PassResult(modified=False, stats={"quantized": 0, "float": len(layers)}, notes=notes)
+        if self.config.mode == "dynamic":
+            linear.quantize_dynamic(gm, chosen, self.config.reduce_range != "off")
+        elif self.config.mode == "weight_only":
+            linear.quantize_weights(gm, chosen, self.config.bits, self.config.block_size)
+        else:
+            chosen = self._static(gm, program, chosen, notes)
+        stats: dict[str, int | float] = {"quantized": len(chosen), "float": len(layers) - len(chosen)}
+        return PassResult(modified=bool(chosen), stats=stats, notes=notes)
+
+    def _select(self, layers: list[Layer], notes: list[str]) -> list[Layer]:
+        chosen = []
+        kinds = self.config.op_types if self.config.mode == "int8" else ("linear",)
+        for layer in layers:
+            why = self._why_float(layer, kinds)
+            if why:
+                notes.append(f"{layer.name}: left in float, {why}")
+            else:
+                chosen.append(layer)
+        return chosen
+
+    def _why_float(self, layer: Layer, kinds: tuple[str, ...]) -> str | None:
+        if any(fnmatch.fnmatchcase(layer.name, pattern) for pattern in self.config.ignore):
+            return "named in ignore"
+        if layer.kind not in kinds:
+            return f"{layer.kind} layers are not quantized in mode={self.config.mode}"
+        if layer.kind != "matmul" and layer.weight is None:
+            return "its weight is not a stored tensor"
+        if layer.macs < self.config.min_macs:
+            return f"{layer.macs:,} MACs is below min_macs={self.config.min_macs:,}"
+        return None
+
+    def _static(self, gm: fx.GraphModule, program: Program, chosen: list[Layer], notes: list[str]) -> list[Layer]:
+        signed = self.config.target == "tensorrt"
+        levels = 63 if self.config.reduce_range == "on" else 127
+        kept: list[tuple[torch.Tensor, ...]] = []
+        seen = itertools.count(1)
+        batches = self._calibration_batches(program, kept, seen)
+        observed = static.plan(gm, chosen)
+        histograms = static.calibrate(gm, set(observed.values()), batches)
+        qparams = static.qparams_for(histograms, self.config.calibrator, self.config.percentile, signed)
+
+        def quantize(graph: fx.GraphModule, layers: Sequence[Layer]) -> None:
+            static.apply(graph, layers, qparams, levels)
+
+        if self.config.max_error is not None or self.config.sensitivity:
+            chosen = self._mixed_precision(gm, chosen, kept, quantize, notes)
+        keys = {layer.key for layer in chosen}
+        quantize(gm, [layer for layer in find_layers(gm)[0] if layer.key in keys])
+        notes.append(
+            f"calibrated {len(histograms)} tensors on {next(seen) - 1} batches with {self.config.calibrator}; "
+            f"activations {'int8 symmetric' if signed else 'uint8 asymmetric'}, weights int8 per channel"
+            + (" (7-bit)" if levels == 63 else "")
+        )
+        return chosen
+
+    def _calibration_batches(
+        self, program: Program, kept: list[tuple[torch.Tensor, ...]], seen: Iterator[int]
+    ) -> Iterator[tuple[torch.Tensor, ...]]:
+        if program.calibration is None:
+            raise InputError(
+                "quantize mode=int8 needs calibration data",
+                where="quantize",
+                hint="pass calibration_data=[...] to torchkiln.compile (kiln: --calibration FILE|random:N), "
+                "or use mode=dynamic / weight_only, which need none",
+            )
+        limit = self.config.calibration_batches or None
+        progress = program.progress or no_progress
+        total = program.calibration.total()
+        total = min(total, limit) if total is not None and limit else (limit or total)
+        for batch in progress(itertools.islice(program.calibration, limit), total, "calibrating"):
+            if len(kept) < self.config.sensitivity_batches:
+                kept.append(batch)
+            next(seen)
+            yield batch
+
+    def _mixed_precision(
+        self,
+        gm: fx.GraphModule,
+        chosen: list[Layer],
+        batches: list[tuple[torch.Tensor, ...]],
+        quantize: sensitivity.Quantizer,
+        notes: list[str],
+    ) -> list[Layer]:
+        evaluator = sensitivity.Evaluator(gm, batches, quantize)
+        ranked = sensitivity.rank(evaluator, chosen)
+        notes.append("sensitivity (error when only this layer is int8), most sensitive first:")
+        notes.extend(f"  {layer.name}: SQNR {sensitivity.sqnr_db(err):.1f} dB" for layer, err in ranked)
+        if self.config.max_error is None:
+            return chosen
+        quantized, kept, error = sensitivity.fit_budget(evaluator, ranked, self.config.max_error)
+        for layer in kept:
+            notes.append(f"{layer.name}: left in float, most sensitive remaining layer (max_error={self.config.max_error:g})")
+        verdict = "within" if error <= self.config.max_error else "ABOVE"
+        notes.append(f"error with {len(quantized)} int8 layers: {error:.4f} ({verdict} max_error={self.config.max_error:g})")
+        return quantized
+

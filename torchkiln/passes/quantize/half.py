@@ -1,0 +1,94 @@
+"""fp16 / bf16 conversion with a keep-in-fp32 list and fp32 inputs and outputs.
+
+Every op runs in the low precision except those named in ``keep_fp32`` (normalisations, softmax,
+reductions by default: their sums and variances lose too much in 10 mantissa bits). Parameters of
+low-precision ops are stored in the low precision. Casts are inserted exactly where a value's dtype
+differs from what its consumer runs in, found by running the graph once on the example inputs::
+
+    x (fp32 input) → x.to(fp16) → conv (fp16 weights) → relu → y.to(fp32) → layer_norm → … → fp32 out
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import fx
+
+from torchkiln.compiler import graph as G
+
+DEFAULT_KEEP_FP32 = (
+    "layer_norm", "batch_norm", "group_norm", "instance_norm", "softmax", "log_softmax",
+    "mean", "sum", "var", "std", "norm", "cumsum", "logsumexp", "mse_loss", "cross_entropy",
+)  # fmt: skip
+
+
+def op_name(node: fx.Node, gm: fx.GraphModule) -> str:
+    """``LayerNorm`` / ``aten.native_layer_norm`` / ``.softmax`` → ``layer_norm`` / ``softmax``."""
+    key = G.op_key(node, gm) or ""
+    key = key.removeprefix("aten.").lstrip("._")
+    key = re.sub(r"(?<!^)(?=[A-Z])", "_", key).lower() if node.op == "call_module" else key
+    key = re.sub(r"_?[123]d$", "", key)
+    return key.removeprefix("native_").removeprefix("_")
+
+
+def convert(
+    gm: fx.GraphModule, dtype: torch.dtype, keep_fp32: Iterable[str], example: tuple[torch.Tensor, ...], fp32_io: bool
+) -> tuple[int, int]:
+    """Convert ``gm`` in place; returns (ops in low precision, ops kept in fp32)."""
+    keep = set(keep_fp32)
+    wants: dict[fx.Node, torch.dtype] = {}
+    for node in gm.graph.nodes:
+        if node.op.startswith("call_"):
+            wants[node] = torch.float32 if op_name(node, gm) in keep else dtype
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and wants[node] is dtype:
+            gm.get_submodule(str(node.target)).to(dtype)
+        elif node.op == "get_attr" and node.users and all(wants.get(u) is dtype for u in node.users):
+            _convert_attribute(gm, str(node.target), dtype)
+    _Caster(gm, wants, torch.float32 if fp32_io else dtype).run(*example)
+    low = sum(1 for w in wants.values() if w is dtype)
+    return low, len(wants) - low
+
+
+def _convert_attribute(gm: fx.GraphModule, target: str, dtype: torch.dtype) -> None:
+    owner, _, leaf = target.rpartition(".")
+    module = gm.get_submodule(owner) if owner else gm
+    value = getattr(module, leaf)
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        converted = value.detach().to(dtype)
+        if isinstance(value, torch.nn.Parameter):
+            setattr(module, leaf, torch.nn.Parameter(converted, requires_grad=False))
+        else:
+            setattr(module, leaf, converted)
+
+
+class _Caster(fx.Interpreter):
+    """Runs the graph once, inserting a cast wherever a float input's dtype differs from what its
+    consumer runs in (outputs: ``output_dtype``)."""
+
+    def __init__(self, gm: fx.GraphModule, wants: dict[fx.Node, torch.dtype], output_dtype: torch.dtype):
+        super().__init__(gm)
+        self.graph: fx.Graph = gm.graph
+        self.wants, self.output_dtype = wants, output_dtype
+        self.casts: dict[tuple[fx.Node, torch.dtype], fx.Node] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        want = self.output_dtype if n.op == "output" else self.wants.get(n)
+        if want is not None:
+            for arg in list(n.all_input_nodes):
+                value = self.env.get(arg)
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != want:
+                    n.replace_input_with(arg, self._cast(arg, want, n))
+        with torch.no_grad():
+            return super().run_node(n)
+
+    def _cast(self, arg: fx.Node, dtype: torch.dtype, before: fx.Node) -> fx.Node:
+        key = (arg, dtype)
+        if key not in self.casts:
+            with self.graph.inserting_before(before):
+                self.casts[key] = self.graph.call_method("to", (arg, dtype))
+            self.env[self.casts[key]] = self.env[arg].to(dtype)
+        return self.casts[key]

@@ -1,0 +1,61 @@
+"""Dynamic int8 and weight-only quantization of Linear layers.
+
+Both replace ``aten.linear(x, W, b)`` with one IR op (see :mod:`torchkiln.compiler.quant_ops`)
+whose weight is stored quantized:
+
+* dynamic: ``dynamic_linear(x, W_int8, s_W, b)`` — per-output-channel symmetric int8 weights
+  (7-bit with ``reduce_range``, which keeps AVX2's 16-bit accumulation of u8×s8 pairs from
+  saturating), activations quantized per call. ONNX Runtime runs it as DynamicQuantizeMatMul.
+* weight-only: ``weight_only_linear(x, packed, scales, b, bits, block_size)`` — int4 or int8
+  weights in blocks along the input dim, activations stay float. ONNX Runtime runs MatMulNBits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import fx
+
+from torchkiln.compiler import graph as G
+from torchkiln.compiler.quant_ops import pack_blocks, quantize_weight_per_channel
+from torchkiln.passes.quantize.layers import Layer
+
+
+def _bias(gm: fx.GraphModule, layer: Layer) -> torch.Tensor:
+    bias = layer.node.args[2] if len(layer.node.args) > 2 else None
+    if isinstance(bias, fx.Node):
+        return G.get_attr_value(gm, str(bias.target)).detach().float()
+    return torch.zeros(0)
+
+
+def _replace(gm: fx.GraphModule, layer: Layer, op: object, tensors: Sequence[torch.Tensor], extra: tuple) -> None:
+    node = layer.node
+    with gm.graph.inserting_before(node):
+        attrs = [
+            gm.graph.get_attr(G.add_attribute(gm, f"{layer.name}_{suffix}", t, parameter=suffix == "weight"))
+            for suffix, t in zip(("weight", "scale", "bias"), tensors)
+        ]
+        call = gm.graph.call_function(op, (node.args[0], *attrs, *extra))  # type: ignore[arg-type]
+    call.meta = dict(node.meta)
+    node.replace_all_uses_with(call)
+    gm.graph.erase_node(node)
+
+
+def quantize_dynamic(gm: fx.GraphModule, layers: Sequence[Layer], reduce_range: bool) -> None:
+    for layer in layers:
+        weight = G.get_attr_value(gm, str(layer.weight.target))  # type: ignore[union-attr]
+        q, scale = quantize_weight_per_channel(weight, 63 if reduce_range else 127)
+        _replace(gm, layer, torch.ops.torchkiln.dynamic_linear.default, (q, scale, _bias(gm, layer)), ())
+    gm.graph.eliminate_dead_code()
+    G.drop_unused_attributes(gm)
+
+
+def quantize_weights(gm: fx.GraphModule, layers: Sequence[Layer], bits: int, block_size: int) -> None:
+    for layer in layers:
+        weight = G.get_attr_value(gm, str(layer.weight.target))  # type: ignore[union-attr]
+        packed, scales = pack_blocks(weight, bits, block_size)
+        op = torch.ops.torchkiln.weight_only_linear.default
+        _replace(gm, layer, op, (packed, scales, _bias(gm, layer)), (bits, block_size))
+    gm.graph.eliminate_dead_code()
+    G.drop_unused_attributes(gm)

@@ -1,0 +1,145 @@
+"""Activation range calibration: a streaming histogram per tensor and four ways to pick a range.
+
+Memory is bounded by the histogram (2,048 bins per observed tensor), not by the data: a batch is
+binned and dropped. The histogram's range always contains zero and the batch's values; when a
+batch falls outside it, the range doubles (adjacent bins merge pairwise, so counts stay exact).
+
+Calibrators choose the clipping range ``[lo, hi]`` (``lo <= 0 <= hi`` so zero is exact):
+
+* ``minmax``: the observed minimum and maximum.
+* ``percentile``: the ``p`` and ``100 - p`` percentiles of the histogram.
+* ``mse``: the range, among ``t · [min, max]`` for ``t`` in (0, 1], minimising the expected squared
+  error of quantize-dequantize over the histogram (rounding inside, clipping outside).
+* ``entropy``: the same candidates, minimising the KL divergence between the clipped histogram and
+  its quantized version (TensorRT's calibrator, generalised to asymmetric ranges).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+BINS = 2048
+_CANDIDATES = torch.linspace(0.05, 1.0, 96, dtype=torch.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class QParams:
+    """Affine quantization ``q = clamp(round(x / scale) + zero_point, qmin, qmax)``."""
+
+    scale: float
+    zero_point: int
+    qmin: int
+    qmax: int
+    dtype: torch.dtype
+
+    @classmethod
+    def from_range(cls, lo: float, hi: float, signed: bool) -> QParams:
+        """uint8 asymmetric over ``[lo, hi]``, or int8 symmetric (zero point 0) over ``±max``."""
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
+        if signed:
+            bound = max(-lo, hi)
+            return cls(max(bound / 127.0, 1e-12), 0, -128, 127, torch.int8)
+        scale = max((hi - lo) / 255.0, 1e-12)
+        zero = int(min(max(round(-lo / scale), 0), 255))
+        return cls(scale, zero, 0, 255, torch.uint8)
+
+
+class Histogram:
+    """Streaming histogram of all values seen, over a range that grows by doubling."""
+
+    def __init__(self, bins: int = BINS):
+        self.bins = bins
+        self.counts = torch.zeros(bins, dtype=torch.float64)
+        self.low = self.high = 0.0
+        self.min, self.max = math.inf, -math.inf
+
+    @property
+    def empty(self) -> bool:
+        return self.min > self.max
+
+    def update(self, values: torch.Tensor) -> None:
+        x = values.detach().float().flatten()
+        x = x[torch.isfinite(x)]
+        if x.numel() == 0:
+            return
+        lo, hi = float(x.min()), float(x.max())
+        if self.empty:
+            self.low, self.high = min(lo, 0.0), max(hi, 0.0)
+            if self.high - self.low < 1e-12:
+                self.high = self.low + 1e-6
+        self.min, self.max = min(self.min, lo), max(self.max, hi)
+        while lo < self.low or hi > self.high:
+            self._double(downward=lo < self.low)
+        self.counts += torch.histc(x, self.bins, self.low, self.high).double()
+
+    def _double(self, downward: bool) -> None:
+        merged = self.counts.view(-1, 2).sum(1)
+        pad = torch.zeros_like(merged)
+        width = self.high - self.low
+        if downward:
+            self.counts, self.low = torch.cat([pad, merged]), self.high - 2 * width
+        else:
+            self.counts, self.high = torch.cat([merged, pad]), self.low + 2 * width
+
+    def centers(self) -> torch.Tensor:
+        step = (self.high - self.low) / self.bins
+        return self.low + step * (torch.arange(self.bins, dtype=torch.float64) + 0.5)
+
+
+def choose_range(hist: Histogram, method: str, percentile: float = 99.99, signed: bool = False) -> tuple[float, float]:
+    """The clipping range of ``hist`` by ``method`` (see the module docstring)."""
+    if hist.empty:
+        return 0.0, 0.0
+    lo, hi = min(hist.min, 0.0), max(hist.max, 0.0)
+    if method == "minmax":
+        return lo, hi
+    if method == "percentile":
+        return _percentile_range(hist, percentile)
+    score = _mse if method == "mse" else _kl
+    best = min(_CANDIDATES.tolist(), key=lambda t: score(hist, QParams.from_range(lo * t, hi * t, signed)))
+    return lo * best, hi * best
+
+
+def _percentile_range(hist: Histogram, percentile: float) -> tuple[float, float]:
+    cdf = torch.cumsum(hist.counts, 0) / hist.counts.sum()
+    edges = hist.centers() + (hist.high - hist.low) / (2 * hist.bins)
+    upper = float(edges[int(torch.searchsorted(cdf, percentile / 100.0).clamp(max=hist.bins - 1))])
+    lower_index = int(torch.searchsorted(cdf, 1.0 - percentile / 100.0).clamp(max=hist.bins - 1))
+    lower = float(edges[lower_index] - (hist.high - hist.low) / hist.bins)
+    return min(max(lower, hist.min), 0.0), max(min(upper, hist.max), 0.0)
+
+
+def _fake_quantize(values: torch.Tensor, q: QParams) -> torch.Tensor:
+    return (torch.clamp(torch.round(values / q.scale) + q.zero_point, q.qmin, q.qmax) - q.zero_point) * q.scale
+
+
+def _mse(hist: Histogram, q: QParams) -> float:
+    centers = hist.centers()
+    return float((hist.counts * (_fake_quantize(centers, q) - centers) ** 2).sum())
+
+
+def _kl(hist: Histogram, q: QParams) -> float:
+    """KL(P || Q): P is the histogram with values outside the range piled on its edge bins; Q
+    spreads each quantization level's mass evenly over the bins of P that level covers."""
+    centers = hist.centers()
+    lo = (q.qmin - q.zero_point) * q.scale
+    hi = (q.qmax - q.zero_point) * q.scale
+    inside = (centers >= lo) & (centers <= hi)
+    if int(inside.sum()) < 2:
+        return math.inf
+    first, last = int(inside.nonzero()[0]), int(inside.nonzero()[-1])
+    p = hist.counts[first : last + 1].clone()
+    p[0] += hist.counts[:first].sum()
+    p[-1] += hist.counts[last + 1 :].sum()
+    level = torch.round(centers[first : last + 1] / q.scale).long()
+    level = level - level.min()
+    nonzero = (p > 0).double()
+    mass = torch.zeros(int(level.max()) + 1, dtype=torch.float64).index_add_(0, level, p)
+    support = torch.zeros_like(mass).index_add_(0, level, nonzero)
+    expanded = torch.where(nonzero > 0, mass[level] / support[level].clamp(min=1), torch.zeros_like(p))
+    p, expanded = p / p.sum(), expanded / expanded.sum()
+    keep = p > 0
+    return float((p[keep] * torch.log(p[keep] / expanded[keep].clamp(min=1e-12))).sum())
