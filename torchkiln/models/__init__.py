@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from torchkiln.errors import ConfigError
+from torchkiln.models.digits import DigitsCNN
 from torchkiln.models.mlp import MLP
 from torchkiln.models.mobilenet import MobileNetV2
 from torchkiln.models.recurrent import LSTMClassifier
@@ -87,6 +88,12 @@ ZOO: dict[str, ZooEntry] = {
     for e in (
         ZooEntry(
             "mlp", MLP, (ZooInput("x", (1, 64)),), "MLP: Linear-BatchNorm1d-ReLU-Dropout x2, classifier"
+        ),
+        ZooEntry(
+            "digits_cnn",
+            DigitsCNN,
+            _image(8, channels=1),
+            "CNN for scikit-learn's 8x8 digits (train it with models.digits.train_digits)",
         ),
         ZooEntry("resnet", resnet_tiny, _image(32), "ResNet, basic blocks (1,1,1,1), width 16, 32x32"),
         ZooEntry(

@@ -161,7 +161,9 @@ class Quantize(Pass):
         seen = itertools.count(1)
         batches = self._calibration_batches(program, kept, seen)
         observed = static.plan(gm, chosen)
-        histograms = static.calibrate(gm, set(observed.values()), batches)
+        # every planned tensor, not just scale sources: a subset of layers (mixed precision) can
+        # leave a pass-through op without its source and then it needs its own range
+        histograms = static.calibrate(gm, set(observed), batches)
         qparams = static.qparams_for(histograms, self.config.calibrator, self.config.percentile, signed)
 
         def quantize(graph: fx.GraphModule, layers: Sequence[Layer]) -> None:

@@ -76,6 +76,7 @@ def find_layers(gm: fx.GraphModule) -> tuple[list[Layer], list[str]]:
     for layer in layers:
         if names.count(layer.name) > 1:
             layer.name = f"{layer.name} ({layer.node.name})"
+    gm.recompile()
     return layers, notes
 
 

@@ -49,6 +49,7 @@ def quantize_dynamic(gm: fx.GraphModule, layers: Sequence[Layer], reduce_range: 
         _replace(gm, layer, torch.ops.torchkiln.dynamic_linear.default, (q, scale, _bias(gm, layer)), ())
     gm.graph.eliminate_dead_code()
     G.drop_unused_attributes(gm)
+    gm.recompile()
 
 
 def quantize_weights(gm: fx.GraphModule, layers: Sequence[Layer], bits: int, block_size: int) -> None:
@@ -59,3 +60,4 @@ def quantize_weights(gm: fx.GraphModule, layers: Sequence[Layer], bits: int, blo
         _replace(gm, layer, op, (packed, scales, _bias(gm, layer)), (bits, block_size))
     gm.graph.eliminate_dead_code()
     G.drop_unused_attributes(gm)
+    gm.recompile()

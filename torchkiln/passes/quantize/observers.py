@@ -8,8 +8,10 @@ Calibrators choose the clipping range ``[lo, hi]`` (``lo <= 0 <= hi`` so zero is
 
 * ``minmax``: the observed minimum and maximum.
 * ``percentile``: the ``p`` and ``100 - p`` percentiles of the histogram.
-* ``mse``: the range, among ``t · [min, max]`` for ``t`` in (0, 1], minimising the expected squared
-  error of quantize-dequantize over the histogram (rounding inside, clipping outside).
+* ``mse``: the range, among ``[max(min, -T), min(max, T)]`` for thresholds ``T = t · max |x|``,
+  ``t`` in (0, 1], minimising the expected squared error of quantize-dequantize over the histogram
+  (rounding inside, clipping outside). Clipping magnitudes, not scaling both ends, lets a one-sided
+  outlier be clipped without cutting into the other side.
 * ``entropy``: the same candidates, minimising the KL divergence between the clipped histogram and
   its quantized version (TensorRT's calibrator, generalised to asymmetric ranges).
 """
@@ -99,8 +101,13 @@ def choose_range(hist: Histogram, method: str, percentile: float = 99.99, signed
     if method == "percentile":
         return _percentile_range(hist, percentile)
     score = _mse if method == "mse" else _kl
-    best = min(_CANDIDATES.tolist(), key=lambda t: score(hist, QParams.from_range(lo * t, hi * t, signed)))
-    return lo * best, hi * best
+    bound = max(-lo, hi)
+
+    def clipped(t: float) -> tuple[float, float]:  # clip magnitudes above t * max|x|, either side
+        return max(lo, -t * bound), min(hi, t * bound)
+
+    best = min(_CANDIDATES.tolist(), key=lambda t: score(hist, QParams.from_range(*clipped(t), signed)))
+    return clipped(best)
 
 
 def _percentile_range(hist: Histogram, percentile: float) -> tuple[float, float]:
@@ -122,24 +129,28 @@ def _mse(hist: Histogram, q: QParams) -> float:
 
 
 def _kl(hist: Histogram, q: QParams) -> float:
-    """KL(P || Q): P is the histogram with values outside the range piled on its edge bins; Q
-    spreads each quantization level's mass evenly over the bins of P that level covers."""
+    """KL(P || Q) as TensorRT computes it: P is the histogram inside the range with the mass outside
+    piled on its edge bins; Q quantizes the in-range bins alone (no outliers) to the levels and
+    spreads each level's mass evenly over its non-empty bins. Clipping shows up as P's edge spikes."""
     centers = hist.centers()
     lo = (q.qmin - q.zero_point) * q.scale
     hi = (q.qmax - q.zero_point) * q.scale
-    inside = (centers >= lo) & (centers <= hi)
-    if int(inside.sum()) < 2:
+    inside = ((centers >= lo) & (centers <= hi)).nonzero().flatten()
+    if inside.numel() < 2:
         return math.inf
-    first, last = int(inside.nonzero()[0]), int(inside.nonzero()[-1])
-    p = hist.counts[first : last + 1].clone()
+    first, last = int(inside[0]), int(inside[-1])
+    counts = hist.counts[first : last + 1]
+    p = counts.clone()
     p[0] += hist.counts[:first].sum()
     p[-1] += hist.counts[last + 1 :].sum()
     level = torch.round(centers[first : last + 1] / q.scale).long()
     level = level - level.min()
-    nonzero = (p > 0).double()
-    mass = torch.zeros(int(level.max()) + 1, dtype=torch.float64).index_add_(0, level, p)
+    nonzero = (counts > 0).double()
+    mass = torch.zeros(int(level.max()) + 1, dtype=torch.float64).index_add_(0, level, counts)
     support = torch.zeros_like(mass).index_add_(0, level, nonzero)
     expanded = torch.where(nonzero > 0, mass[level] / support[level].clamp(min=1), torch.zeros_like(p))
+    if float(expanded.sum()) == 0:
+        return math.inf
     p, expanded = p / p.sum(), expanded / expanded.sum()
     keep = p > 0
     return float((p[keep] * torch.log(p[keep] / expanded[keep].clamp(min=1e-12))).sum())

@@ -142,6 +142,7 @@ def apply(
             layer.node.update_arg(1, cache[str(weight.target)])
     gm.graph.eliminate_dead_code()
     G.drop_unused_attributes(gm)
+    gm.recompile()
 
 
 def _insert_qdq(gm: fx.GraphModule, node: fx.Node, q: QParams) -> None:

@@ -1,0 +1,377 @@
+"""The quantize pass: accuracy on real data, integer kernels in ONNX Runtime, every zoo model,
+calibrators, placement, mixed precision, fp16/bf16, weight-only, and bad input."""
+
+from __future__ import annotations
+
+import collections
+import math
+
+import onnx
+import pytest
+import torch
+from conftest import SMALL_ZOO, compile_quietly, op_count
+from torch import nn
+
+import torchkiln
+from torchkiln import models
+from torchkiln.compiler.quant_ops import QUANTIZE, pack_blocks, unpack_blocks
+from torchkiln.compiler.verify import cosine_similarity
+from torchkiln.errors import PassError
+from torchkiln.models.digits import DigitsCNN, accuracy, load_digits_split, train_digits
+from torchkiln.passes.quantize.observers import Histogram, QParams, choose_range
+
+COSINE_FLOOR = 0.99
+
+
+def calibration(entry: models.ZooEntry, batches: int = 8, batch: int = 4) -> list[dict[str, torch.Tensor]]:
+    return [entry.example_inputs(batch, seed=100 + i) for i in range(batches)]
+
+
+def optimized_ops(compiled: torchkiln.CompiledModel) -> collections.Counter[str]:
+    """Op types in ONNX Runtime's optimized graph (the kernels it will actually run)."""
+    path = compiled.artifact.directory / "model.optimized.onnx"
+    return collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+def fresh_cosine(model: nn.Module, compiled: torchkiln.CompiledModel, inputs: dict[str, torch.Tensor]) -> float:
+    with torch.no_grad():
+        want = model(**inputs)
+    return cosine_similarity(compiled(**inputs), want)
+
+
+# --- real data: a CNN trained on scikit-learn's digits -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits():
+    data = load_digits_split()
+    torch.manual_seed(0)
+    return train_digits(DigitsCNN(), data), data
+
+
+def test_int8_on_digits_keeps_accuracy_and_shrinks_the_file(digits):
+    model, data = digits
+    eager = accuracy(model, data.x_test, data.y_test)
+    assert eager >= 95.0, "the reference CNN did not train"
+    calib = [data.x_train[i : i + 32] for i in range(0, 256, 32)]
+    fp32 = compile_quietly(model, data.x_test[:1], dynamic_axes="batch")
+    int8 = compile_quietly(
+        model,
+        data.x_test[:1],
+        passes="cleanup,fold_batchnorm,quantize",
+        dynamic_axes="batch",
+        calibration_data=calib,
+        backend_options={"save_optimized": True},
+    )
+    loss = eager - accuracy(int8, data.x_test, data.y_test)
+    assert loss <= 0.5, f"int8 lost {loss:.2f} accuracy points"
+    ratio = int8.report.artifact.file_bytes / fp32.report.artifact.file_bytes
+    assert ratio <= 0.3, f"int8 file is {ratio:.3f}x the fp32 file"
+    ops = optimized_ops(int8)
+    assert ops["QLinearConv"] == 3 and ops["QGemm"] == 2 and ops["Conv"] + ops["FusedConv"] + ops["Gemm"] == 0
+
+
+@pytest.mark.parametrize("calibrator", ["minmax", "percentile", "entropy", "mse"])
+def test_every_calibrator_keeps_digits_accuracy(digits, calibrator):
+    model, data = digits
+    int8 = compile_quietly(
+        model,
+        data.x_test[:1],
+        passes=f"fold_batchnorm,quantize:calibrator={calibrator}",
+        dynamic_axes="batch",
+        calibration_data=[data.x_train[i : i + 64] for i in range(0, 256, 64)],
+        backend="torch",
+    )
+    eager = accuracy(model, data.x_test, data.y_test)
+    assert eager - accuracy(int8, data.x_test, data.y_test) <= 1.0
+
+
+# --- ONNX Runtime runs integer kernels, not float ops between Q/DQ ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "integer_ops", "float_ops"),
+    [
+        ("resnet", {"QLinearConv": 12, "QLinearAdd": 4, "QGemm": 1}, ("Conv", "FusedConv", "Gemm")),
+        ("text_encoder", {"QLinearMatMul": 4, "MatMulIntegerToFloat": 12, "QGemm": 1}, ("MatMul", "FusedMatMul")),
+    ],
+)
+def test_onnxruntime_fuses_static_int8_into_integer_kernels(name, integer_ops, float_ops):
+    entry = models.get(name)
+    compiled = compile_quietly(
+        entry.build(),
+        entry.example_inputs(1),
+        passes="cleanup,fold_batchnorm,quantize",
+        dynamic_axes=entry.dynamic_axes,
+        calibration_data=calibration(entry),
+        backend_options={"save_optimized": True},
+    )
+    ops = optimized_ops(compiled)
+    assert {k: ops[k] for k in integer_ops} == integer_ops, ops
+    assert sum(ops[k] for k in float_ops) == 0, ops
+
+
+def test_dynamic_int8_becomes_dynamic_quantize_matmul():
+    entry = models.get("text_encoder")
+    compiled = compile_quietly(
+        entry.build(),
+        entry.example_inputs(1),
+        passes="quantize:mode=dynamic",
+        dynamic_axes=entry.dynamic_axes,
+        backend_options={"save_optimized": True},
+    )
+    ops = optimized_ops(compiled)
+    assert ops["DynamicQuantizeMatMul"] + ops["MatMulIntegerToFloat"] == 13, ops
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_weight_only_runs_as_matmul_nbits(bits):
+    entry = models.get("mlp")
+    model = entry.build()
+    compiled = compile_quietly(
+        model,
+        entry.example_inputs(2),
+        passes=f"fold_batchnorm,quantize:mode=weight_only,bits={bits},block_size=32",
+        backend_options={"save_optimized": True},
+    )
+    assert optimized_ops(compiled)["MatMulNBits"] == 3
+    assert compiled.report.artifact.cosine >= (0.999 if bits == 8 else 0.99)
+
+
+# --- every zoo model, static and dynamic --------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["int8", "dynamic"])
+@pytest.mark.parametrize("name", SMALL_ZOO)
+def test_zoo_quantizes_and_runs_on_onnxruntime(name, mode):
+    entry = models.get(name)
+    model = entry.build()
+    compiled = compile_quietly(
+        model,
+        entry.example_inputs(1),
+        passes=f"cleanup,fold_batchnorm,quantize:mode={mode}",
+        dynamic_axes=entry.dynamic_axes,
+        calibration_data=calibration(entry),
+    )
+    quantize = compiled.report.passes[-1]
+    assert quantize.stats["quantized"] >= 1 or (mode == "dynamic" and name == "unet")
+    assert fresh_cosine(model, compiled, entry.example_inputs(3, seed=7)) >= COSINE_FLOOR
+
+
+# --- building blocks ---------------------------------------------------------------------------
+
+
+def test_histogram_doubles_its_range_without_losing_counts():
+    hist = Histogram(bins=64)
+    first, second = torch.rand(1000), torch.rand(1000) * 10 - 3
+    hist.update(first)
+    hist.update(second)
+    assert hist.low <= hist.min < -2.9 and hist.high >= hist.max > 6.9 and hist.counts.sum() == 2000
+    assert (hist.min, hist.max) == (float(second.min()), float(second.max()))
+    # doubling merges bins pairwise, so counts match a recount at the final range (up to values
+    # lying on a bin edge, which float rounding may put on either side)
+    exact = torch.histc(torch.cat([first, second]), 64, hist.low, hist.high)
+    assert (hist.counts.float() - exact).abs().sum() <= 4
+
+
+def test_calibrators_clip_what_minmax_keeps():
+    outlier = torch.randn(100_000)
+    outlier[0] = 60.0
+    hist = Histogram()
+    hist.update(outlier)
+    assert choose_range(hist, "minmax") == (float(outlier.min()), 60.0)
+    for method in ("percentile", "entropy"):  # a single far outlier is clipped
+        lo, hi = choose_range(hist, method, 99.99)
+        assert -6.0 < lo < -2.0 and 2.0 < hi < 20.0, (method, lo, hi)
+    # MSE keeps it: clipping one value by ~50 costs more than the coarser steps cost the rest
+    assert choose_range(hist, "mse")[1] > 50.0
+    # ... but trims long light tails, where many values share the clipping cost
+    laplace = torch.distributions.Laplace(0.0, 1.0).sample((100_000,))
+    hist = Histogram()
+    hist.update(laplace)
+    lo, hi = choose_range(hist, "mse")
+    assert float(laplace.min()) < lo < 0 < hi < 0.95 * float(laplace.max())
+
+
+def test_qparams_keep_zero_exact():
+    q = QParams.from_range(-1.0, 3.0, signed=False)
+    assert q.dtype is torch.uint8 and (q.qmin, q.qmax) == (0, 255)
+    assert math.isclose(q.scale, 4.0 / 255) and q.zero_point == round(1.0 / q.scale)
+    s = QParams.from_range(-1.0, 3.0, signed=True)
+    assert s.dtype is torch.int8 and s.zero_point == 0 and math.isclose(s.scale, 3.0 / 127)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_block_packing_round_trips(bits):
+    weight = torch.randn(6, 70)  # 70 inputs: padded to 3 blocks of 32
+    packed, scales = pack_blocks(weight, bits, 32)
+    assert packed.dtype is torch.uint8 and packed.shape == (6, 3, 32 * bits // 8) and scales.numel() == 18
+    restored = unpack_blocks(packed, scales, bits, 32, 70)
+    step = scales.view(6, 3).repeat_interleave(32, 1)[:, :70]
+    assert ((restored - weight).abs() <= step / 2 + 1e-6).all()
+
+
+class ConvNet(nn.Module):
+    """conv-relu, max-pool, conv with a residual add, relu, linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.pool, self.head = nn.MaxPool2d(2), nn.Linear(8 * 16, 4)
+
+    def forward(self, x):
+        y = self.pool(torch.relu(self.conv1(x)))
+        y = torch.relu(self.conv2(y) + y)
+        return self.head(y.flatten(1))
+
+
+def quantized_graph(model, x, passes="quantize", **kwargs):
+    compiled = compile_quietly(
+        model, x, passes=passes, backend="torch", calibration_data=[x, x * 0.5], **kwargs
+    )
+    return compiled, compiled.artifact.module
+
+
+def test_placement_follows_the_runtimes_fusion_rules():
+    x = torch.randn(2, 3, 8, 8)
+    compiled, gm = quantized_graph(ConvNet().eval(), x)
+    quantized_inputs = {n.args[0] for n in gm.graph.nodes if n.target is QUANTIZE}
+    kinds = {n.name: str(n.target) for n in gm.graph.nodes}
+    for node in quantized_inputs:
+        # never between a conv and the ReLU it fuses with
+        assert not (node.op == "call_function" and "conv2d" in str(node.target) and
+                    any("relu" in str(u.target) for u in node.users)), kinds
+    # input, conv1's relu, the pooled tensor, conv2's output, the residual relu, flatten, head output
+    assert op_count(gm, "quantized_decomposed.quantize_per_tensor") == 7
+    pool_q = next(n for n in gm.graph.nodes if n.target is QUANTIZE and "pool" in n.args[0].name)
+    relu_q = next(n for n in gm.graph.nodes if n.target is QUANTIZE and n.args[0].name == "relu")
+    assert pool_q.args[1:3] == relu_q.args[1:3], "max-pool must reuse its input's scale"
+    assert op_count(gm, "quantized_decomposed.dequantize_per_channel") == 3
+    weights = [p for n, p in gm.named_parameters() if n.endswith("_int8")]
+    assert len(weights) == 3 and all(w.dtype is torch.int8 for w in weights)
+
+
+def test_ignore_and_min_macs_keep_layers_in_float_with_a_note():
+    x = torch.randn(2, 3, 8, 8)
+    compiled, _ = quantized_graph(ConvNet().eval(), x, passes="quantize:ignore=conv*")
+    record = compiled.report.passes[0]
+    assert record.stats == {"quantized": 1, "float": 2}
+    assert {"conv1: left in float, named in ignore", "conv2: left in float, named in ignore"} <= set(record.notes)
+    # the head does 2 x 4 x 128 = 1,024 MACs
+    compiled, _ = quantized_graph(ConvNet().eval(), x, passes="quantize:ignore=conv*,min_macs=2000")
+    record = compiled.report.passes[0]
+    assert "head: left in float, 1,024 MACs is below min_macs=2,000" in record.notes
+    assert record.modified is False and "no layer to quantize: nothing changed" in record.notes
+
+
+class Sensitive(nn.Module):
+    """The head's input has one feature 1000x larger than the rest: per-tensor uint8 crushes the
+    others, so quantizing the head ruins the output while fc1/fc2 quantize well."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 4)
+        self.register_buffer("gain", torch.ones(32))
+        self.gain[0] = 1000.0
+        with torch.no_grad():
+            self.head.weight[:, 0] = 1e-3
+
+    def forward(self, x):
+        return self.head(self.fc2(torch.relu(self.fc1(x))) * self.gain)
+
+
+def test_max_error_keeps_the_most_sensitive_layer_in_float():
+    model, x = Sensitive().eval(), torch.randn(16, 16)
+    compiled, gm = quantized_graph(model, x, passes="quantize:max_error=0.02,min_cosine=0.999")
+    notes = compiled.report.passes[0].notes
+    ranking = [n.strip().split(":")[0] for n in notes if "SQNR" in n]
+    assert ranking[0] == "head", notes
+    assert "head: left in float, most sensitive remaining layer (max_error=0.02)" in notes
+    assert compiled.report.passes[0].stats == {"quantized": 2, "float": 1}
+    assert op_count(gm, "aten.linear") == 3 and op_count(gm, "quantized_decomposed.dequantize_per_channel") == 2
+    # without the budget the head is int8 and the error is far larger
+    plain, _ = quantized_graph(model, x, passes="quantize:min_cosine=0.5")
+    assert plain.report.passes[0].max_abs_error > 10 * compiled.report.passes[0].max_abs_error
+
+
+def test_sensitivity_table_without_a_budget_changes_nothing_else():
+    x = torch.randn(2, 3, 8, 8)
+    compiled, _ = quantized_graph(ConvNet().eval(), x, passes="quantize:sensitivity=true")
+    notes = compiled.report.passes[0].notes
+    assert sum("SQNR" in n for n in notes) == 3 and compiled.report.passes[0].stats["quantized"] == 3
+
+
+def test_no_quantizable_layer_is_a_note_not_a_change():
+    model = nn.Sequential(nn.ReLU(), nn.Softmax(-1))
+    compiled = compile_quietly(model, torch.randn(2, 5), passes="quantize", calibration_data=[torch.randn(2, 5)])
+    record = compiled.report.passes[0]
+    assert record.modified is False and "no layer to quantize: nothing changed" in record.notes
+
+
+def test_composes_with_lossless_passes_and_counts_bytes():
+    entry = models.get("resnet")
+    compiled = compile_quietly(
+        entry.build(),
+        entry.example_inputs(1),
+        passes="cleanup,fold_batchnorm,quantize",
+        calibration_data=[entry.example_inputs(1, seed=i) for i in range(4)],
+        backend="torch",
+    )
+    fold, quant = compiled.report.passes[1:]
+    assert op_count(compiled.artifact.module, "BatchNorm2d") == 0 and fold.stats["folded"] == 12
+    assert quant.bytes_after < 0.3 * quant.bytes_before
+    assert quant.tolerance == "cosine similarity >= 0.99" and quant.cosine >= 0.99
+
+
+@pytest.mark.parametrize("mode", ["int8", "dynamic", "weight_only", "fp16", "bf16"])
+def test_quantized_models_save_and_load(tmp_path, mode):
+    entry = models.get("text_encoder")
+    x = entry.example_inputs(2)
+    backend = "torch" if mode == "bf16" else "onnxruntime"
+    compiled = compile_quietly(
+        entry.build(),
+        x,
+        passes=f"quantize:mode={mode}",
+        backend=backend,
+        dynamic_axes=entry.dynamic_axes,
+        calibration_data=calibration(entry, 4, 2),
+    )
+    compiled.save(tmp_path / "artifact")
+    loaded = torchkiln.load(tmp_path / "artifact")
+    assert torch.equal(loaded(**x), compiled(**x))
+
+
+# --- fp16 / bf16 -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", SMALL_ZOO)
+def test_fp16_matches_eager_within_half_precision(name):
+    entry = models.get(name)
+    compiled = compile_quietly(
+        entry.build(), entry.example_inputs(2), passes="fold_batchnorm,quantize:mode=fp16", dynamic_axes=entry.dynamic_axes
+    )
+    assert compiled.report.artifact.tolerance == "atol=0.001 + rtol=0.01 x output scale"
+    assert all(spec.dtype == "float32" for spec in compiled.outputs)
+
+
+def test_fp16_keeps_fragile_ops_in_float32():
+    entry = models.get("vit")
+    compiled = compile_quietly(entry.build(), entry.example_inputs(1), passes="quantize:mode=fp16", backend="torch")
+    gm = compiled.artifact.module
+    norms = [n for n in gm.graph.nodes if n.op == "call_module" and "norm" in str(n.target)]
+    assert norms and all(gm.get_submodule(str(n.target)).weight.dtype is torch.float32 for n in norms)
+    linears = [m for m in gm.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(m.weight.dtype is torch.float16 for m in linears)
+    assert compiled.report.passes[0].stats["fp32_ops"] > 0
+
+
+def test_bf16_runs_on_the_torch_backend():
+    entry = models.get("resnet")
+    compiled = compile_quietly(entry.build(), entry.example_inputs(1), passes="quantize:mode=bf16", backend="torch")
+    assert compiled.report.artifact.max_rel_error < 5e-2
+
+
+def test_a_broken_promise_is_a_pass_error():
+    model, x = Sensitive().eval(), torch.randn(16, 16)
+    with pytest.raises(PassError, match="broke its accuracy promise"):
+        quantized_graph(model, x, passes="quantize:min_cosine=0.9999")
