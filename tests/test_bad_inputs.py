@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import compile_quietly
@@ -15,7 +16,7 @@ from torch import nn
 import torchkiln
 from torchkiln.cli import main
 from torchkiln.compiler.files import sha256
-from torchkiln.errors import ArtifactError, ConfigError, InputError, TraceError
+from torchkiln.errors import ArtifactError, BackendError, ConfigError, InputError, PassError, TraceError
 
 
 class TwoInputs(nn.Module):
@@ -85,6 +86,56 @@ COMPILE_CASES = [
     ),
     ("dynamic-axis-range", LINEAR, X, {"dynamic_axes": {"input": [2]}}, ConfigError, "out of range"),
     ("dynamic-bad-string", LINEAR, X, {"dynamic_axes": "sequence"}, ConfigError, "not understood"),
+    # quantization: calibration data and options
+    ("calibration-missing", LINEAR, X, {"passes": "quantize"}, PassError, "needs calibration data"),
+    ("calibration-empty", LINEAR, X, {"passes": "quantize", "calibration_data": []}, PassError, "is empty"),
+    (
+        "calibration-not-iterable",
+        LINEAR,
+        X,
+        {"passes": "quantize", "calibration_data": 5},
+        InputError,
+        "must be an iterable of input batches",
+    ),
+    (
+        "calibration-wrong-shape",
+        LINEAR,
+        X,
+        {"passes": "quantize", "calibration_data": [X, torch.randn(2, 5)]},
+        PassError,
+        r"calibration batch 1: input 'input' has shape \[2, 5\], expected \[2, 4\]",
+    ),
+    (
+        "calibration-wrong-dtype",
+        LINEAR,
+        X,
+        {"passes": "quantize", "calibration_data": [X.double()]},
+        PassError,
+        "calibration batch 0: input 'input' has dtype float64",
+    ),
+    (
+        "calibration-with-labels",
+        LINEAR,
+        X,
+        {"passes": "quantize", "calibration_data": [(X, torch.zeros(2))]},
+        PassError,
+        "calibration batch 0: expected at most 1 positional inputs",
+    ),
+    (
+        "calibration-nan",
+        LINEAR,
+        X,
+        {"passes": "quantize", "calibration_data": [nan_at((2, 4))]},
+        PassError,
+        "contains NaN or Inf",
+    ),
+    ("unknown-calibrator", LINEAR, X, {"passes": "quantize:calibrator=kl"}, ConfigError, "'kl' is not one of"),
+    ("unknown-quantize-mode", LINEAR, X, {"passes": "quantize:mode=int2"}, ConfigError, "is not one of"),
+    ("bad-bits", LINEAR, X, {"passes": "quantize:mode=weight_only,bits=3"}, ConfigError, "is not one of"),
+    ("bad-block-size", LINEAR, X, {"passes": "quantize:block_size=24"}, ConfigError, "a power of 2"),
+    ("bad-percentile", LINEAR, X, {"passes": "quantize:percentile=20"}, ConfigError, r"in \(50, 100\]"),
+    ("bad-max-error", LINEAR, X, {"passes": "quantize:max_error=0"}, ConfigError, "must be > 0"),
+    ("bf16-on-onnxruntime", LINEAR, X, {"passes": "quantize:mode=bf16"}, BackendError, "bfloat16"),
 ]
 
 
@@ -319,6 +370,16 @@ CLI_CASES = [
     (["inspect", "mlp", "--input", "1x65"], 2, "fails on the example inputs"),
     (["inspect", "{tmp}/untraceable.py:build", "--input", "2x4"], 1, "symbolic tracing failed"),
     (["passes", "nope"], 2, "unknown pass 'nope'"),
+    (["export", "mlp", "--passes", "quantize", "-o", "{tmp}/o"], 1, "needs calibration data"),
+    (["export", "mlp", "--passes", "quantize", "--calibration", "random:0", "-o", "{tmp}/o"], 2, "bad --calibration"),
+    (["export", "mlp", "--passes", "quantize", "--calibration", "{tmp}/no.pt", "-o", "{tmp}/o"], 2, "not found"),
+    (["export", "mlp", "--passes", "quantize", "--calibration", "{tmp}/file", "-o", "{tmp}/o"], 2, "unsupported"),
+    (["export", "mlp", "--passes", "quantize", "--calibration", "{tmp}/bad.pt", "-o", "{tmp}/o"], 2, "cannot read"),
+    (
+        ["export", "mlp", "--passes", "quantize", "--calibration", "{tmp}/wrong.npz", "-o", "{tmp}/o"],
+        2,
+        "has arrays y that are not model inputs",
+    ),
 ]
 
 FILES = {
@@ -329,6 +390,7 @@ FILES = {
         "        if x.sum() > 0:\n            return x\n        return -x\n\ndef build():\n    return M()\n"
     ),
     "file": "",
+    "bad.pt": "not a pickle",
 }
 
 
@@ -337,6 +399,7 @@ def test_cli(capsys, tmp_path, unwritable_dir, case):
     argv, code, message = case
     for name, text in FILES.items():
         (tmp_path / name).write_text(text)
+    np.savez(tmp_path / "wrong.npz", x=np.zeros((4, 64), np.float32), y=np.zeros(4, np.float32))
     argv = [a.replace("{tmp}", str(tmp_path)).replace("{locked}", str(unwritable_dir)) for a in argv]
     assert main(argv) == code
     err = capsys.readouterr().err

@@ -4,6 +4,7 @@ calibrators, placement, mixed precision, fp16/bf16, weight-only, and bad input."
 from __future__ import annotations
 
 import collections
+import json
 import math
 
 import onnx
@@ -375,3 +376,31 @@ def test_a_broken_promise_is_a_pass_error():
     model, x = Sensitive().eval(), torch.randn(16, 16)
     with pytest.raises(PassError, match="broke its accuracy promise"):
         quantized_graph(model, x, passes="quantize:min_cosine=0.9999")
+
+
+def test_tensorrt_target_uses_symmetric_int8_activations():
+    x = torch.randn(2, 3, 8, 8)
+    _, gm = quantized_graph(ConvNet().eval(), x, passes="quantize:target=tensorrt")
+    placed = [n for n in gm.graph.nodes if n.target is QUANTIZE]
+    assert placed and all(n.args[2:] == (0, -128, 127, torch.int8) for n in placed)
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".pt"])
+def test_cli_calibrates_from_a_data_file(tmp_path, capsys, suffix):
+    import numpy as np
+
+    from torchkiln.cli import main
+
+    samples = torch.randn(12, 64)
+    path = tmp_path / f"calib{suffix}"
+    if suffix == ".npz":
+        np.savez(path, x=samples.numpy())
+    else:
+        torch.save([samples[i : i + 4] for i in range(0, 12, 4)], path)
+    argv = ["export", "mlp", "--passes", "fold_batchnorm,quantize", "--dynamic-batch", "--calibration", str(path)]
+    assert main([*argv, "-o", str(tmp_path / "out"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    notes = report["passes"][-1]["notes"]
+    batches = 3 if suffix == ".pt" else 12  # the .npz array is split like the 1-sample example input
+    assert any(n.startswith(f"calibrated 6 tensors on {batches} batches") for n in notes), notes
+    assert (tmp_path / "out" / "model.onnx").exists()
