@@ -57,6 +57,14 @@ def output_node(graph: fx.Graph) -> fx.Node:
     raise ValueError("graph has no output node")
 
 
+def module_path(node: fx.Node) -> str:
+    """The module a node came from (``layer1.0.conv1``), or the node's name at the root."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack") or {}
+    return next(reversed(stack.values()))[0] if stack else node.name
+
+
 def op_key(node: fx.Node, gm: fx.GraphModule) -> str | None:
     """A readable op name for histograms: module class for call_module, target name otherwise."""
     if node.op == "call_module":

@@ -117,7 +117,7 @@ def _error_cell(p: PassRecord) -> str:
     if p.max_abs_error is None:
         return "-"
     if p.tolerance is not None and p.cosine is not None:  # a lossy pass: direction matters more
-        return f"{p.max_abs_error:.2e} cos {p.cosine:.4f}"
+        return f"{p.max_abs_error:.2e} cos {p.cosine:.5f}"
     return f"{p.max_abs_error:.2e}"
 
 

@@ -86,7 +86,7 @@ def compare(
 
 def cosine_similarity(actual: torch.Tensor, reference: torch.Tensor) -> float:
     """Of the flattened tensors; 1.0 when both are zero, 0.0 when only one is."""
-    a, r = actual.flatten().double(), reference.flatten().double()
+    a, r = actual.detach().flatten().double(), reference.detach().flatten().double()
     norms = float(a.norm() * r.norm())
     if norms == 0:
         return 1.0 if float(a.norm()) == float(r.norm()) else 0.0

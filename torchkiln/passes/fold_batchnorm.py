@@ -84,20 +84,13 @@ class FoldBatchNorm(Pass):
                 fold(gm, node)
                 folded += 1
             except _Skip as reason:
-                notes.append(f"{_label(node)}: not folded, {reason}")
+                notes.append(f"{G.module_path(node)}: not folded, {reason}")
         if folded:
             gm.graph.eliminate_dead_code()
             G.drop_unused_attributes(gm)
         return PassResult(
             modified=folded > 0, stats={"folded": folded, "not_folded": len(notes)}, notes=notes
         )
-
-
-def _label(node: fx.Node) -> str:
-    if node.op == "call_module":
-        return str(node.target)
-    stack = node.meta.get("nn_module_stack") or {}
-    return next(reversed(stack.values()))[0] if stack else node.name
 
 
 def folded_weights(
@@ -128,11 +121,11 @@ class _Skip(Exception):
 
 def _common_checks(layer: fx.Node, is_linear: bool, channels: int, out_channels: int) -> None:
     if len(layer.users) != 1:
-        raise _Skip(f"the output of {_label(layer)} has other users")
+        raise _Skip(f"the output of {G.module_path(layer)} has other users")
     if is_linear and len(G.shape_of(layer) or ()) != 2:
         raise _Skip("BN normalizes dim 1 of a Linear output that is not 2-D, which is not its feature axis")
     if channels != out_channels:
-        raise _Skip(f"BN has {channels} channels but {_label(layer)} produces {out_channels}")
+        raise _Skip(f"BN has {channels} channels but {G.module_path(layer)} produces {out_channels}")
 
 
 def _fold_module(gm: fx.GraphModule, bn_node: fx.Node) -> None:

@@ -41,6 +41,16 @@ from torchkiln.passes.quantize import half, linear, sensitivity, static
 from torchkiln.passes.quantize.layers import Layer, find_layers
 
 Mode = Literal["int8", "dynamic", "weight_only", "fp16", "bf16"]
+_INTEGER = ("int8", "dynamic", "weight_only")
+_STATIC = ("int8",)
+_HALF = ("fp16", "bf16")
+# Options that mean something only in some modes: setting one elsewhere is a mistake, not a no-op.
+_MODES_OF = {
+    "calibrator": _STATIC, "percentile": _STATIC, "calibration_batches": _STATIC, "target": _STATIC,
+    "op_types": _STATIC, "max_error": _STATIC, "sensitivity": _STATIC, "sensitivity_batches": _STATIC,
+    "reduce_range": ("int8", "dynamic"), "bits": ("weight_only",), "block_size": ("weight_only",),
+    "ignore": _INTEGER, "min_macs": _INTEGER, "min_cosine": _INTEGER, "keep_fp32": _HALF, "fp32_io": _HALF,
+}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +82,9 @@ class QuantizeConfig(PassConfig):
     fp32_io: bool = option(True, "fp16/bf16: keep float32 inputs and outputs")
 
     def validate(self) -> None:
+        for key in self.changed():
+            if key in _MODES_OF and self.mode not in _MODES_OF[key]:
+                self.fail(key, f"applies to mode={'|'.join(_MODES_OF[key])} only, not mode={self.mode}")
         if not 50.0 < self.percentile <= 100.0:
             self.fail("percentile", f"must be in (50, 100], got {self.percentile}")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
@@ -118,19 +131,20 @@ class Quantize(Pass):
 
     def _integer(self, gm: fx.GraphModule, program: Program) -> PassResult:
         layers, notes = find_layers(gm)
+        unsupported = len(notes)  # layers of kinds with no integer kernel (ConvTranspose, LSTM, ...)
         G.annotate(gm, program.example_inputs)  # the canonical nodes' dtypes guide placement
         chosen = self._select(layers, notes)
         if not chosen:
             notes.append("no layer to quantize: nothing changed")
-            return PassResult(modified=False, stats={"quantized": 0, "float": len(layers)}, notes=notes)
+            return PassResult(modified=False, stats={"quantized": 0, "float": len(layers) + unsupported}, notes=notes)
         if self.config.mode == "dynamic":
             linear.quantize_dynamic(gm, chosen, self.config.reduce_range != "off")
         elif self.config.mode == "weight_only":
             linear.quantize_weights(gm, chosen, self.config.bits, self.config.block_size)
         else:
             chosen = self._static(gm, program, chosen, notes)
-        stats: dict[str, int | float] = {"quantized": len(chosen), "float": len(layers) - len(chosen)}
-        return PassResult(modified=bool(chosen), stats=stats, notes=notes)
+        kept = len(layers) - len(chosen) + unsupported
+        return PassResult(modified=bool(chosen), stats={"quantized": len(chosen), "float": kept}, notes=notes)
 
     def _select(self, layers: list[Layer], notes: list[str]) -> list[Layer]:
         chosen = []

@@ -30,6 +30,7 @@ F = nn.functional
 CONV_OPS = {aten.conv1d.default, aten.conv2d.default, aten.conv1d.padding, aten.conv2d.padding}
 MATMUL_OPS = {aten.matmul.default, aten.bmm.default}
 _FUNCTIONAL = {F.conv1d: aten.conv1d, F.conv2d: aten.conv2d, F.linear: aten.linear}
+_RECURRENT_OPS = {aten.lstm.input, aten.gru.input, aten.rnn_tanh.input, aten.rnn_relu.input}
 _MATMUL_CALLS = {torch.matmul, operator.matmul, torch.bmm, aten.matmul.default, aten.bmm.default}
 
 
@@ -51,14 +52,6 @@ class Layer:
         return arg if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
 
 
-def label(node: fx.Node) -> str:
-    """The module path a node came from (its own name when it has none)."""
-    if node.op == "call_module":
-        return str(node.target)
-    stack = node.meta.get("nn_module_stack") or {}
-    return next(reversed(stack.values()))[0] if stack else node.name
-
-
 def find_layers(gm: fx.GraphModule) -> tuple[list[Layer], list[str]]:
     """Canonicalize and list conv1d/2d, linear and matmul layers; notes for layers skipped."""
     layers, notes = [], []
@@ -66,12 +59,12 @@ def find_layers(gm: fx.GraphModule) -> tuple[list[Layer], list[str]]:
         try:
             canonical = _canonicalize(gm, node)
         except _Unsupported as reason:
-            notes.append(f"{label(node)}: left in float, {reason}")
+            notes.append(f"{G.module_path(node)}: left in float, {reason}")
             continue
         if canonical is not None:
             kind = "conv" if canonical.target in CONV_OPS else "linear"
             kind = "matmul" if canonical.target in MATMUL_OPS else kind
-            layers.append(Layer(canonical, label(canonical), kind, _macs(gm, canonical, kind)))
+            layers.append(Layer(canonical, G.module_path(canonical), kind, _macs(gm, canonical, kind)))
     names = [layer.name for layer in layers]
     for layer in layers:
         if names.count(layer.name) > 1:
@@ -96,11 +89,13 @@ def _canonicalize(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
             return _replace(gm, node, overload, str(node.target), module.bias is not None, geometry)
         if isinstance(module, nn.Linear):
             return _replace(gm, node, aten.linear.default, str(node.target), module.bias is not None, ())
-        if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Conv3d)):
+        if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Conv3d, nn.RNNBase)):
             raise _Unsupported(f"{type(module).__name__} is not quantized (no fused integer kernel targeted)")
         return None
     if node.op != "call_function":
         return None
+    if node.target in _RECURRENT_OPS:
+        raise _Unsupported(f"{node.target} is not quantized (no fused integer kernel targeted)")
     if node.target in _FUNCTIONAL:
         return _from_functional(gm, node)
     if node.target in _MATMUL_CALLS and len(node.args) == 2 and not node.kwargs:
