@@ -89,7 +89,13 @@ def _format(value: Any) -> str:
 
 _REGISTRY: dict[str, type[Pass]] = {}
 # Modules that define built-in passes; imported on first registry access to keep import cheap.
-_BUILTIN_MODULES = ("torchkiln.passes.cleanup", "torchkiln.passes.fold_batchnorm", "torchkiln.passes.quantize")
+_BUILTIN_MODULES = (
+    "torchkiln.passes.cleanup",
+    "torchkiln.passes.fold_batchnorm",
+    "torchkiln.passes.quantize",
+    "torchkiln.passes.prune",
+    "torchkiln.passes.lowrank",
+)
 _loaded = False
 
 

@@ -19,7 +19,7 @@ from torch import fx
 
 from torchkiln.compiler import graph as G
 from torchkiln.compiler.quant_ops import pack_blocks, quantize_weight_per_channel
-from torchkiln.passes.quantize.layers import Layer
+from torchkiln.passes.layers import Layer
 
 
 def _bias(gm: fx.GraphModule, layer: Layer) -> torch.Tensor:

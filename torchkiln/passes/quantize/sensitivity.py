@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import fx
 
-from torchkiln.passes.quantize.layers import Layer, find_layers
+from torchkiln.passes.layers import Layer, find_layers
 
 #: quantize(graph, layers) rewrites a copy of the float graph with ``layers`` quantized.
 Quantizer = Callable[[fx.GraphModule, Sequence[Layer]], None]

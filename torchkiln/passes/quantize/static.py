@@ -29,7 +29,7 @@ from torch import fx, nn
 
 from torchkiln.compiler import graph as G
 from torchkiln.compiler.quant_ops import DEQUANTIZE, DEQUANTIZE_CHANNEL, QUANTIZE, quantize_weight_per_channel
-from torchkiln.passes.quantize.layers import Layer
+from torchkiln.passes.layers import Layer
 from torchkiln.passes.quantize.observers import Histogram, QParams, choose_range
 
 aten = torch.ops.aten

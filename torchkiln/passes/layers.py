@@ -34,7 +34,7 @@ _RECURRENT_OPS = {aten.lstm.input, aten.gru.input, aten.rnn_tanh.input, aten.rnn
 _MATMUL_CALLS = {torch.matmul, operator.matmul, torch.bmm, aten.matmul.default, aten.bmm.default}
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # hashed by identity: a layer is one node of one graph
 class Layer:
     node: fx.Node
     name: str

@@ -1,0 +1,131 @@
+"""``prune``: magnitude pruning of conv / linear weights, unstructured or 2:4 semi-structured.
+
+Unstructured (``pattern=unstructured``): the ``ratio`` smallest-magnitude weights become zero —
+per layer (``scope=layer``: each layer loses ``ratio`` of its weights) or over all layers at once
+(``scope=global``: one threshold, so layers with many small weights lose more). Shapes do not
+change; the gain is in compression and sparse kernels, and the report gives each layer's sparsity.
+
+2:4 (``pattern=2:4``): in every group of 4 consecutive weights along a layer's input channels
+(the GEMM reduction axis; for a conv, at each kernel position) the 2 smallest become zero — the
+layout NVIDIA sparse tensor cores (TensorRT's sparse-weights flag) accelerate. Layers whose input
+channels are not a multiple of 4 are left alone with a note.
+
+``ratio=0`` (unstructured) changes nothing and reports ``modified=False``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import fnmatch
+from typing import Literal
+
+import torch
+from torch import fx
+
+from torchkiln.compiler import graph as G
+from torchkiln.compiler.options import option
+from torchkiln.compiler.passes import Pass, PassConfig, PassResult, register_pass
+from torchkiln.compiler.program import Program
+from torchkiln.compiler.verify import Tolerance
+from torchkiln.passes.layers import Layer, find_layers
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneConfig(PassConfig):
+    ratio: float = option(0.5, "unstructured: fraction of weights set to zero, in [0, 1)")
+    scope: Literal["layer", "global"] = option("layer", "unstructured: one threshold per layer or for all")
+    pattern: Literal["unstructured", "2:4"] = option("unstructured", "which weights may become zero")
+    ignore: tuple[str, ...] = option((), "module paths (globs) never pruned, e.g. stem.*|head")
+    min_cosine: float | None = option(
+        None, "promise checked against eager (cosine floor); unset: error measured, not enforced (distill next)"
+    )
+
+    def validate(self) -> None:
+        if not 0.0 <= self.ratio < 1.0:
+            self.fail("ratio", f"must be in [0, 1), got {self.ratio}")
+        if self.pattern == "2:4" and "ratio" in self.changed():
+            self.fail("ratio", "2:4 always prunes half of each group of 4; leave ratio unset")
+        if self.min_cosine is not None and not 0.0 < self.min_cosine <= 1.0:
+            self.fail("min_cosine", f"must be in (0, 1], got {self.min_cosine}")
+
+
+@register_pass
+class Prune(Pass):
+    """Zero the smallest conv/linear weights: unstructured (per layer or global) or 2:4."""
+
+    name = "prune"
+    Config = PruneConfig
+    lossless = False
+    config: PruneConfig
+
+    def tolerance(self) -> Tolerance | None:
+        return None if self.config.min_cosine is None else Tolerance(min_cosine=self.config.min_cosine)
+
+    def run(self, program: Program) -> PassResult:
+        if self.config.pattern == "unstructured" and self.config.ratio == 0:
+            return PassResult(modified=False, notes=["ratio=0: nothing to prune"])
+        work = copy.deepcopy(program.graph_module)
+        layers, notes = find_layers(work)
+        chosen = []
+        for layer in layers:
+            if layer.weight is None:
+                continue  # matmul of two activations: no weight
+            if any(fnmatch.fnmatchcase(layer.name, p) for p in self.config.ignore):
+                notes.append(f"{layer.name}: not pruned, named in ignore")
+            else:
+                chosen.append(layer)
+        masks = self._masks(work, chosen, notes)
+        zeros = total = 0
+        for layer, mask in masks.items():
+            weight = G.get_attr_value(work, str(layer.weight.target))  # type: ignore[union-attr]
+            pruned = weight.detach() * mask.to(weight.dtype)
+            with work.graph.inserting_before(layer.node):
+                node = work.graph.get_attr(G.add_attribute(work, f"{layer.name}_pruned", pruned, parameter=True))
+            layer.node.update_arg(1, node)
+            zeros, total = zeros + int((~mask).sum()), total + mask.numel()
+            share = float((~mask).sum()) / mask.numel()
+            dead = " — the layer is dead: use scope=layer or ignore it" if share >= 0.99 else ""
+            notes.append(f"{layer.name}: {100.0 * share:.1f}% of weights zero{dead}")
+        if not masks:
+            return PassResult(modified=False, notes=notes + ["no layer to prune: nothing changed"])
+        work.graph.eliminate_dead_code()
+        G.drop_unused_attributes(work)
+        program.graph_module = work
+        sparsity = zeros / total if total else 0.0
+        return PassResult(True, {"layers": len(masks), "zeros": zeros, "sparsity": round(sparsity, 4)}, notes)
+
+    def _masks(self, gm: fx.GraphModule, layers: list[Layer], notes: list[str]) -> dict[Layer, torch.Tensor]:
+        weights = {layer: G.get_attr_value(gm, str(layer.weight.target)).detach() for layer in layers}  # type: ignore[union-attr]
+        if self.config.pattern == "2:4":
+            masks = {}
+            for layer, weight in weights.items():
+                if weight.dim() < 2 or weight.shape[1] % 4:
+                    notes.append(f"{layer.name}: not pruned, 2:4 needs input channels divisible by 4")
+                else:
+                    masks[layer] = two_of_four(weight)
+            return masks
+        if self.config.scope == "global":
+            threshold = kth_magnitude(torch.cat([w.abs().flatten() for w in weights.values()]), self.config.ratio)
+            return {layer: w.abs() > threshold for layer, w in weights.items()}
+        return {layer: w.abs() > kth_magnitude(w.abs().flatten(), self.config.ratio) for layer, w in weights.items()}
+
+
+def kth_magnitude(magnitudes: torch.Tensor, ratio: float) -> float:
+    """The magnitude at or below which ``ratio`` of the values lie (-1 when nothing is pruned)."""
+    count = int(ratio * magnitudes.numel())
+    if count == 0:
+        return -1.0
+    return float(torch.kthvalue(magnitudes.float(), count).values)
+
+
+def two_of_four(weight: torch.Tensor) -> torch.Tensor:
+    """Keep-mask with the 2 largest of every 4 consecutive input channels (per output channel and
+    kernel position)."""
+    spatial = tuple(range(2, weight.dim()))
+    moved = weight.permute(0, *spatial, 1)  # [out, *kernel, in]
+    groups = moved.reshape(-1, 4).abs()
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(1, groups.topk(2, dim=1).indices, True)
+    inverse = (0, weight.dim() - 1, *range(1, weight.dim() - 1))
+    return keep.reshape(moved.shape).permute(*inverse).contiguous()
