@@ -130,6 +130,8 @@ def _factor(gm: fx.GraphModule, layer: Layer, matrix: torch.Tensor, rank: int, c
     args: Any = layer.node.args
     x, bias = args[0], args[2] if len(args) > 2 else None
     dtype = weight.dtype
+    first_args: tuple[Any, ...]
+    second_args: tuple[Any, ...]
     if layer.kind == "linear":
         first, second = right, left  # x → right x → left (right x) + b
         op, first_args, second_args = aten.linear.default, (), ()

@@ -37,8 +37,8 @@ from torchkiln.compiler.passes import Pass, PassConfig, PassResult, register_pas
 from torchkiln.compiler.program import Program
 from torchkiln.compiler.verify import Tolerance
 from torchkiln.errors import InputError
-from torchkiln.passes.quantize import half, linear, sensitivity, static
 from torchkiln.passes.layers import Layer, find_layers
+from torchkiln.passes.quantize import half, linear, sensitivity, static
 
 Mode = Literal["int8", "dynamic", "weight_only", "fp16", "bf16"]
 _INTEGER = ("int8", "dynamic", "weight_only")
