@@ -95,6 +95,7 @@ _BUILTIN_MODULES = (
     "torchkiln.passes.quantize",
     "torchkiln.passes.prune",
     "torchkiln.passes.lowrank",
+    "torchkiln.passes.cluster",
 )
 _loaded = False
 
