@@ -107,3 +107,105 @@ def test_ignored_layers_are_left_alone_with_a_note():
     compiled = compile_quietly(model, torch.randn(2, 8), passes="prune:ratio=0.5,ignore=2", backend="torch")
     assert "2: not pruned, named in ignore" in compiled.report.passes[0].notes
     assert compiled.report.passes[0].stats["layers"] == 1
+
+
+# --- structured channel pruning ----------------------------------------------------------------
+
+
+def shapes(compiled) -> dict[str, tuple[int, ...]]:
+    return {n: tuple(p.shape) for n, p in compiled.artifact.module.named_parameters()}
+
+
+class Residual(nn.Module):
+    """stem → (conv-BN-ReLU → conv-BN) + identity → ReLU → conv → mean → flatten → Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.conv1, self.bn1 = nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.conv2, self.bn2 = nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.conv3 = nn.Conv2d(32, 64, 3, padding=1)
+        self.head = nn.Linear(64 * 4, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        y = torch.relu(x + y)
+        y = nn.functional.adaptive_avg_pool2d(torch.relu(self.conv3(y)), 2)
+        return self.head(y.flatten(1))
+
+
+def test_structured_pruning_shrinks_coupled_groups_and_still_runs():
+    model = Residual().eval()
+    models.randomize_batchnorm(model)
+    compiled = compile_quietly(
+        model, torch.randn(2, 3, 8, 8), passes="prune:structured=true,ratio=0.5", dynamic_axes="batch"
+    )
+    record = compiled.report.passes[0]
+    notes = "\n".join(record.notes)
+    # the residual ties stem and conv2 (and bn2): one group of 32 -> 16; conv1 alone; conv3 feeds the head
+    assert "stem+conv2: 32 -> 16 channels" in notes and "conv1: 32 -> 16 channels" in notes
+    assert "conv3: 64 -> 32 channels" in notes
+    assert record.stats == {"groups": 3, "channels_before": 128, "channels_after": 64}
+    assert "head: channels not pruned, its channels reach a graph output" in notes
+    # the ONNX model runs with the smaller shapes at another batch size
+    x = torch.randn(5, 3, 8, 8)
+    assert compiled(x).shape == (5, 10)
+    assert record.params_after < 0.5 * record.params_before
+
+
+def test_structured_pruning_on_the_torch_backend_has_smaller_tensors():
+    model = Residual().eval()
+    compiled = compile_quietly(model, torch.randn(1, 3, 8, 8), passes="prune:structured=true,ratio=0.5", backend="torch")
+    sizes = shapes(compiled)
+    head = [s for n, s in sizes.items() if len(s) == 2 and s[0] == 10]
+    assert head == [(10, 32 * 4)], sizes  # flatten maps each kept channel to its 4 columns
+    bn = compiled.artifact.module.get_submodule("bn2")
+    assert bn.num_features == 16 and bn.running_mean.shape == (16,)
+
+
+def test_keeps_the_highest_norm_channels():
+    model = nn.Sequential(nn.Conv2d(1, 4, 1, bias=False), nn.ReLU(), nn.Conv2d(4, 2, 1, bias=False)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([1.0, -5.0, 0.1, 3.0]).view(4, 1, 1, 1))
+    compiled = compile_quietly(
+        model, torch.randn(1, 1, 2, 2), passes="prune:structured=true,ratio=0.5,round_to=1", backend="torch"
+    )
+    kept = [p for n, p in compiled.artifact.module.named_parameters() if p.shape == (2, 1, 1, 1)]
+    assert kept and kept[0].flatten().tolist() == [-5.0, 3.0]  # channels 1 and 3, in order
+
+
+def test_depthwise_convs_tie_their_input_and_output_channels():
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU(), nn.Conv2d(16, 8, 1)
+    ).eval()
+    compiled = compile_quietly(
+        model, torch.randn(2, 3, 6, 6), passes="prune:structured=true,ratio=0.5", backend="onnxruntime"
+    )
+    assert "0: 16 -> 8 channels" in compiled.report.passes[0].notes
+    assert compiled(torch.randn(2, 3, 6, 6)).shape == (2, 8, 6, 6)
+    depthwise = [s for s in compiled.report.passes[0].notes if s.startswith("2")]
+    assert depthwise == [], depthwise  # the depthwise conv is a member of conv 0's group, not a group
+
+
+def test_round_to_keeps_hardware_friendly_widths():
+    model = nn.Sequential(nn.Linear(8, 40), nn.ReLU(), nn.Linear(40, 3)).eval()
+    compiled = compile_quietly(model, torch.randn(2, 8), passes="prune:structured=true,ratio=0.5", backend="torch")
+    assert "0: 40 -> 24 channels" in compiled.report.passes[0].notes  # 20 rounded up to 24
+
+
+@pytest.mark.parametrize("name", SMALL_ZOO)
+def test_structured_pruning_runs_on_every_zoo_model(name):
+    entry = models.get(name)
+    model = entry.build()
+    compiled = compile_quietly(
+        model, entry.example_inputs(2), passes="fold_batchnorm,prune:structured=true,ratio=0.5",
+        dynamic_axes=entry.dynamic_axes,
+    )  # fmt: skip
+    record = compiled.report.passes[-1]
+    if name != "lstm":  # the LSTM's only layer outside the recurrent cell is the output head
+        assert record.stats["channels_after"] < record.stats["channels_before"], record.notes
+        assert record.params_after < record.params_before
+    fresh = entry.example_inputs(3, seed=5)
+    with torch.no_grad():
+        assert compiled(**fresh).shape == model(**fresh).shape

@@ -59,7 +59,7 @@ def find_layers(gm: fx.GraphModule) -> tuple[list[Layer], list[str]]:
         try:
             canonical = _canonicalize(gm, node)
         except _Unsupported as reason:
-            notes.append(f"{G.module_path(node)}: left in float, {reason}")
+            notes.append(f"{G.module_path(node)}: skipped, {reason}")
             continue
         if canonical is not None:
             kind = "conv" if canonical.target in CONV_OPS else "linear"
@@ -82,7 +82,7 @@ def _canonicalize(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
         module = gm.get_submodule(str(node.target))
         if isinstance(module, (nn.Conv1d, nn.Conv2d)):
             if module.padding_mode != "zeros":
-                raise _Unsupported(f"padding_mode={module.padding_mode!r} has no quantized kernel")
+                raise _Unsupported(f"padding_mode={module.padding_mode!r} is not supported")
             op = aten.conv1d if isinstance(module, nn.Conv1d) else aten.conv2d
             overload = op.padding if isinstance(module.padding, str) else op.default
             geometry = (module.stride, module.padding, module.dilation, module.groups)
@@ -90,12 +90,12 @@ def _canonicalize(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
         if isinstance(module, nn.Linear):
             return _replace(gm, node, aten.linear.default, str(node.target), module.bias is not None, ())
         if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Conv3d, nn.RNNBase)):
-            raise _Unsupported(f"{type(module).__name__} is not quantized (no fused integer kernel targeted)")
+            raise _Unsupported(f"{type(module).__name__} layers are not handled by this pass")
         return None
     if node.op != "call_function":
         return None
     if node.target in _RECURRENT_OPS:
-        raise _Unsupported(f"{node.target} is not quantized (no fused integer kernel targeted)")
+        raise _Unsupported(f"{node.target} layers are not handled by this pass")
     if node.target in _FUNCTIONAL:
         return _from_functional(gm, node)
     if node.target in _MATMUL_CALLS and len(node.args) == 2 and not node.kwargs:

@@ -28,6 +28,7 @@ from torchkiln.compiler.options import option
 from torchkiln.compiler.passes import Pass, PassConfig, PassResult, register_pass
 from torchkiln.compiler.program import Program
 from torchkiln.compiler.verify import Tolerance
+from torchkiln.passes import channels
 from torchkiln.passes.layers import Layer, find_layers
 
 
@@ -36,6 +37,9 @@ class PruneConfig(PassConfig):
     ratio: float = option(0.5, "unstructured: fraction of weights set to zero, in [0, 1)")
     scope: Literal["layer", "global"] = option("layer", "unstructured: one threshold per layer or for all")
     pattern: Literal["unstructured", "2:4"] = option("unstructured", "which weights may become zero")
+    structured: bool = option(False, "remove whole channels (coupled groups) and shrink the layers")
+    round_to: int = option(8, "structured: round each group's kept channels up to a multiple of this")
+    importance: Literal["l1", "l2"] = option("l1", "structured: rank channels by the filters' L1 or L2 norm")
     ignore: tuple[str, ...] = option((), "module paths (globs) never pruned, e.g. stem.*|head")
     min_cosine: float | None = option(
         None, "promise checked against eager (cosine floor); unset: error measured, not enforced (distill next)"
@@ -67,6 +71,12 @@ class Prune(Pass):
             return PassResult(modified=False, notes=["ratio=0: nothing to prune"])
         work = copy.deepcopy(program.graph_module)
         layers, notes = find_layers(work)
+        if self.config.structured:
+            G.annotate(work, program.example_inputs)
+            result = self._structured(work, layers, notes)
+            if result.modified:
+                program.graph_module = work
+            return result
         chosen = []
         for layer in layers:
             if layer.weight is None:
@@ -94,6 +104,40 @@ class Prune(Pass):
         program.graph_module = work
         sparsity = zeros / total if total else 0.0
         return PassResult(True, {"layers": len(masks), "zeros": zeros, "sparsity": round(sparsity, 4)}, notes)
+
+    def _structured(self, gm: fx.GraphModule, layers: list[Layer], notes: list[str]) -> PassResult:
+        builder = channels.GroupBuilder(gm, layers)
+        groups, seen = [], set()
+        for layer in layers:
+            if layer in seen or layer.weight is None or (layer.kind == "conv" and channels.groups(layer) != 1):
+                continue
+            try:
+                group = builder.build(layer)
+            except channels.Frozen as reason:
+                notes.append(f"{layer.name}: channels not pruned, {reason}")
+                continue
+            seen.update(group.producers)
+            members = [m.name for m in group.producers + group.depthwise]
+            if any(fnmatch.fnmatchcase(m, p) for m in members for p in self.config.ignore):
+                notes.append(f"{group.name}: channels not pruned, a member is named in ignore")
+            else:
+                groups.append(group)
+        before = after = 0
+        for group in groups:
+            keep = channels.kept_count(group.channels, self.config.ratio, self.config.round_to)
+            before, after = before + group.channels, after + keep
+            if keep == group.channels:
+                notes.append(f"{group.name}: keeps all {keep} channels (round_to={self.config.round_to})")
+                continue
+            score = channels.importance(gm, group, self.config.importance)
+            channels.shrink(gm, group, score.topk(keep).indices.sort().values)
+            notes.append(f"{group.name}: {group.channels} -> {keep} channels")
+        if after == before:
+            return PassResult(modified=False, stats={"groups": len(groups)}, notes=notes)
+        gm.graph.eliminate_dead_code()
+        G.drop_unused_attributes(gm)
+        stats: dict[str, int | float] = {"groups": len(groups), "channels_before": before, "channels_after": after}
+        return PassResult(True, stats, notes)
 
     def _masks(self, gm: fx.GraphModule, layers: list[Layer], notes: list[str]) -> dict[Layer, torch.Tensor]:
         weights = {layer: G.get_attr_value(gm, str(layer.weight.target)).detach() for layer in layers}  # type: ignore[union-attr]
