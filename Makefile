@@ -26,6 +26,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_zoo.py
 	$(BIN)/python bench/bench_quant.py
+	$(BIN)/python bench/bench_compress.py
 
 fuzz-long: $(STAMP)
 	TORCHKILN_FUZZ_EXAMPLES=1000 $(BIN)/python -m pytest tests/test_fuzz.py -k random_models
