@@ -23,11 +23,12 @@ from torchkiln.errors import (
     TraceError,
     VerificationError,
 )
+from torchkiln.passes.distill import distill
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ArtifactError", "BackendError", "CompiledModel", "ConfigError", "ExportError", "InputError", "KilnError",
     "Pass", "PassConfig", "PassError", "PassResult", "Program", "TensorSpec", "Tolerance", "TraceError",
-    "VerificationError", "compile", "load", "register_pass", "registered_passes", "trace",
+    "VerificationError", "compile", "distill", "load", "register_pass", "registered_passes", "trace",
 ]  # fmt: skip

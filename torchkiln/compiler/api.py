@@ -34,6 +34,8 @@ def compile(  # noqa: A001 - the public name users expect
     backend_options: Mapping[str, Any] | BackendOptions | None = None,
     dynamic_axes: DynamicAxes = None,
     calibration_data: Iterable[Any] | None = None,
+    train_data: Iterable[Any] | None = None,
+    val_data: Iterable[Any] | None = None,
     verify: bool = True,
     tolerance: Tolerance | None = None,
     frontend: str = "auto",
@@ -46,7 +48,9 @@ def compile(  # noqa: A001 - the public name users expect
 
     ``passes`` is a pipeline string (``"cleanup,fold_batchnorm"``) or a list of specs / Pass
     objects. ``dynamic_axes`` is ``"batch"`` or ``{input: {axis: name}}``. ``calibration_data`` is
-    an iterable of input batches (tensors, tuples or dicts) for passes that calibrate (``quantize``).
+    an iterable of input batches (tensors, tuples or dicts) for passes that calibrate (``quantize``);
+    ``train_data`` / ``val_data`` (batches of inputs or ``(inputs, labels)``) for ``distill``, which
+    trains the rewritten graph toward ``model``.
     With ``verify`` every pass is checked against the eager model and the artifact must match it
     within ``tolerance`` — by default fp32 (:data:`FP32`), or what the pipeline's lossy passes
     promise (int8: cosine similarity) — else :class:`VerificationError`. ``latency_runs`` > 0 adds
@@ -70,6 +74,7 @@ def compile(  # noqa: A001 - the public name users expect
     )
     if calibration_data is not None:
         program.calibration = CalibrationData(calibration_data, program.inputs)
+    program.training, program.validation, program.teacher = train_data, val_data, model
     program.progress = tqdm_progress if progress else no_progress
     report = Report(
         program.name, program.flavour, trace_seconds=time.perf_counter() - start, notes=list(program.notes)

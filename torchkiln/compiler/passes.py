@@ -96,6 +96,7 @@ _BUILTIN_MODULES = (
     "torchkiln.passes.prune",
     "torchkiln.passes.lowrank",
     "torchkiln.passes.cluster",
+    "torchkiln.passes.distill",
 )
 _loaded = False
 

@@ -114,6 +114,10 @@ class Program:
     calibration: Any = dataclasses.field(default=None, repr=False)
     #: ``progress(iterable, total, description)`` for long loops inside passes; passes never print.
     progress: Any = dataclasses.field(default=None, repr=False)
+    #: Training / validation batches and the eager teacher for passes that train (distill).
+    training: Any = dataclasses.field(default=None, repr=False)
+    validation: Any = dataclasses.field(default=None, repr=False)
+    teacher: Any = dataclasses.field(default=None, repr=False)
 
     @property
     def example_inputs(self) -> tuple[torch.Tensor, ...]:
