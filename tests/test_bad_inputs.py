@@ -151,6 +151,14 @@ COMPILE_CASES = [
     ("bad-percentile", LINEAR, X, {"passes": "quantize:percentile=20"}, ConfigError, r"in \(50, 100\]"),
     ("bad-max-error", LINEAR, X, {"passes": "quantize:max_error=0"}, ConfigError, "must be > 0"),
     ("bf16-on-onnxruntime", LINEAR, X, {"passes": "quantize:mode=bf16"}, BackendError, "bfloat16"),
+    # compression passes
+    ("prune-ratio-out-of-range", LINEAR, X, {"passes": "prune:ratio=1.5"}, ConfigError, r"in \[0, 1\)"),
+    ("prune-2-4-with-ratio", LINEAR, X, {"passes": "prune:pattern=2:4,ratio=0.3"}, ConfigError, "leave ratio unset"),
+    ("prune-round-to", LINEAR, X, {"passes": "prune:structured=true,round_to=0"}, ConfigError, "must be >= 1"),
+    ("lowrank-energy", LINEAR, X, {"passes": "lowrank:energy=0"}, ConfigError, r"in \(0, 1\]"),
+    ("cluster-too-few", LINEAR, X, {"passes": "cluster:clusters=1"}, ConfigError, "between 2 and 256"),
+    ("distill-without-data", LINEAR, X, {"passes": "distill"}, PassError, "distill needs training data"),
+    ("distill-empty-data", LINEAR, X, {"passes": "distill", "train_data": []}, PassError, "is empty"),
 ]
 
 

@@ -1,7 +1,8 @@
 """The differential oracles.
 
-Lossless: a spec's model through the lossless passes to every backend must match eager PyTorch at
-the fp32 tolerance, at the traced batch and (when dynamic) at another one.
+Lossless: a spec's model through the lossless passes, and the lossy ones at their identity
+settings (prune ratio 0, lowrank at full energy), to every backend must match eager PyTorch at the
+fp32 tolerance, at the traced batch and (when dynamic) at another one.
 
 Quantized: through static int8 ``quantize``, ONNX Runtime's integer kernels must agree with the
 quantized IR run by PyTorch (the IR defines the arithmetic; the lowering must keep it), and both
@@ -19,7 +20,8 @@ from fuzz.strategies import value_shapes
 from torchkiln.compiler.verify import compare, cosine_similarity
 
 BACKENDS = ("torch", "onnxruntime")
-PASSES = "cleanup,fold_batchnorm"
+# the lossless passes, then the lossy ones at their identity settings (which must change nothing)
+PASSES = "cleanup,fold_batchnorm,prune:ratio=0,lowrank:energy=1"
 QUANT_PASSES = "cleanup,fold_batchnorm,quantize:min_cosine=0.5"  # the oracle judges, below
 IR_FLOOR = 0.999  # ONNX Runtime's integer kernels vs the quantized IR in PyTorch
 EAGER_FLOOR = 0.98  # int8 vs the float model, on random data with random weights

@@ -10,7 +10,10 @@ change; the gain is in compression and sparse kernels, and the report gives each
 layout NVIDIA sparse tensor cores (TensorRT's sparse-weights flag) accelerate. Layers whose input
 channels are not a multiple of 4 are left alone with a note.
 
-``ratio=0`` (unstructured) changes nothing and reports ``modified=False``.
+Structured (``structured=true``): whole channels go, in groups of coupled channels, and the layers
+shrink (:mod:`torchkiln.passes.channels`).
+
+``ratio=0`` changes nothing and reports ``modified=False``.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from torchkiln.passes.layers import Layer, find_layers
 
 @dataclasses.dataclass(frozen=True)
 class PruneConfig(PassConfig):
-    ratio: float = option(0.5, "unstructured: fraction of weights set to zero, in [0, 1)")
+    ratio: float = option(0.5, "fraction of weights (structured: of each group's channels) removed, in [0, 1)")
     scope: Literal["layer", "global"] = option("layer", "unstructured: one threshold per layer or for all")
     pattern: Literal["unstructured", "2:4"] = option("unstructured", "which weights may become zero")
     structured: bool = option(False, "remove whole channels (coupled groups) and shrink the layers")
@@ -50,13 +53,17 @@ class PruneConfig(PassConfig):
             self.fail("ratio", f"must be in [0, 1), got {self.ratio}")
         if self.pattern == "2:4" and "ratio" in self.changed():
             self.fail("ratio", "2:4 always prunes half of each group of 4; leave ratio unset")
+        if self.structured and self.pattern != "unstructured":
+            self.fail("structured", "structured pruning removes channels; it does not combine with pattern=2:4")
+        if self.round_to < 1:
+            self.fail("round_to", f"must be >= 1, got {self.round_to}")
         if self.min_cosine is not None and not 0.0 < self.min_cosine <= 1.0:
             self.fail("min_cosine", f"must be in (0, 1], got {self.min_cosine}")
 
 
 @register_pass
 class Prune(Pass):
-    """Zero the smallest conv/linear weights: unstructured (per layer or global) or 2:4."""
+    """Zero the smallest conv/linear weights (unstructured or 2:4), or remove whole channels."""
 
     name = "prune"
     Config = PruneConfig
