@@ -209,3 +209,58 @@ def test_structured_pruning_runs_on_every_zoo_model(name):
     fresh = entry.example_inputs(3, seed=5)
     with torch.no_grad():
         assert compiled(**fresh).shape == model(**fresh).shape
+
+
+class Branches(nn.Module):
+    """Two branches concatenated on channels, a conv behind the concat, then flatten → Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 1)
+        self.mix = nn.Conv2d(16, 8, 3, padding=1)
+        self.head = nn.Linear(8 * 16, 5)
+
+    def forward(self, x):
+        y = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], dim=1)
+        return self.head(torch.relu(self.mix(y)).flatten(1))
+
+
+def zero_channels(conv: nn.Conv2d, channels: list[int]) -> None:
+    with torch.no_grad():
+        conv.weight[channels] = 0
+        conv.bias[channels] = 0
+
+
+def test_removing_dead_channels_through_a_concat_changes_nothing():
+    """Channels whose filters are all zero carry nothing: pruning exactly those (the lowest L1)
+    must leave the outputs as they were — which checks every offset behind the concat."""
+    model = Branches().eval()
+    zero_channels(model.a, [0, 2, 4, 6])
+    zero_channels(model.b, [1, 3, 5, 7])
+    zero_channels(model.mix, [0, 1, 2, 3])
+    x = torch.randn(3, 3, 4, 4)
+    compiled = compile_quietly(
+        model, x, passes="prune:structured=true,ratio=0.5,round_to=1,min_cosine=0.999999", backend="onnxruntime"
+    )
+    notes = compiled.report.passes[0].notes
+    assert {"a: 8 -> 4 channels", "b: 8 -> 4 channels", "mix: 8 -> 4 channels"} <= set(notes), notes
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+    assert compiled.report.passes[0].params_after < 0.55 * compiled.report.passes[0].params_before
+
+
+def test_removing_dead_channels_of_a_residual_group_changes_nothing():
+    model = Residual().eval()
+    for conv in (model.stem, model.conv1, model.conv2, model.conv3):
+        zero_channels(conv, list(range(0, conv.out_channels, 2)))
+    with torch.no_grad():  # the BNs must map the dead channels to zero as well
+        for bn in (model.bn1, model.bn2):
+            bn.bias[0::2] = 0
+            bn.running_mean[0::2] = 0
+    x = torch.randn(2, 3, 8, 8)
+    compiled = compile_quietly(
+        model, x, passes="fold_batchnorm,prune:structured=true,ratio=0.5,round_to=1", backend="torch"
+    )
+    assert "stem+conv2: 32 -> 16 channels" in compiled.report.passes[-1].notes
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-4)

@@ -94,6 +94,6 @@ def cosine_similarity(actual: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def _cosine_ratio(cosine: float, floor: float) -> float:
-    if cosine >= 1.0:
+    if cosine >= 1.0 - 1e-12:  # identical up to the rounding of the dot product
         return 0.0
     return (1.0 - cosine) / (1.0 - floor) if floor < 1.0 else float("inf")

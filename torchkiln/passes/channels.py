@@ -10,9 +10,12 @@ group is built by following the producer's output forward:
 * a residual ``add`` / ``mul`` ties both operands: the other operand is traced back to *its*
   producers, which join the group (every branch must keep the same channels);
 * ``flatten(1)`` of ``[N, C, H, W]`` before a Linear maps channel ``c`` to its ``H·W`` columns;
+* a ``cat`` along the channel axis makes the group one *segment* of the concatenated channels:
+  the consumers behind it lose the kept-out channels of every segment at its offset;
 * a conv / linear consuming the tensor loses the matching input channels.
 
-Anything else (concat, reshape, attention, layer norm, a graph output, a grouped conv) *freezes*
+Anything else (reshape, attention, layer norm, a graph output, a grouped conv, a BatchNorm or add
+behind a concat) *freezes*
 the group: it is left alone with a note naming the op. Channels are ranked by the L1 (or L2) norm
 of the producers' filters, summed over producers; ``ratio`` of them go, the kept count rounded up
 to a multiple of ``round_to``; weights are sliced so the exported model has the smaller shapes.
@@ -58,7 +61,9 @@ class Frozen(Exception):
 @dataclasses.dataclass(eq=False)
 class Group:
     producers: list[Layer] = dataclasses.field(default_factory=list)
-    consumers: list[tuple[Layer, int]] = dataclasses.field(default_factory=list)  # (layer, block size)
+    # (layer, block size, the concat the channels reach it through, if any)
+    consumers: list[tuple[Layer, int, fx.Node | None]] = dataclasses.field(default_factory=list)
+    segments: list[tuple[fx.Node, fx.Node]] = dataclasses.field(default_factory=list)  # (cat, its input)
     norms: list[fx.Node] = dataclasses.field(default_factory=list)  # BatchNorm calls
     depthwise: list[Layer] = dataclasses.field(default_factory=list)
     channels: int = 0
@@ -90,47 +95,53 @@ class GroupBuilder:
             raise Frozen(f"{layer.name} is a grouped conv")
         group.producers.append(layer)
         rank = len(G.shape_of(layer.node) or ())
-        self._forward(group, layer.node, dim=1 if layer.kind == "conv" else rank - 1, block=1)
+        self._forward(group, layer.node, dim=1 if layer.kind == "conv" else rank - 1, block=1, cat=None)
 
-    def _forward(self, group: Group, node: fx.Node, dim: int, block: int) -> None:
-        """Follow ``node`` (channels on axis ``dim``; ``block`` columns per channel once flattened)."""
+    def _forward(self, group: Group, node: fx.Node, dim: int, block: int, cat: fx.Node | None) -> None:
+        """Follow ``node``: channels on axis ``dim``, ``block`` columns per channel once flattened,
+        and ``cat`` the concat they went through (they are then a segment of its channels)."""
         if node in self._seen:
             return
         self._seen.add(node)
         for user in list(node.users):
-            self._visit(group, node, user, dim, block)
+            self._visit(group, node, user, dim, block, cat)
 
-    def _visit(self, group: Group, node: fx.Node, user: fx.Node, dim: int, block: int) -> None:
+    def _visit(self, group: Group, node: fx.Node, user: fx.Node, dim: int, block: int, cat: fx.Node | None) -> None:
         rank = len(G.shape_of(node) or ())
+        if cat is not None and (self._is_norm(user) or user.target in _BINARY or _is_channel_cat(user, dim)):
+            raise Frozen(f"after concat {cat.name} its channels reach {G.op_key(user, self.gm)} ({user.name})")
         layer = self.by_node.get(user)
         if user.op == "output":
             raise Frozen("its channels reach a graph output")
         if layer is not None and user.args[0] is node and layer.kind != "matmul":
-            if layer.kind == "conv" and _is_depthwise(self.gm, layer, group.channels):
+            if layer.kind == "conv" and _is_depthwise(self.gm, layer, group.channels) and cat is None:
                 group.depthwise.append(layer)
-                return self._forward(group, user, dim, block)
+                return self._forward(group, user, dim, block, cat)
             if layer.kind == "conv" and groups(layer) != 1:
                 raise Frozen(f"{layer.name} is a grouped conv")
             wanted = 1 if layer.kind == "conv" else rank - 1
             if block == 1 and dim != wanted:
                 raise Frozen(f"{layer.name} reads axis {wanted}, the channels are on axis {dim}")
-            group.consumers.append((layer, block))
+            group.consumers.append((layer, block, cat))
             return None
         if self._is_norm(user) and dim == 1:
             group.norms.append(user)
-            return self._forward(group, user, dim, block)
+            return self._forward(group, user, dim, block, cat)
         is_mean = user.target in _MEANS or (user.op == "call_method" and user.target == "mean")
         if self._passes_through(user) or (is_mean and _keeps_channel_axis(user, dim)):
-            return self._forward(group, user, dim, block)
+            return self._forward(group, user, dim, block, cat)
+        if _is_channel_cat(user, dim) and block == 1:
+            group.segments.append((user, node))
+            return self._forward(group, user, dim, block, cat=user)
         if user.target in _BINARY or (user.op == "call_method" and user.target in ("add", "mul")):
             for other in user.args[:2]:
                 if isinstance(other, fx.Node) and other is not node and G.shape_of(other) == G.shape_of(node):
                     for producer in self._producers_of(other):
                         self._add_producer(group, producer)
-            return self._forward(group, user, dim, block)
+            return self._forward(group, user, dim, block, cat)
         if _is_flatten(user) and rank == 4 and dim == 1 and block == 1:
             shape = G.shape_of(node) or (1, 1, 1, 1)
-            return self._forward(group, user, dim=1, block=shape[2] * shape[3])
+            return self._forward(group, user, dim=1, block=shape[2] * shape[3], cat=cat)
         raise Frozen(f"its channels reach {G.op_key(user, self.gm)} ({user.name})")
 
     def _passes_through(self, node: fx.Node) -> bool:
@@ -158,6 +169,15 @@ class GroupBuilder:
         if node.target in _BINARY:
             return [p for a in node.args[:2] if isinstance(a, fx.Node) for p in self._producers_of(a)]
         raise Frozen(f"a residual operand comes from {G.op_key(node, self.gm) or node.op} ({node.name})")
+
+
+def _cat_dim(node: fx.Node) -> int:
+    raw: Any = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return raw % len(G.shape_of(node) or (0,)) if isinstance(raw, int) else -1
+
+
+def _is_channel_cat(node: fx.Node, dim: int) -> bool:
+    return node.target in (torch.cat, aten.cat.default) and _cat_dim(node) == dim
 
 
 def _is_flatten(node: fx.Node) -> bool:
@@ -206,18 +226,40 @@ def kept_count(channels: int, ratio: float, round_to: int) -> int:
     return max(1, min(channels, keep))
 
 
-def shrink(gm: fx.GraphModule, group: Group, keep: torch.Tensor) -> None:
-    """Slice every member of ``group`` to the channels in ``keep`` (sorted indices)."""
-    for layer in group.producers:
-        _slice_args(gm, layer, {1: (0, keep), 2: (0, keep)})
-    for layer in group.depthwise:
-        _slice_args(gm, layer, {1: (0, keep), 2: (0, keep)})
-        layer.node.update_arg(6, int(keep.numel()))
-    for layer, block in group.consumers:
-        columns = keep if block == 1 else (keep[:, None] * block + torch.arange(block)).flatten()
+def shrink(gm: fx.GraphModule, keeps: dict[Group, torch.Tensor]) -> None:
+    """Slice every member of every group to its kept channels (sorted indices). Consumers are
+    sliced once, after all groups are known: behind a concat, their columns are the kept channels
+    of every segment at that segment's original offset."""
+    owners = {segment: group for group in keeps for segment in group.segments}
+    consumers: dict[fx.Node, tuple[Layer, int, fx.Node | None, Group]] = {}
+    for group, keep in keeps.items():
+        for layer in group.producers:
+            _slice_args(gm, layer, {1: (0, keep), 2: (0, keep)})
+        for layer in group.depthwise:
+            _slice_args(gm, layer, {1: (0, keep), 2: (0, keep)})
+            layer.node.update_arg(6, int(keep.numel()))
+        for node in group.norms:
+            _shrink_batchnorm(gm, node, keep)
+        for layer, block, cat in group.consumers:
+            consumers[layer.node] = (layer, block, cat, group)
+    for layer, block, cat, group in consumers.values():
+        columns = keeps[group] if cat is None else _concat_columns(cat, owners, keeps)
+        if block > 1:
+            columns = (columns[:, None] * block + torch.arange(block)).flatten()
         _slice_args(gm, layer, {1: (1, columns)})
-    for node in group.norms:
-        _shrink_batchnorm(gm, node, keep)
+
+
+def _concat_columns(
+    cat: fx.Node, owners: dict[tuple[fx.Node, fx.Node], Group], keeps: dict[Group, torch.Tensor]
+) -> torch.Tensor:
+    dim, offset, pieces = _cat_dim(cat), 0, []
+    for part in cast(list[fx.Node], cat.args[0]):
+        size = (G.shape_of(part) or ())[dim]
+        group = owners.get((cat, part))
+        kept = keeps[group] if group is not None else torch.arange(size)
+        pieces.append(kept + offset)
+        offset += size
+    return torch.cat(pieces)
 
 
 def _slice_args(gm: fx.GraphModule, layer: Layer, which: dict[int, tuple[int, torch.Tensor]]) -> None:

@@ -130,6 +130,7 @@ class Prune(Pass):
             else:
                 groups.append(group)
         before = after = 0
+        keeps = {}
         for group in groups:
             keep = channels.kept_count(group.channels, self.config.ratio, self.config.round_to)
             before, after = before + group.channels, after + keep
@@ -137,8 +138,9 @@ class Prune(Pass):
                 notes.append(f"{group.name}: keeps all {keep} channels (round_to={self.config.round_to})")
                 continue
             score = channels.importance(gm, group, self.config.importance)
-            channels.shrink(gm, group, score.topk(keep).indices.sort().values)
+            keeps[group] = score.topk(keep).indices.sort().values
             notes.append(f"{group.name}: {group.channels} -> {keep} channels")
+        channels.shrink(gm, keeps)
         if after == before:
             return PassResult(modified=False, stats={"groups": len(groups)}, notes=notes)
         gm.graph.eliminate_dead_code()
