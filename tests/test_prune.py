@@ -264,3 +264,36 @@ def test_removing_dead_channels_of_a_residual_group_changes_nothing():
     assert "stem+conv2: 32 -> 16 channels" in compiled.report.passes[-1].notes
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-4)
+
+
+def test_attention_heads_are_pruned_as_units():
+    from torchkiln.models.transformer import Attention
+
+    model = nn.Sequential(Attention(32, heads=4)).eval()
+    attn = model[0]
+    with torch.no_grad():  # heads 1 and 3 are dead: zero q/k/v rows and the matching proj columns
+        for head in (1, 3):
+            rows = slice(head * 8, head * 8 + 8)
+            for layer in (attn.q, attn.k, attn.v):
+                layer.weight[rows] = 0
+                layer.bias[rows] = 0
+            attn.proj.weight[:, rows] = 0
+    x = torch.randn(2, 5, 32)
+    compiled = compile_quietly(
+        model, x, passes="prune:structured=true,ratio=0.5", backend="onnxruntime", dynamic_axes="batch"
+    )
+    record = compiled.report.passes[0]
+    assert "0: 4 -> 2 attention heads" in record.notes, record.notes
+    assert record.stats["attention"] == 1
+    with torch.no_grad():  # removing dead heads changes nothing, at another batch size too
+        for batch in (torch.randn(2, 5, 32), torch.randn(4, 5, 32)):
+            torch.testing.assert_close(compiled(batch), model(batch), atol=1e-5, rtol=1e-5)
+    assert record.params_after == record.params_before - 2 * 8 * (3 * 33 + 32)
+
+
+def test_a_model_whose_channels_all_reach_the_output_is_left_alone():
+    compiled = compile_quietly(nn.Linear(4, 3), torch.randn(2, 4), passes="prune:structured=true", backend="torch")
+    record = compiled.report.passes[0]
+    assert record.modified is False
+    # the model is the Linear itself, so the note names its graph node
+    assert record.notes == ["linear_default: channels not pruned, its channels reach a graph output"]

@@ -234,9 +234,9 @@ def shrink(gm: fx.GraphModule, keeps: dict[Group, torch.Tensor]) -> None:
     consumers: dict[fx.Node, tuple[Layer, int, fx.Node | None, Group]] = {}
     for group, keep in keeps.items():
         for layer in group.producers:
-            _slice_args(gm, layer, {1: (0, keep), 2: (0, keep)})
+            slice_args(gm, layer, {1: (0, keep), 2: (0, keep)})
         for layer in group.depthwise:
-            _slice_args(gm, layer, {1: (0, keep), 2: (0, keep)})
+            slice_args(gm, layer, {1: (0, keep), 2: (0, keep)})
             layer.node.update_arg(6, int(keep.numel()))
         for node in group.norms:
             _shrink_batchnorm(gm, node, keep)
@@ -246,7 +246,7 @@ def shrink(gm: fx.GraphModule, keeps: dict[Group, torch.Tensor]) -> None:
         columns = keeps[group] if cat is None else _concat_columns(cat, owners, keeps)
         if block > 1:
             columns = (columns[:, None] * block + torch.arange(block)).flatten()
-        _slice_args(gm, layer, {1: (1, columns)})
+        slice_args(gm, layer, {1: (1, columns)})
 
 
 def _concat_columns(
@@ -262,7 +262,7 @@ def _concat_columns(
     return torch.cat(pieces)
 
 
-def _slice_args(gm: fx.GraphModule, layer: Layer, which: dict[int, tuple[int, torch.Tensor]]) -> None:
+def slice_args(gm: fx.GraphModule, layer: Layer, which: dict[int, tuple[int, torch.Tensor]]) -> None:
     args: Any = layer.node.args
     for index, (dim, keep) in which.items():
         arg = args[index] if len(args) > index else None

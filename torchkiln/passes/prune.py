@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import fnmatch
+from collections.abc import Iterable
 from typing import Literal
 
 import torch
@@ -31,7 +32,7 @@ from torchkiln.compiler.options import option
 from torchkiln.compiler.passes import Pass, PassConfig, PassResult, register_pass
 from torchkiln.compiler.program import Program
 from torchkiln.compiler.verify import Tolerance
-from torchkiln.passes import channels
+from torchkiln.passes import channels, heads
 from torchkiln.passes.layers import Layer, find_layers
 
 
@@ -113,8 +114,10 @@ class Prune(Pass):
         return PassResult(True, {"layers": len(masks), "zeros": zeros, "sparsity": round(sparsity, 4)}, notes)
 
     def _structured(self, gm: fx.GraphModule, layers: list[Layer], notes: list[str]) -> PassResult:
+        attention = [h for h in heads.find_heads(gm, layers) if not self._ignored(h.layers)]
+        in_heads = {layer for group in attention for layer in group.layers}
         builder = channels.GroupBuilder(gm, layers)
-        groups, seen = [], set()
+        groups, seen = [], set(in_heads)
         for layer in layers:
             if layer in seen or layer.weight is None or (layer.kind == "conv" and channels.groups(layer) != 1):
                 continue
@@ -124,8 +127,7 @@ class Prune(Pass):
                 notes.append(f"{layer.name}: channels not pruned, {reason}")
                 continue
             seen.update(group.producers)
-            members = [m.name for m in group.producers + group.depthwise]
-            if any(fnmatch.fnmatchcase(m, p) for m in members for p in self.config.ignore):
+            if self._ignored(group.producers + group.depthwise):
                 notes.append(f"{group.name}: channels not pruned, a member is named in ignore")
             else:
                 groups.append(group)
@@ -141,12 +143,26 @@ class Prune(Pass):
             keeps[group] = score.topk(keep).indices.sort().values
             notes.append(f"{group.name}: {group.channels} -> {keep} channels")
         channels.shrink(gm, keeps)
+        for head_group in attention:
+            keep = heads.kept_heads(head_group.heads, self.config.ratio)
+            before, after = before + head_group.heads * head_group.head_dim, after + keep * head_group.head_dim
+            if keep == head_group.heads:
+                notes.append(f"{head_group.name}: keeps all {keep} heads")
+                continue
+            score = heads.head_importance(gm, head_group)
+            heads.prune_heads(gm, head_group, score.topk(keep).indices.sort().values)
+            notes.append(f"{head_group.name}: {head_group.heads} -> {keep} attention heads")
         if after == before:
-            return PassResult(modified=False, stats={"groups": len(groups)}, notes=notes)
+            return PassResult(modified=False, stats={"groups": len(groups), "attention": len(attention)}, notes=notes)
         gm.graph.eliminate_dead_code()
         G.drop_unused_attributes(gm)
-        stats: dict[str, int | float] = {"groups": len(groups), "channels_before": before, "channels_after": after}
+        stats: dict[str, int | float] = {
+            "groups": len(groups), "attention": len(attention), "channels_before": before, "channels_after": after
+        }  # fmt: skip
         return PassResult(True, stats, notes)
+
+    def _ignored(self, layers: Iterable[Layer]) -> bool:
+        return any(fnmatch.fnmatchcase(layer.name, p) for layer in layers for p in self.config.ignore)
 
     def _masks(self, gm: fx.GraphModule, layers: list[Layer], notes: list[str]) -> dict[Layer, torch.Tensor]:
         weights = {layer: G.get_attr_value(gm, str(layer.weight.target)).detach() for layer in layers}  # type: ignore[union-attr]
