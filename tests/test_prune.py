@@ -146,7 +146,7 @@ def test_structured_pruning_shrinks_coupled_groups_and_still_runs():
     # the residual ties stem and conv2 (and bn2): one group of 32 -> 16; conv1 alone; conv3 feeds the head
     assert "stem+conv2: 32 -> 16 channels" in notes and "conv1: 32 -> 16 channels" in notes
     assert "conv3: 64 -> 32 channels" in notes
-    assert record.stats == {"groups": 3, "channels_before": 128, "channels_after": 64}
+    assert record.stats == {"groups": 3, "attention": 0, "channels_before": 128, "channels_after": 64}
     assert "head: channels not pruned, its channels reach a graph output" in notes
     # the ONNX model runs with the smaller shapes at another batch size
     x = torch.randn(5, 3, 8, 8)
