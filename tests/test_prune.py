@@ -297,3 +297,18 @@ def test_a_model_whose_channels_all_reach_the_output_is_left_alone():
     assert record.modified is False
     # the model is the Linear itself, so the note names its graph node
     assert record.notes == ["linear_default: channels not pruned, its channels reach a graph output"]
+
+
+def test_global_structured_scope_prunes_where_channels_matter_least():
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 4, 1)
+    ).eval()
+    with torch.no_grad():
+        model[0].weight[8:] *= 1e-3  # half of the first layer's channels barely matter
+        model[2].weight.copy_(torch.randn_like(model[2].weight).sign() * 0.1)  # the second's all matter alike
+    x = torch.randn(1, 3, 6, 6)
+    spec = "prune:structured=true,ratio=0.25,round_to=1"
+    local = compile_quietly(model, x, passes=spec, backend="torch").report.passes[0].notes
+    overall = compile_quietly(model, x, passes=spec + ",scope=global", backend="torch").report.passes[0].notes
+    assert {"0: 16 -> 12 channels", "2: 16 -> 12 channels"} <= set(local)
+    assert {"0: 16 -> 8 channels", "2: keeps all 16 channels (round_to=1)"} <= set(overall), overall

@@ -39,7 +39,9 @@ from torchkiln.passes.layers import Layer, find_layers
 @dataclasses.dataclass(frozen=True)
 class PruneConfig(PassConfig):
     ratio: float = option(0.5, "fraction of weights (structured: of each group's channels) removed, in [0, 1)")
-    scope: Literal["layer", "global"] = option("layer", "unstructured: one threshold per layer or for all")
+    scope: Literal["layer", "global"] = option(
+        "layer", "one threshold per layer (structured: per group) or one for all, on scores relative to each group"
+    )
     pattern: Literal["unstructured", "2:4"] = option("unstructured", "which weights may become zero")
     structured: bool = option(False, "remove whole channels (coupled groups) and shrink the layers")
     round_to: int = option(8, "structured: round each group's kept channels up to a multiple of this")
@@ -133,14 +135,15 @@ class Prune(Pass):
                 groups.append(group)
         before = after = 0
         keeps = {}
+        scores = {group: channels.importance(gm, group, self.config.importance) for group in groups}
+        counts = self._kept_counts(scores)
         for group in groups:
-            keep = channels.kept_count(group.channels, self.config.ratio, self.config.round_to)
+            keep = counts[group]
             before, after = before + group.channels, after + keep
             if keep == group.channels:
                 notes.append(f"{group.name}: keeps all {keep} channels (round_to={self.config.round_to})")
                 continue
-            score = channels.importance(gm, group, self.config.importance)
-            keeps[group] = score.topk(keep).indices.sort().values
+            keeps[group] = scores[group].topk(keep).indices.sort().values
             notes.append(f"{group.name}: {group.channels} -> {keep} channels")
         channels.shrink(gm, keeps)
         for head_group in attention:
@@ -160,6 +163,21 @@ class Prune(Pass):
             "groups": len(groups), "attention": len(attention), "channels_before": before, "channels_after": after
         }  # fmt: skip
         return PassResult(True, stats, notes)
+
+    def _kept_counts(self, scores: dict[channels.Group, torch.Tensor]) -> dict[channels.Group, int]:
+        """Channels each group keeps: ``ratio`` of each (scope=layer), or of all channels ranked
+        together by their score relative to their group's mean (scope=global), so a group whose
+        channels matter alike keeps more. Rounded up to ``round_to``."""
+        ratio, round_to = self.config.ratio, self.config.round_to
+        if self.config.scope == "layer" or not scores:
+            return {g: channels.kept_count(g.channels, ratio, round_to) for g in scores}
+        relative = {g: s / s.mean().clamp(min=1e-30) for g, s in scores.items()}
+        threshold = kth_magnitude(torch.cat(list(relative.values())), ratio)
+        counts = {}
+        for group, values in relative.items():
+            share = 1.0 - float((values > threshold).sum()) / group.channels
+            counts[group] = channels.kept_count(group.channels, share, round_to)
+        return counts
 
     def _ignored(self, layers: Iterable[Layer]) -> bool:
         return any(fnmatch.fnmatchcase(layer.name, p) for layer in layers for p in self.config.ignore)
