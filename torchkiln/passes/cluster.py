@@ -28,6 +28,7 @@ from torchkiln.compiler.passes import Pass, PassConfig, PassResult, register_pas
 from torchkiln.compiler.program import Program
 from torchkiln.compiler.verify import Tolerance
 from torchkiln.passes.layers import Layer, find_layers
+from torchkiln.passes.promise import check_min_cosine, min_cosine_option, promise
 
 MAX_ITERATIONS = 50
 
@@ -36,13 +37,12 @@ MAX_ITERATIONS = 50
 class ClusterConfig(PassConfig):
     clusters: int = option(16, "codebook size per layer, 2..256 (indices are stored as uint8)")
     ignore: tuple[str, ...] = option((), "module paths (globs) left alone")
-    min_cosine: float | None = option(None, "promise checked against eager (cosine floor); unset: measured")
+    min_cosine: float | None = min_cosine_option()
 
     def validate(self) -> None:
         if not 2 <= self.clusters <= 256:
             self.fail("clusters", f"must be between 2 and 256, got {self.clusters}")
-        if self.min_cosine is not None and not 0.0 < self.min_cosine <= 1.0:
-            self.fail("min_cosine", f"must be in (0, 1], got {self.min_cosine}")
+        check_min_cosine(self)
 
 
 @register_pass
@@ -55,7 +55,7 @@ class ClusterWeights(Pass):
     config: ClusterConfig
 
     def tolerance(self) -> Tolerance | None:
-        return None if self.config.min_cosine is None else Tolerance(min_cosine=self.config.min_cosine)
+        return promise(self.config.min_cosine)
 
     def run(self, program: Program) -> PassResult:
         work = copy.deepcopy(program.graph_module)

@@ -33,6 +33,7 @@ from torchkiln.compiler.passes import Pass, PassConfig, PassResult, register_pas
 from torchkiln.compiler.program import Program
 from torchkiln.compiler.verify import Tolerance
 from torchkiln.passes.layers import Layer, find_layers
+from torchkiln.passes.promise import check_min_cosine, min_cosine_option, promise
 
 aten = torch.ops.aten
 
@@ -43,7 +44,7 @@ class LowRankConfig(PassConfig):
     rank_ratio: float | None = option(None, "instead of energy: keep this share of the full rank, in (0, 1]")
     conv: Literal["channel", "spatial", "off"] = option("channel", "how Conv2d layers are factored")
     ignore: tuple[str, ...] = option((), "module paths (globs) never factored")
-    min_cosine: float | None = option(None, "promise checked against eager (cosine floor); unset: measured")
+    min_cosine: float | None = min_cosine_option()
 
     def validate(self) -> None:
         if not 0.0 < self.energy <= 1.0:
@@ -52,8 +53,7 @@ class LowRankConfig(PassConfig):
             self.fail("rank_ratio", f"must be in (0, 1], got {self.rank_ratio}")
         if self.rank_ratio is not None and "energy" in self.changed():
             self.fail("rank_ratio", "give energy or rank_ratio, not both")
-        if self.min_cosine is not None and not 0.0 < self.min_cosine <= 1.0:
-            self.fail("min_cosine", f"must be in (0, 1], got {self.min_cosine}")
+        check_min_cosine(self)
 
 
 @register_pass
@@ -66,7 +66,7 @@ class FactorizeLowRank(Pass):
     config: LowRankConfig
 
     def tolerance(self) -> Tolerance | None:
-        return None if self.config.min_cosine is None else Tolerance(min_cosine=self.config.min_cosine)
+        return promise(self.config.min_cosine)
 
     def run(self, program: Program) -> PassResult:
         work = copy.deepcopy(program.graph_module)

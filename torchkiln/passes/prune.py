@@ -34,6 +34,7 @@ from torchkiln.compiler.program import Program
 from torchkiln.compiler.verify import Tolerance
 from torchkiln.passes import channels, heads
 from torchkiln.passes.layers import Layer, find_layers
+from torchkiln.passes.promise import check_min_cosine, min_cosine_option, promise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,9 +48,7 @@ class PruneConfig(PassConfig):
     round_to: int = option(8, "structured: round each group's kept channels up to a multiple of this")
     importance: Literal["l1", "l2"] = option("l1", "structured: rank channels by the filters' L1 or L2 norm")
     ignore: tuple[str, ...] = option((), "module paths (globs) never pruned, e.g. stem.*|head")
-    min_cosine: float | None = option(
-        None, "promise checked against eager (cosine floor); unset: error measured, not enforced (distill next)"
-    )
+    min_cosine: float | None = min_cosine_option()
 
     def validate(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -60,8 +59,7 @@ class PruneConfig(PassConfig):
             self.fail("structured", "structured pruning removes channels; it does not combine with pattern=2:4")
         if self.round_to < 1:
             self.fail("round_to", f"must be >= 1, got {self.round_to}")
-        if self.min_cosine is not None and not 0.0 < self.min_cosine <= 1.0:
-            self.fail("min_cosine", f"must be in (0, 1], got {self.min_cosine}")
+        check_min_cosine(self)
 
 
 @register_pass
@@ -74,7 +72,7 @@ class Prune(Pass):
     config: PruneConfig
 
     def tolerance(self) -> Tolerance | None:
-        return None if self.config.min_cosine is None else Tolerance(min_cosine=self.config.min_cosine)
+        return promise(self.config.min_cosine)
 
     def run(self, program: Program) -> PassResult:
         if self.config.pattern == "unstructured" and self.config.ratio == 0:
