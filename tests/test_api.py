@@ -11,7 +11,7 @@ from conftest import compile_quietly
 from torch import nn
 
 import torchkiln
-from torchkiln import models
+from torchkiln import Tolerance, models
 from torchkiln.compiler.passes import Pass, PassResult
 from torchkiln.errors import VerificationError
 
@@ -97,11 +97,26 @@ class Perturb(Pass):
 
 
 def test_verification_error_names_tolerance_and_error():
+    # Perturb promises nothing, so only an explicit tolerance holds the artifact to eager
     with pytest.raises(VerificationError) as info:
-        compile_quietly(models.build("mlp"), torch.randn(1, 64), passes=[Perturb()], backend="torch")
+        compile_quietly(
+            models.build("mlp"), torch.randn(1, 64), passes=[Perturb()], backend="torch", tolerance=Tolerance()
+        )
     message = str(info.value)
     assert "the torch artifact differs from the eager model" in message
     assert "max abs error" in message and "allowed by the tolerance (atol=1e-05 + rtol=0.0001" in message
+
+
+def test_without_a_promise_the_artifact_is_held_to_the_rewritten_graph(monkeypatch):
+    compiled = compile_quietly(models.build("mlp"), torch.randn(1, 64), passes=[Perturb()], backend="torch")
+    assert compiled.report.artifact.max_abs_error > 1e-3  # measured against eager, not enforced
+    assert "against the rewritten graph" in compiled.report.artifact.tolerance
+    from torchkiln.backends.torch_backend import TorchArtifact
+
+    original = TorchArtifact.run
+    monkeypatch.setattr(TorchArtifact, "run", lambda self, inputs: [o + 1e-2 for o in original(self, inputs)])
+    with pytest.raises(VerificationError, match="differs from the rewritten graph"):
+        compile_quietly(models.build("mlp"), torch.randn(1, 64), passes=[Perturb()], backend="torch")
 
 
 def test_verify_false_reports_instead():
