@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import fnmatch
 import math
 
 import torch
@@ -27,7 +26,7 @@ from torchkiln.compiler.options import option
 from torchkiln.compiler.passes import Pass, PassConfig, PassResult, register_pass
 from torchkiln.compiler.program import Program
 from torchkiln.compiler.verify import Tolerance
-from torchkiln.passes.layers import Layer, find_layers
+from torchkiln.passes.layers import Layer, find_layers, ignored
 from torchkiln.passes.promise import check_min_cosine, min_cosine_option, promise
 
 MAX_ITERATIONS = 50
@@ -65,7 +64,7 @@ class ClusterWeights(Pass):
         for layer in layers:
             if layer.weight is None:
                 continue
-            if any(fnmatch.fnmatchcase(layer.name, p) for p in self.config.ignore):
+            if ignored(layer, self.config.ignore):
                 notes.append(f"{layer.name}: not clustered, named in ignore")
                 continue
             weight = G.get_attr_value(work, str(layer.weight.target)).detach()

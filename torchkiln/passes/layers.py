@@ -15,8 +15,10 @@ caring where the layer came from.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import math
 import operator
+from collections.abc import Sequence
 from typing import Any, cast
 
 import torch
@@ -50,6 +52,11 @@ class Layer:
     def weight(self) -> fx.Node | None:
         arg = self.node.args[1] if self.kind != "matmul" else None
         return arg if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
+
+
+def ignored(layer: Layer, patterns: Sequence[str]) -> bool:
+    """Whether the layer's module path matches one of the ``ignore`` globs (``stem.*``, ``head``)."""
+    return any(fnmatch.fnmatchcase(layer.name, pattern) for pattern in patterns)
 
 
 def find_layers(gm: fx.GraphModule) -> tuple[list[Layer], list[str]]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import fnmatch
 import math
 from typing import Any, Literal
 
@@ -32,7 +31,7 @@ from torchkiln.compiler.options import option
 from torchkiln.compiler.passes import Pass, PassConfig, PassResult, register_pass
 from torchkiln.compiler.program import Program
 from torchkiln.compiler.verify import Tolerance
-from torchkiln.passes.layers import Layer, find_layers
+from torchkiln.passes.layers import Layer, find_layers, ignored
 from torchkiln.passes.promise import check_min_cosine, min_cosine_option, promise
 
 aten = torch.ops.aten
@@ -98,7 +97,7 @@ class FactorizeLowRank(Pass):
     def _why_not(self, layer: Layer) -> str | None:
         if layer.weight is None:
             return "-"  # a matmul of two activations has nothing to factor
-        if any(fnmatch.fnmatchcase(layer.name, p) for p in self.config.ignore):
+        if ignored(layer, self.config.ignore):
             return "named in ignore"
         if layer.kind == "conv":
             if self.config.conv == "off":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import fnmatch
 from collections.abc import Iterable
 from typing import Literal
 
@@ -33,7 +32,7 @@ from torchkiln.compiler.passes import Pass, PassConfig, PassResult, register_pas
 from torchkiln.compiler.program import Program
 from torchkiln.compiler.verify import Tolerance
 from torchkiln.passes import channels, heads
-from torchkiln.passes.layers import Layer, find_layers
+from torchkiln.passes.layers import Layer, find_layers, ignored
 from torchkiln.passes.promise import check_min_cosine, min_cosine_option, promise
 
 
@@ -89,7 +88,7 @@ class Prune(Pass):
         for layer in layers:
             if layer.weight is None:
                 continue  # matmul of two activations: no weight
-            if any(fnmatch.fnmatchcase(layer.name, p) for p in self.config.ignore):
+            if ignored(layer, self.config.ignore):
                 notes.append(f"{layer.name}: not pruned, named in ignore")
             else:
                 chosen.append(layer)
@@ -178,7 +177,7 @@ class Prune(Pass):
         return counts
 
     def _ignored(self, layers: Iterable[Layer]) -> bool:
-        return any(fnmatch.fnmatchcase(layer.name, p) for layer in layers for p in self.config.ignore)
+        return any(ignored(layer, self.config.ignore) for layer in layers)
 
     def _masks(self, gm: fx.GraphModule, layers: list[Layer], notes: list[str]) -> dict[Layer, torch.Tensor]:
         weights = {layer: G.get_attr_value(gm, str(layer.weight.target)).detach() for layer in layers}  # type: ignore[union-attr]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import fnmatch
 import itertools
 from collections.abc import Iterator, Sequence
 from typing import Literal
@@ -37,7 +36,7 @@ from torchkiln.compiler.passes import Pass, PassConfig, PassResult, register_pas
 from torchkiln.compiler.program import Program
 from torchkiln.compiler.verify import Tolerance
 from torchkiln.errors import InputError
-from torchkiln.passes.layers import Layer, find_layers
+from torchkiln.passes.layers import Layer, find_layers, ignored
 from torchkiln.passes.quantize import half, linear, sensitivity, static
 
 Mode = Literal["int8", "dynamic", "weight_only", "fp16", "bf16"]
@@ -158,7 +157,7 @@ class Quantize(Pass):
         return chosen
 
     def _why_float(self, layer: Layer, kinds: tuple[str, ...]) -> str | None:
-        if any(fnmatch.fnmatchcase(layer.name, pattern) for pattern in self.config.ignore):
+        if ignored(layer, self.config.ignore):
             return "named in ignore"
         if layer.kind not in kinds:
             return f"{layer.kind} layers are not quantized in mode={self.config.mode}"
