@@ -393,6 +393,8 @@ CLI_CASES = [
     (["inspect", "mlp", "--input", "1x65"], 2, "fails on the example inputs"),
     (["inspect", "{tmp}/untraceable.py:build", "--input", "2x4"], 1, "symbolic tracing failed"),
     (["passes", "nope"], 2, "unknown pass 'nope'"),
+    (["build", "{tmp}/nope.toml"], 2, "cannot read recipe"),
+    (["build", "{tmp}/file"], 2, "the [model] table is missing"),
     (["export", "mlp", "--passes", "quantize", "-o", "{tmp}/o"], 1, "needs calibration data"),
     (["export", "mlp", "--passes", "quantize", "--calibration", "random:0", "-o", "{tmp}/o"], 2, "bad --calibration"),
     (["export", "mlp", "--passes", "quantize", "--calibration", "{tmp}/no.pt", "-o", "{tmp}/o"], 2, "not found"),

@@ -56,3 +56,7 @@ class VerificationError(KilnError):
 
 class ArtifactError(KilnError):
     """A saved artifact directory is missing, corrupt, or cannot be written."""
+
+
+class GateError(KilnError):
+    """A build met none of its failures but missed a quality gate (accuracy, latency, size)."""

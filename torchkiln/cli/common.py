@@ -65,6 +65,17 @@ def load_model(spec: str) -> tuple[nn.Module, models.ZooEntry | None]:
     return model.eval(), None
 
 
+def load_callable(spec: str, what: str = "function") -> Any:
+    """``path/to/file.py:name`` or ``package.module:name`` → the callable."""
+    location, _, name = spec.rpartition(":")
+    if not location or not name:
+        raise ConfigError(f"bad {what} '{spec}'", where=spec, hint="write path/to/file.py:name or package.module:name")
+    found = getattr(_import(location, spec), name, None)
+    if not callable(found):
+        raise ConfigError(f"'{name}' is not a callable in {location}", where=spec)
+    return found
+
+
 def _import(location: str, spec: str) -> Any:
     if location.endswith(".py"):
         path = Path(location)

@@ -63,23 +63,30 @@ class CompiledModel:
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write the artifact and its manifest atomically; return the directory."""
         with atomic_directory(directory) as staging:
-            files = self.artifact.save(staging)
-            manifest = {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "model": self.report.model,
-                "backend": self.backend,
-                "backend_options": _jsonable(self.options.to_dict()),
-                "inputs": [s.to_dict() for s in self.inputs],
-                "outputs": [s.to_dict() for s in self.outputs],
-                "out_spec": portable_spec(self.out_spec),
-                "passes": self.passes,
-                "versions": versions(),
-                "files": {name: sha256(staging / name) for name in files},
-                "report": self.report.to_dict(),
-            }
-            write_text_atomic(staging / MANIFEST, json.dumps(manifest, indent=2, default=str))
+            self.write(staging)
         return Path(directory)
+
+    def write(self, staging: Path, extra: dict[str, Any] | None = None) -> list[str]:
+        """Write the backend files and ``manifest.json`` (plus ``extra`` manifest entries) into an
+        existing directory — the staging directory of an atomic save; returns the files' names."""
+        files = self.artifact.save(staging)
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model": self.report.model,
+            "backend": self.backend,
+            "backend_options": _jsonable(self.options.to_dict()),
+            "inputs": [s.to_dict() for s in self.inputs],
+            "outputs": [s.to_dict() for s in self.outputs],
+            "out_spec": portable_spec(self.out_spec),
+            "passes": self.passes,
+            "versions": versions(),
+            "files": {name: sha256(staging / name) for name in files},
+            "report": self.report.to_dict(),
+            **(extra or {}),
+        }
+        write_text_atomic(staging / MANIFEST, json.dumps(manifest, indent=2, default=str))
+        return files
 
 
 def portable_spec(spec: pytree.TreeSpec) -> str:

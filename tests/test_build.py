@@ -1,0 +1,99 @@
+"""``kiln build`` and kiln.toml recipes: the example builds and passes its gates, a missed gate
+exits 1 and leaves the output alone, a malformed recipe exits 2 naming the line and key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from torchkiln.cli import main
+from torchkiln.errors import ConfigError
+from torchkiln.recipe import load_recipe
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "digits" / "kiln.toml"
+
+MLP = """
+[model]
+source = "mlp"
+
+[[passes]]
+name = "fold_batchnorm"
+
+[backend]
+name = "torch"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "kiln.toml"
+    path.write_text(text)
+    return path
+
+
+def test_the_example_recipe_builds_and_passes_its_gates(tmp_path, capsys):
+    assert main(["build", str(EXAMPLE), "-o", str(tmp_path / "out"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["evaluation"]["metric"] == "top1" and report["evaluation"]["drop"] <= 0.5
+    assert [g["gate"] for g in report["gates"]] == ["max_accuracy_drop", "max_size_mb"]
+    assert all(g["passed"] for g in report["gates"])
+    out = tmp_path / "out"
+    assert {p.name for p in out.iterdir()} == {"manifest.json", "model.onnx", "report.json", "report.md"}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["recipe"]["passes"][2]["name"] == "quantize" and len(manifest["recipe_sha256"]) == 64
+    assert "# Build report: kiln.toml" in (out / "report.md").read_text()
+
+
+def test_a_missed_gate_exits_1_and_keeps_the_previous_build(tmp_path, capsys):
+    recipe = write(tmp_path, MLP)
+    assert main(["build", str(recipe), "--quiet"]) == 0
+    before = (tmp_path / "build" / "manifest.json").read_bytes()
+    write(tmp_path, MLP.replace('name = "torch"', 'name = "onnxruntime"') + "\n[gate]\nmax_size_mb = 0.001\n")
+    assert main(["build", str(recipe), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "1 gate(s) missed: max_size_mb" in err and "was not changed" in err
+    assert (tmp_path / "build" / "manifest.json").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[modle]\nsource = 'mlp'\n", ":1: [modle]: unknown table"),
+        ("[model]\nsource = 'mlp'\nweight = 'w.pt'\n", ":3: [model] weight: unknown key 'weight' in model"),
+        ("[model]\nsource = 3\n", ":2: [model] source: model.source must be str, got 3"),
+        ("[backend]\nname = 'onnxruntime'\n", "the [model] table is missing"),
+        ("[model]\nsource = 'mlp'\nweights = 'missing.pt'\n", "cannot load weights"),
+        ("[model]\nsource = 'mlp'\n[[passes]]\nname = 'fold'\n", "unknown pass 'fold'"),
+        ("[model]\nsource = 'mlp'\n[[passes]]\noptions = {}\n", "passes[0] needs name"),
+        ("[model]\nsource = 'mlp'\n[backend]\nname = 'onnxruntime'\noptions = { threads = 2 }\n", "unknown option 'threads'"),
+        ("[model]\nsource = 'mlp'\n[gate]\nmax_accuracy_drop = 1.0\n", "needs an [evaluation] table"),
+        ("[model]\nsource = 'mlp'\ninputs = [{ name = 'x', shape = [0, 64] }]\n", "shape must be positive integers"),
+        ("[model\nsource = 'mlp'\n", "not valid TOML"),
+        ("[model]\nsource = 'torch.nn:Identity'\n", "[model] inputs is required"),
+    ],
+)
+def test_malformed_recipes_exit_2_naming_the_key(tmp_path, capsys, text, message):
+    recipe = write(tmp_path, text)
+    assert main(["build", str(recipe), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "build").exists()
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read recipe"):
+        load_recipe(tmp_path / "nope.toml")
+
+
+def test_recipe_fields(tmp_path):
+    recipe = load_recipe(
+        write(
+            tmp_path,
+            MLP + '\n[[passes]]\nname = "quantize"\noptions = { calibrator = "mse", ignore = ["a", "b"] }\n'
+            '[verify]\nmin_cosine = 0.98\n',
+        )
+    )
+    assert recipe.model == "mlp" and recipe.backend == "torch"
+    assert recipe.passes == (("fold_batchnorm", {}), ("quantize", {"calibrator": "mse", "ignore": ["a", "b"]}))
+    assert recipe.verify == {"min_cosine": 0.98} and recipe.gate == {}

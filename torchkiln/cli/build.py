@@ -1,0 +1,215 @@
+"""``kiln build RECIPE [-o DIR]``: build the artifact a ``kiln.toml`` recipe describes, check its gates.
+
+Writes, atomically into DIR (default: ``build/`` next to the recipe): the backend files,
+``manifest.json`` (file hashes, tool versions, specs, the recipe and its hash, the evaluation and
+gate results), ``report.json`` and ``report.md``. When the build fails or a gate is missed, DIR is
+left as it was and the exit code is 1 (2 for a malformed recipe).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import torchkiln
+from torchkiln.cli.common import load_callable, load_model
+from torchkiln.compiler.files import atomic_directory, write_text_atomic
+from torchkiln.compiler.program import dtype_from_name
+from torchkiln.compiler.verify import Tolerance
+from torchkiln.data import load_batches
+from torchkiln.errors import ConfigError, GateError
+from torchkiln.passes.distill import first_output, split_batch
+from torchkiln.recipe import Recipe, load_recipe
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "build", help="build the artifact a kiln.toml recipe describes", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    parser.add_argument("recipe", metavar="RECIPE", help="path to kiln.toml")
+    parser.add_argument("-o", "--output", help="output directory (default: build/ next to the recipe)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe)
+    output = Path(args.output) if args.output else recipe.path.parent / "build"
+    say = None if args.quiet else (lambda stage: print(f"kiln: {stage}", file=sys.stderr, flush=True))
+    model, inputs, axes = _model_and_inputs(recipe)
+    calibration = _batches(recipe, recipe.calibration, inputs)
+    if calibration:  # verify on real data: random inputs can lie far outside calibrated ranges
+        inputs = _as_inputs(calibration[0], list(inputs))
+    compiled = torchkiln.compile(
+        model, inputs, passes=[_spec(name, options) for name, options in recipe.passes],
+        backend=recipe.backend, backend_options=recipe.backend_options, dynamic_axes=axes,
+        calibration_data=calibration, tolerance=_tolerance(recipe),
+        name=Path(recipe.model).stem, progress=say, latency_runs=50,
+    )  # fmt: skip
+    evaluation = _evaluate(recipe, model, compiled, inputs)
+    gates = _gates(recipe, compiled, evaluation)
+    missed = [g for g in gates if not g["passed"]]
+    if missed:
+        summary = "; ".join(f"{g['gate']}: {g['value']:.4g} (limit {g['limit']:.4g})" for g in missed)
+        raise GateError(f"{len(missed)} gate(s) missed: {summary}", where=str(recipe.path), hint=f"{output} was not changed")
+    extra = {"recipe": recipe.raw, "recipe_sha256": hashlib.sha256(recipe.path.read_bytes()).hexdigest(),
+             "evaluation": evaluation, "gates": gates}  # fmt: skip
+    with atomic_directory(output) as staging:
+        compiled.write(staging, extra)
+        report = {**compiled.report.to_dict(), "evaluation": evaluation, "gates": gates}
+        write_text_atomic(staging / "report.json", json.dumps(report, indent=2, default=str))
+        write_text_atomic(staging / "report.md", _markdown(recipe, compiled, evaluation, gates))
+    if not args.quiet:
+        if args.json:
+            print(json.dumps(report, indent=2, default=str))
+        else:
+            print("\n".join([compiled.report.table(), *_summary(evaluation, gates)]))
+        print(f"kiln: wrote {output}", file=sys.stderr)
+    return 0
+
+
+def _spec(name: str, options: Mapping[str, Any]) -> str:
+    values = ",".join(f"{k}={'|'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in options.items())
+    return f"{name}:{values}" if values else name
+
+
+def _model_and_inputs(recipe: Recipe) -> tuple[nn.Module, dict[str, torch.Tensor], Any]:
+    source = recipe.model
+    if ".py:" in source and not Path(source.split(":")[0]).is_absolute():
+        source = str(recipe.resolve(source.split(":")[0])) + ":" + source.split(":", 1)[1]
+    model, entry = load_model(source)
+    if recipe.weights is not None:
+        path = recipe.resolve(str(recipe.weights))
+        try:
+            state = torch.load(path, weights_only=True, map_location="cpu")
+            model.load_state_dict(state)
+        except Exception as exc:
+            raise ConfigError(f"cannot load weights {path}: {type(exc).__name__}: {exc}", where="model.weights") from None
+    if recipe.inputs:
+        generator = torch.Generator().manual_seed(0)
+        inputs = {
+            s.name: torch.randn(s.shape, generator=generator).to(dtype_from_name(s.dtype))
+            if dtype_from_name(s.dtype).is_floating_point
+            else torch.zeros(s.shape, dtype=dtype_from_name(s.dtype))
+            for s in recipe.inputs
+        }
+        axes = {s.name: dict(s.dynamic) for s in recipe.inputs if s.dynamic} or None
+        return model, inputs, axes
+    if entry is None:
+        raise ConfigError(f"{recipe.path}: [model] inputs is required for a model outside the zoo", where="model.inputs")
+    return model, entry.example_inputs(), entry.dynamic_axes
+
+
+def _batches(recipe: Recipe, table: Any, inputs: dict[str, torch.Tensor]) -> list[Any] | None:
+    if table is None:
+        return None
+    source = table["source"]
+    if source.endswith((".npz", ".pt")):
+        batch = next(iter(inputs.values())).shape[0] if inputs else 1
+        batches = load_batches(recipe.resolve(source), list(inputs), int(batch))
+    else:
+        batches = list(_call(recipe, source))
+    limit = table.get("batches")
+    return batches[:limit] if limit else batches
+
+
+def _as_inputs(batch: Any, names: list[str]) -> dict[str, torch.Tensor]:
+    if isinstance(batch, dict):
+        return dict(batch)
+    values = batch if isinstance(batch, (tuple, list)) else (batch,)
+    return dict(zip(names, values))
+
+
+def _call(recipe: Recipe, source: str) -> Iterable[Any]:
+    if ".py:" in source:
+        source = str(recipe.resolve(source.split(":")[0])) + ":" + source.split(":", 1)[1]
+    function = load_callable(source)
+    try:
+        return function()  # type: ignore[no-any-return]
+    except Exception as exc:
+        raise ConfigError(f"{source}() failed: {type(exc).__name__}: {exc}", where=source) from None
+
+
+def _tolerance(recipe: Recipe) -> Tolerance | None:
+    verify = recipe.verify
+    if not verify:
+        return None
+    if "min_cosine" in verify:
+        return Tolerance(min_cosine=verify["min_cosine"])
+    return Tolerance(atol=verify.get("atol", 1e-5), rtol=verify.get("rtol", 1e-4))
+
+
+def _evaluate(recipe: Recipe, model: nn.Module, compiled: Any, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+    if recipe.evaluation is None:
+        return {}
+    batches = _batches(recipe, recipe.evaluation, inputs) or []
+    metric = _metric(recipe.evaluation.get("metric", "top1"))
+    eager = _score(lambda x: _call_model(model, x), batches, metric)
+    artifact = _score(lambda x: _call_model(compiled, x), batches, metric)
+    return {"metric": recipe.evaluation.get("metric", "top1"), "eager": eager, "artifact": artifact,
+            "drop": eager - artifact, "batches": len(batches)}  # fmt: skip
+
+
+def _call_model(model: Any, inputs: Any) -> Any:
+    with torch.no_grad():
+        if isinstance(inputs, dict):
+            return model(**inputs)
+        return model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
+
+
+def _metric(name: str) -> Callable[[torch.Tensor, torch.Tensor], float]:
+    if name == "top1":
+        return lambda logits, labels: 100.0 * float((logits.argmax(-1) == labels).float().mean())
+    return load_callable(name, "metric")  # type: ignore[no-any-return]
+
+
+def _score(predict: Callable[[Any], Any], batches: list[Any], metric: Callable[..., float]) -> float:
+    total = count = 0.0
+    for item in batches:
+        inputs, labels = split_batch(item)
+        if labels is None:
+            raise ConfigError("[evaluation] batches must be (inputs, integer labels)", where="evaluation.source")
+        total += metric(first_output(predict(inputs)), labels) * len(labels)
+        count += len(labels)
+    return total / count if count else float("nan")
+
+
+def _gates(recipe: Recipe, compiled: Any, evaluation: dict[str, Any]) -> list[dict[str, Any]]:
+    artifact = compiled.report.artifact
+    measured = {
+        "max_accuracy_drop": evaluation.get("drop"),
+        "max_latency_ms": artifact.artifact_ms,
+        "max_size_mb": artifact.file_bytes / 1e6 if artifact.file_bytes is not None else None,
+    }
+    gates = []
+    for gate, limit in recipe.gate.items():
+        value = measured[gate]
+        if value is None:
+            raise ConfigError(f"{recipe.path}: [gate] {gate} needs an [evaluation] table", where=f"gate.{gate}")
+        gates.append({"gate": gate, "limit": limit, "value": value, "passed": bool(value <= limit)})
+    return gates
+
+
+def _summary(evaluation: dict[str, Any], gates: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    if evaluation:
+        lines.append(f"  evaluation ({evaluation['metric']}): eager {evaluation['eager']:.4g}, "
+                     f"artifact {evaluation['artifact']:.4g}, drop {evaluation['drop']:.4g}")  # fmt: skip
+    lines += [f"  gate {g['gate']}: {g['value']:.4g} <= {g['limit']:.4g}: passed" for g in gates]
+    return lines
+
+
+def _markdown(recipe: Recipe, compiled: Any, evaluation: dict[str, Any], gates: list[dict[str, Any]]) -> str:
+    lines = [f"# Build report: {recipe.path.name}", "", "```", compiled.report.table(), "```", ""]
+    lines += [line.strip() for line in _summary(evaluation, gates)]
+    return "\n".join(lines) + "\n"

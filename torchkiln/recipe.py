@@ -1,0 +1,209 @@
+"""``kiln.toml`` recipes: one file that says what to build, read with ``tomllib`` and checked whole.
+
+::
+
+    [model]
+    source = "resnet"                 # zoo name, path/to/file.py:factory or package.module:factory
+    weights = "weights.pt"            # optional: a state dict, loaded with weights_only=True
+    inputs = [{ name = "x", shape = [1, 3, 32, 32], dtype = "float32", dynamic = { 0 = "batch" } }]
+
+    [[passes]]
+    name = "fold_batchnorm"
+
+    [[passes]]
+    name = "quantize"
+    options = { calibrator = "percentile" }
+
+    [calibration]
+    source = "calib.npz"              # .npz / .pt file, or module:function returning batches
+
+    [evaluation]
+    source = "data.py:validation"     # batches of (inputs, labels)
+    metric = "top1"                   # or module:function(outputs, labels) -> float
+
+    [backend]
+    name = "onnxruntime"
+    options = { intra_op_threads = 2 }
+
+    [verify]
+    min_cosine = 0.99                 # or atol / rtol
+
+    [gate]
+    max_accuracy_drop = 0.5           # points
+    max_latency_ms = 5.0
+    max_size_mb = 2.0
+
+Every table and key is checked: an unknown or mistyped key is a :class:`ConfigError` naming the
+file, the line and the valid keys; pass and backend options are checked by their own declarations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NoReturn
+
+import tomllib
+
+from torchkiln.errors import ConfigError
+
+# table -> key -> (type, required)
+_SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
+    "model": {"source": (str, True), "weights": (str, False), "inputs": (list, False)},
+    "passes": {"name": (str, True), "options": (dict, False)},
+    "calibration": {"source": (str, True), "batches": (int, False)},
+    "evaluation": {"source": (str, True), "metric": (str, False)},
+    "backend": {"name": (str, True), "options": (dict, False)},
+    "verify": {"atol": ((int, float), False), "rtol": ((int, float), False), "min_cosine": ((int, float), False)},
+    "gate": {
+        "max_accuracy_drop": ((int, float), False),
+        "max_latency_ms": ((int, float), False),
+        "max_size_mb": ((int, float), False),
+    },
+}
+_INPUT_KEYS = {"name": (str, True), "shape": (list, True), "dtype": (str, False), "dynamic": (dict, False)}
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+    dynamic: tuple[tuple[int, str], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    path: Path
+    model: str
+    weights: Path | None
+    inputs: tuple[InputSpec, ...]
+    passes: tuple[tuple[str, Mapping[str, Any]], ...]
+    calibration: Mapping[str, Any] | None
+    evaluation: Mapping[str, Any] | None
+    backend: str
+    backend_options: Mapping[str, Any]
+    verify: Mapping[str, float]
+    gate: Mapping[str, float]
+    raw: Mapping[str, Any]  # the parsed file, for the manifest
+
+    def resolve(self, relative: str) -> Path:
+        """A path in the recipe, relative to the recipe's directory."""
+        path = Path(relative)
+        return path if path.is_absolute() else self.path.parent / path
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read recipe {path}: {exc.strerror or exc}", where=str(path)) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}", where=str(path)) from None
+    checker = _Checker(path, text)
+    checker.tables(data)
+    model = checker.table(data, "model", required=True)
+    assert model is not None  # required: table() raised otherwise
+    passes = data.get("passes", [])
+    if not isinstance(passes, list):
+        checker.fail("passes", None, "write each pass as a [[passes]] table")
+    for index, entry in enumerate(passes):
+        checker.table({"passes": entry}, "passes", label=f"passes[{index}]")
+    backend = checker.table(data, "backend") or {"name": "onnxruntime"}
+    return Recipe(
+        path=path,
+        model=model["source"],
+        weights=Path(model["weights"]) if "weights" in model else None,
+        inputs=tuple(checker.input(i, spec) for i, spec in enumerate(model.get("inputs", []))),
+        passes=tuple((p["name"], dict(p.get("options", {}))) for p in passes),
+        calibration=checker.table(data, "calibration"),
+        evaluation=checker.table(data, "evaluation"),
+        backend=backend["name"],
+        backend_options=dict(backend.get("options", {})),
+        verify={k: float(v) for k, v in (checker.table(data, "verify") or {}).items()},
+        gate={k: float(v) for k, v in (checker.table(data, "gate") or {}).items()},
+        raw=data,
+    )
+
+
+class _Checker:
+    def __init__(self, path: Path, text: str):
+        self.path, self.lines = path, text.splitlines()
+
+    def line_of(self, table: str, key: str | None) -> int | None:
+        """The line of ``key`` inside ``[table]`` (or of the table header), by a plain scan."""
+        header = re.compile(rf"^\s*\[\[?\s*{re.escape(table)}\s*\]\]?\s*$")
+        inside = False
+        for number, line in enumerate(self.lines, 1):
+            if header.match(line):
+                if key is None:
+                    return number
+                inside = True
+            elif re.match(r"^\s*\[", line):
+                inside = False
+            elif inside and key is not None and re.match(rf"^\s*{re.escape(key)}\s*=", line):
+                return number
+        return None
+
+    def fail(self, table: str, key: str | None, message: str, hint: str | None = None) -> NoReturn:
+        line = self.line_of(table, key)
+        where = f"{self.path}:{line}" if line else str(self.path)
+        name = f"[{table}] {key}" if key else f"[{table}]"
+        raise ConfigError(f"{where}: {name}: {message}", where=f"{table}.{key}" if key else table, hint=hint)
+
+    def tables(self, data: Mapping[str, Any]) -> None:
+        for name in data:
+            if name not in _SCHEMA:
+                self.fail(name, None, "unknown table", hint=f"tables are: {', '.join(_SCHEMA)}")
+
+    def table(
+        self, data: Mapping[str, Any], name: str, required: bool = False, label: str | None = None
+    ) -> dict[str, Any] | None:
+        if name not in data:
+            if required:
+                raise ConfigError(f"{self.path}: the [{name}] table is missing", where=name)
+            return None
+        values = data[name]
+        if not isinstance(values, dict):
+            self.fail(name, None, f"must be a table, got {type(values).__name__}")
+        self._keys(name, values, _SCHEMA[name], label)
+        return dict(values)
+
+    def input(self, index: int, spec: Any) -> InputSpec:
+        if not isinstance(spec, dict):
+            self.fail("model", "inputs", f"input {index} must be a table like {{ name = \"x\", shape = [1, 3] }}")
+        self._keys("model", spec, _INPUT_KEYS, f"model.inputs[{index}]", line_key="inputs")
+        shape = spec["shape"]
+        if not shape or not all(isinstance(d, int) and d > 0 for d in shape):
+            self.fail("model", "inputs", f"input '{spec['name']}': shape must be positive integers, got {shape}")
+        dynamic = []
+        for axis, dim in dict(spec.get("dynamic", {})).items():
+            if not str(axis).lstrip("-").isdigit() or not isinstance(dim, str):
+                self.fail("model", "inputs", f"input '{spec['name']}': dynamic = {{ <axis> = \"<name>\" }}, got {axis!r}")
+            dynamic.append((int(axis), dim))
+        return InputSpec(spec["name"], tuple(shape), spec.get("dtype", "float32"), tuple(dynamic))
+
+    def _keys(
+        self,
+        table: str,
+        values: Mapping[str, Any],
+        schema: Mapping[str, tuple[type | tuple[type, ...], bool]],
+        label: str | None,
+        line_key: str | None = None,
+    ) -> None:
+        shown = label or table
+        for key, value in values.items():
+            if key not in schema:
+                self.fail(table, line_key or key, f"unknown key '{key}' in {shown}", hint=f"valid keys: {', '.join(schema)}")
+            kind, _ = schema[key]
+            if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+                expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+                self.fail(table, line_key or key, f"{shown}.{key} must be {expected}, got {value!r}")
+        missing = [key for key, (_, required) in schema.items() if required and key not in values]
+        if missing:
+            self.fail(table, None, f"{shown} needs {', '.join(missing)}")
