@@ -97,3 +97,13 @@ def test_recipe_fields(tmp_path):
     assert recipe.model == "mlp" and recipe.backend == "torch"
     assert recipe.passes == (("fold_batchnorm", {}), ("quantize", {"calibrator": "mse", "ignore": ["a", "b"]}))
     assert recipe.verify == {"min_cosine": 0.98} and recipe.gate == {}
+
+
+def test_two_builds_of_a_recipe_are_byte_identical(tmp_path):
+    recipe = write(tmp_path, MLP.replace('name = "torch"', 'name = "onnxruntime"'))
+    assert main(["build", str(recipe), "-o", str(tmp_path / "a"), "--quiet"]) == 0
+    assert main(["build", str(recipe), "-o", str(tmp_path / "b"), "--quiet"]) == 0
+    first, second = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in "ab")
+    assert first["files"] == second["files"] and (tmp_path / "a" / "model.onnx").read_bytes() == (
+        tmp_path / "b" / "model.onnx"
+    ).read_bytes()
