@@ -404,3 +404,18 @@ def test_cli_calibrates_from_a_data_file(tmp_path, capsys, suffix):
     batches = 3 if suffix == ".pt" else 12  # the .npz array is split like the 1-sample example input
     assert any(n.startswith(f"calibrated 6 tensors on {batches} batches") for n in notes), notes
     assert (tmp_path / "out" / "model.onnx").exists()
+
+
+def test_composes_after_a_lossy_pass_without_a_promise():
+    """prune changes the outputs on purpose; quantize's promise is about the graph it is given,
+    and the int8 artifact is held to the pruned-and-quantized graph (int8 rounding allowed)."""
+    entry = models.get("resnet")
+    compiled = compile_quietly(
+        entry.build(),
+        entry.example_inputs(1),
+        passes="fold_batchnorm,prune:ratio=0.3,quantize",
+        calibration_data=calibration(entry, 4, 1),
+    )
+    prune, quantize = compiled.report.passes[1:]
+    assert prune.cosine < 0.99 and quantize.tolerance == "cosine similarity >= 0.99"
+    assert compiled.report.artifact.tolerance.startswith("cosine similarity >= 0.99 against the rewritten graph")
