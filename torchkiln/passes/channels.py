@@ -79,10 +79,11 @@ class GroupBuilder:
     def __init__(self, gm: fx.GraphModule, layers: list[Layer]):
         self.gm = gm
         self.by_node = {layer.node: layer for layer in layers}
+        self._seen: set[fx.Node] = set()  # nodes already followed for the group being built
 
     def build(self, producer: Layer) -> Group:
         group = Group(channels=_out_channels(self.gm, producer))
-        self._seen: set[fx.Node] = set()
+        self._seen = set()
         self._add_producer(group, producer)
         return group
 

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from torchkiln.compiler.calibration import no_progress, tqdm_progress
+from torchkiln.compiler.calibration import ProgressBar, no_progress, tqdm_progress
 from torchkiln.compiler.options import option
 from torchkiln.compiler.passes import Pass, PassConfig, PassResult, register_pass
 from torchkiln.compiler.program import Program, bind_inputs
@@ -88,7 +88,8 @@ def distill(
     elif options:
         raise ConfigError("pass either config or keyword options to distill, not both")
     assert isinstance(config, DistillConfig)
-    return Trainer(config, progress).fit(student, _caller(student), _caller(teacher), train_data, val_data)
+    bar = tqdm_progress if progress else no_progress
+    return Trainer(config, bar).fit(student, _caller(student), _caller(teacher), train_data, val_data)
 
 
 def _caller(model: Any) -> Callable[[Any], Any]:
@@ -118,8 +119,8 @@ def first_output(value: Any) -> torch.Tensor:
 
 
 class Trainer:
-    def __init__(self, config: DistillConfig, progress: bool):
-        self.config, self.progress = config, tqdm_progress if progress else no_progress
+    def __init__(self, config: DistillConfig, progress: ProgressBar = no_progress):
+        self.config, self.progress = config, progress
 
     def fit(
         self,
@@ -273,7 +274,7 @@ class Distill(Pass):
             args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
             return gm(*bind_inputs(specs, args, {}))
 
-        trainer = Trainer(self.config, progress=program.progress is not None and program.progress is not no_progress)
+        trainer = Trainer(self.config, program.progress or no_progress)
         result = trainer.fit(gm, run_student, _caller(program.teacher), program.training, program.validation)
         for p in gm.parameters():
             p.requires_grad_(False)
