@@ -419,3 +419,25 @@ def test_composes_after_a_lossy_pass_without_a_promise():
     prune, quantize = compiled.report.passes[1:]
     assert prune.cosine < 0.99 and quantize.tolerance == "cosine similarity >= 0.99"
     assert compiled.report.artifact.tolerance.startswith("cosine similarity >= 0.99 against the rewritten graph")
+
+
+@pytest.mark.parametrize("mode", ["int8", "dynamic", "weight_only"])
+def test_a_saved_quantized_torch_artifact_loads_in_a_fresh_process(tmp_path, mode):
+    """The quantized IR ops must be registered before torch.export.load reads the archive."""
+    import subprocess
+    import sys
+
+    entry = models.get("mlp")
+    x = entry.example_inputs(2)
+    compiled = compile_quietly(
+        entry.build(), x, passes=f"fold_batchnorm,quantize:mode={mode}", backend="torch", calibration_data=[x]
+    )
+    compiled.save(tmp_path / "artifact")
+    torch.save(x["x"], tmp_path / "x.pt")
+    code = (
+        "import sys, torch, torchkiln; d = sys.argv[1]; "
+        "torch.save(torchkiln.load(d + '/artifact')(torch.load(d + '/x.pt')), d + '/y.pt')"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert torch.equal(torch.load(tmp_path / "y.pt"), compiled(**x))

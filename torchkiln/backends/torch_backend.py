@@ -66,6 +66,8 @@ class TorchArtifact(Artifact):
 
     @classmethod
     def load(cls, directory: Path, options: dict[str, Any]) -> TorchArtifact:
+        import torchkiln.compiler.quant_ops  # noqa: F401 - a quantized program calls these ops
+
         try:
             exported = torch.export.load(directory / FILE)
         except Exception as exc:
