@@ -13,6 +13,12 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch) -> None:
+    """kiln build caches by default; tests must not read or fill the user's ~/.cache."""
+    monkeypatch.setenv("TORCHKILN_CACHE_DIR", str(tmp_path_factory.mktemp("kiln-cache")))
+
+
 def compile_quietly(model: nn.Module, inputs, **kwargs) -> torchkiln.CompiledModel:
     """compile() without the latency measurement (tests never time anything)."""
     kwargs.setdefault("latency_runs", 0)

@@ -39,10 +39,13 @@ def test_the_example_recipe_builds_and_passes_its_gates(tmp_path, capsys):
     assert [g["gate"] for g in report["gates"]] == ["max_accuracy_drop", "max_size_mb"]
     assert all(g["passed"] for g in report["gates"])
     out = tmp_path / "out"
-    assert {p.name for p in out.iterdir()} == {"manifest.json", "model.onnx", "report.json", "report.md"}
+    assert {p.name for p in out.iterdir()} == {"manifest.json", "model.onnx", "report.json", "report.md", "accuracy.png"}
+    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and report["plot"] == "accuracy.png"
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["recipe"]["passes"][2]["name"] == "quantize" and len(manifest["recipe_sha256"]) == 64
+    assert manifest["recipe"]["passes"][2]["name"] == "quantize" and len(manifest["input_hashes"]["recipe"]) == 64
     assert "# Build report: kiln.toml" in (out / "report.md").read_text()
+    assert "![top1 vs size and latency](accuracy.png)" in (out / "report.md").read_text()
+    assert set(manifest["input_hashes"]) == {"recipe", "model", "calibration"}
 
 
 def test_a_missed_gate_exits_1_and_keeps_the_previous_build(tmp_path, capsys):
@@ -101,9 +104,85 @@ def test_recipe_fields(tmp_path):
 
 def test_two_builds_of_a_recipe_are_byte_identical(tmp_path):
     recipe = write(tmp_path, MLP.replace('name = "torch"', 'name = "onnxruntime"'))
-    assert main(["build", str(recipe), "-o", str(tmp_path / "a"), "--quiet"]) == 0
-    assert main(["build", str(recipe), "-o", str(tmp_path / "b"), "--quiet"]) == 0
+    assert main(["build", str(recipe), "-o", str(tmp_path / "a"), "--quiet", "--no-cache"]) == 0
+    assert main(["build", str(recipe), "-o", str(tmp_path / "b"), "--quiet", "--no-cache"]) == 0
     first, second = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in "ab")
     assert first["files"] == second["files"] and (tmp_path / "a" / "model.onnx").read_bytes() == (
         tmp_path / "b" / "model.onnx"
     ).read_bytes()
+
+
+RESNET = """
+[model]
+source = "resnet"
+
+[[passes]]
+name = "cleanup"
+
+[[passes]]
+name = "fold_batchnorm"
+
+[backend]
+name = "onnxruntime"
+"""
+
+
+def build_report(tmp_path: Path, recipe: Path, out: str, *flags: str) -> dict:
+    assert main(["build", str(recipe), "-o", str(tmp_path / out), "--quiet", "--cache-dir", str(tmp_path / "cache"), *flags]) == 0
+    return json.loads((tmp_path / out / "report.json").read_text())
+
+
+def test_a_rebuild_hits_the_cache_and_gives_the_same_bytes(tmp_path):
+    recipe = write(tmp_path, RESNET)
+    first = build_report(tmp_path, recipe, "a")
+    second = build_report(tmp_path, recipe, "b")
+    assert [v.split()[0] for v in first["cache"].values()] == ["miss", "miss"]
+    assert [v.split()[0] for v in second["cache"].values()] == ["hit", "hit"]
+    assert (tmp_path / "a" / "model.onnx").read_bytes() == (tmp_path / "b" / "model.onnx").read_bytes()
+    assert second["passes"] == first["passes"]  # the cached pass records come back with the graph
+    assert "cache: optimize hit" in (tmp_path / "b" / "report.md").read_text()
+
+
+def test_changing_only_backend_options_reuses_the_optimized_graph(tmp_path):
+    recipe = write(tmp_path, RESNET)
+    build_report(tmp_path, recipe, "a")
+    write(tmp_path, RESNET + "options = { opset = 20 }\n")
+    report = build_report(tmp_path, recipe, "b")
+    assert report["cache"]["optimize"].startswith("hit") and report["cache"]["lower"].startswith("miss")
+    fresh = build_report(tmp_path, recipe, "c", "--no-cache")
+    assert fresh["cache"] == {}
+    # Lowered from the cached graph or from a fresh trace: the same bytes.
+    assert (tmp_path / "b" / "model.onnx").read_bytes() == (tmp_path / "c" / "model.onnx").read_bytes()
+
+
+def test_changed_weights_miss_the_cache(tmp_path):
+    import torch
+
+    from torchkiln import models
+
+    recipe = write(tmp_path, RESNET.replace('source = "resnet"', 'source = "resnet"\nweights = "w.pt"'))
+    model = models.get("resnet").build()
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    build_report(tmp_path, recipe, "a")
+    with torch.no_grad():
+        model.fc.weight.mul_(2)
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    report = build_report(tmp_path, recipe, "b")
+    assert report["cache"]["optimize"].startswith("miss")
+
+
+def test_a_corrupt_cache_entry_is_a_miss_and_is_rewritten(tmp_path):
+    recipe = write(tmp_path, RESNET)
+    build_report(tmp_path, recipe, "a")
+    (entry,) = (tmp_path / "cache" / "optimize").iterdir()
+    (entry / "program.pt").write_bytes(b"truncated")
+    report = build_report(tmp_path, recipe, "b")
+    assert report["cache"]["optimize"].startswith("miss")
+    assert build_report(tmp_path, recipe, "c")["cache"]["optimize"].startswith("hit")
+    assert (tmp_path / "a" / "model.onnx").read_bytes() == (tmp_path / "c" / "model.onnx").read_bytes()
+
+
+def test_no_cache_writes_no_cache(tmp_path):
+    recipe = write(tmp_path, MLP)
+    assert main(["build", str(recipe), "--quiet", "--no-cache", "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert not (tmp_path / "cache").exists()

@@ -1,9 +1,14 @@
 """``kiln build RECIPE [-o DIR]``: build the artifact a ``kiln.toml`` recipe describes, check its gates.
 
 Writes, atomically into DIR (default: ``build/`` next to the recipe): the backend files,
-``manifest.json`` (file hashes, tool versions, specs, the recipe and its hash, the evaluation and
-gate results), ``report.json`` and ``report.md``. When the build fails or a gate is missed, DIR is
-left as it was and the exit code is 1 (2 for a malformed recipe).
+``manifest.json`` (file hashes, tool versions, specs, the recipe, hashes of what was read, the
+evaluation and gate results), ``report.json``, ``report.md`` and ``accuracy.png`` (accuracy vs size
+and latency, with matplotlib and an [evaluation]). When the build fails or a gate is missed, DIR
+is left as it was and the exit code is 1 (2 for a malformed recipe).
+
+Stages are cached (see ``torchkiln.compiler.cache``): an unchanged rebuild reuses the artifact, a
+change of backend options reuses the traced, calibrated graph; the report's ``cache`` line says
+which stages were hits.
 """
 
 from __future__ import annotations
@@ -21,13 +26,17 @@ from torch import nn
 
 import torchkiln
 from torchkiln.cli.common import load_callable, load_model
-from torchkiln.compiler.files import atomic_directory, write_text_atomic
+from torchkiln.cli.plots import accuracy_plot
+from torchkiln.compiler.cache import Hasher, default_directory, model_fingerprint
+from torchkiln.compiler.files import atomic_directory, sha256, write_text_atomic
 from torchkiln.compiler.program import dtype_from_name
 from torchkiln.compiler.verify import Tolerance
 from torchkiln.data import load_batches
 from torchkiln.errors import ConfigError, GateError
 from torchkiln.passes.distill import first_output, split_batch
 from torchkiln.recipe import Recipe, load_recipe
+
+PLOT_FILE = "accuracy.png"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -37,6 +46,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     parser.add_argument("recipe", metavar="RECIPE", help="path to kiln.toml")
     parser.add_argument("-o", "--output", help="output directory (default: build/ next to the recipe)")
+    parser.add_argument(
+        "--cache-dir", help="stage cache directory (default: $TORCHKILN_CACHE_DIR or ~/.cache/torchkiln)"
+    )
+    parser.add_argument("--no-cache", action="store_true", help="neither read nor write the stage cache")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
     parser.set_defaults(run=run)
@@ -55,20 +68,26 @@ def run(args: argparse.Namespace) -> int:
         backend=recipe.backend, backend_options=recipe.backend_options, dynamic_axes=axes,
         calibration_data=calibration, tolerance=_tolerance(recipe),
         name=Path(recipe.model).stem, progress=say, latency_runs=50,
+        cache=None if args.no_cache else (args.cache_dir or default_directory()),
     )  # fmt: skip
     evaluation = _evaluate(recipe, model, compiled, inputs)
     gates = _gates(recipe, compiled, evaluation)
     missed = [g for g in gates if not g["passed"]]
     if missed:
         summary = "; ".join(f"{g['gate']}: {g['value']:.4g} (limit {g['limit']:.4g})" for g in missed)
-        raise GateError(f"{len(missed)} gate(s) missed: {summary}", where=str(recipe.path), hint=f"{output} was not changed")
-    extra = {"recipe": recipe.raw, "recipe_sha256": hashlib.sha256(recipe.path.read_bytes()).hexdigest(),
+        raise GateError(
+            f"{len(missed)} gate(s) missed: {summary}",
+            where=str(recipe.path),
+            hint=f"{output} was not changed",
+        )
+    extra = {"recipe": recipe.raw, "input_hashes": _input_hashes(recipe, model, calibration),
              "evaluation": evaluation, "gates": gates}  # fmt: skip
     with atomic_directory(output) as staging:
         compiled.write(staging, extra)
-        report = {**compiled.report.to_dict(), "evaluation": evaluation, "gates": gates}
+        plot = _plot(staging / PLOT_FILE, model, compiled, evaluation)
+        report = {**compiled.report.to_dict(), "evaluation": evaluation, "gates": gates, "plot": plot}
         write_text_atomic(staging / "report.json", json.dumps(report, indent=2, default=str))
-        write_text_atomic(staging / "report.md", _markdown(recipe, compiled, evaluation, gates))
+        write_text_atomic(staging / "report.md", _markdown(recipe, compiled, evaluation, gates, plot))
     if not args.quiet:
         if args.json:
             print(json.dumps(report, indent=2, default=str))
@@ -78,8 +97,38 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _input_hashes(recipe: Recipe, model: nn.Module, calibration: list[Any] | None) -> dict[str, str]:
+    """SHA-256 of what the build read: the recipe file, the model (weights and module sources),
+    the weights file and the calibration batches."""
+    hashes = {
+        "recipe": hashlib.sha256(recipe.path.read_bytes()).hexdigest(),
+        "model": model_fingerprint(model).hexdigest(),
+    }
+    if recipe.weights is not None:
+        hashes["weights"] = sha256(recipe.resolve(str(recipe.weights)))
+    if calibration:
+        hashes["calibration"] = Hasher().add_tensors("calibration", calibration).hexdigest()
+    return hashes
+
+
+def _plot(path: Path, model: nn.Module, compiled: Any, evaluation: dict[str, Any]) -> str:
+    """Accuracy vs size / latency of the eager model and the artifact; what was written or why not."""
+    if not evaluation:
+        return "no plot: the recipe has no [evaluation]"
+    artifact = compiled.report.artifact
+    eager_mb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e6
+    points = [
+        ("eager", evaluation["eager"], eager_mb, artifact.eager_ms),
+        (compiled.backend, evaluation["artifact"], (artifact.file_bytes or 0) / 1e6, artifact.artifact_ms),
+    ]
+    skipped = accuracy_plot(path, points, evaluation["metric"])
+    return f"no plot: {skipped}" if skipped else path.name
+
+
 def _spec(name: str, options: Mapping[str, Any]) -> str:
-    values = ",".join(f"{k}={'|'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in options.items())
+    values = ",".join(
+        f"{k}={'|'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in options.items()
+    )
     return f"{name}:{values}" if values else name
 
 
@@ -94,7 +143,9 @@ def _model_and_inputs(recipe: Recipe) -> tuple[nn.Module, dict[str, torch.Tensor
             state = torch.load(path, weights_only=True, map_location="cpu")
             model.load_state_dict(state)
         except Exception as exc:
-            raise ConfigError(f"cannot load weights {path}: {type(exc).__name__}: {exc}", where="model.weights") from None
+            raise ConfigError(
+                f"cannot load weights {path}: {type(exc).__name__}: {exc}", where="model.weights"
+            ) from None
     if recipe.inputs:
         generator = torch.Generator().manual_seed(0)
         inputs = {
@@ -106,7 +157,9 @@ def _model_and_inputs(recipe: Recipe) -> tuple[nn.Module, dict[str, torch.Tensor
         axes = {s.name: dict(s.dynamic) for s in recipe.inputs if s.dynamic} or None
         return model, inputs, axes
     if entry is None:
-        raise ConfigError(f"{recipe.path}: [model] inputs is required for a model outside the zoo", where="model.inputs")
+        raise ConfigError(
+            f"{recipe.path}: [model] inputs is required for a model outside the zoo", where="model.inputs"
+        )
     return model, entry.example_inputs(), entry.dynamic_axes
 
 
@@ -149,7 +202,9 @@ def _tolerance(recipe: Recipe) -> Tolerance | None:
     return Tolerance(atol=verify.get("atol", 1e-5), rtol=verify.get("rtol", 1e-4))
 
 
-def _evaluate(recipe: Recipe, model: nn.Module, compiled: Any, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+def _evaluate(
+    recipe: Recipe, model: nn.Module, compiled: Any, inputs: dict[str, torch.Tensor]
+) -> dict[str, Any]:
     if recipe.evaluation is None:
         return {}
     batches = _batches(recipe, recipe.evaluation, inputs) or []
@@ -178,7 +233,9 @@ def _score(predict: Callable[[Any], Any], batches: list[Any], metric: Callable[.
     for item in batches:
         inputs, labels = split_batch(item)
         if labels is None:
-            raise ConfigError("[evaluation] batches must be (inputs, integer labels)", where="evaluation.source")
+            raise ConfigError(
+                "[evaluation] batches must be (inputs, integer labels)", where="evaluation.source"
+            )
         total += metric(first_output(predict(inputs)), labels) * len(labels)
         count += len(labels)
     return total / count if count else float("nan")
@@ -195,7 +252,9 @@ def _gates(recipe: Recipe, compiled: Any, evaluation: dict[str, Any]) -> list[di
     for gate, limit in recipe.gate.items():
         value = measured[gate]
         if value is None:
-            raise ConfigError(f"{recipe.path}: [gate] {gate} needs an [evaluation] table", where=f"gate.{gate}")
+            raise ConfigError(
+                f"{recipe.path}: [gate] {gate} needs an [evaluation] table", where=f"gate.{gate}"
+            )
         gates.append({"gate": gate, "limit": limit, "value": value, "passed": bool(value <= limit)})
     return gates
 
@@ -209,7 +268,10 @@ def _summary(evaluation: dict[str, Any], gates: list[dict[str, Any]]) -> list[st
     return lines
 
 
-def _markdown(recipe: Recipe, compiled: Any, evaluation: dict[str, Any], gates: list[dict[str, Any]]) -> str:
+def _markdown(
+    recipe: Recipe, compiled: Any, evaluation: dict[str, Any], gates: list[dict[str, Any]], plot: str
+) -> str:
     lines = [f"# Build report: {recipe.path.name}", "", "```", compiled.report.table(), "```", ""]
     lines += [line.strip() for line in _summary(evaluation, gates)]
+    lines += ["", f"![{evaluation.get('metric')} vs size and latency]({plot})" if plot == PLOT_FILE else plot]
     return "\n".join(lines) + "\n"

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import shutil
 import statistics
+import tempfile
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,16 +18,18 @@ from torch import nn
 
 from torchkiln.backends import Artifact, BackendOptions, get_backend
 from torchkiln.backends import backend_options as backend_options_for
+from torchkiln.compiler import cache as cache_module
 from torchkiln.compiler import graph as G
+from torchkiln.compiler.cache import Cache
 from torchkiln.compiler.calibration import CalibrationData, no_progress, tqdm_progress
-from torchkiln.compiler.compiled import CompiledModel
+from torchkiln.compiler.compiled import CompiledModel, versions
 from torchkiln.compiler.manager import PassManager, default_instruments
 from torchkiln.compiler.passes import Pass, parse_pipeline
 from torchkiln.compiler.program import Program
 from torchkiln.compiler.report import ArtifactRecord, Report
 from torchkiln.compiler.trace import DynamicAxes, trace
 from torchkiln.compiler.verify import FP32, ErrorStats, Tolerance, compare
-from torchkiln.errors import VerificationError
+from torchkiln.errors import KilnError, VerificationError
 
 DEFAULT_PASSES = ("cleanup", "fold_batchnorm")
 
@@ -43,6 +51,7 @@ def compile(  # noqa: A001 - the public name users expect
     latency_runs: int = 10,
     name: str | None = None,
     progress: Callable[[str], None] | None = None,
+    cache: str | os.PathLike[str] | None = None,
 ) -> CompiledModel:
     """Compile ``model`` for ``example_inputs`` (a tensor, a tuple, or a dict of keyword tensors).
 
@@ -56,40 +65,31 @@ def compile(  # noqa: A001 - the public name users expect
     promise (int8: cosine similarity) — else :class:`VerificationError`. ``latency_runs`` > 0 adds
     eager vs artifact latency (median) to the report. ``progress`` receives a line per stage; with
     it, long loops inside passes (calibration) show a progress bar on stderr.
+
+    ``cache`` is a directory in which the two stages — optimize (trace + passes) and lower (the
+    backend) — keep their outputs under a content hash of their inputs (:mod:`torchkiln.compiler.cache`);
+    the report's ``cache`` says which stages were hits. Data iterables are read into lists first.
     """
     say = progress or (lambda _: None)
     pipeline = parse_pipeline(passes)
-    pass_tolerance = tolerance or FP32  # lossless passes; lossy ones check their own promise
-    artifact_tolerance = tolerance or pipeline_tolerance(pipeline)
     options = backend_options_for(backend, backend_options)
-    say("tracing")
-    start = time.perf_counter()
-    program = trace(
-        model,
-        example_inputs,
-        frontend=frontend,
-        dynamic_axes=dynamic_axes,
-        leaf_modules=leaf_modules,
-        name=name,
-    )
-    if calibration_data is not None:
-        program.calibration = CalibrationData(calibration_data, program.inputs)
-    program.training, program.validation, program.teacher = train_data, val_data, model
-    program.progress = tqdm_progress if progress else no_progress
-    report = Report(
-        program.name, program.flavour, trace_seconds=time.perf_counter() - start, notes=list(program.notes)
-    )
-    report.passes = PassManager(
-        pipeline, default_instruments(pass_tolerance, verify, progress, len(pipeline))
-    ).run(program)
-    report.params, report.param_bytes = G.parameter_stats(program.graph_module)
-
+    store = Cache(cache) if cache is not None else None
+    if store is not None:  # hashing reads the data; a one-shot iterator must survive it
+        calibration_data, train_data, val_data = (
+            None if d is None else list(d) for d in (calibration_data, train_data, val_data)
+        )
+    stage = Stage(
+        model, example_inputs, pipeline, dynamic_axes, calibration_data, train_data, val_data,
+        verify, tolerance, frontend, tuple(leaf_modules), name,
+    )  # fmt: skip
+    program, report = _optimize_cached(stage, store, say, progress)
     say(f"lowering to {backend}")
     start = time.perf_counter()
-    artifact = get_backend(backend).lower(program, options)
+    artifact = _lower_cached(program, report, backend, options, store, stage.key)
     record = ArtifactRecord(backend, seconds=time.perf_counter() - start, file_bytes=artifact.file_bytes())
     report.artifact = record
     say("verifying against the eager model")
+    artifact_tolerance = tolerance or pipeline_tolerance(pipeline)
     if artifact_tolerance is None:  # a lossy pass promised nothing about eager: check the lowering
         _verify_lowering(program, artifact, record, lowering_tolerance(pipeline), strict=verify)
     else:
@@ -99,6 +99,129 @@ def compile(  # noqa: A001 - the public name users expect
     record.notes = artifact.notes()
     names = [p.spec for p in pipeline]
     return CompiledModel(artifact, program.inputs, program.outputs, program.out_spec, report, options, names)
+
+
+@dataclasses.dataclass
+class Stage:
+    """What the optimize stage depends on."""
+
+    model: nn.Module
+    example_inputs: Any
+    pipeline: list[Pass]
+    dynamic_axes: DynamicAxes
+    calibration_data: Any
+    train_data: Any
+    val_data: Any
+    verify: bool
+    tolerance: Tolerance | None
+    frontend: str
+    leaf_modules: tuple[str, ...]
+    name: str | None
+    key: str | None = None  # set once hashed
+
+    def hash(self) -> str:
+        hasher = cache_module.model_fingerprint(self.model)
+        hasher.add_tensors("example_inputs", [self.example_inputs])
+        for label in ("calibration_data", "train_data", "val_data"):
+            hasher.add_tensors(label, getattr(self, label) or [])
+        hasher.add("settings", {
+            "passes": [p.spec for p in self.pipeline], "dynamic_axes": self.dynamic_axes, "verify": self.verify,
+            "tolerance": dataclasses.asdict(self.tolerance) if self.tolerance else None,
+            "frontend": self.frontend, "leaf_modules": self.leaf_modules, "name": self.name,
+            "code": cache_module.code_version(), "torch": torch.__version__,
+        })  # fmt: skip
+        return hasher.hexdigest()
+
+
+def _optimize_cached(
+    stage: Stage, store: Cache | None, say: Callable[[str], None], progress: Callable[[str], None] | None
+) -> tuple[Program, Report]:
+    """Trace and run the passes, or load their result from the cache."""
+    if store is not None:
+        stage.key = stage.hash()
+        entry = store.get("optimize", stage.key)
+        loaded = cache_module.load_program(entry) if entry is not None else None
+        if loaded is not None:
+            say("optimize: cache hit")
+            program, extra = loaded
+            report = Report.from_dict(extra["report"])
+            report.cache = {"optimize": f"hit {stage.key[:12]}"}
+            return program, report
+    program, report = _optimize(stage, say, progress)
+    try:
+        cache_module.round_trip(program)  # lower the same graph a later cache hit would load
+    except cache_module.NotCacheable as exc:
+        report.cache = {"optimize": f"not cacheable: {exc}"}
+        stage.key = None
+        return program, report
+    if store is not None and stage.key is not None:
+        report.cache = {"optimize": f"miss {stage.key[:12]}"}
+        with store.store("optimize", stage.key) as staging:
+            cache_module.save_program(program, staging, {"report": report.to_dict()})
+    return program, report
+
+
+def _optimize(
+    stage: Stage, say: Callable[[str], None], progress: Callable[[str], None] | None
+) -> tuple[Program, Report]:
+    say("tracing")
+    start = time.perf_counter()
+    program = trace(
+        stage.model, stage.example_inputs, frontend=stage.frontend, dynamic_axes=stage.dynamic_axes,
+        leaf_modules=stage.leaf_modules, name=stage.name,
+    )  # fmt: skip
+    if stage.calibration_data is not None:
+        program.calibration = CalibrationData(stage.calibration_data, program.inputs)
+    program.training, program.validation, program.teacher = stage.train_data, stage.val_data, stage.model
+    program.progress = tqdm_progress if progress else no_progress
+    report = Report(
+        program.name, program.flavour, trace_seconds=time.perf_counter() - start, notes=list(program.notes)
+    )
+    instruments = default_instruments(stage.tolerance or FP32, stage.verify, progress, len(stage.pipeline))
+    report.passes = PassManager(stage.pipeline, instruments).run(program)
+    report.params, report.param_bytes = G.parameter_stats(program.graph_module)
+    program.calibration = program.training = program.validation = program.teacher = None
+    return program, report
+
+
+def _lower_cached(
+    program: Program,
+    report: Report,
+    backend: str,
+    options: BackendOptions,
+    store: Cache | None,
+    key: str | None,
+) -> Artifact:
+    """``backend.lower(program)``, or the artifact the cache holds for the same program and options."""
+    if store is None or key is None:
+        return get_backend(backend).lower(program, options)
+    lower_key = cache_module.Hasher().add("optimize", key).add("backend", backend).add(
+        "options", options.to_dict()).add("versions", versions()).hexdigest()  # fmt: skip
+    entry = store.get("lower", lower_key)
+    if entry is not None:
+        artifact = _load_artifact(entry, backend, options)
+        if artifact is not None:
+            report.cache["lower"] = f"hit {lower_key[:12]}"
+            return artifact
+    artifact = get_backend(backend).lower(program, options)
+    with store.store("lower", lower_key) as staging:
+        artifact.save(staging)
+    report.cache["lower"] = f"miss {lower_key[:12]}"
+    return artifact
+
+
+def _load_artifact(entry: Path, backend: str, options: BackendOptions) -> Artifact | None:
+    """A private copy of a cached artifact (the cache may be cleared while it is in use), or None
+    when the entry cannot be loaded."""
+    copy = Path(tempfile.mkdtemp(prefix="torchkiln-cached-"))
+    try:
+        shutil.copytree(entry, copy, dirs_exist_ok=True)
+        artifact = get_backend(backend).load(copy, options)
+    except (OSError, KilnError):
+        shutil.rmtree(copy, ignore_errors=True)
+        return None
+    weakref.finalize(artifact, shutil.rmtree, copy, True)
+    return artifact
 
 
 def _verify(
@@ -131,7 +254,9 @@ def _verify_lowering(
     ``tolerance`` (fp32, or what the pipeline's other lossy passes promise, e.g. int8 rounding)."""
     worst = measure_error(program, artifact.run, FP32)
     record.max_abs_error, record.max_rel_error, record.cosine = worst.max_abs, worst.max_rel, worst.cosine
-    record.tolerance = f"{tolerance} against the rewritten graph (a lossy pass promised no bound against eager)"
+    record.tolerance = (
+        f"{tolerance} against the rewritten graph (a lossy pass promised no bound against eager)"
+    )
     for check in program.checks:
         stats = compare(artifact.run(check.inputs), program.run(check.inputs), tolerance)
         if strict and not stats.within():

@@ -57,6 +57,8 @@ class Report:
     passes: list[PassRecord] = dataclasses.field(default_factory=list)
     artifact: ArtifactRecord | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
+    #: stage -> "hit <key>" / "miss <key>" / "not cacheable: why", when compiled with a cache
+    cache: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -100,6 +102,8 @@ class Report:
         for p in self.passes:
             lines.extend(f"  note ({p.name}): {n}" for n in p.notes)
         lines.extend(f"  note: {n}" for n in self.notes)
+        if self.cache:
+            lines.append("  cache: " + ", ".join(f"{stage} {state}" for stage, state in self.cache.items()))
         if self.artifact:
             lines.append(_artifact_line(self.artifact, self.params, self.param_bytes))
             lines.extend(f"  note ({self.artifact.backend}): {n}" for n in self.artifact.notes)

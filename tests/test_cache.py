@@ -1,0 +1,96 @@
+"""The stage cache: programs survive save/load exactly (both graph flavours, quantized ops,
+symbolic shapes), keys change with what a stage depends on, and what cannot be cached says so."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tests.conftest import SMALL_ZOO, compile_quietly
+from torchkiln import models
+from torchkiln.compiler import cache
+from torchkiln.compiler.trace import trace
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("name", SMALL_ZOO)
+def test_a_saved_program_loads_back_with_the_same_graph_and_outputs(tmp_path, name, frontend):
+    entry = models.get(name)
+    program = trace(entry.build().eval(), entry.example_inputs(), dynamic_axes=entry.dynamic_axes, frontend=frontend)
+    cache.save_program(program, tmp_path, {"report": {"x": 1}})
+    loaded, extra = cache.load_program(tmp_path)
+    assert extra == {"report": {"x": 1}}
+    assert [n.name for n in loaded.graph_module.graph.nodes] == [n.name for n in program.graph_module.graph.nodes]
+    assert loaded.inputs == program.inputs and loaded.outputs == program.outputs and loaded.flavour == program.flavour
+    for check in program.checks:  # includes the second size along dynamic axes
+        assert all(torch.equal(a, b) for a, b in zip(loaded.run(check.inputs), program.run(check.inputs)))
+
+
+def test_quantized_ops_survive_a_reload_in_the_cache(tmp_path):
+    entry = models.get("mlp")
+    model, inputs = entry.build().eval(), entry.example_inputs()
+    compiled = compile_quietly(model, inputs, passes="quantize", calibration_data=[inputs] * 4,
+                               backend="torch", cache=tmp_path)  # fmt: skip
+    again = compile_quietly(model, inputs, passes="quantize", calibration_data=[inputs] * 4,
+                            backend="torch", cache=tmp_path)  # fmt: skip
+    assert again.report.cache["optimize"].startswith("hit") and again.report.cache["lower"].startswith("hit")
+    assert torch.equal(compiled(**inputs), again(**inputs))
+
+
+def test_calibration_data_is_part_of_the_key(tmp_path):
+    entry = models.get("mlp")
+    model, inputs = entry.build().eval(), entry.example_inputs()
+    # A one-shot iterator is read once, hashed and calibrated on; the same data as a list is a hit.
+    compile_quietly(model, inputs, passes="quantize", calibration_data=iter([inputs] * 4), cache=tmp_path)
+    same = compile_quietly(model, inputs, passes="quantize", calibration_data=[inputs] * 4, cache=tmp_path)
+    assert same.report.cache["optimize"].startswith("hit")
+    doubled = {k: v * 2 for k, v in inputs.items()}
+    other = compile_quietly(model, inputs, passes="quantize", calibration_data=[doubled] * 4, cache=tmp_path)
+    assert other.report.cache["optimize"].startswith("miss")
+
+
+def test_a_graph_calling_an_unnamed_function_is_not_cacheable():
+    program = trace(nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval(), torch.randn(2, 4), frontend="export")
+    node = next(n for n in program.graph_module.graph.nodes if n.op == "call_function")
+    node.target = lambda *args, **kwargs: None  # noqa: E731 - what a user's graph might call
+    with pytest.raises(cache.NotCacheable, match="cannot name"):
+        cache.graph_state(program.graph_module)
+
+
+def test_compile_goes_on_without_the_cache_when_the_graph_is_not_cacheable(tmp_path, monkeypatch):
+    def refuse(program):
+        raise cache.NotCacheable("cannot name <lambda> for reloading")
+
+    monkeypatch.setattr(cache, "round_trip", refuse)
+    model, x = nn.Linear(4, 4).eval(), torch.randn(2, 4)
+    compiled = compile_quietly(model, x, cache=tmp_path)
+    assert compiled.report.cache == {"optimize": "not cacheable: cannot name <lambda> for reloading"}
+    torch.testing.assert_close(compiled(x), model(x))
+    assert not (tmp_path / "optimize").exists() and not (tmp_path / "lower").exists()
+
+
+def test_the_model_fingerprint_follows_weights_and_mode():
+    model = models.get("mlp").build().eval()
+    first = cache.model_fingerprint(model).hexdigest()
+    assert cache.model_fingerprint(model).hexdigest() == first
+    model.train()
+    assert cache.model_fingerprint(model).hexdigest() != first
+    model.eval()
+    with torch.no_grad():
+        next(model.parameters())[0, 0] += 1e-6
+    assert cache.model_fingerprint(model).hexdigest() != first
+
+
+def test_hasher_labels_keep_parts_apart():
+    assert cache.Hasher().add("a", "bc").hexdigest() != cache.Hasher().add("ab", "c").hexdigest()
+    assert cache.Hasher().add("t", torch.zeros(2)).hexdigest() != cache.Hasher().add("t", torch.zeros(2, 1)).hexdigest()
+    assert cache.Hasher().add("t", torch.zeros(2)).hexdigest() != cache.Hasher().add("t", torch.zeros(2, dtype=torch.int32)).hexdigest()
+
+
+def test_the_default_directory_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCHKILN_CACHE_DIR", str(tmp_path / "x"))
+    assert cache.default_directory() == tmp_path / "x"
+    monkeypatch.delenv("TORCHKILN_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache.default_directory() == tmp_path / "xdg" / "torchkiln"

@@ -1,0 +1,62 @@
+"""PNG plots for build and bench reports. matplotlib is optional (``pip install torchkiln[plot]``):
+without it the plot is skipped and the report says so."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+#: One point on an accuracy plot: label, accuracy, size in MB, latency in ms (None: not measured).
+Point = tuple[str, float, float, float | None]
+
+
+def matplotlib_or_reason() -> tuple[Any, str | None]:
+    """``(pyplot, None)``, or ``(None, why)`` when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only; never open a window
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None, "matplotlib is not installed (pip install 'torchkiln[plot]')"
+    return plt, None
+
+
+def accuracy_plot(path: Path, points: Sequence[Point], metric: str) -> str | None:
+    """Accuracy vs size and vs latency, one marker per point; returns why it was skipped, if it was."""
+    plt, reason = matplotlib_or_reason()
+    if plt is None:
+        return reason
+    figure, (by_size, by_latency) = plt.subplots(1, 2, figsize=(9, 3.6))
+    for label, accuracy, size_mb, latency_ms in points:
+        by_size.scatter([size_mb], [accuracy], label=label)
+        by_size.annotate(label, (size_mb, accuracy), textcoords="offset points", xytext=(4, 4))
+        if latency_ms is not None:
+            by_latency.scatter([latency_ms], [accuracy], label=label)
+            by_latency.annotate(label, (latency_ms, accuracy), textcoords="offset points", xytext=(4, 4))
+    by_size.set(xlabel="size (MB)", ylabel=metric, title=f"{metric} vs size")
+    by_latency.set(xlabel="latency (ms)", ylabel=metric, title=f"{metric} vs latency")
+    _save(plt, figure, path)
+    return None
+
+
+def latency_plot(path: Path, series: dict[str, list[tuple[int, float]]]) -> str | None:
+    """Throughput (samples/s) over batch size, one line per runtime."""
+    plt, reason = matplotlib_or_reason()
+    if plt is None:
+        return reason
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for label, values in series.items():
+        axes.plot([b for b, _ in values], [t for _, t in values], marker="o", label=label)
+    axes.set(xlabel="batch size", ylabel="samples / s", title="throughput", xscale="log")
+    axes.legend()
+    _save(plt, figure, path)
+    return None
+
+
+def _save(plt: Any, figure: Any, path: Path) -> None:
+    figure.tight_layout()
+    # No "Software" entry: the file does not change with the matplotlib version.
+    figure.savefig(path, format="png", dpi=100, metadata={"Software": None})
+    plt.close(figure)
