@@ -4,8 +4,10 @@ compiled = torchkiln.compile(model, example_inputs, passes="cleanup,fold_batchno
                              backend="onnxruntime", dynamic_axes="batch")
 compiled(x); print(compiled.report.table()); compiled.save("out/")
 again = torchkiln.load("out/")
+torchkiln.compare_artifact(model, "out/", {"x": x}).summary()   # first module that differs
 """
 
+from torchkiln.compare import compare_artifact
 from torchkiln.compiler.api import compile
 from torchkiln.compiler.compiled import CompiledModel, load
 from torchkiln.compiler.passes import Pass, PassConfig, PassResult, register_pass, registered_passes
@@ -30,5 +32,5 @@ __version__ = "0.1.0"
 __all__ = [
     "ArtifactError", "BackendError", "CompiledModel", "ConfigError", "ExportError", "InputError", "KilnError",
     "Pass", "PassConfig", "PassError", "PassResult", "Program", "TensorSpec", "Tolerance", "TraceError",
-    "VerificationError", "compile", "distill", "load", "register_pass", "registered_passes", "trace",
+    "VerificationError", "compare_artifact", "compile", "distill", "load", "register_pass", "registered_passes", "trace",
 ]  # fmt: skip

@@ -1,0 +1,70 @@
+"""``kiln compare MODEL ARTIFACT``: run the eager model and a saved ONNX artifact on the same inputs,
+compare every module's output, and name the first module whose output is over the tolerance.
+
+The tool for "the exported model gives different answers". Exit code 0 when everything agrees,
+1 when a module or an output is over the tolerance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from torchkiln.cli.common import add_model_arguments, example_inputs, load_model
+from torchkiln.compare import compare_artifact
+from torchkiln.compiler.compiled import load
+from torchkiln.compiler.verify import Tolerance
+from torchkiln.errors import ConfigError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "compare", help="find the first module where an artifact differs from the eager model",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    add_model_arguments(parser)
+    parser.add_argument("artifact", metavar="ARTIFACT", help="directory written by kiln export / kiln build")
+    parser.add_argument("--weights", help="state dict for MODEL (torch.load with weights_only=True)")
+    parser.add_argument("--atol", type=float, help="absolute tolerance (default 1e-5)")
+    parser.add_argument("--rtol", type=float, help="tolerance relative to each output's scale (default 1e-4)")
+    parser.add_argument("--min-cosine", type=float, help="compare by cosine similarity instead (int8: 0.99)")
+    parser.add_argument(
+        "--no-optimize", action="store_true", help="run ONNX Runtime without graph optimizations"
+    )
+    parser.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    model, entry = load_model(args.model)
+    if args.weights:
+        try:
+            model.load_state_dict(torch.load(args.weights, weights_only=True, map_location="cpu"))
+        except Exception as exc:
+            raise ConfigError(
+                f"cannot load weights {args.weights}: {type(exc).__name__}: {exc}", where=args.weights
+            ) from None
+    compiled = load(args.artifact)
+    inputs = example_inputs(args, entry)
+    comparison = compare_artifact(
+        model.eval(), compiled, inputs, _tolerance(args), optimize=not args.no_optimize
+    )
+    if args.json:
+        print(json.dumps(comparison.to_dict(), indent=2, default=str))
+    else:
+        print(comparison.table())
+    return 0 if comparison.passed else 1
+
+
+def _tolerance(args: argparse.Namespace) -> Tolerance | None:
+    if args.min_cosine is not None:
+        if args.atol is not None or args.rtol is not None:
+            raise ConfigError("give either --min-cosine or --atol/--rtol", where="--min-cosine")
+        return Tolerance(min_cosine=args.min_cosine)
+    if args.atol is None and args.rtol is None:
+        return None
+    return Tolerance(
+        atol=args.atol if args.atol is not None else 1e-5, rtol=args.rtol if args.rtol is not None else 1e-4
+    )
