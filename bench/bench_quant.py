@@ -24,7 +24,6 @@ import logging
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +36,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 
 import torchkiln
 from torchkiln import models
+from torchkiln.benchmark import interleaved_times
 from torchkiln.compiler.verify import cosine_similarity
 from torchkiln.models.digits import DigitsCNN, accuracy, load_digits_split, train_digits
 
@@ -162,19 +162,8 @@ def bench_row(name: str, batch: int, runs: int, directory: Path) -> dict[str, An
 
 
 def interleaved_ms(calls: dict[str, Callable[[], Any]], runs: int, block: int = 20) -> dict[str, float]:
-    """Median ms per call, timing the candidates in alternating blocks of ``block`` calls so that
-    drift hits all of them alike. The first calls of each block are not timed: ONNX Runtime's
-    worker threads keep spinning for a while after a run and would slow whatever runs next."""
-    times: dict[str, list[float]] = {key: [] for key in calls}
-    with torch.no_grad():
-        for _ in range(max(1, runs // block)):
-            for key, call in calls.items():
-                for index in range(block + 3):
-                    start = time.perf_counter()
-                    call()
-                    if index >= 3:
-                        times[key].append((time.perf_counter() - start) * 1e3)
-    return {key: statistics.median(values) for key, values in times.items()}
+    """Median ms per call, the candidates timed in alternating blocks (torchkiln.benchmark)."""
+    return {key: statistics.median(values) for key, values in interleaved_times(calls, runs, block).items()}
 
 
 def _runner(sess: ort.InferenceSession) -> Any:

@@ -3,6 +3,7 @@ without it the plot is skipped and the report says so."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,11 @@ def latency_plot(path: Path, series: dict[str, list[tuple[int, float]]]) -> str 
     figure, axes = plt.subplots(figsize=(6, 4))
     for label, values in series.items():
         axes.plot([b for b, _ in values], [t for _, t in values], marker="o", label=label)
-    axes.set(xlabel="batch size", ylabel="samples / s", title="throughput", xscale="log")
+    sizes = sorted({b for values in series.values() for b, _ in values})
+    axes.set(xlabel="batch size", ylabel="samples / s", title="throughput")
+    if len(sizes) > 1:
+        axes.set_xscale("log", base=2)
+    axes.set_xticks(sizes, [str(b) for b in sizes])
     axes.legend()
     _save(plt, figure, path)
     return None
@@ -57,6 +62,12 @@ def latency_plot(path: Path, series: dict[str, list[tuple[int, float]]]) -> str 
 
 def _save(plt: Any, figure: Any, path: Path) -> None:
     figure.tight_layout()
-    # No "Software" entry: the file does not change with the matplotlib version.
-    figure.savefig(path, format="png", dpi=100, metadata={"Software": None})
-    plt.close(figure)
+    # Written beside and renamed into place: never a half-written PNG. No "Software" entry: the
+    # file does not change with the matplotlib version.
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        figure.savefig(partial, format="png", dpi=100, metadata={"Software": None})
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+        plt.close(figure)

@@ -1,0 +1,91 @@
+"""``kiln bench``: runtimes side by side with percentiles, throughput, memory, size and ratios to
+eager; artifacts with fixed and dynamic batch; bad arguments exit 2. Nothing here asserts speed."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from torchkiln.benchmark import Latency, PeakMemory, interleaved_times
+from torchkiln.cli import main
+
+
+def bench_json(capsys, *argv: str) -> dict:
+    assert main(["bench", *argv, "--json", "--quiet"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_a_model_is_timed_on_every_runtime_and_batch_size(tmp_path, capsys):
+    plot = tmp_path / "throughput.png"
+    report = bench_json(capsys, "mlp", "--runtimes", "eager,ort-fp32,ort-int8", "--batch-sizes", "1,4",
+                        "--runs", "3", "--plot", str(plot))  # fmt: skip
+    timed = [r for r in report["rows"] if r["latency"]]
+    assert {(r["runtime"], r["batch"]) for r in timed} == {(rt, b) for rt in ("eager", "ort-fp32", "ort-int8") for b in (1, 4)}
+    for row in timed:
+        latency = row["latency"]
+        assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] and latency["runs"] == 3
+        assert row["throughput"] == pytest.approx(row["batch"] / latency["p50"] * 1e3)
+        assert row["size_mb"] > 0 and row["vs_eager"] > 0
+    assert all(r["vs_eager"] == 1.0 for r in timed if r["runtime"] == "eager")
+    int8, fp32 = (next(r for r in timed if r["runtime"] == name) for name in ("ort-int8", "ort-fp32"))
+    assert int8["size_mb"] < 0.5 * fp32["size_mb"]  # int8 weights: about a quarter of the file
+    (trt,) = [r for r in report["rows"] if r["runtime"] == "tensorrt"]
+    assert trt["latency"] is None and trt["note"].startswith("skipped:")
+    assert plot.read_bytes()[:4] == b"\x89PNG" and report["plot"] == f"wrote {plot}"
+
+
+def test_torch_compile_is_a_runtime(capsys):
+    report = bench_json(capsys, "mlp", "--runtimes", "eager,torch.compile", "--runs", "3")
+    (row,) = [r for r in report["rows"] if r["runtime"] == "torch.compile"]
+    assert row["latency"] is not None, row["note"]
+
+
+def test_an_artifact_is_timed_with_its_eager_model(tmp_path, capsys):
+    assert main(["export", "mlp", "--dynamic-batch", "-o", str(tmp_path / "dyn")]) == 0
+    assert main(["export", "mlp", "-o", str(tmp_path / "fixed")]) == 0
+    capsys.readouterr()
+    report = bench_json(capsys, str(tmp_path / "dyn"), "--model", "mlp", "--batch-sizes", "1,2", "--runs", "3")
+    assert {(r["runtime"], r["batch"]) for r in report["rows"] if r["latency"]} == {
+        ("artifact (onnxruntime)", 1), ("artifact (onnxruntime)", 2), ("eager", 1), ("eager", 2)}  # fmt: skip
+    report = bench_json(capsys, str(tmp_path / "fixed"), "--batch-sizes", "1,2", "--runs", "3")
+    skipped = [r for r in report["rows"] if not r["latency"]]
+    assert [r["batch"] for r in skipped] == [2] and "fixed at 1" in skipped[0]["note"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--batch-sizes", "0"], "bad --batch-sizes '0'"),
+        (["--batch-sizes", "a,b"], "bad --batch-sizes 'a,b'"),
+        (["--runtimes", "eager,tvm"], "unknown runtime(s) tvm"),
+        (["--runs", "0"], "--runs must be at least 1"),
+    ],
+)
+def test_bad_arguments_exit_2(capsys, argv, message):
+    assert main(["bench", "mlp", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_nearest_rank_percentiles():
+    latency = Latency.of([float(v) for v in range(100, 0, -1)])
+    assert (latency.p50, latency.p90, latency.p99, latency.runs) == (50.0, 90.0, 99.0, 100)
+    assert Latency.of([3.0]) == Latency(3.0, 3.0, 3.0, 1)
+
+
+def test_interleaved_times_alternates_blocks():
+    order: list[str] = []
+    times = interleaved_times({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, runs=4, block=2)
+    assert {k: len(v) for k, v in times.items()} == {"a": 4, "b": 4}
+    assert order[:5] == ["a"] * 5 and order[5:10] == ["b"] * 5  # 3 untimed warm-up calls + 2 timed
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+def test_peak_memory_sees_an_allocation():
+    peak = PeakMemory()
+    with peak.measure():
+        block = torch.ones(64 * 2**20 // 4)  # 64 MB, written so the pages are resident
+        del block
+    assert peak.growth_bytes is not None and peak.growth_bytes >= 32 * 2**20

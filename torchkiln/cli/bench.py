@@ -1,0 +1,311 @@
+"""``kiln bench MODEL_OR_ARTIFACT``: latency of a model's runtimes side by side, in one process.
+
+For a MODEL (zoo name, file.py:factory): eager PyTorch, ``torch.compile``, ONNX Runtime fp32
+(cleanup + fold_batchnorm) and ONNX Runtime int8 (+ quantize; calibrated on --calibration, else on
+random inputs: fine for latency, not for accuracy), each at every --batch-sizes. For an ARTIFACT
+directory: the artifact (and eager, with --model). TensorRT rows need the GPU extra
+(``torchkiln[gpu]``) and are listed as skipped without it.
+
+Per runtime and batch size: p50/p90/p99 latency (ms), throughput (samples/s at p50), peak memory
+growth while it was built and warmed up, file size, and p50 relative to eager. Runtimes are timed
+in alternating blocks (torchkiln.benchmark), so the ratios are fair even when the machine drifts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import torchkiln
+from torchkiln.benchmark import Latency, PeakMemory, interleaved_times
+from torchkiln.cli.common import add_model_arguments, calibration_batches, example_inputs, load_model
+from torchkiln.cli.plots import latency_plot
+from torchkiln.compiler.compiled import MANIFEST, CompiledModel, load
+from torchkiln.errors import ConfigError
+
+MODEL_RUNTIMES = ("eager", "torch.compile", "ort-fp32", "ort-int8")
+
+
+@dataclasses.dataclass
+class Row:
+    runtime: str
+    batch: int
+    latency: Latency | None = None
+    peak_mb: float | None = None
+    size_mb: float | None = None
+    note: str = ""
+    vs_eager: float | None = None  # eager p50 / this p50: > 1 is faster
+
+    @property
+    def throughput(self) -> float | None:
+        return self.batch / self.latency.p50 * 1e3 if self.latency else None
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "bench", help="latency of a model's runtimes (or an artifact) side by side",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    add_model_arguments(parser)
+    parser.add_argument(
+        "--model", dest="eager_model", metavar="MODEL", help="with an ARTIFACT: also time this eager model"
+    )
+    parser.add_argument(
+        "--runtimes", default=",".join(MODEL_RUNTIMES), help=f"for a MODEL, any of {','.join(MODEL_RUNTIMES)}"
+    )
+    parser.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes (default: 1)")
+    parser.add_argument(
+        "--runs", type=int, default=100, help="timed calls per runtime and batch size (default: 100)"
+    )
+    parser.add_argument(
+        "--calibration", metavar="SOURCE", help="int8 calibration: FILE.pt / FILE.npz / random:N"
+    )
+    parser.add_argument("--plot", metavar="FILE.png", help="write throughput over batch sizes as a PNG")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    batches = _batch_sizes(args.batch_sizes)
+    if args.runs < 1:
+        raise ConfigError(f"--runs must be at least 1, got {args.runs}", where="--runs")
+    say: Callable[[str], None] = (
+        (lambda _: None) if args.quiet else (lambda m: print(f"kiln: {m}", file=sys.stderr, flush=True))
+    )
+    is_artifact = (Path(args.model) / MANIFEST).is_file()
+    calls, rows = (_artifact_runtimes if is_artifact else _model_runtimes)(args, batches, say)
+    say(f"timing {len(calls)} runtime x batch combinations, {args.runs} calls each")
+    blocks = max(1, args.runs // 20)
+    done = [0]
+
+    def tick() -> None:
+        done[0] += 1
+        say(f"  block {done[0]}/{blocks}")
+
+    times = interleaved_times(calls, args.runs, on_block=None if args.quiet else tick)
+    for row in rows:
+        if (row.runtime, row.batch) in times:
+            row.latency = Latency.of(times[(row.runtime, row.batch)])  # type: ignore[index]
+    _ratios(rows)
+    plot = _plot(args.plot, rows) if args.plot else None
+    if args.json:
+        print(json.dumps({"rows": [_as_dict(r) for r in rows], "plot": plot}, indent=2))
+    else:
+        print(_table(rows) + (f"\n{plot}" if plot else ""))
+    return 0
+
+
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(b) for b in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or any(b < 1 for b in sizes):
+        raise ConfigError(f"bad --batch-sizes '{text}'", where="--batch-sizes", hint="write e.g. 1,8,32")
+    return sizes
+
+
+def _at_batch(inputs: dict[str, torch.Tensor], batch: int) -> dict[str, torch.Tensor]:
+    """The example inputs repeated along axis 0 and cut to ``batch`` rows."""
+    out = {}
+    for name, tensor in inputs.items():
+        copies = math.ceil(batch / max(1, tensor.shape[0]))
+        out[name] = torch.cat([tensor] * copies)[:batch].contiguous()
+    return out
+
+
+def _model_runtimes(
+    args: argparse.Namespace, batches: list[int], say: Callable[[str], None]
+) -> tuple[dict[Any, Callable[[], Any]], list[Row]]:
+    wanted = [r.strip() for r in args.runtimes.split(",") if r.strip()]
+    unknown = sorted(set(wanted) - set(MODEL_RUNTIMES))
+    if unknown:
+        raise ConfigError(
+            f"unknown runtime(s) {', '.join(unknown)}",
+            where="--runtimes",
+            hint=f"choose from {', '.join(MODEL_RUNTIMES)}",
+        )
+    model, entry = load_model(args.model)
+    example = example_inputs(args, entry)
+    axes = {name: {0: "batch"} for name in example} if len(batches) > 1 else None
+    builders: dict[str, Callable[[], tuple[Callable[[dict[str, torch.Tensor]], Any], float | None]]] = {
+        "eager": lambda: (lambda x: model(**x), _state_mb(model)),
+        "torch.compile": lambda: _torch_compiled(model, example),
+        "ort-fp32": lambda: _compiled(model, example, axes, "cleanup,fold_batchnorm", None),
+        "ort-int8": lambda: _compiled(model, example, axes, "cleanup,fold_batchnorm,quantize", _calibration(args, entry, example)),
+    }  # fmt: skip
+    calls: dict[Any, Callable[[], Any]] = {}
+    rows: list[Row] = []
+    for runtime in wanted:
+        say(f"building {runtime}")
+        peak = PeakMemory()
+        try:
+            with peak.measure():
+                run_one, size = builders[runtime]()
+                for batch in batches:
+                    run_one(_at_batch(example, batch))  # warm-up inside the memory window
+        except Exception as exc:  # a runtime that cannot build is a row with the reason, not a crash
+            rows += [
+                Row(runtime, b, note=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+                for b in batches
+            ]
+            continue
+        for batch in batches:
+            inputs = _at_batch(example, batch)
+            calls[(runtime, batch)] = _bound(run_one, inputs)
+            rows.append(Row(runtime, batch, peak_mb=_mb(peak.growth_bytes), size_mb=size))
+    rows += _tensorrt_rows(batches)
+    return calls, rows
+
+
+def _artifact_runtimes(
+    args: argparse.Namespace, batches: list[int], say: Callable[[str], None]
+) -> tuple[dict[Any, Callable[[], Any]], list[Row]]:
+    say(f"loading {args.model}")
+    peak = PeakMemory()
+    with peak.measure():
+        compiled = load(args.model)
+    example = _inputs_from_specs(compiled, args.seed)
+    calls: dict[Any, Callable[[], Any]] = {}
+    rows: list[Row] = []
+    size = (compiled.artifact.file_bytes() or 0) / 1e6
+    label = f"artifact ({compiled.backend})"
+    static = next((s.shape[0] for s in compiled.inputs if s.shape and isinstance(s.shape[0], int)), None)
+    for batch in batches:
+        if static is not None and batch != static:
+            rows.append(Row(label, batch, note=f"skipped: the artifact's batch size is fixed at {static}"))
+            continue
+        inputs = _at_batch(example, batch)
+        compiled(**inputs)
+        calls[(label, batch)] = _bound(lambda x: compiled(**x), inputs)
+        rows.append(Row(label, batch, peak_mb=_mb(peak.growth_bytes), size_mb=size))
+    if args.eager_model:
+        model, _ = load_model(args.eager_model)
+        for batch in batches:
+            inputs = _at_batch(example, batch)
+            calls[("eager", batch)] = _bound(lambda x: model(**x), inputs)
+            rows.append(Row("eager", batch, size_mb=_state_mb(model)))
+    return calls, rows
+
+
+def _bound(
+    run_one: Callable[[dict[str, torch.Tensor]], Any], inputs: dict[str, torch.Tensor]
+) -> Callable[[], Any]:
+    return lambda: run_one(inputs)
+
+
+def _inputs_from_specs(compiled: CompiledModel, seed: int) -> dict[str, torch.Tensor]:
+    """Random inputs of the artifact's specs (dynamic sizes 1; integers drawn from [0, 100))."""
+    generator = torch.Generator().manual_seed(seed)
+    inputs = {}
+    for spec in compiled.inputs:
+        shape = [d if isinstance(d, int) else 1 for d in spec.shape]
+        dtype = getattr(torch, spec.dtype)
+        inputs[spec.name] = (
+            torch.randn(shape, generator=generator).to(dtype)
+            if dtype.is_floating_point
+            else torch.randint(0, 100, shape, generator=generator, dtype=dtype)
+        )
+    return inputs
+
+
+def _torch_compiled(model: nn.Module, example: dict[str, torch.Tensor]) -> tuple[Callable[[Any], Any], None]:
+    compiled = torch.compile(model)
+    return (lambda x: compiled(**x)), None
+
+
+def _compiled(
+    model: nn.Module, example: dict[str, torch.Tensor], axes: Any, passes: str, calibration: Any
+) -> tuple[Callable[[Any], Any], float]:
+    compiled = torchkiln.compile(
+        model, example, passes=passes, dynamic_axes=axes, calibration_data=calibration, latency_runs=0
+    )
+    return (lambda x: compiled(**x)), (compiled.report.artifact.file_bytes or 0) / 1e6  # type: ignore[union-attr]
+
+
+def _calibration(args: argparse.Namespace, entry: Any, example: dict[str, torch.Tensor]) -> Any:
+    if args.calibration:
+        return calibration_batches(args, entry, example)
+    return calibration_batches(
+        argparse.Namespace(**{**vars(args), "calibration": "random:8"}), entry, example
+    )
+
+
+def _tensorrt_rows(batches: list[int]) -> list[Row]:
+    if importlib.util.find_spec("tensorrt") is None:
+        return [
+            Row(
+                "tensorrt",
+                batches[0],
+                note="skipped: tensorrt is not installed (pip install 'torchkiln[gpu]')",
+            )
+        ]
+    if not torch.cuda.is_available():
+        return [Row("tensorrt", batches[0], note="skipped: no CUDA device")]
+    return [Row("tensorrt", batches[0], note="skipped: the TensorRT backend is not part of this build")]
+
+
+def _state_mb(model: nn.Module) -> float:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e6
+
+
+def _mb(value: int | None) -> float | None:
+    return None if value is None else value / 1e6
+
+
+def _ratios(rows: list[Row]) -> None:
+    eager = {r.batch: r.latency.p50 for r in rows if r.runtime == "eager" and r.latency}
+    for row in rows:
+        if row.latency and row.batch in eager:
+            row.vs_eager = eager[row.batch] / row.latency.p50
+
+
+def _plot(path: str, rows: list[Row]) -> str:
+    series: dict[str, list[tuple[int, float]]] = {}
+    for row in rows:
+        if row.throughput is not None:
+            series.setdefault(row.runtime, []).append((row.batch, row.throughput))
+    skipped = latency_plot(Path(path), series)
+    return f"no plot: {skipped}" if skipped else f"wrote {path}"
+
+
+def _as_dict(row: Row) -> dict[str, Any]:
+    data = dataclasses.asdict(row)
+    data["throughput"] = row.throughput
+    return data
+
+
+def _table(rows: list[Row]) -> str:
+    header = ("runtime", "batch", "p50 ms", "p90 ms", "p99 ms", "samples/s", "peak MB", "size MB", "x eager")
+    timed = [header] + [
+        (
+            r.runtime, str(r.batch), f"{r.latency.p50:.3f}", f"{r.latency.p90:.3f}", f"{r.latency.p99:.3f}",
+            f"{r.throughput:,.0f}", _cell(r.peak_mb), _cell(r.size_mb), _cell(r.vs_eager, "x"),
+        )
+        for r in rows
+        if r.latency is not None
+    ]  # fmt: skip
+    widths = [max(len(line[i]) for line in [*timed, *((r.runtime, str(r.batch)) for r in rows)]) if i < 2
+              else max(len(line[i]) for line in timed) for i in range(len(header))]  # fmt: skip
+    lines = ["  " + "  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in timed]
+    lines += [
+        f"  {r.runtime.ljust(widths[0])}  {str(r.batch).ljust(widths[1])}  {r.note}"
+        for r in rows
+        if r.latency is None
+    ]
+    return "\n".join(lines)
+
+
+def _cell(value: float | None, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:.2f}{suffix}"
