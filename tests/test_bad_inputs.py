@@ -405,7 +405,26 @@ CLI_CASES = [
         2,
         "has arrays y that are not model inputs",
     ),
+    # recipes: every failure names the table/key, exits 2 (bad recipe or data) or 1 (build failed)
+    (["build", "{tmp}/calib_missing.toml", "-o", "{tmp}/o"], 2, "not found"),
+    (["build", "{tmp}/calib_raises.toml", "-o", "{tmp}/o"], 2, "boom() failed: RuntimeError: no data"),
+    (["build", "{tmp}/eval_no_labels.toml", "-o", "{tmp}/o"], 2, "[evaluation] batches must be (inputs, integer labels)"),
+    (["build", "{tmp}/nan_cosine.toml", "-o", "{tmp}/o"], 2, "[verify] min_cosine: must be in (0, 1], got nan"),
+    (["build", "{tmp}/both_tolerances.toml", "-o", "{tmp}/o"], 2, "give min_cosine or atol/rtol, not both"),
+    (["build", "{tmp}/negative_size.toml", "-o", "{tmp}/o"], 2, "[gate] max_size_mb: must be > 0, got -1"),
+    (["build", "{tmp}/zero_batches.toml", "-o", "{tmp}/o"], 2, "[calibration] batches: must be >= 1"),
+    (["build", "{tmp}/wrong_shape.toml", "-o", "{tmp}/o"], 2, "fails on the example inputs"),
+    (["build", "{tmp}/ok.toml", "-o", "{locked}/o"], 1, "cannot write to"),
+    # compare and bench
+    (["compare", "mlp", "{tmp}/nowhere"], 1, "is not a directory"),
+    (["compare", "mlp", "{tmp}"], 1, "no manifest.json"),
+    (["bench", "mlp", "--batch-sizes", "x"], 2, "bad --batch-sizes"),
+    (["bench", "mlp", "--runtimes", "ort-int8", "--calibration", "{tmp}/no.pt"], 2, "not found"),
+    (["bench", "{tmp}/nowhere.py:build", "--input", "1x4"], 2, "does not exist"),
 ]
+
+_MLP_RECIPE = '[model]\nsource = "mlp"\n[backend]\nname = "onnxruntime"\n'
+_QUANTIZE = '[[passes]]\nname = "quantize"\n'
 
 FILES = {
     "broken.py": "raise RuntimeError('bad module')\n",
@@ -416,6 +435,19 @@ FILES = {
     ),
     "file": "",
     "bad.pt": "not a pickle",
+    "data.py": (
+        "import torch\n\ndef boom():\n    raise RuntimeError('no data')\n\n"
+        "def unlabelled():\n    return [torch.randn(1, 64)]\n"
+    ),
+    "ok.toml": _MLP_RECIPE,
+    "calib_missing.toml": _MLP_RECIPE + _QUANTIZE + '[calibration]\nsource = "missing.npz"\n',
+    "calib_raises.toml": _MLP_RECIPE + _QUANTIZE + '[calibration]\nsource = "data.py:boom"\n',
+    "eval_no_labels.toml": _MLP_RECIPE + '[evaluation]\nsource = "data.py:unlabelled"\n',
+    "nan_cosine.toml": _MLP_RECIPE + "[verify]\nmin_cosine = nan\n",
+    "both_tolerances.toml": _MLP_RECIPE + "[verify]\nmin_cosine = 0.9\natol = 0.1\n",
+    "negative_size.toml": _MLP_RECIPE + "[gate]\nmax_size_mb = -1\n",
+    "zero_batches.toml": _MLP_RECIPE + '[calibration]\nsource = "data.py:boom"\nbatches = 0\n',
+    "wrong_shape.toml": _MLP_RECIPE.replace('"mlp"\n', '"mlp"\ninputs = [{ name = "x", shape = [1, 65] }]\n'),
 }
 
 
@@ -432,3 +464,30 @@ def test_cli(capsys, tmp_path, unwritable_dir, case):
     assert len(errors) == 1 and message in errors[0] and "error:" in errors[0], err
     assert "Traceback" not in err and "internal error" not in err
     assert not (tmp_path / "o").exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("case", LOAD_CASES[:9], ids=[c[0] for c in LOAD_CASES[:9]])
+@pytest.mark.parametrize("command", ["compare", "bench"])
+def test_compare_and_bench_refuse_corrupt_artifacts(saved, capsys, case, command):
+    _, directory = saved
+    _, corrupt, message = case
+    corrupt(directory)
+    argv = ["compare", "torch.nn:Identity", str(directory)] if command == "compare" else ["bench", str(directory)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if not line.startswith("kiln: ")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in err, err
+
+
+def test_compare_with_inputs_the_artifact_does_not_take(saved):
+    _, directory = saved
+    with pytest.raises(InputError, match="unexpected input 'x'"):
+        torchkiln.compare_artifact(nn.Linear(4, 2), directory, {"x": torch.randn(1, 4)})
+
+
+def test_an_unwritable_cache_does_not_fail_the_build(tmp_path, unwritable_dir, capsys):
+    (tmp_path / "kiln.toml").write_text(_MLP_RECIPE)
+    argv = ["build", str(tmp_path / "kiln.toml"), "--cache-dir", str(unwritable_dir / "cache"), "--json"]
+    assert main(argv) == 0
+    cache = json.loads(capsys.readouterr().out)["cache"]
+    assert all("not stored: cannot write to" in state for state in cache.values()), cache

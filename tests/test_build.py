@@ -186,3 +186,15 @@ def test_no_cache_writes_no_cache(tmp_path):
     recipe = write(tmp_path, MLP)
     assert main(["build", str(recipe), "--quiet", "--no-cache", "--cache-dir", str(tmp_path / "cache")]) == 0
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_missed_accuracy_gate_exits_1_with_a_summary(tmp_path, capsys):
+    # The example recipe with 90 % of every layer's weights zeroed: top-1 collapses.
+    text = EXAMPLE.read_text().replace('[[passes]]\nname = "quantize"\noptions = { calibrator = "percentile" }',
+                                       '[[passes]]\nname = "prune"\noptions = { ratio = 0.9 }')  # fmt: skip
+    assert 'name = "prune"' in text
+    recipe = tmp_path / "kiln.toml"
+    recipe.write_text(text.replace('"digits.py:', f'"{EXAMPLE.parent}/digits.py:'))
+    assert main(["build", str(recipe), "-o", str(tmp_path / "out"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "gate(s) missed: max_accuracy_drop:" in err and not (tmp_path / "out").exists()

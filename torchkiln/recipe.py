@@ -40,8 +40,9 @@ file, the line and the valid keys; pass and backend options are checked by their
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -62,6 +63,15 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
         "max_latency_ms": ((int, float), False),
         "max_size_mb": ((int, float), False),
     },
+}
+# key -> (rule, the rule in words), for finite numbers
+_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "atol": (lambda v: v >= 0, ">= 0"),
+    "rtol": (lambda v: v >= 0, ">= 0"),
+    "min_cosine": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "max_accuracy_drop": (lambda v: True, "a finite number of points"),
+    "max_latency_ms": (lambda v: v > 0, "> 0"),
+    "max_size_mb": (lambda v: v > 0, "> 0"),
 }
 _INPUT_KEYS = {"name": (str, True), "shape": (list, True), "dtype": (str, False), "dynamic": (dict, False)}
 
@@ -115,18 +125,24 @@ def load_recipe(path: str | Path) -> Recipe:
     for index, entry in enumerate(passes):
         checker.table({"passes": entry}, "passes", label=f"passes[{index}]")
     backend = checker.table(data, "backend") or {"name": "onnxruntime"}
+    verify = checker.numbers("verify", checker.table(data, "verify") or {})
+    if "min_cosine" in verify and ("atol" in verify or "rtol" in verify):
+        checker.fail("verify", "min_cosine", "give min_cosine or atol/rtol, not both")
+    calibration = checker.table(data, "calibration")
+    if calibration is not None and calibration.get("batches", 1) < 1:
+        checker.fail("calibration", "batches", f"must be >= 1, got {calibration['batches']}")
     return Recipe(
         path=path,
         model=model["source"],
         weights=Path(model["weights"]) if "weights" in model else None,
         inputs=tuple(checker.input(i, spec) for i, spec in enumerate(model.get("inputs", []))),
         passes=tuple((p["name"], dict(p.get("options", {}))) for p in passes),
-        calibration=checker.table(data, "calibration"),
+        calibration=calibration,
         evaluation=checker.table(data, "evaluation"),
         backend=backend["name"],
         backend_options=dict(backend.get("options", {})),
-        verify={k: float(v) for k, v in (checker.table(data, "verify") or {}).items()},
-        gate={k: float(v) for k, v in (checker.table(data, "gate") or {}).items()},
+        verify=verify,
+        gate=checker.numbers("gate", checker.table(data, "gate") or {}),
         raw=data,
     )
 
@@ -173,6 +189,17 @@ class _Checker:
             self.fail(name, None, f"must be a table, got {type(values).__name__}")
         self._keys(name, values, _SCHEMA[name], label)
         return dict(values)
+
+    def numbers(self, table: str, values: Mapping[str, Any]) -> dict[str, float]:
+        """Finite numbers within each key's range (``_RANGES``)."""
+        checked = {}
+        for key, value in values.items():
+            rule, text = _RANGES[key]
+            number = float(value)
+            if not (math.isfinite(number) and rule(number)):
+                self.fail(table, key, f"must be {text}, got {value!r}")
+            checked[key] = number
+        return checked
 
     def input(self, index: int, spec: Any) -> InputSpec:
         if not isinstance(spec, dict):

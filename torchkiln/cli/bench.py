@@ -30,7 +30,7 @@ import torchkiln
 from torchkiln.benchmark import Latency, PeakMemory, interleaved_times
 from torchkiln.cli.common import add_model_arguments, calibration_batches, example_inputs, load_model
 from torchkiln.cli.plots import latency_plot
-from torchkiln.compiler.compiled import MANIFEST, CompiledModel, load
+from torchkiln.compiler.compiled import CompiledModel, load
 from torchkiln.errors import ConfigError
 
 MODEL_RUNTIMES = ("eager", "torch.compile", "ort-fp32", "ort-int8")
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     say: Callable[[str], None] = (
         (lambda _: None) if args.quiet else (lambda m: print(f"kiln: {m}", file=sys.stderr, flush=True))
     )
-    is_artifact = (Path(args.model) / MANIFEST).is_file()
+    is_artifact = Path(args.model).is_dir()  # a directory is an artifact; load() says what is wrong with it
     calls, rows = (_artifact_runtimes if is_artifact else _model_runtimes)(args, batches, say)
     say(f"timing {len(calls)} runtime x batch combinations, {args.runs} calls each")
     blocks = max(1, args.runs // 20)
@@ -139,11 +139,13 @@ def _model_runtimes(
     model, entry = load_model(args.model)
     example = example_inputs(args, entry)
     axes = {name: {0: "batch"} for name in example} if len(batches) > 1 else None
+    # Read up front: a bad --calibration is the user's error (exit 2), not a runtime that failed to build.
+    calibration = _calibration(args, entry, example) if "ort-int8" in wanted else None
     builders: dict[str, Callable[[], tuple[Callable[[dict[str, torch.Tensor]], Any], float | None]]] = {
         "eager": lambda: (lambda x: model(**x), _state_mb(model)),
         "torch.compile": lambda: _torch_compiled(model, example),
         "ort-fp32": lambda: _compiled(model, example, axes, "cleanup,fold_batchnorm", None),
-        "ort-int8": lambda: _compiled(model, example, axes, "cleanup,fold_batchnorm,quantize", _calibration(args, entry, example)),
+        "ort-int8": lambda: _compiled(model, example, axes, "cleanup,fold_batchnorm,quantize", calibration),
     }  # fmt: skip
     calls: dict[Any, Callable[[], Any]] = {}
     rows: list[Row] = []

@@ -29,7 +29,7 @@ from torchkiln.compiler.program import Program
 from torchkiln.compiler.report import ArtifactRecord, Report
 from torchkiln.compiler.trace import DynamicAxes, trace
 from torchkiln.compiler.verify import FP32, ErrorStats, Tolerance, compare
-from torchkiln.errors import KilnError, VerificationError
+from torchkiln.errors import ArtifactError, KilnError, VerificationError
 
 DEFAULT_PASSES = ("cleanup", "fold_batchnorm")
 
@@ -155,9 +155,9 @@ def _optimize_cached(
         stage.key = None
         return program, report
     if store is not None and stage.key is not None:
-        report.cache = {"optimize": f"miss {stage.key[:12]}"}
-        with store.store("optimize", stage.key) as staging:
-            cache_module.save_program(program, staging, {"report": report.to_dict()})
+        extra = {"report": report.to_dict()}
+        state = _store(store, "optimize", stage.key, lambda d: cache_module.save_program(program, d, extra))
+        report.cache = {"optimize": state}
     return program, report
 
 
@@ -204,10 +204,18 @@ def _lower_cached(
             report.cache["lower"] = f"hit {lower_key[:12]}"
             return artifact
     artifact = get_backend(backend).lower(program, options)
-    with store.store("lower", lower_key) as staging:
-        artifact.save(staging)
-    report.cache["lower"] = f"miss {lower_key[:12]}"
+    report.cache["lower"] = _store(store, "lower", lower_key, artifact.save)
     return artifact
+
+
+def _store(store: Cache, stage: str, key: str, write: Callable[[Path], Any]) -> str:
+    """Write a cache entry; a cache that cannot be written costs the next build time, not this one."""
+    try:
+        with store.store(stage, key) as staging:
+            write(staging)
+    except (OSError, ArtifactError) as exc:
+        return f"miss {key[:12]} (not stored: {getattr(exc, 'message', exc)})"
+    return f"miss {key[:12]}"
 
 
 def _load_artifact(entry: Path, backend: str, options: BackendOptions) -> Artifact | None:
