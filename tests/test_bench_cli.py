@@ -32,15 +32,25 @@ def test_a_model_is_timed_on_every_runtime_and_batch_size(tmp_path, capsys):
     assert all(r["vs_eager"] == 1.0 for r in timed if r["runtime"] == "eager")
     int8, fp32 = (next(r for r in timed if r["runtime"] == name) for name in ("ort-int8", "ort-fp32"))
     assert int8["size_mb"] < 0.5 * fp32["size_mb"]  # int8 weights: about a quarter of the file
-    (trt,) = [r for r in report["rows"] if r["runtime"] == "tensorrt"]
-    assert trt["latency"] is None and trt["note"].startswith("skipped:")
     assert plot.read_bytes()[:4] == b"\x89PNG" and report["plot"] == f"wrote {plot}"
 
 
-def test_torch_compile_is_a_runtime(capsys):
-    report = bench_json(capsys, "mlp", "--runtimes", "eager,torch.compile", "--runs", "3")
-    (row,) = [r for r in report["rows"] if r["runtime"] == "torch.compile"]
-    assert row["latency"] is not None, row["note"]
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_by_default_every_cpu_runtime_and_the_gpu_ones_are_listed_as_skipped(capsys):
+    report = bench_json(capsys, "mlp", "--runs", "3")
+    timed = {r["runtime"] for r in report["rows"] if r["latency"]}
+    assert timed == {"eager", "torch.compile", "ort-fp32", "ort-int8"}
+    (gpu,) = [r for r in report["rows"] if not r["latency"]]
+    assert gpu["runtime"] == "eager-cuda, torch-cuda-fp16, tensorrt-fp16, tensorrt-int8"
+    assert gpu["note"] == "skipped: no CUDA device"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_a_runtime_that_cannot_be_built_is_a_row_saying_why(capsys):
+    report = bench_json(capsys, "mlp", "--runtimes", "eager,tensorrt-fp16,torch-cuda-fp16", "--runs", "3")
+    notes = {r["runtime"]: r["note"] for r in report["rows"] if not r["latency"]}
+    assert notes["tensorrt-fp16"].startswith("failed: BackendError: the tensorrt backend needs")
+    assert notes["torch-cuda-fp16"].startswith("failed: BackendError: backend option device=cuda")
 
 
 def test_an_artifact_is_timed_with_its_eager_model(tmp_path, capsys):

@@ -14,6 +14,7 @@ _MODULES = {
     "torch": "torchkiln.backends.torch_backend",
     "onnx": "torchkiln.backends.onnx_backend",
     "onnxruntime": "torchkiln.backends.onnxruntime_backend",
+    "tensorrt": "torchkiln.backends.tensorrt_backend",
 }
 
 BACKEND_NAMES = tuple(_MODULES)

@@ -2,9 +2,11 @@
 
 For a MODEL (zoo name, file.py:factory): eager PyTorch, ``torch.compile``, ONNX Runtime fp32
 (cleanup + fold_batchnorm) and ONNX Runtime int8 (+ quantize; calibrated on --calibration, else on
-random inputs: fine for latency, not for accuracy), each at every --batch-sizes. For an ARTIFACT
-directory: the artifact (and eager, with --model). TensorRT rows need the GPU extra
-(``torchkiln[gpu]``) and are listed as skipped without it.
+random inputs: fine for latency, not for accuracy), each at every --batch-sizes; with a CUDA GPU
+also eager on CUDA, the torch backend in fp16 with CUDA graphs, and TensorRT fp16 / int8 engines
+(``torchkiln[gpu]``; a runtime that cannot be built is a row saying why). GPU calls are timed to
+completion (synchronized) with inputs already on the device. For an ARTIFACT directory: the
+artifact (and eager, with --model).
 
 Per runtime and batch size: p50/p90/p99 latency (ms), throughput (samples/s at p50), peak memory
 growth while it was built and warmed up, file size, and p50 relative to eager. Runtimes are timed
@@ -14,8 +16,8 @@ in alternating blocks (torchkiln.benchmark), so the ratios are fair even when th
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
-import importlib.util
 import json
 import math
 import sys
@@ -33,7 +35,11 @@ from torchkiln.cli.plots import latency_plot
 from torchkiln.compiler.compiled import CompiledModel, load
 from torchkiln.errors import ConfigError
 
-MODEL_RUNTIMES = ("eager", "torch.compile", "ort-fp32", "ort-int8")
+CPU_RUNTIMES = ("eager", "torch.compile", "ort-fp32", "ort-int8")
+GPU_RUNTIMES = ("eager-cuda", "torch-cuda-fp16", "tensorrt-fp16", "tensorrt-int8")
+MODEL_RUNTIMES = CPU_RUNTIMES + GPU_RUNTIMES
+#: what a builder returns: run(inputs) on the runtime's device, file size in MB, that device
+Built = tuple[Callable[[dict[str, torch.Tensor]], Any], float | None, str]
 
 
 @dataclasses.dataclass
@@ -61,7 +67,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--model", dest="eager_model", metavar="MODEL", help="with an ARTIFACT: also time this eager model"
     )
     parser.add_argument(
-        "--runtimes", default=",".join(MODEL_RUNTIMES), help=f"for a MODEL, any of {','.join(MODEL_RUNTIMES)}"
+        "--runtimes",
+        help=f"for a MODEL, any of {','.join(MODEL_RUNTIMES)} (default: the CPU ones, plus the GPU ones with CUDA)",
     )
     parser.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes (default: 1)")
     parser.add_argument(
@@ -116,37 +123,25 @@ def _batch_sizes(text: str) -> list[int]:
     return sizes
 
 
-def _at_batch(inputs: dict[str, torch.Tensor], batch: int) -> dict[str, torch.Tensor]:
-    """The example inputs repeated along axis 0 and cut to ``batch`` rows."""
+def _at_batch(inputs: dict[str, torch.Tensor], batch: int, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The example inputs repeated along axis 0, cut to ``batch`` rows, on ``device``."""
     out = {}
     for name, tensor in inputs.items():
         copies = math.ceil(batch / max(1, tensor.shape[0]))
-        out[name] = torch.cat([tensor] * copies)[:batch].contiguous()
+        out[name] = torch.cat([tensor] * copies)[:batch].contiguous().to(device)
     return out
 
 
 def _model_runtimes(
     args: argparse.Namespace, batches: list[int], say: Callable[[str], None]
 ) -> tuple[dict[Any, Callable[[], Any]], list[Row]]:
-    wanted = [r.strip() for r in args.runtimes.split(",") if r.strip()]
-    unknown = sorted(set(wanted) - set(MODEL_RUNTIMES))
-    if unknown:
-        raise ConfigError(
-            f"unknown runtime(s) {', '.join(unknown)}",
-            where="--runtimes",
-            hint=f"choose from {', '.join(MODEL_RUNTIMES)}",
-        )
+    wanted = _wanted(args.runtimes)
     model, entry = load_model(args.model)
     example = example_inputs(args, entry)
     axes = {name: {0: "batch"} for name in example} if len(batches) > 1 else None
     # Read up front: a bad --calibration is the user's error (exit 2), not a runtime that failed to build.
-    calibration = _calibration(args, entry, example) if "ort-int8" in wanted else None
-    builders: dict[str, Callable[[], tuple[Callable[[dict[str, torch.Tensor]], Any], float | None]]] = {
-        "eager": lambda: (lambda x: model(**x), _state_mb(model)),
-        "torch.compile": lambda: _torch_compiled(model, example),
-        "ort-fp32": lambda: _compiled(model, example, axes, "cleanup,fold_batchnorm", None),
-        "ort-int8": lambda: _compiled(model, example, axes, "cleanup,fold_batchnorm,quantize", calibration),
-    }  # fmt: skip
+    calibration = _calibration(args, entry, example) if {"ort-int8", "tensorrt-int8"} & set(wanted) else None
+    builders = _builders(model, example, axes, calibration)
     calls: dict[Any, Callable[[], Any]] = {}
     rows: list[Row] = []
     for runtime in wanted:
@@ -154,9 +149,9 @@ def _model_runtimes(
         peak = PeakMemory()
         try:
             with peak.measure():
-                run_one, size = builders[runtime]()
+                run_one, size, device = builders[runtime]()
                 for batch in batches:
-                    run_one(_at_batch(example, batch))  # warm-up inside the memory window
+                    _synchronized(run_one, device)(_at_batch(example, batch, device))  # warm-up
         except Exception as exc:  # a runtime that cannot build is a row with the reason, not a crash
             rows += [
                 Row(runtime, b, note=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
@@ -164,11 +159,69 @@ def _model_runtimes(
             ]
             continue
         for batch in batches:
-            inputs = _at_batch(example, batch)
-            calls[(runtime, batch)] = _bound(run_one, inputs)
+            calls[(runtime, batch)] = _bound(
+                _synchronized(run_one, device), _at_batch(example, batch, device)
+            )
             rows.append(Row(runtime, batch, peak_mb=_mb(peak.growth_bytes), size_mb=size))
-    rows += _tensorrt_rows(batches)
+    if args.runtimes is None and not torch.cuda.is_available():
+        rows.append(Row(", ".join(GPU_RUNTIMES), batches[0], note="skipped: no CUDA device"))
     return calls, rows
+
+
+def _wanted(text: str | None) -> list[str]:
+    if text is None:
+        return list(CPU_RUNTIMES + (GPU_RUNTIMES if torch.cuda.is_available() else ()))
+    wanted = [r.strip() for r in text.split(",") if r.strip()]
+    unknown = sorted(set(wanted) - set(MODEL_RUNTIMES))
+    if unknown or not wanted:
+        raise ConfigError(
+            f"unknown runtime(s) {', '.join(unknown) or '(none given)'}",
+            where="--runtimes",
+            hint=f"choose from {', '.join(MODEL_RUNTIMES)}",
+        )
+    return wanted
+
+
+def _builders(
+    model: nn.Module, example: dict[str, torch.Tensor], axes: Any, calibration: Any
+) -> dict[str, Callable[[], Built]]:
+    def compiled(passes: str, backend: str = "onnxruntime", **options: Any) -> Built:
+        half = options.get("precision", options.get("dtype", "")) not in ("", "float32")
+        result = torchkiln.compile(
+            model, example, passes=passes, dynamic_axes=axes, backend=backend, backend_options=options,
+            calibration_data=calibration if "quantize" in passes else None, latency_runs=0,
+            tolerance=torchkiln.Tolerance(min_cosine=0.999) if half else None,
+        )  # fmt: skip
+        device = "cuda" if backend == "tensorrt" or options.get("device") == "cuda" else "cpu"
+        return (lambda x: result(**x)), (result.report.artifact.file_bytes or 0) / 1e6 or None, device  # type: ignore[union-attr]
+
+    def on_cuda() -> Built:
+        gpu = copy.deepcopy(model).cuda()
+        return (lambda x: gpu(**x)), _state_mb(model), "cuda"
+
+    return {
+        "eager": lambda: ((lambda x: model(**x)), _state_mb(model), "cpu"),
+        "torch.compile": lambda: _torch_compiled(model),
+        "ort-fp32": lambda: compiled("cleanup,fold_batchnorm"),
+        "ort-int8": lambda: compiled("cleanup,fold_batchnorm,quantize"),
+        "eager-cuda": on_cuda,
+        "torch-cuda-fp16": lambda: compiled("cleanup,fold_batchnorm", "torch", device="cuda", dtype="float16", cuda_graphs=True),
+        "tensorrt-fp16": lambda: compiled("cleanup,fold_batchnorm", "tensorrt", precision="fp16"),
+        "tensorrt-int8": lambda: compiled("cleanup,fold_batchnorm,quantize:target=tensorrt", "tensorrt", precision="fp16|int8"),
+    }  # fmt: skip
+
+
+def _synchronized(run_one: Callable[[Any], Any], device: str) -> Callable[[Any], Any]:
+    """GPU work is asynchronous: a timed call ends when the device is done."""
+    if device == "cpu":
+        return run_one
+
+    def run_and_wait(inputs: Any) -> Any:
+        out = run_one(inputs)
+        torch.cuda.synchronize()
+        return out
+
+    return run_and_wait
 
 
 def _artifact_runtimes(
@@ -222,18 +275,9 @@ def _inputs_from_specs(compiled: CompiledModel, seed: int) -> dict[str, torch.Te
     return inputs
 
 
-def _torch_compiled(model: nn.Module, example: dict[str, torch.Tensor]) -> tuple[Callable[[Any], Any], None]:
+def _torch_compiled(model: nn.Module) -> Built:
     compiled = torch.compile(model)
-    return (lambda x: compiled(**x)), None
-
-
-def _compiled(
-    model: nn.Module, example: dict[str, torch.Tensor], axes: Any, passes: str, calibration: Any
-) -> tuple[Callable[[Any], Any], float]:
-    compiled = torchkiln.compile(
-        model, example, passes=passes, dynamic_axes=axes, calibration_data=calibration, latency_runs=0
-    )
-    return (lambda x: compiled(**x)), (compiled.report.artifact.file_bytes or 0) / 1e6  # type: ignore[union-attr]
+    return (lambda x: compiled(**x)), None, "cpu"
 
 
 def _calibration(args: argparse.Namespace, entry: Any, example: dict[str, torch.Tensor]) -> Any:
@@ -242,20 +286,6 @@ def _calibration(args: argparse.Namespace, entry: Any, example: dict[str, torch.
     return calibration_batches(
         argparse.Namespace(**{**vars(args), "calibration": "random:8"}), entry, example
     )
-
-
-def _tensorrt_rows(batches: list[int]) -> list[Row]:
-    if importlib.util.find_spec("tensorrt") is None:
-        return [
-            Row(
-                "tensorrt",
-                batches[0],
-                note="skipped: tensorrt is not installed (pip install 'torchkiln[gpu]')",
-            )
-        ]
-    if not torch.cuda.is_available():
-        return [Row("tensorrt", batches[0], note="skipped: no CUDA device")]
-    return [Row("tensorrt", batches[0], note="skipped: the TensorRT backend is not part of this build")]
 
 
 def _state_mb(model: nn.Module) -> float:
