@@ -2,7 +2,9 @@
 
 Lossless: a spec's model through the lossless passes, and the lossy ones at their identity
 settings (prune ratio 0, lowrank at full energy), to every backend must match eager PyTorch at the
-fp32 tolerance, at the traced batch and (when dynamic) at another one.
+fp32 tolerance, at the traced batch and (when dynamic) at another one. The backends share a stage
+cache: the first compile stores the optimized program, the second must load it from disk (a cache
+hit) — so every generated graph also goes through the cache's save and load.
 
 Quantized: through static int8 ``quantize``, ONNX Runtime's integer kernels must agree with the
 quantized IR run by PyTorch (the IR defines the arithmetic; the lowering must keep it), and both
@@ -10,6 +12,8 @@ must stay close to eager — cosine similarity floors over all outputs of a fres
 """
 
 from __future__ import annotations
+
+import tempfile
 
 import torch
 from torch.utils import _pytree as pytree
@@ -39,16 +43,22 @@ def check(spec: ModelSpec) -> None:
     fresh = spec.example_inputs(batch=spec.batch + 2 if spec.dynamic_batch else None, seed=1)
     with torch.no_grad():
         expected = pytree.tree_leaves(model(*fresh))
-    for backend in BACKENDS:
-        compiled = torchkiln.compile(
-            model, inputs, passes=PASSES, backend=backend, dynamic_axes="batch" if spec.dynamic_batch else None,
-            latency_runs=0,
-        )  # fmt: skip
-        actual = pytree.tree_leaves(compiled(*fresh))
-        stats = compare(actual, expected)
-        assert stats.within(), (
-            f"{backend}: output {stats.worst_output} off by {stats.max_abs:.3e} (allowed {stats.allowed:.3e})"
-        )
+    with tempfile.TemporaryDirectory(prefix="fuzz-cache-") as cache:
+        for index, backend in enumerate(BACKENDS):
+            compiled = torchkiln.compile(
+                model, inputs, passes=PASSES, backend=backend, dynamic_axes="batch" if spec.dynamic_batch else None,
+                latency_runs=0, cache=cache,
+            )  # fmt: skip
+            state = compiled.report.cache["optimize"]
+            assert state.startswith("hit" if index else "miss"), f"{backend}: optimize stage {state}"
+            _check_outputs(backend, pytree.tree_leaves(compiled(*fresh)), expected)
+
+
+def _check_outputs(backend: str, actual: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
+    stats = compare(actual, expected)
+    assert stats.within(), (
+        f"{backend}: output {stats.worst_output} off by {stats.max_abs:.3e} (allowed {stats.allowed:.3e})"
+    )
 
 
 def _flat(outputs: object) -> torch.Tensor:
