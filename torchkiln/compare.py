@@ -161,7 +161,7 @@ def _diff(
         diff.note = f"shape {list(actual.shape)} in the artifact (rewritten)"
         return diff
     # Its own output, or a vanished successor's (folded into it): a match wins, else the closest.
-    candidates = [key, *_vanished_successors(key, order, mapped)]
+    candidates = [key, *(c for c in _vanished_successors(key, order, mapped) if calls[c].shape == actual.shape)]
     scored = [(compare([actual], [calls[c]], tolerance), c) for c in candidates]
     stats, chosen = next(((s, c) for s, c in scored if s.within()), max(scored, key=lambda sc: sc[0].cosine))
     diff.max_abs, diff.cosine, diff.passed = stats.max_abs, stats.cosine, stats.within()
