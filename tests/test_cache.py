@@ -3,6 +3,8 @@ symbolic shapes), keys change with what a stage depends on, and what cannot be c
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -94,3 +96,25 @@ def test_the_default_directory_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("TORCHKILN_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache.default_directory() == tmp_path / "xdg" / "torchkiln"
+
+
+SCALE = 1.0  # read by Scaled.forward: a change the model's key cannot see
+
+
+class Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.linear(x) * SCALE
+
+
+def test_a_cached_program_whose_eager_outputs_changed_is_stale(tmp_path, monkeypatch):
+    model, x = Scaled().eval(), torch.randn(2, 4)
+    compile_quietly(model, x, cache=tmp_path)
+    assert compile_quietly(model, x, cache=tmp_path).report.cache["optimize"].startswith("hit")
+    monkeypatch.setattr(sys.modules[__name__], "SCALE", 3.0)
+    again = compile_quietly(model, x, cache=tmp_path)
+    assert again.report.cache["optimize"].startswith("miss") and "stale" in again.report.cache["optimize"]
+    torch.testing.assert_close(again(x), model(x))

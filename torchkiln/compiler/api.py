@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from torchkiln.backends import Artifact, BackendOptions, get_backend
 from torchkiln.backends import backend_options as backend_options_for
@@ -25,7 +26,7 @@ from torchkiln.compiler.calibration import CalibrationData, no_progress, tqdm_pr
 from torchkiln.compiler.compiled import CompiledModel, versions
 from torchkiln.compiler.manager import PassManager, default_instruments
 from torchkiln.compiler.passes import Pass, parse_pipeline
-from torchkiln.compiler.program import Program
+from torchkiln.compiler.program import Program, deterministic
 from torchkiln.compiler.report import ArtifactRecord, Report
 from torchkiln.compiler.trace import DynamicAxes, trace
 from torchkiln.compiler.verify import FP32, ErrorStats, Tolerance, compare
@@ -137,16 +138,19 @@ def _optimize_cached(
     stage: Stage, store: Cache | None, say: Callable[[str], None], progress: Callable[[str], None] | None
 ) -> tuple[Program, Report]:
     """Trace and run the passes, or load their result from the cache."""
+    stale = ""
     if store is not None:
         stage.key = stage.hash()
         entry = store.get("optimize", stage.key)
         loaded = cache_module.load_program(entry) if entry is not None else None
-        if loaded is not None:
+        if loaded is not None and _eager_unchanged(stage.model, loaded[0]):
             say("optimize: cache hit")
             program, extra = loaded
             report = Report.from_dict(extra["report"])
             report.cache = {"optimize": f"hit {stage.key[:12]}"}
             return program, report
+        if loaded is not None:
+            stale = " (the cached entry was stale: the model's outputs changed)"
     program, report = _optimize(stage, say, progress)
     try:
         cache_module.round_trip(program)  # lower the same graph a later cache hit would load
@@ -157,8 +161,25 @@ def _optimize_cached(
     if store is not None and stage.key is not None:
         extra = {"report": report.to_dict()}
         state = _store(store, "optimize", stage.key, lambda d: cache_module.save_program(program, d, extra))
-        report.cache = {"optimize": state}
+        report.cache = {"optimize": state + stale}
     return program, report
+
+
+def _eager_unchanged(model: nn.Module, program: Program) -> bool:
+    """Does the model still give the cached eager outputs? The key hashes weights and class
+    sources; this catches what it cannot see (helpers in other files, globals)."""
+    try:
+        with deterministic():
+            for check in program.checks:
+                kwargs = dict(zip((s.name for s in program.inputs), check.inputs))
+                outputs = [t for t in pytree.tree_leaves(model(**kwargs)) if isinstance(t, torch.Tensor)]
+                if [o.shape for o in outputs] != [o.shape for o in check.outputs]:
+                    return False
+                if not compare(outputs, check.outputs, FP32).within():
+                    return False
+    except Exception:  # noqa: BLE001 - a model that no longer runs on the cached inputs changed too
+        return False
+    return True
 
 
 def _optimize(
@@ -192,11 +213,12 @@ def _lower_cached(
     store: Cache | None,
     key: str | None,
 ) -> Artifact:
-    """``backend.lower(program)``, or the artifact the cache holds for the same program and options."""
+    """``backend.lower(program)``, or the artifact the cache holds for the same program and options.
+    ``key`` is the optimize key, None when the program could not be cached (nothing is then)."""
     if store is None or key is None:
         return get_backend(backend).lower(program, options)
-    lower_key = cache_module.Hasher().add("optimize", key).add("backend", backend).add(
-        "options", options.to_dict()).add("versions", versions()).hexdigest()  # fmt: skip
+    lower_key = cache_module.Hasher().add("program", cache_module.program_digest(program)).add(
+        "backend", backend).add("options", options.to_dict()).add("versions", versions()).hexdigest()  # fmt: skip
     entry = store.get("lower", lower_key)
     if entry is not None:
         artifact = _load_artifact(entry, backend, options)

@@ -3,7 +3,8 @@
 A build has two stages. *optimize* (trace + passes, including calibration and training) depends on
 the model (its weights and the source of its module classes), the example and calibration inputs,
 the pipeline and the tolerance, and the versions of torchkiln's code and of torch; *lower* depends
-on that key plus the backend, its options and the onnx / onnxruntime versions. A rebuild after
+on the optimized program's content (:func:`program_digest`), the backend, its options and the
+onnx / onnxruntime versions. A rebuild after
 changing only backend options therefore reuses the optimized program and skips tracing and
 calibration; an unchanged rebuild reuses the artifact as well.
 
@@ -11,12 +12,17 @@ Entries are directories ``<cache>/<stage>/<key>/`` written atomically; a corrupt
 entry is a miss (and is rewritten), never an error. The cache holds pickled graph modules and is
 as trusted as the directory it lives in: point it only at a directory you own.
 
-A cached program is the graph module's code plus its submodules and tensors (``torch.save`` of an
-fx ``GraphModule``). Reloading keeps the code, the weights and the module paths, but not the
-container classes (an ``nn.Sequential`` comes back as a plain ``nn.Module``), which changes the
-scope metadata the ONNX exporter records. :func:`round_trip` therefore rebuilds every optimized
-program the same way, hit or miss, so a build lowers the same graph either way and produces the
-same bytes.
+A cached program is its nodes (op, name, target, arguments, module paths) plus a module holding
+its submodules and tensors, saved with ``torch.save``; loading rebuilds the graph without
+re-tracing. The rebuilt module keeps code, weights and module paths but not container classes
+(an ``nn.Sequential`` becomes a plain ``nn.Module``), which changes the scope metadata the ONNX
+exporter records; :func:`round_trip` therefore rebuilds every optimized program the same way, hit
+or miss, so a build lowers the same graph either way and produces the same bytes.
+
+The model's key covers its weights, modes and the source files of its module classes. A forward
+that depends on something else (a helper in another file, a global) can change without the key
+changing; the caller therefore re-runs the eager model on the cached checks before trusting a hit
+(``compile`` does: a changed output is a miss, reported as stale).
 """
 
 from __future__ import annotations
@@ -28,7 +34,6 @@ import inspect
 import json
 import os
 import pickle
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -92,22 +97,42 @@ class Hasher:
 
 def model_fingerprint(model: nn.Module) -> Hasher:
     """What the model computes: every parameter and buffer, the training flag of each module, and
-    the source of every module class it uses (a changed ``forward`` is a different model)."""
+    the source files of the module classes it uses (a changed ``forward`` is a different model)."""
     hasher = Hasher()
     for name, tensor in list(model.state_dict(keep_vars=False).items()):
         hasher.add(f"state.{name}", tensor)
     for name, module in model.named_modules():
         hasher.add(f"module.{name}", [type(module).__module__, type(module).__qualname__, module.training])
-    for cls in sorted({type(m) for m in model.modules()}, key=lambda c: (c.__module__, c.__qualname__)):
-        hasher.add(f"source.{cls.__module__}.{cls.__qualname__}", _source(cls))
+    for source in sorted({_source_file(type(m)) for m in model.modules()}):
+        hasher.add(f"source.{source}", Path(source).read_bytes() if Path(source).is_file() else b"")
     return hasher
 
 
-def _source(cls: type) -> str:
+def _source_file(cls: type) -> str:
+    """The file defining ``cls`` (the whole file: helpers beside the class count too)."""
     try:
-        return inspect.getsource(cls)
-    except (OSError, TypeError):  # built in, or defined where the source is not on disk
-        return f"{cls.__module__}.{cls.__qualname__}"
+        return inspect.getsourcefile(cls) or cls.__module__
+    except TypeError:  # built in
+        return cls.__module__
+
+
+def program_digest(program: Program) -> str:
+    """What a backend lowers: the graph's code, every tensor it holds, and the input/output specs.
+    The lower stage is keyed by this, not by the optimize key, so a re-optimized program (a stale
+    entry replaced) never meets an artifact lowered from the old one."""
+    gm = program.graph_module
+    hasher = Hasher().add("code", gm.code)
+    for name, tensor in gm.state_dict().items():
+        hasher.add(f"state.{name}", tensor)
+    for node in gm.graph.nodes:  # constants fx keeps as plain attributes are not in the state dict
+        if node.op == "get_attr":
+            value = gm
+            for part in str(node.target).split("."):
+                value = getattr(value, part)
+            if isinstance(value, torch.Tensor):
+                hasher.add(f"attr.{node.target}", value)
+    hasher.add("specs", [[s.to_dict() for s in program.inputs], [s.to_dict() for s in program.outputs]])
+    return hasher.hexdigest()
 
 
 def code_version() -> str:
@@ -136,9 +161,6 @@ class Cache:
 
     def store(self, stage: str, key: str) -> contextlib.AbstractContextManager[Path]:
         return atomic_directory(self.entry(stage, key))
-
-    def discard(self, stage: str, key: str) -> None:
-        shutil.rmtree(self.entry(stage, key), ignore_errors=True)
 
 
 def save_program(program: Program, directory: Path, extra: dict[str, Any]) -> None:
