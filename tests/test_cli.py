@@ -101,4 +101,5 @@ def test_export_help_lists_backend_options(capsys):
     with pytest.raises(SystemExit):
         main(["export", "--help"])
     out = capsys.readouterr().out
-    assert "opset (int, default 18)" in out and "providers (list of str" in out and "torch: none" in out
+    assert "opset (int, default 18)" in out and "providers (list of str" in out
+    assert "device (str, default 'cpu')" in out and "  tensorrt:" in out and "precision (list of str" in out
