@@ -26,7 +26,7 @@ from torch import nn
 from torchkiln.compiler.compiled import CompiledModel, load
 from torchkiln.compiler.program import bind_inputs
 from torchkiln.compiler.verify import FP32, ErrorStats, Tolerance, compare
-from torchkiln.errors import ConfigError, InputError
+from torchkiln.errors import BackendError, ConfigError
 
 
 @dataclasses.dataclass
@@ -123,8 +123,8 @@ def compare_artifact(
         )
     tolerance = tolerance or FP32
     flat = bind_inputs(compiled.inputs, (), dict(inputs))
-    calls, order = _eager_calls(model, inputs)
-    eager_outputs = _flat_tensors(_call(model, inputs))
+    calls, order, result = _eager_calls(model, inputs)
+    eager_outputs = _flat_tensors(result)
     outputs = compare(compiled.artifact.run(flat), eager_outputs, tolerance)
 
     mapped = module_values(Path(model_path))
@@ -133,7 +133,7 @@ def compare_artifact(
     try:
         values = run_values(Path(model_path), feeds, wanted, optimize=optimize)
     except Exception as exc:  # ORT's errors name the node; keep them, typed
-        raise InputError(
+        raise BackendError(
             f"ONNX Runtime could not run {model_path} with its intermediate outputs: {exc}"
         ) from exc
     layers = [_diff(key, calls, order, mapped, values, tolerance) for key in order]
@@ -161,7 +161,10 @@ def _diff(
         diff.note = f"shape {list(actual.shape)} in the artifact (rewritten)"
         return diff
     # Its own output, or a vanished successor's (folded into it): a match wins, else the closest.
-    candidates = [key, *(c for c in _vanished_successors(key, order, mapped) if calls[c].shape == actual.shape)]
+    candidates = [
+        key,
+        *(c for c in _vanished_successors(key, order, mapped) if calls[c].shape == actual.shape),
+    ]
     scored = [(compare([actual], [calls[c]], tolerance), c) for c in candidates]
     stats, chosen = next(((s, c) for s, c in scored if s.within()), max(scored, key=lambda sc: sc[0].cosine))
     diff.max_abs, diff.cosine, diff.passed = stats.max_abs, stats.cosine, stats.within()
@@ -183,9 +186,9 @@ def _vanished_successors(
 
 def _eager_calls(
     model: nn.Module, inputs: Mapping[str, torch.Tensor]
-) -> tuple[dict[tuple[str, int], torch.Tensor], list[tuple[str, int]]]:
-    """Output of every module call that returns one tensor, by (module path, call number), and the
-    order the calls finished in."""
+) -> tuple[dict[tuple[str, int], torch.Tensor], list[tuple[str, int]], Any]:
+    """Output of every module call that returns one tensor, by (module path, call number), the
+    order the calls finished in, and the model's result."""
     outputs: dict[tuple[str, int], torch.Tensor] = {}
     order: list[tuple[str, int]] = []
     counts: dict[str, int] = {}
@@ -202,11 +205,11 @@ def _eager_calls(
 
     handles = [m.register_forward_hook(hook(name)) for name, m in model.named_modules() if name]
     try:
-        _call(model, inputs)
+        result = _call(model, inputs)
     finally:
         for handle in handles:
             handle.remove()
-    return outputs, order
+    return outputs, order, result
 
 
 def _call(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> Any:
