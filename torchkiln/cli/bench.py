@@ -33,6 +33,7 @@ from torchkiln.benchmark import Latency, PeakMemory, interleaved_times
 from torchkiln.cli.common import add_model_arguments, calibration_batches, example_inputs, load_model
 from torchkiln.cli.plots import latency_plot
 from torchkiln.compiler.compiled import CompiledModel, load
+from torchkiln.compiler.graph import parameter_stats
 from torchkiln.errors import ConfigError
 
 CPU_RUNTIMES = ("eager", "torch.compile", "ort-fp32", "ort-int8")
@@ -289,7 +290,7 @@ def _calibration(args: argparse.Namespace, entry: Any, example: dict[str, torch.
 
 
 def _state_mb(model: nn.Module) -> float:
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e6
+    return parameter_stats(model)[1] / 1e6
 
 
 def _mb(value: int | None) -> float | None:

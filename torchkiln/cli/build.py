@@ -29,6 +29,7 @@ from torchkiln.cli.common import load_callable, load_model
 from torchkiln.cli.plots import accuracy_plot
 from torchkiln.compiler.cache import Hasher, default_directory, model_fingerprint
 from torchkiln.compiler.files import atomic_directory, sha256, write_text_atomic
+from torchkiln.compiler.graph import parameter_stats
 from torchkiln.compiler.program import dtype_from_name
 from torchkiln.compiler.verify import Tolerance
 from torchkiln.data import load_batches
@@ -116,7 +117,7 @@ def _plot(path: Path, model: nn.Module, compiled: Any, evaluation: dict[str, Any
     if not evaluation:
         return "no plot: the recipe has no [evaluation]"
     artifact = compiled.report.artifact
-    eager_mb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e6
+    eager_mb = parameter_stats(model)[1] / 1e6
     points = [
         ("eager", evaluation["eager"], eager_mb, artifact.eager_ms),
         (compiled.backend, evaluation["artifact"], (artifact.file_bytes or 0) / 1e6, artifact.artifact_ms),

@@ -7,7 +7,7 @@ import operator
 from typing import Any
 
 import torch
-from torch import fx
+from torch import fx, nn
 from torch.fx.graph import CodeGen
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils import _pytree as pytree
@@ -89,7 +89,7 @@ def op_histogram(gm: fx.GraphModule) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def parameter_stats(gm: fx.GraphModule) -> tuple[int, int]:
+def parameter_stats(gm: nn.Module) -> tuple[int, int]:
     """(number of parameter elements, bytes of parameters and buffers)."""
     params = sum(p.numel() for p in gm.parameters())
     nbytes = sum(p.numel() * p.element_size() for p in gm.parameters())
