@@ -20,7 +20,6 @@ import copy
 import dataclasses
 import json
 import math
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,13 @@ from torch import nn
 
 import torchkiln
 from torchkiln.benchmark import Latency, PeakMemory, interleaved_times
-from torchkiln.cli.common import add_model_arguments, calibration_batches, example_inputs, load_model
+from torchkiln.cli.common import (
+    add_model_arguments,
+    calibration_batches,
+    example_inputs,
+    load_model,
+    stage_printer,
+)
 from torchkiln.cli.plots import latency_plot
 from torchkiln.compiler.compiled import CompiledModel, load
 from torchkiln.compiler.graph import parameter_stats
@@ -88,9 +93,7 @@ def run(args: argparse.Namespace) -> int:
     batches = _batch_sizes(args.batch_sizes)
     if args.runs < 1:
         raise ConfigError(f"--runs must be at least 1, got {args.runs}", where="--runs")
-    say: Callable[[str], None] = (
-        (lambda _: None) if args.quiet else (lambda m: print(f"kiln: {m}", file=sys.stderr, flush=True))
-    )
+    say = stage_printer(args.quiet) or (lambda _: None)
     is_artifact = Path(args.model).is_dir()  # a directory is an artifact; load() says what is wrong with it
     calls, rows = (_artifact_runtimes if is_artifact else _model_runtimes)(args, batches, say)
     say(f"timing {len(calls)} runtime x batch combinations, {args.runs} calls each")

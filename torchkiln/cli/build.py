@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 import torchkiln
-from torchkiln.cli.common import load_callable, load_model
+from torchkiln.cli.common import load_callable, load_model, stage_printer
 from torchkiln.cli.plots import accuracy_plot
 from torchkiln.compiler.cache import Hasher, default_directory, model_fingerprint
 from torchkiln.compiler.files import atomic_directory, sha256, write_text_atomic
@@ -59,7 +59,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     output = Path(args.output) if args.output else recipe.path.parent / "build"
-    say = None if args.quiet else (lambda stage: print(f"kiln: {stage}", file=sys.stderr, flush=True))
+    say = stage_printer(args.quiet)
     model, inputs, axes = _model_and_inputs(recipe)
     calibration = _batches(recipe, recipe.calibration, inputs)
     if calibration:  # verify on real data: random inputs can lie far outside calibrated ranges

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import importlib.util
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed for the random example inputs (default: 0)")
 
 
+def stage_printer(quiet: bool) -> Callable[[str], None] | None:
+    """``kiln: <stage>`` lines on stderr (stdout stays for the report), or None with --quiet."""
+    if quiet:
+        return None
+    return lambda stage: print(f"kiln: {stage}", file=sys.stderr, flush=True)
+
+
 def load_model(spec: str) -> tuple[nn.Module, models.ZooEntry | None]:
     """A zoo name, ``file.py:factory`` or ``package.module:factory`` → model in eval mode."""
     if ":" not in spec:
@@ -69,7 +77,9 @@ def load_callable(spec: str, what: str = "function") -> Any:
     """``path/to/file.py:name`` or ``package.module:name`` → the callable."""
     location, _, name = spec.rpartition(":")
     if not location or not name:
-        raise ConfigError(f"bad {what} '{spec}'", where=spec, hint="write path/to/file.py:name or package.module:name")
+        raise ConfigError(
+            f"bad {what} '{spec}'", where=spec, hint="write path/to/file.py:name or package.module:name"
+        )
     found = getattr(_import(location, spec), name, None)
     if not callable(found):
         raise ConfigError(f"'{name}' is not a callable in {location}", where=spec)
@@ -145,7 +155,9 @@ def calibration_batches(
     if source.startswith("random:"):
         count = source.removeprefix("random:")
         if not count.isdigit() or int(count) < 1:
-            raise ConfigError(f"bad --calibration '{source}'", where=source, hint="write random:N with N >= 1")
+            raise ConfigError(
+                f"bad --calibration '{source}'", where=source, hint="write random:N with N >= 1"
+            )
         seeds = range(args.seed + 1, args.seed + 1 + int(count))
         return [example_inputs(argparse.Namespace(**{**vars(args), "seed": s}), entry) for s in seeds]
     batch = next(iter(example.values())).shape[0] if example else 1

@@ -13,6 +13,7 @@ from torchkiln.cli.common import (
     example_inputs,
     load_model,
     parse_dynamic,
+    stage_printer,
 )
 from torchkiln.compiler.api import DEFAULT_PASSES
 from torchkiln.compiler.verify import Tolerance
@@ -97,7 +98,7 @@ def _backend_options(items: list[str]) -> dict[str, str]:
 def run(args: argparse.Namespace) -> int:
     model, entry = load_model(args.model)
     inputs = example_inputs(args, entry)
-    progress = None if args.quiet else (lambda stage: print(f"kiln: {stage}", file=sys.stderr, flush=True))
+    progress = stage_printer(args.quiet)
     compiled = torchkiln.compile(
         model,
         inputs,
