@@ -36,14 +36,19 @@ class ModuleValue:
     fx_node: str  # FX node of the exported program that produced it
 
 
-def scopes(node: Any) -> list[str]:
-    """The module paths a node sits in, outermost first (the root is not listed)."""
+def scope_names(node: Any) -> list[str]:
+    """The exporter's name scopes of an ONNX node: module paths, outermost first, then the FX node."""
     raw = next((p.value for p in node.metadata_props if p.key == SCOPES_KEY), None)
     try:
         names = ast.literal_eval(raw) if raw else []
     except (ValueError, SyntaxError):
         return []
-    return [s for s in names[:-1] if s]
+    return [str(n) for n in names]
+
+
+def scopes(node: Any) -> list[str]:
+    """The module paths a node sits in, outermost first (the root is not listed)."""
+    return [s for s in scope_names(node)[:-1] if s]
 
 
 def module_values(model_path: Path) -> dict[str, list[ModuleValue]]:
@@ -81,12 +86,8 @@ def module_values(model_path: Path) -> dict[str, list[ModuleValue]]:
 
 
 def _fx_node(node: Any) -> str:
-    raw = next((p.value for p in node.metadata_props if p.key == SCOPES_KEY), None)
-    try:
-        names = ast.literal_eval(raw) if raw else []
-    except (ValueError, SyntaxError):
-        return ""
-    return str(names[-1]) if names else ""
+    names = scope_names(node)
+    return names[-1] if names else ""
 
 
 def _float_values(model: Any) -> dict[str, int]:

@@ -7,12 +7,12 @@ flags, sparse weights, workspace, optimization level, profiles, timing cache loa
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 from pathlib import Path
 from typing import Any
 
+from torchkiln.backends.onnx_intermediates import scope_names, scopes
 from torchkiln.errors import BackendError, ExportError
 
 _FLAGS = {"fp16": "FP16", "bf16": "BF16", "int8": "INT8"}
@@ -63,9 +63,8 @@ def parse_error(parser: Any, onnx_path: Path) -> ExportError:
     where = None
     if 0 <= index < len(nodes):
         node = nodes[index]
-        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "[]")
-        names = ast.literal_eval(scopes) if scopes else []
-        module = next((s for s in reversed(names[:-1]) if s), "(root)")
+        names = scope_names(node)
+        module = next(reversed(scopes(node)), "(root)")
         where = f"ONNX node '{node.name}' ({node.op_type}) from module '{module}', FX node '{names[-1] if names else '?'}'"
     more = f" (+{parser.num_errors - 1} more)" if parser.num_errors > 1 else ""
     return ExportError(
