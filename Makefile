@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint bench fuzz-long clean
+.PHONY: demo test lint bench fuzz-long gpu-check clean
 
 # torch is pinned in its own step: an open range would pull the CUDA build (several GB).
 $(STAMP): pyproject.toml
@@ -30,6 +30,10 @@ bench: $(STAMP)
 
 fuzz-long: $(STAMP)
 	TORCHKILN_FUZZ_EXAMPLES=1000 $(BIN)/python -m pytest tests/test_fuzz.py -k random_models
+
+# On a lent GPU machine (runs from source with its own python3 + torch): GPU tests, CUDA round trip, bench rows.
+gpu-check:
+	PYTHON=$(PYTHON) bash bench/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache
