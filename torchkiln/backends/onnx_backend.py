@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import errno
 import re
 import shutil
 import tempfile
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -64,6 +65,7 @@ class OnnxArtifact(Artifact):
         self.directory = directory
         self.options = options
         self._session: Any = None
+        self.loading = False  # while loading a saved artifact, which must not be written to
         if owns_directory:
             weakref.finalize(self, shutil.rmtree, directory, True)
 
@@ -109,11 +111,57 @@ class OnnxArtifact(Artifact):
     def load(cls, directory: Path, options: dict[str, Any]) -> OnnxArtifact:
         parsed = cls.options_class.from_mapping(options, owner=f"backend {cls.backend}")
         artifact = cls(directory, parsed)  # type: ignore[arg-type]
+        check_external_data(artifact.model_path)
+        artifact.loading = True
         try:
             artifact.session  # noqa: B018 - load eagerly so a corrupt file fails here
         except Exception as exc:
             raise ArtifactError(f"cannot load {MODEL_FILE}: {exc}", where=str(artifact.model_path)) from exc
+        finally:
+            artifact.loading = False
         return artifact
+
+
+def check_external_data(model_path: Path) -> None:
+    """Every tensor stored outside ``model.onnx`` must live in a plain file beside it: ONNX Runtime
+    would otherwise read whatever path the model names (``../secret``, ``/etc/passwd``)."""
+    import onnx
+
+    if not model_path.is_file():
+        raise FileNotFoundError(errno.ENOENT, "missing", str(model_path))
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception as exc:
+        raise ArtifactError(f"cannot load {model_path.name}: {exc}", where=str(model_path)) from exc
+    for tensor in _all_tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        if not _PLAIN_FILE.fullmatch(location) or not (model_path.parent / location).is_file():
+            raise ArtifactError(
+                f"{model_path.name}: tensor '{tensor.name}' is stored in {location!r}, which is not a file "
+                "of the artifact",
+                where=str(model_path),
+                hint="external data must be a file listed in the artifact's manifest; rebuild the artifact",
+            )
+
+
+_PLAIN_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
+
+
+def _all_tensors(graph: Any) -> Iterator[Any]:
+    """Initializers and tensor attributes of ``graph`` and of every subgraph (If/Loop bodies)."""
+    yield from graph.initializer
+    yield from (sparse.values for sparse in graph.sparse_initializer)
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("g"):
+                yield from _all_tensors(attribute.g)
+            for sub in attribute.graphs:
+                yield from _all_tensors(sub)
 
 
 def export_onnx(program: Program, options: OnnxOptions, directory: Path) -> None:

@@ -81,7 +81,7 @@ class OrtArtifact(OnnxArtifact):
         session_options.intra_op_num_threads = options.intra_op_threads
         session_options.inter_op_num_threads = options.inter_op_threads
         session_options.log_severity_level = 3
-        if options.save_optimized:
+        if options.save_optimized and not self.loading:  # a loaded artifact already holds its copy
             session_options.optimized_model_filepath = str(self.directory / OPTIMIZED_FILE)
         return ort.InferenceSession(
             str(self.model_path), session_options, providers=resolve_providers(options.providers)

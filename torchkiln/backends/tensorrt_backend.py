@@ -114,6 +114,11 @@ class TensorRTArtifact(Artifact):
         self.directory, self.options, self.info = directory, options, info
         trt = require_tensorrt(options.device)
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        # A version-compatible engine can carry host code (a lean runtime) that TensorRT would run
+        # when deserializing it; a loaded artifact must never execute code. (False is TensorRT's
+        # default: set here so that no environment or future default changes it.)
+        if hasattr(self._runtime, "engine_host_code_allowed"):
+            self._runtime.engine_host_code_allowed = False
         self.engine = self._runtime.deserialize_cuda_engine((directory / ENGINE_FILE).read_bytes())
         if self.engine is None:
             raise ArtifactError(
@@ -173,6 +178,8 @@ class TensorRTArtifact(Artifact):
             info = json.loads((directory / INFO_FILE).read_text())
         except (OSError, ValueError) as exc:
             raise ArtifactError(f"cannot read {INFO_FILE}: {exc}", where=str(directory / INFO_FILE)) from exc
+        if not (isinstance(info, dict) and isinstance(info.get("device"), dict) and isinstance(info.get("profiles"), dict)):
+            raise ArtifactError(f"{INFO_FILE} lacks its device and profiles records", where=str(directory / INFO_FILE))
         trt = require_tensorrt(parsed.device)  # type: ignore[attr-defined]
         check_compatible(info["device"], current_device(trt, parsed.device), str(directory / ENGINE_FILE))  # type: ignore[attr-defined]
         return cls(directory, parsed, info)  # type: ignore[arg-type]

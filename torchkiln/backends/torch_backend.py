@@ -1,7 +1,9 @@
 """``torch`` backend: the rewritten GraphModule itself — the numeric reference and the fallback.
 
-Saved as a ``torch.export`` archive (``program.pt2``), which keeps dynamic axes and loads without
-unpickling Python code.
+Saved as the program through ``torch.export``, a flat ATen graph, in :mod:`torch_format`'s files
+(``program.json`` + ``program.bin``): dynamic axes are kept (sizes are computed in the graph), and
+loading parses JSON and raw tensor bytes — no pickle, nothing that can execute code. The saved
+graph is checked against the compiled one on the program's checks when it is first written.
 
 Options place it: ``device=cuda`` runs it on the GPU, ``dtype=float16|bfloat16`` casts its
 floating weights and inputs (outputs come back as float32 on the inputs' device), and
@@ -23,14 +25,17 @@ from typing import Any, Literal
 import torch
 from torch import fx
 
+from torchkiln.backends import torch_format
 from torchkiln.backends.base import Artifact, Backend, BackendOptions
 from torchkiln.compiler import graph as G
 from torchkiln.compiler.export import export_graph
 from torchkiln.compiler.options import option
 from torchkiln.compiler.program import Program
+from torchkiln.compiler.verify import FP32, compare
 from torchkiln.errors import ArtifactError, BackendError, ExportError
 
-FILE = "program.pt2"
+FILES = ("program.json", "program.bin")
+LEGACY_FILE = "program.pt2"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,12 +64,12 @@ class TorchArtifact(Artifact):
         self,
         module: fx.GraphModule,
         program: Program | None = None,
-        exported: torch.export.ExportedProgram | None = None,
+        files: tuple[bytes, bytes] | None = None,
         options: TorchOptions | None = None,
     ):
         self.module = module
         self._program = program
-        self._exported = exported
+        self._files = files
         self.options = options or TorchOptions()
         self._runner: Placed | None = Placed(module, self.options) if self.options.placed else None
 
@@ -74,39 +79,59 @@ class TorchArtifact(Artifact):
                 return self._runner(inputs)
             return list(self.module(*inputs))
 
-    def exported_program(self) -> torch.export.ExportedProgram:
-        if self._exported is None:
+    def saved_form(self) -> tuple[bytes, bytes]:
+        """``(program.json, program.bin)``: the program through ``torch.export`` as a flat ATen
+        graph, checked against the graph it came from on the program's checks before it is used."""
+        if self._files is None:
             assert self._program is not None
             program = self._program
             names = [s.name for s in program.inputs]
             try:
-                self._exported = export_graph(
-                    self.module, names, program.example_inputs, program.dynamic_axes
-                )
+                exported = export_graph(self.module, names, program.example_inputs, program.dynamic_axes)
+                flat = G.flat_graph_module(exported.module(), training=False)
+                files = torch_format.dump(flat)
+            except torch_format.UnsupportedGraph as exc:
+                raise ArtifactError(f"cannot save the torch artifact: {exc}", hint="use the onnx backend") from exc
             except Exception as exc:
                 raise ExportError(
                     f"torch.export of the rewritten graph failed: {type(exc).__name__}: {exc}"
                 ) from exc
-        return self._exported
+            _check_saved_form(torch_format.load(*files, where=FILES[0]), program)
+            self._files = files
+        return self._files
 
     def save(self, directory: Path) -> list[str]:
-        torch.export.save(self.exported_program(), directory / FILE)
-        return [FILE]
+        for name, data in zip(FILES, self.saved_form()):
+            (directory / name).write_bytes(data)
+        return list(FILES)
 
     @classmethod
     def load(cls, directory: Path, options: dict[str, Any]) -> TorchArtifact:
-        import torchkiln.compiler.quant_ops  # noqa: F401 - a quantized program calls these ops
-
-        try:
-            exported = torch.export.load(directory / FILE)
-        except Exception as exc:
+        if (directory / LEGACY_FILE).exists() and not (directory / FILES[0]).exists():
             raise ArtifactError(
-                f"cannot load {FILE}: {type(exc).__name__}: {exc}", where=str(directory / FILE)
-            ) from exc
+                f"{LEGACY_FILE} is a torch.export archive, which torchkiln no longer loads: its loader "
+                "unpickles, and can execute code",
+                where=str(directory / LEGACY_FILE),
+                hint="rebuild the artifact with this torchkiln version",
+            )
+        files = ((directory / FILES[0]).read_bytes(), (directory / FILES[1]).read_bytes())
+        module = torch_format.load(*files, where=str(directory / FILES[0]))
         parsed = TorchOptions.from_mapping(options, owner="backend torch")
         require_device(parsed)  # type: ignore[arg-type]
-        module = G.flat_graph_module(exported.module(), training=False)
-        return cls(module, exported=exported, options=parsed)  # type: ignore[arg-type]
+        module.training = False
+        return cls(module, files=files, options=parsed)  # type: ignore[arg-type]
+
+
+def _check_saved_form(saved: fx.GraphModule, program: Program) -> None:
+    for check in program.checks:
+        with torch.no_grad():
+            stats = compare(list(saved(*check.inputs)), program.run(check.inputs), FP32)
+        if not stats.within():
+            raise ArtifactError(
+                f"the graph torch.export produced for saving differs from the compiled one: output "
+                f"{stats.worst_output} by max abs {stats.max_abs:.3e}",
+                hint="use the onnx backend, and report the model",
+            )
 
 
 class TorchBackend(Backend):

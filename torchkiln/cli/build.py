@@ -28,7 +28,8 @@ import torchkiln
 from torchkiln.cli.common import load_callable, load_model, stage_printer
 from torchkiln.cli.plots import accuracy_plot
 from torchkiln.compiler.cache import Hasher, default_directory, model_fingerprint
-from torchkiln.compiler.files import atomic_directory, sha256, write_text_atomic
+from torchkiln.compiler.compiled import is_artifact
+from torchkiln.compiler.files import atomic_directory, check_destination, sha256, write_text_atomic
 from torchkiln.compiler.graph import parameter_stats
 from torchkiln.compiler.program import dtype_from_name
 from torchkiln.compiler.verify import Tolerance
@@ -59,6 +60,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     output = Path(args.output) if args.output else recipe.path.parent / "build"
+    check_destination(output, replaceable=is_artifact)  # before the work, not after it
     say = stage_printer(args.quiet)
     model, inputs, axes = _model_and_inputs(recipe)
     calibration = _batches(recipe, recipe.calibration, inputs)
@@ -83,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         )
     extra = {"recipe": recipe.raw, "input_hashes": _input_hashes(recipe, model, calibration),
              "evaluation": evaluation, "gates": gates}  # fmt: skip
-    with atomic_directory(output) as staging:
+    with atomic_directory(output, replaceable=is_artifact) as staging:
         compiled.write(staging, extra)
         plot = _plot(staging / PLOT_FILE, model, compiled, evaluation)
         report = {**compiled.report.to_dict(), "evaluation": evaluation, "gates": gates, "plot": plot}

@@ -16,6 +16,8 @@ from torchkiln.cli.common import (
     stage_printer,
 )
 from torchkiln.compiler.api import DEFAULT_PASSES
+from torchkiln.compiler.compiled import is_artifact
+from torchkiln.compiler.files import check_destination
 from torchkiln.compiler.verify import Tolerance
 from torchkiln.errors import ConfigError
 
@@ -69,7 +71,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--no-verify", action="store_true", help="report the error against eager but do not fail on it"
     )
-    parser.add_argument("-o", "--output", required=True, help="artifact directory (replaced atomically)")
+    parser.add_argument("-o", "--output", required=True, help="artifact directory (created, or replaced atomically if it is an artifact)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
     parser.set_defaults(run=run)
@@ -96,6 +98,7 @@ def _backend_options(items: list[str]) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_destination(args.output, replaceable=is_artifact)  # before the work, not after it
     model, entry = load_model(args.model)
     inputs = example_inputs(args, entry)
     progress = stage_printer(args.quiet)

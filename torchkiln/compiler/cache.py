@@ -160,7 +160,7 @@ class Cache:
         return path if path.is_dir() else None
 
     def store(self, stage: str, key: str) -> contextlib.AbstractContextManager[Path]:
-        return atomic_directory(self.entry(stage, key))
+        return atomic_directory(self.entry(stage, key), replaceable=lambda _: True)  # all ours
 
 
 def save_program(program: Program, directory: Path, extra: dict[str, Any]) -> None:

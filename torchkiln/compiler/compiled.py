@@ -11,13 +11,28 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
+import shutil
+import time
+import weakref
 from pathlib import Path
 from typing import Any
 
 from torch.utils import _pytree as pytree
 
 from torchkiln.backends import Artifact, BackendOptions, backend_options, get_backend
-from torchkiln.compiler.files import atomic_directory, sha256, write_text_atomic
+from torchkiln.compiler.files import (
+    ChecksumMismatch,
+    atomic_directory,
+    check_member_name,
+    copy_verified,
+    open_directory,
+    private_directory,
+    read_member,
+    resolve_interrupted,
+    sha256,
+    write_text_atomic,
+)
 from torchkiln.compiler.program import TensorSpec, bind_inputs, unflatten_outputs
 from torchkiln.compiler.report import Report
 from torchkiln.errors import ArtifactError, KilnError
@@ -61,8 +76,9 @@ class CompiledModel:
         return f"<CompiledModel {self.report.model} backend={self.backend} ({inputs})>"
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write the artifact and its manifest atomically; return the directory."""
-        with atomic_directory(directory) as staging:
+        """Write the artifact and its manifest atomically; return the directory. An existing
+        directory is replaced only if it is empty or a torchkiln artifact."""
+        with atomic_directory(directory, replaceable=is_artifact) as staging:
             self.write(staging)
         return Path(directory)
 
@@ -131,26 +147,82 @@ def versions() -> dict[str, str]:
     return found
 
 
+def is_artifact(path: Path) -> bool:
+    """Does ``path`` hold a torchkiln artifact (a manifest of ours)? Only such a directory is ever
+    replaced by a save; its manifest is read without following links."""
+    try:
+        with open_directory(path) as fd:
+            manifest = json.loads(read_member(fd, MANIFEST, str(path)))
+    except (KilnError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+
+
 def load(directory: str | os.PathLike[str]) -> CompiledModel:
-    """Load a directory written by :meth:`CompiledModel.save`."""
+    """Load a directory written by :meth:`CompiledModel.save`.
+
+    Nothing in the directory is executed or written. Every file the manifest lists must be a plain
+    file of the directory; it is copied into a private directory while its SHA-256 is checked, and
+    the backend reads only those copies (an unlisted file is never read). A directory replaced by a
+    concurrent save while it is read is read again."""
     path = Path(directory)
-    if not path.is_dir():
+    for attempt in range(20):
+        try:
+            return _load_once(path)
+        except _Replaced:
+            time.sleep(0.01 * attempt)
+    raise ArtifactError(
+        f"{path} kept changing while it was loaded", where=str(path), hint="load it again once it is written"
+    )
+
+
+class _Replaced(Exception):
+    """The directory was swapped for another while it was read."""
+
+
+def _load_once(path: Path) -> CompiledModel:
+    source = resolve_interrupted(path)
+    if not source.is_dir():
         raise ArtifactError(
             f"{path} is not a directory", where=str(path), hint="pass the directory given to save()"
         )
-    manifest = _read_manifest(path)
-    for name, digest in manifest["files"].items():
-        file = path / name
-        if not file.is_file():
-            raise ArtifactError(
-                f"artifact file {name} is missing", where=str(file), hint="rebuild the artifact"
-            )
-        if sha256(file) != digest:
-            raise ArtifactError(
-                f"artifact file {name} does not match its manifest checksum (truncated or modified)",
-                where=str(file),
-                hint="rebuild the artifact",
-            )
+    private = private_directory("torchkiln-artifact-")
+    try:
+        with open_directory(source) as fd:
+            try:
+                manifest = _read_manifest(fd, source)
+                for name, digest in manifest["files"].items():
+                    try:
+                        copy_verified(fd, name, digest, private / name, str(source / name))
+                    except ChecksumMismatch:
+                        raise ArtifactError(
+                            f"artifact file {name} does not match its manifest checksum (truncated or modified)",
+                            where=str(source / name),
+                            hint="rebuild the artifact",
+                        ) from None
+            except ArtifactError:
+                if _moved(fd, source):  # a concurrent save swapped it (and removed the old one)
+                    raise _Replaced() from None
+                raise
+        compiled = _from_manifest(manifest, private, source)
+    except BaseException:
+        shutil.rmtree(private, ignore_errors=True)
+        raise
+    weakref.finalize(compiled.artifact, shutil.rmtree, private, True)
+    return compiled
+
+
+def _moved(fd: int, path: Path) -> bool:
+    try:
+        now = os.stat(path)
+    except OSError:
+        return True
+    opened = os.fstat(fd)
+    return (now.st_dev, now.st_ino) != (opened.st_dev, opened.st_ino)
+
+
+def _from_manifest(manifest: dict[str, Any], private: Path, source: Path) -> CompiledModel:
+    where = str(source / MANIFEST)
     try:
         options = backend_options(manifest["backend"], manifest["backend_options"])
         inputs = [TensorSpec.from_dict(s) for s in manifest["inputs"]]
@@ -158,41 +230,81 @@ def load(directory: str | os.PathLike[str]) -> CompiledModel:
         out_spec = pytree.treespec_loads(manifest["out_spec"])
         report = Report.from_dict(manifest["report"])
     except KilnError as exc:
-        raise ArtifactError(f"{MANIFEST} is invalid: {exc.message}", where=str(path / MANIFEST)) from exc
-    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"{MANIFEST} is invalid: {exc.message}", where=where) from exc
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ArtifactError(f"{MANIFEST} is invalid: {type(exc).__name__}: {exc}", where=where) from exc
+    try:
+        artifact = get_backend(manifest["backend"]).load(private, options)
+    except ArtifactError as exc:  # name the user's file, not the private copy
+        exc.where = exc.where and exc.where.replace(str(private), str(source))
+        raise
+    except FileNotFoundError as exc:  # the backend needs a file the manifest does not list
+        name = Path(exc.filename or "?").name
         raise ArtifactError(
-            f"{MANIFEST} is invalid: {type(exc).__name__}: {exc}", where=str(path / MANIFEST)
-        ) from exc
-    artifact = get_backend(manifest["backend"]).load(path, options)
+            f"the {manifest['backend']} backend needs {name}, which {MANIFEST} does not list",
+            where=where,
+            hint="every file an artifact uses is listed with its checksum; rebuild the artifact",
+        ) from None
     return CompiledModel(artifact, inputs, outputs, out_spec, report, options, list(manifest["passes"]))
 
 
-_REQUIRED = ("backend", "backend_options", "inputs", "outputs", "out_spec", "passes", "files", "report")
+#: manifest key -> the JSON type it must have
+_SCHEMA: dict[str, type] = {
+    "backend": str, "backend_options": dict, "inputs": list, "outputs": list, "out_spec": str,
+    "passes": list, "files": dict, "report": dict,
+}  # fmt: skip
 
 
-def _read_manifest(path: Path) -> dict[str, Any]:
-    file = path / MANIFEST
+def _read_manifest(fd: int, path: Path) -> dict[str, Any]:
+    where = str(path / MANIFEST)
     try:
-        manifest = json.loads(file.read_text())
-    except FileNotFoundError:
+        manifest = json.loads(read_member(fd, MANIFEST, where))
+    except ArtifactError as exc:
+        if "is missing" in exc.message:
+            raise ArtifactError(
+                f"no {MANIFEST} in {path}", where=where, hint="is this a torchkiln artifact directory?"
+            ) from None
+        raise
+    except (UnicodeDecodeError, ValueError) as exc:
         raise ArtifactError(
-            f"no {MANIFEST} in {path}", where=str(file), hint="is this a torchkiln artifact directory?"
-        ) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(
-            f"{MANIFEST} is unreadable or corrupt: {exc}", where=str(file), hint="rebuild the artifact"
+            f"{MANIFEST} is unreadable or corrupt: {exc}", where=where, hint="rebuild the artifact"
         ) from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{MANIFEST} is not a torchkiln manifest", where=str(file))
+        raise ArtifactError(f"{MANIFEST} is not a torchkiln manifest", where=where)
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(
             f"artifact format version {manifest.get('format_version')} is not supported (this torchkiln reads {FORMAT_VERSION})",
-            where=str(file),
+            where=where,
             hint="rebuild the artifact with this torchkiln version",
         )
-    missing = [k for k in _REQUIRED if k not in manifest]
+    missing = [k for k in _SCHEMA if k not in manifest]
     if missing:
-        raise ArtifactError(
-            f"{MANIFEST} lacks {', '.join(missing)}", where=str(file), hint="rebuild the artifact"
-        )
+        raise ArtifactError(f"{MANIFEST} lacks {', '.join(missing)}", where=where, hint="rebuild the artifact")
+    for key, kind in _SCHEMA.items():
+        if not isinstance(manifest[key], kind):
+            raise ArtifactError(
+                f"{MANIFEST}: '{key}' must be a JSON {_JSON_NAMES[kind]}, got {type(manifest[key]).__name__}",
+                where=f"{where}:{key}",
+                hint="rebuild the artifact",
+            )
+    _check_files(manifest["files"], where)
+    if not all(isinstance(p, str) for p in manifest["passes"]):
+        raise ArtifactError(f"{MANIFEST}: 'passes' must be a list of strings", where=f"{where}:passes")
     return manifest
+
+
+_JSON_NAMES: dict[type, str] = {str: "string", dict: "object", list: "array"}
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+def _check_files(files: dict[str, Any], where: str) -> None:
+    if not files:
+        raise ArtifactError(f"{MANIFEST} lists no files", where=f"{where}:files", hint="rebuild the artifact")
+    for name, digest in files.items():
+        check_member_name(name, f"{where}:files")
+        if name == MANIFEST or not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+            raise ArtifactError(
+                f"{MANIFEST}: file {name!r} needs a SHA-256 hex digest, got {digest!r}",
+                where=f"{where}:files",
+                hint="rebuild the artifact",
+            )

@@ -1,64 +1,273 @@
-"""Atomic writes: an artifact directory appears complete or not at all."""
+"""Artifact directories on disk: written so that nothing is ever lost or half-written, read so that
+nothing outside the directory (or unlisted in it) is ever touched.
+
+Writing (:func:`atomic_directory`). A writer builds the new directory in a staging directory beside
+the destination and swaps it in. The destination is replaced only if it is missing, empty, or
+``replaceable`` says it is ours (an artifact: it has our manifest); anything else is refused, and
+so are the current directory and its ancestors. The swap keeps a complete directory at the
+destination at every instant: ``renameat2(RENAME_EXCHANGE)`` exchanges the two directories in one
+step (Linux); where the file system cannot, the old one is renamed aside and the new one in, and a
+writer killed between those two renames is recovered from: readers read the aside copy
+(:func:`resolve_interrupted`) and the next writer renames it back. Writers of one
+destination are serialised by an ``flock`` on ``.<name>.lock`` beside it (removed again when
+released); whatever a dead writer left (``.<name>.tmp-*`` / ``.<name>.old-*``) is removed by the
+next writer, under the lock. ``OSError`` while writing (a full disk) is an :class:`ArtifactError`
+and the previous directory is left as it was.
+
+Reading (:func:`open_directory`, :func:`copy_verified`). Names come from a manifest a user may have
+edited: each must be a plain file name (no ``/``, no ``..``) of a regular file (a symbolic link is
+refused), opened relative to the directory's descriptor, and its SHA-256 is computed while it is
+copied into a private directory — so what is verified is exactly what is then used.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import fcntl
 import hashlib
 import os
+import re
 import shutil
+import stat
 import tempfile
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from torchkiln.errors import ArtifactError
 
+LOCK_TIMEOUT_S = 600.0
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
 
-@contextlib.contextmanager
-def atomic_directory(destination: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a fresh staging directory beside ``destination``; on success it replaces
-    ``destination`` by rename, on any failure it is removed and ``destination`` is untouched."""
+
+def _no_crash(step: str) -> None:
+    """Tests replace this to kill a writer at a named step (see tests/test_artifact_safety.py)."""
+
+
+after_step: Callable[[str], None] = _no_crash
+
+
+def check_destination(
+    destination: str | os.PathLike[str], replaceable: Callable[[Path], bool] = lambda _: False
+) -> Path:
+    """The path a writer will replace, refused when replacing it could lose something that is not
+    ours: a file, a non-empty directory ``replaceable`` does not accept, the current directory."""
     dest = Path(destination)
+    if dest.is_symlink():  # write where the link points; the link itself stays
+        dest = Path(os.path.realpath(dest))
+    here, absolute = Path.cwd().resolve(), Path(os.path.abspath(dest))
+    if dest.name in ("", ".", "..") or absolute == here or absolute in here.parents:
+        raise ArtifactError(
+            f"cannot write an artifact to {destination}: it is the current directory or one of its parents",
+            where=str(destination),
+            hint="name a new subdirectory, e.g. -o ./artifact",
+        )
     if dest.exists() and not dest.is_dir():
         raise ArtifactError(
             f"{dest} exists and is not a directory", where=str(dest), hint="choose another output path"
         )
+    if dest.is_dir() and not _is_empty(dest) and not replaceable(dest):
+        raise ArtifactError(
+            f"{dest} is a directory that is not a torchkiln artifact; refusing to replace it",
+            where=str(dest),
+            hint=f"choose a new path, e.g. {dest / 'artifact'}, or remove the directory yourself",
+        )
+    return dest
+
+
+def _is_empty(path: Path) -> bool:
+    try:
+        return not any(os.scandir(path))
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def atomic_directory(
+    destination: str | os.PathLike[str],
+    replaceable: Callable[[Path], bool] = lambda _: False,
+    lock_timeout: float = LOCK_TIMEOUT_S,
+) -> Iterator[Path]:
+    """Yield a fresh staging directory beside ``destination``; on success it replaces
+    ``destination`` (see the module docstring), on any failure it is removed and ``destination``
+    is left as it was."""
+    dest = check_destination(destination, replaceable)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it 0700; the artifact should not be
     except OSError as exc:
-        raise ArtifactError(
-            f"cannot write to {dest.parent}: {exc.strerror or exc}",
-            where=str(dest),
-            hint="choose a writable output directory",
-        ) from exc
+        raise _write_error(dest, exc) from exc
+    with _locked(dest, lock_timeout):
+        _clean_up_after_dead_writers(dest)
+        dest = check_destination(dest, replaceable)  # again, under the lock
+        staging = _sibling(dest, "tmp")
+        try:
+            os.mkdir(staging, 0o777)  # the umask applies, as to any directory the user makes
+            yield staging
+            _sync_tree(staging)
+            after_step("synced")
+            _swap_in(staging, dest)
+        except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise _write_error(dest, exc) from exc
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+
+def _write_error(dest: Path, exc: OSError) -> ArtifactError:
+    hint = "free some disk space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "choose a writable path"
+    return ArtifactError(
+        f"cannot write to {dest}: {exc.strerror or exc} (nothing there was changed)",
+        where=str(exc.filename or dest),
+        hint=hint,
+    )
+
+
+def _sibling(dest: Path, kind: str) -> Path:
+    return dest.parent / f".{dest.name}.{kind}-{uuid.uuid4().hex[:12]}"
+
+
+def _leftovers(dest: Path, kind: str) -> list[Path]:
+    pattern = re.compile(rf"\.{re.escape(dest.name)}\.{kind}-[0-9a-f]{{12}}")
     try:
-        yield staging
-        _replace(staging, dest)
-    except BaseException:
+        names = os.listdir(dest.parent)
+    except OSError:
+        return []
+    found = [dest.parent / n for n in names if pattern.fullmatch(n)]
+    return sorted(found, key=lambda p: p.lstat().st_mtime_ns if p.exists() else 0)
+
+
+def _swap_in(staging: Path, dest: Path) -> None:
+    if not dest.exists() or _is_empty(dest):
+        os.rename(staging, dest)  # onto nothing or an empty directory: one atomic step
+        after_step("renamed")
+    elif _exchange(staging, dest):
+        after_step("exchanged")  # dest is new; staging holds the old one
         shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _replace(staging: Path, dest: Path) -> None:
-    if not dest.exists():
+    else:
+        aside = _sibling(dest, "old")
+        os.rename(dest, aside)
+        after_step("between-renames")  # dest is missing here: readers use `aside`, writers restore it
         os.rename(staging, dest)
-        return
-    old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
-    os.rename(dest, old)
+        after_step("renamed")
+        shutil.rmtree(aside, ignore_errors=True)
+    _sync_directory(dest.parent)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step; False where the OS or file system cannot."""
+    renameat2 = getattr(_libc(), "renameat2", None)
+    if renameat2 is None:
+        return False
+    result = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if result == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+_LIBC: ctypes.CDLL | None = None
+
+
+def _libc() -> ctypes.CDLL:
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+    return _LIBC
+
+
+def resolve_interrupted(path: Path) -> Path:
+    """``path``, or — when a writer was killed between its two renames and ``path`` is missing —
+    the previous directory it renamed aside (the next writer moves it back)."""
+    if path.exists() or path.is_symlink():
+        return path
+    aside = _leftovers(path, "old")
+    return aside[-1] if aside else path
+
+
+def _clean_up_after_dead_writers(dest: Path) -> None:
+    """Under the lock every writer of ``dest`` is dead, so its staging directories are garbage; an
+    aside copy is the previous artifact when ``dest`` itself is missing, and garbage otherwise."""
+    aside = _leftovers(dest, "old")
+    if aside and not dest.exists():
+        os.rename(aside.pop(), dest)
+    for path in aside + _leftovers(dest, "tmp"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _locked(dest: Path, timeout: float) -> Iterator[None]:
+    """An exclusive ``flock`` on ``.<name>.lock`` beside ``dest``, removed on release. After taking
+    the lock, the holder checks that the file is still the one at the path (a releasing holder may
+    have unlinked it), so two holders can never both believe they hold it."""
+    lock_path = dest.parent / f".{dest.name}.lock"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise _write_error(dest, exc) from exc
+        if _try_lock(fd) and _same_file(fd, lock_path):
+            break
+        os.close(fd)
+        if time.monotonic() > deadline:
+            raise ArtifactError(
+                f"another process has been writing {dest} for over {timeout:.0f} s",
+                where=str(lock_path),
+                hint="wait for it to finish, or write to another path",
+            )
+        time.sleep(0.02)
     try:
-        os.rename(staging, dest)
-    except BaseException:
-        os.rename(old, dest)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock_path)
+        os.close(fd)
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        on_disk = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (mine.st_dev, mine.st_ino) == (on_disk.st_dev, on_disk.st_ino)
+
+
+def _sync_tree(directory: Path) -> None:
+    """fsync every file and the directory, so the swap never publishes data still in flight."""
+    for entry in os.scandir(directory):
+        if entry.is_file(follow_symlinks=False):
+            fd = os.open(entry.path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _sync_directory(directory)
+
+
+def _sync_directory(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -77,3 +286,82 @@ def sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}")
+
+
+def check_member_name(name: object, where: str) -> str:
+    """A file name from a manifest: a plain name inside the directory, nothing else."""
+    if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name) or name in (".", ".."):
+        raise ArtifactError(
+            f"manifest lists the file {name!r}, which is not a plain file name inside the artifact",
+            where=where,
+            hint="an artifact only lists files of its own directory; rebuild it",
+        )
+    return name
+
+
+@contextlib.contextmanager
+def open_directory(path: Path) -> Iterator[int]:
+    """A descriptor of the directory: every member is opened relative to it, so a directory
+    replaced while being read is read consistently (the old one) and can be detected."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise ArtifactError(
+            f"cannot open {path}: {exc.strerror or exc}", where=str(path), hint="pass an artifact directory"
+        ) from exc
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def read_member(directory_fd: int, name: str, where: str, limit: int = 64 << 20) -> bytes:
+    """The bytes of a small member (the manifest), refusing links and non-regular files."""
+    with _open_member(directory_fd, name, where) as handle:
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise ArtifactError(f"{name} is larger than {limit >> 20} MB", where=where)
+    return data
+
+
+def copy_verified(directory_fd: int, name: str, digest: str, target: Path, where: str) -> None:
+    """Copy member ``name`` to ``target`` while hashing it; :class:`ChecksumMismatch` if the bytes
+    are not the ones the manifest lists."""
+    hasher = hashlib.sha256()
+    with _open_member(directory_fd, name, where) as source, open(target, "xb") as out:
+        for block in iter(lambda: source.read(1 << 20), b""):
+            hasher.update(block)
+            out.write(block)
+    if hasher.hexdigest() != digest:
+        raise ChecksumMismatch(name)
+
+
+class ChecksumMismatch(Exception):
+    """A member's bytes differ from its manifest checksum."""
+
+
+@contextlib.contextmanager
+def _open_member(directory_fd: int, name: str, where: str) -> Iterator[BinaryIO]:
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=directory_fd)
+    except FileNotFoundError:
+        raise ArtifactError(f"artifact file {name} is missing", where=where, hint="rebuild the artifact") from None
+    except OSError as exc:
+        reason = "is a symbolic link" if exc.errno == errno.ELOOP else f"cannot be read: {exc.strerror}"
+        raise ArtifactError(f"artifact file {name} {reason}", where=where, hint="rebuild the artifact") from None
+    handle = os.fdopen(fd, "rb")
+    with handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise ArtifactError(f"artifact file {name} is not a regular file", where=where)
+        yield handle
+
+
+
+def private_directory(prefix: str) -> Path:
+    """A fresh directory only this user can read (``tempfile.mkdtemp``: mode 0700)."""
+    return Path(tempfile.mkdtemp(prefix=prefix))

@@ -1,0 +1,471 @@
+"""What load and save guarantee (README "Guarantees"): loading never executes code, never reads a
+file the manifest does not list (or one outside the directory) and never writes; saving never
+replaces a directory that is not an artifact and, killed at any instant, leaves the destination
+holding a complete artifact (the old or the new one) — with concurrent writers serialised."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import compile_quietly
+from torch import nn
+
+import torchkiln
+from torchkiln.cli import main
+from torchkiln.compiler import files
+from torchkiln.compiler.files import sha256
+from torchkiln.errors import ArtifactError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Payload:
+    """Unpickling this creates ``path``: the side effect that proves code ran."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+def pickle_payload(sentinel: Path) -> bytes:
+    return pickle.dumps(Payload(sentinel))
+
+
+def torch_zip_payload(sentinel: Path) -> bytes:
+    """A torch.save-style zip whose data.pkl runs the payload (what a planted .pt2/.pt carries)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("archive/data.pkl", pickle_payload(sentinel))
+        archive.writestr("archive/version", "3\n")
+    return buffer.getvalue()
+
+
+def edit_manifest(directory: Path, **changes) -> None:
+    path = directory / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest.update(changes)
+    path.write_text(json.dumps(manifest))
+
+
+def plant(directory: Path, name: str, data: bytes) -> None:
+    """Write ``data`` as ``name`` and list it in the manifest with its real checksum, as an attacker
+    who can edit the directory would."""
+    (directory / name).write_bytes(data)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest["files"][name] = sha256(directory / name)
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
+BACKENDS = ["torch", "onnx", "onnxruntime"]
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    """One saved artifact per backend (a small MLP, dynamic batch), copied per test."""
+    model, x = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval(), torch.randn(2, 4)
+    base = tmp_path_factory.mktemp("artifacts")
+    return {b: compile_quietly(model, x, backend=b, dynamic_axes="batch").save(base / b) for b in BACKENDS}
+
+
+@pytest.fixture
+def copy_of(artifacts, tmp_path):
+    def make(backend: str, suffix: str = "") -> Path:
+        target = tmp_path / f"{backend}{suffix}"
+        target.mkdir()
+        for path in artifacts[backend].iterdir():
+            (target / path.name).write_bytes(path.read_bytes())
+        return target
+
+    return make
+
+
+def backend_files(directory: Path) -> list[str]:
+    return sorted(json.loads((directory / "manifest.json").read_text())["files"])
+
+
+# --- 1. loading never executes code -----------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["pickle", "torch-zip"])
+def test_a_payload_planted_in_any_file_never_runs(copy_of, tmp_path, backend, kind):
+    payload = {"pickle": pickle_payload, "torch-zip": torch_zip_payload}[kind]
+    names = backend_files(copy_of(backend)) + ["program.pt2", "extra.pt"]
+    for name in names:
+        directory = copy_of(backend, suffix=name)
+        sentinel = tmp_path / f"ran-{name}"
+        plant(directory, name, payload(sentinel))
+        try:
+            torchkiln.load(directory)(torch.randn(2, 4))
+        except ArtifactError:
+            pass  # refused; a listed file the backend does not use is only checksummed
+        assert not sentinel.exists(), f"a payload in {name} ran on load"
+
+
+def test_an_old_torch_export_archive_is_refused_not_unpickled(copy_of, tmp_path):
+    directory = copy_of("torch")
+    sentinel = tmp_path / "ran"
+    for name in ("program.json", "program.bin"):
+        (directory / name).unlink()
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest["files"] = {}
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    plant(directory, "program.pt2", torch_zip_payload(sentinel))
+    with pytest.raises(ArtifactError, match="torch.export archive, which torchkiln no longer loads"):
+        torchkiln.load(directory)
+    assert not sentinel.exists()
+
+
+@pytest.mark.parametrize("command", ["bench", "compare"])
+def test_cli_commands_load_safely_too(copy_of, tmp_path, capsys, command):
+    directory = copy_of("onnxruntime")
+    sentinel = tmp_path / "ran"
+    plant(directory, "model.onnx", pickle_payload(sentinel))
+    argv = {"bench": ["bench", str(directory), "--runs", "1", "--quiet"],
+            "compare": ["compare", "mlp", str(directory)]}[command]  # fmt: skip
+    assert main(argv) in (1, 2)
+    assert not sentinel.exists()
+    assert "internal error" not in capsys.readouterr().err
+
+
+def _graph_edit(directory: Path, edit) -> None:
+    program = json.loads((directory / "program.json").read_text())
+    edit(program)
+    plant(directory, "program.json", json.dumps(program).encode())
+
+
+def _first_call(program: dict) -> dict:
+    return next(n for n in program["nodes"] if n["op"] == "call_function")
+
+
+TORCH_GRAPH_CASES = [
+    ("python-function", lambda p: _first_call(p).update(target="os.system"), "is not an operator"),
+    ("builtin-eval", lambda p: _first_call(p).update(target="builtins.eval"), "is not an operator"),
+    ("op-outside-namespaces", lambda p: _first_call(p).update(target="op:torchvision::nms.default"),
+     "is not an operator of"),
+    ("unknown-op", lambda p: _first_call(p).update(target="op:aten::no_such_op.default"), "does not exist"),
+    ("module-call", lambda p: _first_call(p).update(op="call_module"), "has op 'call_module'"),
+    ("tensor-outside-blob", lambda p: p["tensors"][0].update(offset=10**9), "lies outside program.bin"),
+    ("object-dtype", lambda p: p["tensors"][0].update(dtype="object"), "dtype 'object'"),
+    ("unknown-argument", lambda p: _first_call(p).update(args={"tuple": [{"eval": "1+1"}]}), "argument"),
+    ("dangling-node", lambda p: _first_call(p).update(args={"tuple": [{"node": "nope"}]}), "before it is defined"),
+    ("not-a-graph", lambda p: p.update(format="pickle"), "format/version"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", TORCH_GRAPH_CASES, ids=[c[0] for c in TORCH_GRAPH_CASES])
+def test_a_tampered_torch_graph_is_refused(copy_of, case):
+    _, edit, message = case
+    directory = copy_of("torch")
+    _graph_edit(directory, edit)
+    with pytest.raises(ArtifactError, match=message):
+        torchkiln.load(directory)
+
+
+def _outside_secret(directory: Path) -> str:
+    (directory.parent / "secret.txt").write_text("secret")
+    return "../secret.txt"
+
+
+MANIFEST_CASES = [
+    ("files-empty", lambda d: edit_manifest(d, files={}), "lists no files"),
+    ("files-a-list", lambda d: edit_manifest(d, files=["model.onnx"]), "'files' must be a JSON object"),
+    ("passes-a-number", lambda d: edit_manifest(d, passes=5), "'passes' must be a JSON array"),
+    ("passes-of-numbers", lambda d: edit_manifest(d, passes=[5]), "'passes' must be a list of strings"),
+    ("options-a-string", lambda d: edit_manifest(d, backend_options="opset=19"), "must be a JSON object"),
+    ("backend-a-number", lambda d: edit_manifest(d, backend=3), "'backend' must be a JSON string"),
+    ("report-a-list", lambda d: edit_manifest(d, report=[]), "'report' must be a JSON object"),
+    ("inputs-of-numbers", lambda d: edit_manifest(d, inputs=[1]), "invalid"),
+    ("report-unknown-field", lambda d: edit_manifest(d, report={"model": "m", "flavour": "fx", "x": 1}), "invalid"),
+    ("digest-not-hex", lambda d: edit_manifest(d, files={"model.onnx": "abc"}), "SHA-256 hex digest"),
+    ("parent-path", lambda d: edit_manifest(d, files={_outside_secret(d): "0" * 64}), "not a plain file name"),
+    ("absolute-path", lambda d: edit_manifest(d, files={"/etc/passwd": "0" * 64}), "not a plain file name"),
+    ("nested-path", lambda d: edit_manifest(d, files={"sub/model.onnx": "0" * 64}), "not a plain file name"),
+    ("manifest-listed", lambda d: edit_manifest(d, files={"manifest.json": "0" * 64}), "SHA-256"),
+    ("unlisted-model", lambda d: edit_manifest(d, files={"notes.txt": _note(d)}), "needs model.onnx, which"),
+]  # fmt: skip
+
+
+def _note(directory: Path) -> str:
+    (directory / "notes.txt").write_text("hello")
+    return sha256(directory / "notes.txt")
+
+
+@pytest.mark.parametrize("case", MANIFEST_CASES, ids=[c[0] for c in MANIFEST_CASES])
+def test_the_manifest_is_checked_before_anything_is_read(copy_of, case):
+    _, edit, message = case
+    directory = copy_of("onnxruntime")
+    edit(directory)
+    with pytest.raises(ArtifactError, match=message):
+        torchkiln.load(directory)
+
+
+def test_a_tampered_model_under_an_empty_file_list_is_refused(copy_of):
+    directory = copy_of("onnxruntime")
+    (directory / "model.onnx").write_bytes(b"tampered")
+    edit_manifest(directory, files={})
+    with pytest.raises(ArtifactError, match="lists no files"):
+        torchkiln.load(directory)
+
+
+@pytest.mark.parametrize("target", ["outside", "inside"])
+def test_symlinked_members_are_refused(copy_of, tmp_path, target):
+    directory = copy_of("onnxruntime")
+    real = tmp_path / "real.onnx" if target == "outside" else directory / "real.onnx"
+    real.write_bytes((directory / "model.onnx").read_bytes())
+    (directory / "model.onnx").unlink()
+    (directory / "model.onnx").symlink_to(real)
+    with pytest.raises(ArtifactError, match="model.onnx is a symbolic link"):
+        torchkiln.load(directory)
+
+
+def test_external_data_outside_the_artifact_is_refused(copy_of, tmp_path):
+    import onnx
+
+    directory = copy_of("onnxruntime")
+    model = onnx.load(str(directory / "model.onnx"))
+    onnx.save(model, str(directory / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="weights.bin", size_threshold=0)  # fmt: skip
+    (tmp_path / "weights.bin").write_bytes((directory / "weights.bin").read_bytes())
+    model = onnx.load(str(directory / "model.onnx"), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../weights.bin"
+    onnx.save(model, str(directory / "model.onnx"))
+    (directory / "weights.bin").unlink()
+    edit_manifest(directory, files={"model.onnx": sha256(directory / "model.onnx")})
+    with pytest.raises(ArtifactError, match=r"stored in '../weights.bin', which is not a file of the artifact"):
+        torchkiln.load(directory)
+
+
+def snapshot(directory: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(directory.iterdir())}
+
+
+def test_loading_never_writes(tmp_path):
+    """save_optimized artifacts used to rewrite model.optimized.onnx inside themselves on every load."""
+    compiled = compile_quietly(nn.Linear(4, 2).eval(), torch.randn(1, 4),
+                               backend_options={"save_optimized": True})  # fmt: skip
+    directory = compiled.save(tmp_path / "artifact")
+    assert "model.optimized.onnx" in backend_files(directory)
+    before, listing = snapshot(directory), sorted(os.listdir(tmp_path))
+    written = []
+
+    def audit(event, args):
+        if event == "open" and isinstance(args[0], str) and args[0].startswith(str(directory)):
+            mode, flags = args[1], args[2]
+            if (mode and any(c in str(mode) for c in "wax+")) or (flags & (os.O_WRONLY | os.O_RDWR)):
+                written.append(args[0])
+
+    sys.addaudithook(audit)
+    for _ in range(2):
+        loaded = torchkiln.load(directory)
+        loaded(torch.randn(1, 4))
+    assert snapshot(directory) == before and sorted(os.listdir(tmp_path)) == listing
+    assert written == []
+
+
+def test_a_loaded_artifact_saves_what_it_loaded(tmp_path):
+    """c = load(D); D rebuilt from another model; c.save(E) must package c's own weights."""
+    x = torch.randn(1, 4)
+    first, second = nn.Linear(4, 2).eval(), nn.Linear(4, 2).eval()
+    for backend in BACKENDS:
+        directory = compile_quietly(first, x, backend=backend).save(tmp_path / f"d-{backend}")
+        loaded = torchkiln.load(directory)
+        compile_quietly(second, x, backend=backend).save(directory)
+        again = torchkiln.load(loaded.save(tmp_path / f"e-{backend}"))
+        torch.testing.assert_close(again(x), first(x), atol=1e-5, rtol=1e-4)
+
+
+# --- 2. no user data lost -----------------------------------------------------------------------
+
+
+def test_export_refuses_to_replace_a_directory_that_is_not_an_artifact(tmp_path, capsys):
+    project = tmp_path / "myproj"
+    project.mkdir()
+    (project / "train.py").write_text("print('my work')")
+    assert main(["export", "mlp", "-o", str(project), "--quiet"]) == 1
+    assert "not a torchkiln artifact; refusing to replace it" in capsys.readouterr().err
+    assert (project / "train.py").read_text() == "print('my work')"
+    with pytest.raises(ArtifactError, match="not a torchkiln artifact"):
+        compile_quietly(nn.Linear(4, 2), torch.randn(1, 4)).save(project)
+    assert sorted(os.listdir(project)) == ["train.py"]
+
+
+@pytest.mark.parametrize("output", [".", "..", "./"])
+def test_export_to_the_current_directory_is_a_clear_error(tmp_path, monkeypatch, capsys, output):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert main(["export", "mlp", "-o", output, "--quiet"]) == 1
+    assert "is the current directory or one of its parents" in capsys.readouterr().err
+
+
+def test_an_empty_directory_and_an_artifact_are_replaced(tmp_path):
+    compiled = compile_quietly(nn.Linear(4, 2), torch.randn(1, 4))
+    (tmp_path / "empty").mkdir()
+    compiled.save(tmp_path / "empty")
+    compiled.save(tmp_path / "empty")  # now an artifact: replaced again
+    assert "manifest.json" in os.listdir(tmp_path / "empty")
+    assert sorted(os.listdir(tmp_path)) == ["empty"]  # no lock, staging or aside copies left
+
+
+def test_build_refuses_a_setuptools_build_directory(tmp_path, capsys):
+    recipe = tmp_path / "kiln.toml"
+    recipe.write_text('[model]\nsource = "mlp"\n')
+    (tmp_path / "build" / "lib").mkdir(parents=True)
+    (tmp_path / "build" / "lib" / "module.py").write_text("x = 1")
+    assert main(["build", str(recipe), "--quiet", "--no-cache"]) == 1
+    assert "not a torchkiln artifact" in capsys.readouterr().err
+    assert (tmp_path / "build" / "lib" / "module.py").read_text() == "x = 1"
+
+
+WRITER = """
+import os, signal, sys
+import torchkiln
+from torchkiln.compiler import files
+source, dest, step, mode = sys.argv[1:5]
+if mode == "fallback":
+    files._exchange = lambda a, b: False
+def crash(name):
+    if name == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+files.after_step = crash
+artifact = torchkiln.load(source)
+if step == "loop":
+    other = torchkiln.load(sys.argv[5])
+    print("ready", flush=True)
+    while True:
+        artifact.save(dest)
+        other.save(dest)
+artifact.save(dest)
+"""
+
+
+@pytest.fixture(scope="module")
+def old_and_new(tmp_path_factory):
+    base = tmp_path_factory.mktemp("versions")
+    x = torch.randn(1, 4)
+    made = {}
+    for seed, name in ((1, "old"), (2, "new")):
+        torch.manual_seed(seed)
+        made[name] = compile_quietly(nn.Linear(4, 2).eval(), x).save(base / name)
+    return made
+
+
+def _python_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def run_writer(source: Path, dest: Path, step: str, mode: str, *extra: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", WRITER, str(source), str(dest), step, mode, *map(str, extra)],
+                            env=_python_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+
+
+PROBE = torch.ones(1, 4)
+
+
+def identity(directory: Path) -> tuple[float, ...]:
+    """Which artifact ``directory`` holds: it must load completely; its output tells which."""
+    return tuple(torchkiln.load(directory)(PROBE).flatten().tolist())
+
+
+def assert_clean(parent: Path) -> None:
+    left = [n for n in os.listdir(parent) if n.startswith(".")]
+    assert left == [], f"left behind: {left}"
+
+
+@pytest.mark.parametrize(
+    ("mode", "step"),
+    [("exchange", "exchanged"), ("fallback", "between-renames"), ("fallback", "renamed"), ("exchange", "synced")],
+)
+def test_a_writer_killed_at_each_step_leaves_a_complete_artifact(old_and_new, tmp_path, mode, step):
+    dest = tmp_path / "artifact"
+    torchkiln.load(old_and_new["old"]).save(dest)
+    old, new = identity(dest), identity(old_and_new["new"])
+    writer = run_writer(old_and_new["new"], dest, step, mode)
+    writer.wait(timeout=120)
+    assert writer.returncode == -signal.SIGKILL, writer.stderr.read().decode()
+    assert identity(dest) in (old, new)  # readers see a complete artifact, even between the renames
+    assert identity(dest) == (old if step in ("synced", "between-renames") else new)
+    torchkiln.load(old_and_new["old"]).save(dest)  # the next writer recovers and cleans up
+    assert identity(dest) == old
+    assert_clean(tmp_path)
+
+
+@pytest.mark.parametrize("mode", ["exchange", "fallback"])
+def test_a_writer_killed_at_random_instants_never_loses_the_artifact(old_and_new, tmp_path, mode):
+    dest = tmp_path / "artifact"
+    torchkiln.load(old_and_new["old"]).save(dest)
+    known = {identity(old_and_new["old"]), identity(old_and_new["new"])}
+    rng = random.Random(20261128)
+    for _ in range(5):
+        writer = run_writer(old_and_new["new"], dest, "loop", mode, old_and_new["old"])
+        assert writer.stdout.readline() == b"ready\n", writer.stderr.read().decode()
+        time.sleep(rng.random() * 0.5)  # each save takes a few ms: this lands anywhere in one
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(timeout=60)
+        assert identity(dest) in known
+    torchkiln.load(old_and_new["new"]).save(dest)
+    assert identity(dest) == identity(old_and_new["new"])
+    assert_clean(tmp_path)
+
+
+CONCURRENT = """
+import sys, torchkiln
+source, dest, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+artifact = torchkiln.load(source)
+for _ in range(count):
+    artifact.save(dest)
+"""
+
+READER = """
+import sys, time, torchkiln
+dest, seconds = sys.argv[1], float(sys.argv[2])
+end, loads = time.monotonic() + seconds, 0
+while time.monotonic() < end:
+    torchkiln.load(dest)
+    loads += 1
+print(loads)
+"""
+
+
+def test_concurrent_writers_are_serialised_and_readers_always_see_an_artifact(old_and_new, tmp_path):
+    dest = tmp_path / "artifact"
+    torchkiln.load(old_and_new["old"]).save(dest)
+    writers = [
+        subprocess.Popen([sys.executable, "-c", CONCURRENT, str(old_and_new[name]), str(dest), "15"],
+                         env=_python_env(), stderr=subprocess.PIPE)  # fmt: skip
+        for name in ("old", "new", "old")
+    ]
+    reader = subprocess.run([sys.executable, "-c", READER, str(dest), "6"], env=_python_env(),
+                            capture_output=True, timeout=300)  # fmt: skip
+    errors = [w.communicate(timeout=300)[1].decode() for w in writers]
+    assert [w.returncode for w in writers] == [0, 0, 0], errors
+    assert reader.returncode == 0, reader.stderr.decode()
+    assert int(reader.stdout) > 0
+    assert identity(dest) in {identity(old_and_new["old"]), identity(old_and_new["new"])}
+    assert_clean(tmp_path)
+
+
+def test_a_writer_waits_for_the_lock_then_reports_a_typed_error(old_and_new, tmp_path, monkeypatch):
+    dest = tmp_path / "artifact"
+    with files._locked(dest, timeout=1):
+        with pytest.raises(ArtifactError, match="another process has been writing"):
+            with files.atomic_directory(dest, lock_timeout=0.2):
+                pass
+    assert_clean(tmp_path)
