@@ -37,7 +37,7 @@ PYTHON_FUNCTIONS: dict[str, Any] = {
         "getitem", "add", "sub", "mul", "floordiv", "truediv", "mod", "neg", "pow", "eq", "ne", "lt", "le",
         "gt", "ge", "and_", "or_", "not_", "abs")},
     **{f"torch.{n}": getattr(torch, n) for n in (
-        "sym_int", "sym_float", "sym_max", "sym_min", "sym_not", "sym_sqrt", "sym_ite")},
+        "sym_int", "sym_float", "sym_max", "sym_min", "sym_not", "sym_sqrt", "sym_ite") if hasattr(torch, n)},
     **{f"math.{n}": getattr(math, n) for n in ("ceil", "floor", "sqrt", "trunc")},
 }  # fmt: skip
 _FUNCTION_NAMES = {id(f): name for name, f in PYTHON_FUNCTIONS.items()}
