@@ -13,7 +13,11 @@ Calibrators choose the clipping range ``[lo, hi]`` (``lo <= 0 <= hi`` so zero is
   (rounding inside, clipping outside). Clipping magnitudes, not scaling both ends, lets a one-sided
   outlier be clipped without cutting into the other side.
 * ``entropy``: the same candidates, minimising the KL divergence between the clipped histogram and
-  its quantized version (TensorRT's calibrator, generalised to asymmetric ranges).
+  its quantized version (TensorRT's calibrator, generalised to asymmetric ranges). KL alone fails on
+  spiky histograms — post-ReLU zeros, outputs pinned at a bias value — where it prefers ranges
+  that clip most real values (``[0, 4)`` data cut to ``[0, 1.4]``). So exact zeros (exact in any
+  range) are left out of the divergence, and only candidates whose expected squared error is within
+  :data:`ENTROPY_ERROR_BOUND` times the smallest compete: entropy is never far worse than ``mse``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ import math
 import torch
 
 BINS = 2048
+#: entropy keeps KL's choice unless its expected squared error is more than this many times the
+#: smallest among the candidate ranges (see ``choose_range``)
+ENTROPY_ERROR_BOUND = 8.0
 _CANDIDATES = torch.linspace(0.05, 1.0, 96, dtype=torch.float64)
 
 
@@ -57,6 +64,7 @@ class Histogram:
         self.counts = torch.zeros(bins, dtype=torch.float64)
         self.low = self.high = 0.0
         self.min, self.max = math.inf, -math.inf
+        self.zeros = 0.0  # values exactly 0 (post-ReLU activations, padding): exact in any range
 
     @property
     def empty(self) -> bool:
@@ -76,6 +84,12 @@ class Histogram:
         while lo < self.low or hi > self.high:
             self._double(downward=lo < self.low)
         self.counts += torch.histc(x, self.bins, self.low, self.high).double()
+        self.zeros += float((x == 0).sum())
+
+    def zero_bin(self) -> int:
+        """The bin ``histc`` puts 0.0 in."""
+        step = (self.high - self.low) / self.bins
+        return min(int((0.0 - self.low) / step), self.bins - 1)
 
     def _double(self, downward: bool) -> None:
         merged = self.counts.view(-1, 2).sum(1)
@@ -100,14 +114,20 @@ def choose_range(hist: Histogram, method: str, percentile: float = 99.99, signed
         return lo, hi
     if method == "percentile":
         return _percentile_range(hist, percentile)
-    score = _mse if method == "mse" else _kl
     bound = max(-lo, hi)
 
     def clipped(t: float) -> tuple[float, float]:  # clip magnitudes above t * max|x|, either side
         return max(lo, -t * bound), min(hi, t * bound)
 
-    best = min(_CANDIDATES.tolist(), key=lambda t: score(hist, QParams.from_range(*clipped(t), signed)))
-    return clipped(best)
+    candidates = _CANDIDATES.tolist()
+    errors = {t: _mse(hist, QParams.from_range(*clipped(t), signed)) for t in candidates}
+    if method == "mse":
+        return clipped(min(candidates, key=errors.__getitem__))
+    # entropy: the lowest KL among ranges whose squared error is within ENTROPY_ERROR_BOUND of the
+    # best one (KL alone picks ranges clipping most values when the histogram has spikes)
+    floor = min(errors.values())
+    allowed = [t for t in candidates if errors[t] <= ENTROPY_ERROR_BOUND * floor] or candidates
+    return clipped(min(allowed, key=lambda t: _kl(hist, QParams.from_range(*clipped(t), signed))))
 
 
 def _percentile_range(hist: Histogram, percentile: float) -> tuple[float, float]:
@@ -131,25 +151,32 @@ def _mse(hist: Histogram, q: QParams) -> float:
 def _kl(hist: Histogram, q: QParams) -> float:
     """KL(P || Q) as TensorRT computes it: P is the histogram inside the range with the mass outside
     piled on its edge bins; Q quantizes the in-range bins alone (no outliers) to the levels and
-    spreads each level's mass evenly over its non-empty bins. Clipping shows up as P's edge spikes."""
+    spreads each level's mass evenly over its non-empty bins. Clipping shows up as P's edge spikes.
+
+    Values exactly zero are left out of both: zero is exact in every candidate range, so they carry
+    no error — but a spike of them (90% zeros after a ReLU on black backgrounds) spread over its
+    level's bins in Q dominates the divergence and drives TensorRT's choice to ranges that clip
+    most of the real values (0..4 cut to 0..1.4 on such data)."""
     centers = hist.centers()
+    counts_all = hist.counts.clone()
+    counts_all[hist.zero_bin()] = (counts_all[hist.zero_bin()] - hist.zeros).clamp(min=0)
     lo = (q.qmin - q.zero_point) * q.scale
     hi = (q.qmax - q.zero_point) * q.scale
     inside = ((centers >= lo) & (centers <= hi)).nonzero().flatten()
     if inside.numel() < 2:
         return math.inf
     first, last = int(inside[0]), int(inside[-1])
-    counts = hist.counts[first : last + 1]
+    counts = counts_all[first : last + 1]
     p = counts.clone()
-    p[0] += hist.counts[:first].sum()
-    p[-1] += hist.counts[last + 1 :].sum()
+    p[0] += counts_all[:first].sum()
+    p[-1] += counts_all[last + 1 :].sum()
     level = torch.round(centers[first : last + 1] / q.scale).long()
     level = level - level.min()
     nonzero = (counts > 0).double()
     mass = torch.zeros(int(level.max()) + 1, dtype=torch.float64).index_add_(0, level, counts)
     support = torch.zeros_like(mass).index_add_(0, level, nonzero)
     expanded = torch.where(nonzero > 0, mass[level] / support[level].clamp(min=1), torch.zeros_like(p))
-    if float(expanded.sum()) == 0:
+    if float(expanded.sum()) == 0 or float(p.sum()) == 0:
         return math.inf
     p, expanded = p / p.sum(), expanded / expanded.sum()
     keep = p > 0
