@@ -6,6 +6,7 @@ from torch import nn
 
 import torchkiln
 from torchkiln import models
+from torchkiln.compiler.passes import Pass, PassResult
 
 
 @pytest.fixture(autouse=True)
@@ -23,6 +24,20 @@ def compile_quietly(model: nn.Module, inputs, **kwargs) -> torchkiln.CompiledMod
     """compile() without the latency measurement (tests never time anything)."""
     kwargs.setdefault("latency_runs", 0)
     return torchkiln.compile(model, inputs, **kwargs)
+
+
+class Perturb(Pass):
+    """A lossy pass promising nothing: adds 0.05 to every parameter (module calls stay, so BN still
+    folds). The manager measures it; the artifact then differs from eager."""
+
+    name = "test_perturb"
+    lossless = False
+
+    def run(self, program):
+        with torch.no_grad():
+            for parameter in program.graph_module.parameters():
+                parameter.add_(0.05)
+        return PassResult(modified=True)
 
 
 def op_count(gm, key: str) -> int:

@@ -7,12 +7,11 @@ import json
 
 import pytest
 import torch
-from conftest import compile_quietly
+from conftest import Perturb, compile_quietly
 from torch import nn
 
 import torchkiln
 from torchkiln import Tolerance, models
-from torchkiln.compiler.passes import Pass, PassResult
 from torchkiln.errors import VerificationError
 
 BACKENDS = ["torch", "onnx", "onnxruntime"]
@@ -59,7 +58,8 @@ def test_manifest_records_specs_versions_and_checksums(tmp_path):
     entry = models.get("text_encoder")
     compiled = compile_quietly(entry.build(), entry.example_inputs(), dynamic_axes=entry.dynamic_axes)
     manifest = json.loads((compiled.save(tmp_path / "a") / "manifest.json").read_text())
-    assert manifest["inputs"] == [{"name": "input_ids", "shape": ["batch", "sequence"], "dtype": "int64"}]
+    assert manifest["inputs"] == [{"name": "input_ids", "shape": ["batch", "sequence"], "dtype": "int64",
+                                   "range": [0, 1000], "range_source": "embedding 'embed' (1000 rows)"}]  # fmt: skip
     assert {"python", "torch", "onnx", "onnxruntime"} <= set(manifest["versions"])
     assert set(manifest["files"]) == {"model.onnx"} and len(manifest["files"]["model.onnx"]) == 64
     assert manifest["backend_options"]["opset"] == 18
@@ -81,19 +81,6 @@ def test_report_has_passes_sizes_errors_and_latency():
     assert art.file_bytes > 0 and art.eager_ms > 0 and art.artifact_ms > 0
     assert art.max_abs_error <= 1e-5 and "rtol=0.0001" in art.tolerance
     assert "latency" in report.table()
-
-
-class Perturb(Pass):
-    """A lossy pass: the manager measures it; the artifact then differs from eager."""
-
-    name = "test_perturb"
-    lossless = False
-
-    def run(self, program):
-        with torch.no_grad():
-            for p in program.graph_module.parameters():
-                p.add_(0.05)
-        return PassResult(modified=True)
 
 
 def test_verification_error_names_tolerance_and_error():

@@ -62,7 +62,8 @@ def test_export_factory_file_with_inputs_and_json(capsys, tmp_path):
     assert code == 0, err
     assert out == "" and err == ""  # --quiet wins over --json
     manifest = json.loads((out_dir / "manifest.json").read_text())
-    assert manifest["inputs"][0] == {"name": "ids", "shape": [2, "seq"], "dtype": "int64"}
+    assert manifest["inputs"][0] == {"name": "ids", "shape": [2, "seq"], "dtype": "int64", "range": [0, 50],
+                                     "range_source": "embedding 'embed' (50 rows)"}  # fmt: skip
     code, out, _ = run(capsys, "export", f"{source}:build", "--input", "ids=2x7:int64:50", "--input", "weights=2x7",
                        "--backend", "torch", "--json", "-o", str(out_dir))  # fmt: skip
     assert code == 0 and json.loads(out)["model"] == "Tagger"

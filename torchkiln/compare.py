@@ -24,9 +24,10 @@ import torch
 from torch import nn
 
 from torchkiln.compiler.compiled import CompiledModel, load
-from torchkiln.compiler.program import bind_inputs
+from torchkiln.compiler.program import bind_inputs, fresh
+from torchkiln.compiler.trace import private_copy
 from torchkiln.compiler.verify import FP32, ErrorStats, Tolerance, compare
-from torchkiln.errors import BackendError, ConfigError
+from torchkiln.errors import BackendError, ConfigError, InputError
 
 
 @dataclasses.dataclass
@@ -106,14 +107,17 @@ class Comparison:
 def compare_artifact(
     model: nn.Module,
     artifact: CompiledModel | str | os.PathLike[str],
-    inputs: Mapping[str, torch.Tensor],
+    inputs: Any,
     tolerance: Tolerance | None = None,
     optimize: bool = True,
 ) -> Comparison:
     """Compare every module output of ``model`` with the artifact's (a saved directory or a
-    :class:`CompiledModel` with an ONNX artifact) on ``inputs`` (keyword tensors)."""
+    :class:`CompiledModel` with an ONNX artifact) on ``inputs`` (keyword tensors, a tuple of
+    positional ones, or one tensor). ``model`` itself is not touched: a copy carries the hooks."""
     from torchkiln.backends.onnx_intermediates import module_values, run_values
 
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"compare_artifact needs a torch.nn.Module, got {type(model).__name__}", where="model")
     compiled = artifact if isinstance(artifact, CompiledModel) else load(artifact)
     model_path = getattr(compiled.artifact, "model_path", None)
     if model_path is None:
@@ -122,10 +126,21 @@ def compare_artifact(
             hint="build with the onnx or onnxruntime backend",
         )
     tolerance = tolerance or FP32
-    flat = bind_inputs(compiled.inputs, (), dict(inputs))
-    calls, order, result = _eager_calls(model, inputs)
+    if isinstance(inputs, Mapping):
+        flat = bind_inputs(compiled.inputs, (), dict(inputs))
+    else:
+        flat = bind_inputs(compiled.inputs, inputs if isinstance(inputs, (tuple, list)) else (inputs,), {})
+    named = dict(zip((s.name for s in compiled.inputs), flat))
+    calls, order, result = _eager_calls(private_copy(model, share_parameters=True), named)
     eager_outputs = _flat_tensors(result)
-    outputs = compare(compiled.artifact.run(flat), eager_outputs, tolerance)
+    try:
+        outputs = compare(compiled.artifact.run(list(fresh(flat))), eager_outputs, tolerance)
+    except ValueError as exc:  # another number or shape of outputs: not the model the artifact was built from
+        raise InputError(
+            f"the model's outputs do not match the artifact's: {exc}",
+            where="model",
+            hint="compare the artifact with the model it was compiled from",
+        ) from exc
 
     mapped = module_values(Path(model_path))
     wanted = [v.value for values in mapped.values() for v in values]
@@ -213,8 +228,17 @@ def _eager_calls(
 
 
 def _call(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> Any:
-    with torch.no_grad():
-        return model(**inputs)
+    try:
+        with torch.no_grad():
+            return model(**{name: t.clone() for name, t in inputs.items()})
+    except Exception as exc:
+        shapes = ", ".join(f"{n}: {list(t.shape)} {t.dtype}" for n, t in inputs.items())
+        raise InputError(
+            f"the model fails on the artifact's inputs ({shapes}): {type(exc).__name__}: {exc}",
+            where="model",
+            hint="compare the artifact with the model it was compiled from",
+        ) from exc
+
 
 
 def _flat_tensors(value: Any) -> list[torch.Tensor]:

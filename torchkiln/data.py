@@ -36,7 +36,17 @@ def load_batches(path: str | Path, names: Sequence[str], batch_size: int) -> lis
     except Exception as exc:
         raise InputError(f"cannot read {path}: {type(exc).__name__}: {exc}", where=str(path)) from exc
     if isinstance(content, (list, tuple)):
+        if not content:
+            raise InputError(f"{path} holds an empty list of batches", where=str(path))
         return list(content)
+    tensors = [content] if isinstance(content, torch.Tensor) else list(content.values()) if isinstance(content, Mapping) else []
+    for tensor in tensors:
+        if isinstance(tensor, torch.Tensor) and (tensor.dim() == 0 or tensor.shape[0] == 0):
+            raise InputError(
+                f"{path} holds an array of shape {list(tensor.shape)}: no rows to split into batches",
+                where=str(path),
+                hint="the first axis counts the samples; give at least one",
+            )
     if isinstance(content, torch.Tensor):
         return list(torch.split(content, batch_size))
     if isinstance(content, Mapping) and all(isinstance(v, torch.Tensor) for v in content.values()):

@@ -108,9 +108,16 @@ class Recipe:
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read recipe {path}: {exc.strerror or exc}", where=str(path)) from None
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}:{line}: the recipe is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})",
+            where=f"{path}:{line}",
+            hint="TOML files are UTF-8; re-save the recipe as UTF-8",
+        ) from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

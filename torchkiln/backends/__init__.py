@@ -35,6 +35,12 @@ def backend_options(name: str, options: Mapping[str, Any] | BackendOptions | Non
         if not isinstance(options, backend.Options):
             raise ConfigError(f"options of type {type(options).__name__} do not belong to backend '{name}'")
         return options
+    if options is not None and not isinstance(options, Mapping):
+        raise ConfigError(
+            f"backend_options must be a mapping of option names to values, got {type(options).__name__}",
+            where="backend_options",
+            hint='e.g. backend_options={"opset": 19}',
+        )
     return cast(BackendOptions, backend.Options.from_mapping(options or {}, owner=f"backend {name}"))
 
 

@@ -39,7 +39,7 @@ from torchkiln.cli.common import (
 from torchkiln.cli.plots import latency_plot
 from torchkiln.compiler.compiled import CompiledModel, load
 from torchkiln.compiler.graph import parameter_stats
-from torchkiln.errors import ConfigError
+from torchkiln.errors import ConfigError, InputError
 
 CPU_RUNTIMES = ("eager", "torch.compile", "ort-fp32", "ort-int8")
 GPU_RUNTIMES = ("eager-cuda", "torch-cuda-fp16", "tensorrt-fp16", "tensorrt-int8")
@@ -251,11 +251,27 @@ def _artifact_runtimes(
         rows.append(Row(label, batch, peak_mb=_mb(peak.growth_bytes), size_mb=size))
     if args.eager_model:
         model, _ = load_model(args.eager_model)
+        _check_runs(model, example, args.eager_model)
         for batch in batches:
             inputs = _at_batch(example, batch)
             calls[("eager", batch)] = _bound(lambda x: model(**x), inputs)
             rows.append(Row("eager", batch, size_mb=_state_mb(model)))
     return calls, rows
+
+
+def _check_runs(model: nn.Module, inputs: dict[str, torch.Tensor], spec: str) -> None:
+    """The eager model given with --model must take the artifact's inputs."""
+    try:
+        with torch.no_grad():
+            model(**{name: t.clone() for name, t in inputs.items()})
+    except Exception as exc:
+        shapes = ", ".join(f"{n}: {list(t.shape)} {t.dtype}" for n, t in inputs.items())
+        raise InputError(
+            f"--model {spec} does not run on the artifact's inputs ({shapes}): {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}",
+            where="--model",
+            hint="give the model the artifact was compiled from",
+        ) from exc
 
 
 def _bound(

@@ -17,7 +17,7 @@ import argparse
 import hashlib
 import json
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     if calibration:  # verify on real data: random inputs can lie far outside calibrated ranges
         inputs = _as_inputs(calibration[0], list(inputs))
     compiled = torchkiln.compile(
-        model, inputs, passes=[_spec(name, options) for name, options in recipe.passes],
+        model, inputs, passes=[(name, dict(options)) for name, options in recipe.passes],
         backend=recipe.backend, backend_options=recipe.backend_options, dynamic_axes=axes,
         calibration_data=calibration, tolerance=_tolerance(recipe),
         name=Path(recipe.model).stem, progress=say, latency_runs=50,
@@ -126,13 +126,6 @@ def _plot(path: Path, model: nn.Module, compiled: Any, evaluation: dict[str, Any
     ]
     skipped = accuracy_plot(path, points, evaluation["metric"])
     return f"no plot: {skipped}" if skipped else path.name
-
-
-def _spec(name: str, options: Mapping[str, Any]) -> str:
-    values = ",".join(
-        f"{k}={'|'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in options.items()
-    )
-    return f"{name}:{values}" if values else name
 
 
 def _model_and_inputs(recipe: Recipe) -> tuple[nn.Module, dict[str, torch.Tensor], Any]:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import importlib.util
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +17,7 @@ from torch import nn
 
 from torchkiln import models
 from torchkiln.compiler.program import dtype_from_name
+from torchkiln.compiler.verify import Tolerance
 from torchkiln.data import load_batches
 from torchkiln.errors import ConfigError, InputError
 
@@ -39,6 +42,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--frontend", choices=("auto", "fx", "export"), default="auto", help="graph capture (default: auto)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for the random example inputs (default: 0)")
+
+
+def tolerance_from_flags(atol: float | None, rtol: float | None) -> Tolerance | None:
+    """``--atol`` / ``--rtol``, either alone (the other keeps its default); None when neither is
+    given (the pipeline's promise applies). Tolerance itself refuses NaN and negative values."""
+    if atol is None and rtol is None:
+        return None
+    default = Tolerance()
+    return Tolerance(atol=default.atol if atol is None else atol, rtol=default.rtol if rtol is None else rtol)
 
 
 def stage_printer(quiet: bool) -> Callable[[str], None] | None:
@@ -91,10 +103,14 @@ def _import(location: str, spec: str) -> Any:
         path = Path(location)
         if not path.is_file():
             raise ConfigError(f"model file {path} does not exist", where=spec)
-        module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        # A unique module name: the file's bare stem could shadow a real package (a model file
+        # called onnx.py or json.py would replace `onnx` for everything imported after it).
+        digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+        module_name = f"torchkiln_user.{_identifier(path.stem)}_{digest}"
+        module_spec = importlib.util.spec_from_file_location(module_name, path)
         assert module_spec is not None and module_spec.loader is not None
         module = importlib.util.module_from_spec(module_spec)
-        sys.modules[path.stem] = module
+        sys.modules[module_name] = module
         try:
             module_spec.loader.exec_module(module)
         except Exception as exc:
@@ -104,6 +120,11 @@ def _import(location: str, spec: str) -> Any:
         return importlib.import_module(location)
     except ImportError as exc:
         raise ConfigError(f"cannot import module '{location}': {exc}", where=spec) from exc
+
+
+def _identifier(text: str) -> str:
+    cleaned = "".join(c if c.isalnum() or c == "_" else "_" for c in text)
+    return cleaned if cleaned[:1].isalpha() or cleaned[:1] == "_" else f"m_{cleaned}"
 
 
 def parse_input(text: str, default_name: str) -> tuple[str, tuple[int, ...], torch.dtype, int]:
@@ -122,7 +143,38 @@ def parse_input(text: str, default_name: str) -> tuple[str, tuple[int, ...], tor
         ) from None
     if any(d <= 0 for d in shape):
         raise InputError(f"bad --input '{text}': sizes must be positive", where=text)
-    return name.strip(), shape, dtype_from_name(dtype_text or "float32"), high
+    dtype = dtype_from_name(dtype_text or "float32")
+    if dtype not in _INPUT_DTYPES:
+        raise InputError(
+            f"bad --input '{text}': dtype {dtype_text} is not supported for generated inputs",
+            where=text,
+            hint=f"use one of {', '.join(sorted(_INPUT_DTYPES.values()))}",
+        )
+    if not dtype.is_floating_point and dtype is not torch.bool:
+        top = torch.iinfo(dtype).max + 1
+        if not 1 <= high <= top:
+            raise InputError(
+                f"bad --input '{text}': integers are drawn from [0, high); high must be in [1, {top}] for "
+                f"{dtype_text}, got {high}",
+                where=text,
+            )
+    elements = math.prod(shape)
+    size = elements * torch.empty((), dtype=dtype).element_size()
+    if size > MAX_INPUT_BYTES:
+        raise InputError(
+            f"bad --input '{text}': {elements:,} elements ({size / 2**30:,.1f} GiB) is more than an example "
+            f"input needs (limit {MAX_INPUT_BYTES / 2**30:.0f} GiB)",
+            where=text,
+            hint="give the shape of one real batch, e.g. 1x3x224x224",
+        )
+    return name.strip(), shape, dtype, high
+
+
+MAX_INPUT_BYTES = 4 * 2**30
+_INPUT_DTYPES = {
+    getattr(torch, n): n
+    for n in ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")
+}
 
 
 def example_inputs(args: argparse.Namespace, entry: models.ZooEntry | None) -> dict[str, torch.Tensor]:
@@ -140,6 +192,8 @@ def example_inputs(args: argparse.Namespace, entry: models.ZooEntry | None) -> d
         name, shape, dtype, high = parse_input(text, default)
         if dtype.is_floating_point:
             tensors[name] = torch.randn(shape, generator=generator).to(dtype)
+        elif dtype is torch.bool:
+            tensors[name] = torch.randint(0, 2, shape, generator=generator).bool()
         else:
             tensors[name] = torch.randint(0, high, shape, generator=generator, dtype=dtype)
     return tensors

@@ -12,7 +12,7 @@ import json
 
 import torch
 
-from torchkiln.cli.common import add_model_arguments, example_inputs, load_model
+from torchkiln.cli.common import add_model_arguments, example_inputs, load_model, tolerance_from_flags
 from torchkiln.compare import compare_artifact
 from torchkiln.compiler.compiled import load
 from torchkiln.compiler.verify import Tolerance
@@ -63,8 +63,4 @@ def _tolerance(args: argparse.Namespace) -> Tolerance | None:
         if args.atol is not None or args.rtol is not None:
             raise ConfigError("give either --min-cosine or --atol/--rtol", where="--min-cosine")
         return Tolerance(min_cosine=args.min_cosine)
-    if args.atol is None and args.rtol is None:
-        return None
-    return Tolerance(
-        atol=args.atol if args.atol is not None else 1e-5, rtol=args.rtol if args.rtol is not None else 1e-4
-    )
+    return tolerance_from_flags(args.atol, args.rtol)

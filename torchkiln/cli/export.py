@@ -14,6 +14,7 @@ from torchkiln.cli.common import (
     load_model,
     parse_dynamic,
     stage_printer,
+    tolerance_from_flags,
 )
 from torchkiln.compiler.api import DEFAULT_PASSES
 from torchkiln.compiler.compiled import is_artifact
@@ -111,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         dynamic_axes=parse_dynamic(args.dynamic, args.dynamic_batch, list(inputs)),
         calibration_data=calibration_batches(args, entry, inputs),
         verify=not args.no_verify,
-        tolerance=Tolerance(args.atol, args.rtol) if args.atol is not None or args.rtol is not None else None,
+        tolerance=tolerance_from_flags(args.atol, args.rtol),
         frontend=args.frontend,
         name=args.model if entry else None,
         progress=progress,

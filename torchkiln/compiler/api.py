@@ -22,13 +22,13 @@ from torchkiln.backends import backend_options as backend_options_for
 from torchkiln.compiler import cache as cache_module
 from torchkiln.compiler import graph as G
 from torchkiln.compiler.cache import Cache
-from torchkiln.compiler.calibration import CalibrationData, no_progress, tqdm_progress
+from torchkiln.compiler.calibration import CalibrationData, hold_back, no_progress, tqdm_progress
 from torchkiln.compiler.compiled import CompiledModel, versions
 from torchkiln.compiler.manager import PassManager, default_instruments
-from torchkiln.compiler.passes import Pass, parse_pipeline
-from torchkiln.compiler.program import Program, deterministic
+from torchkiln.compiler.passes import Pass, PassItem, parse_pipeline
+from torchkiln.compiler.program import Check, Program, deterministic, fresh
 from torchkiln.compiler.report import ArtifactRecord, Report
-from torchkiln.compiler.trace import DynamicAxes, trace
+from torchkiln.compiler.trace import DynamicAxes, private_copy, trace
 from torchkiln.compiler.verify import FP32, ErrorStats, Tolerance, compare
 from torchkiln.errors import ArtifactError, KilnError, VerificationError
 
@@ -38,7 +38,7 @@ DEFAULT_PASSES = ("cleanup", "fold_batchnorm")
 def compile(  # noqa: A001 - the public name users expect
     model: nn.Module,
     example_inputs: Any,
-    passes: str | Iterable[str | Pass] = DEFAULT_PASSES,
+    passes: str | Iterable[PassItem] = DEFAULT_PASSES,
     backend: str = "onnxruntime",
     backend_options: Mapping[str, Any] | BackendOptions | None = None,
     dynamic_axes: DynamicAxes = None,
@@ -73,6 +73,9 @@ def compile(  # noqa: A001 - the public name users expect
     """
     say = progress or (lambda _: None)
     pipeline = parse_pipeline(passes)
+    # Eager runs (checks, latency, the distillation teacher) use this copy, never the user's module;
+    # trace makes its own full copy to rewrite.
+    model = private_copy(model, share_parameters=True)
     options = backend_options_for(backend, backend_options)
     store = Cache(cache) if cache is not None else None
     if store is not None:  # hashing reads the data; a one-shot iterator must survive it
@@ -171,7 +174,7 @@ def _eager_unchanged(model: nn.Module, program: Program) -> bool:
     try:
         with deterministic():
             for check in program.checks:
-                kwargs = dict(zip((s.name for s in program.inputs), check.inputs))
+                kwargs = dict(zip((s.name for s in program.inputs), fresh(check.inputs)))
                 outputs = [t for t in pytree.tree_leaves(model(**kwargs)) if isinstance(t, torch.Tensor)]
                 if [o.shape for o in outputs] != [o.shape for o in check.outputs]:
                     return False
@@ -180,6 +183,19 @@ def _eager_unchanged(model: nn.Module, program: Program) -> bool:
     except Exception:  # noqa: BLE001 - a model that no longer runs on the cached inputs changed too
         return False
     return True
+
+
+def _eager_checks(model: nn.Module, program: Program, batches: list[Any]) -> list[Check]:
+    """Checks (inputs and the eager outputs on them) for held-back calibration batches."""
+    if not batches:
+        return []
+    names = [s.name for s in program.inputs]
+    checks = []
+    with deterministic():
+        for batch in CalibrationData(batches, program.inputs):
+            outputs = pytree.tree_leaves(model(**dict(zip(names, fresh(batch)))))
+            checks.append(Check(batch, tuple(t for t in outputs if isinstance(t, torch.Tensor))))
+    return checks
 
 
 def _optimize(
@@ -192,7 +208,18 @@ def _optimize(
         leaf_modules=stage.leaf_modules, name=stage.name,
     )  # fmt: skip
     if stage.calibration_data is not None:
-        program.calibration = CalibrationData(stage.calibration_data, program.inputs)
+        if isinstance(stage.calibration_data, Sequence):  # in memory anyway: every batch checked up front
+            for _ in CalibrationData(stage.calibration_data, program.inputs):
+                pass
+        calibrate_on, held_back = hold_back(stage.calibration_data)
+        program.calibration = CalibrationData(calibrate_on, program.inputs)
+        program.held_back = _eager_checks(stage.model, program, held_back)
+        program.notes.append(
+            f"{len(held_back)} calibration batch(es) held back: lossy promises are checked on them too"
+            if held_back
+            else "no calibration batch held back (give a list of >= 2 batches): lossy promises are checked "
+            "on the example inputs only"
+        )
     program.training, program.validation, program.teacher = stage.train_data, stage.val_data, stage.model
     program.progress = tqdm_progress if progress else no_progress
     report = Report(
@@ -264,6 +291,17 @@ def _verify(
         str(tolerance),
     )
     record.cosine = worst.cosine
+    _raise_unless_within(worst, tolerance, record, strict, "")
+    if program.held_back:
+        held = measure_error(program, artifact.run, tolerance, program.held_back)
+        record.held_back_batches = len(program.held_back)
+        record.held_back_cosine, record.held_back_max_abs_error = held.cosine, held.max_abs
+        _raise_unless_within(held, tolerance, record, strict, " on a held-back calibration batch")
+
+
+def _raise_unless_within(
+    worst: ErrorStats, tolerance: Tolerance, record: ArtifactRecord, strict: bool, on: str
+) -> None:
     if strict and not worst.within():
         measured = (
             f"cosine similarity {worst.cosine:.5f}"
@@ -271,7 +309,7 @@ def _verify(
             else f"max abs error {worst.max_abs:.3e}, above the {worst.allowed:.3e} allowed"
         )
         raise VerificationError(
-            f"the {record.backend} artifact differs from the eager model: output {worst.worst_output} has "
+            f"the {record.backend} artifact differs from the eager model{on}: output {worst.worst_output} has "
             f"{measured} by the tolerance ({tolerance})",
             hint="pass a looser `tolerance`, or verify=False to accept it; compare the backends to find the op",
         )
@@ -287,8 +325,12 @@ def _verify_lowering(
     record.tolerance = (
         f"{tolerance} against the rewritten graph (a lossy pass promised no bound against eager)"
     )
-    for check in program.checks:
-        stats = compare(artifact.run(check.inputs), program.run(check.inputs), tolerance)
+    if program.held_back:
+        held = measure_error(program, artifact.run, FP32, program.held_back)
+        record.held_back_batches = len(program.held_back)
+        record.held_back_cosine, record.held_back_max_abs_error = held.cosine, held.max_abs
+    for check in program.checks + program.held_back:
+        stats = compare(artifact.run(fresh(check.inputs)), program.run(check.inputs), tolerance)
         if strict and not stats.within():
             raise VerificationError(
                 f"the {record.backend} artifact differs from the rewritten graph: output {stats.worst_output} "
@@ -325,22 +367,32 @@ def _loosest(promises: Sequence[Tolerance]) -> Tolerance:
 def _measure_latency(
     model: nn.Module, program: Program, artifact: Artifact, record: ArtifactRecord, runs: int
 ) -> None:
-    inputs = program.example_inputs
+    inputs = fresh(program.example_inputs)  # a model that writes into its inputs changes these only
     by_name = dict(zip((s.name for s in program.inputs), inputs))
     record.eager_ms = median_ms(lambda: model(**by_name), runs)
     record.artifact_ms = median_ms(lambda: artifact.run(inputs), runs)
 
 
 def measure_error(
-    program: Program, run: Callable[[Sequence[torch.Tensor]], Sequence[torch.Tensor]], tolerance: Tolerance
+    program: Program,
+    run: Callable[[Sequence[torch.Tensor]], Sequence[torch.Tensor]],
+    tolerance: Tolerance,
+    checks: Sequence[Check] | None = None,
 ) -> ErrorStats:
-    """Worst error of ``run`` against the eager outputs over all the program's checks."""
+    """Worst error of ``run`` against the eager outputs over ``checks`` (the program's checks)."""
     worst: ErrorStats | None = None
-    for check in program.checks:
-        stats = compare(run(check.inputs), check.outputs, tolerance)
+    compared = 0
+    for check in program.checks if checks is None else checks:
+        stats = compare(run(fresh(check.inputs)), check.outputs, tolerance)
+        compared += stats.compared
         if worst is None or stats.ratio > worst.ratio:
             worst = stats
     assert worst is not None
+    if compared == 0:
+        raise VerificationError(
+            "nothing to verify: the eager outputs have no finite elements on the example inputs",
+            hint="give example inputs on which the model returns non-empty, finite outputs",
+        )
     return worst
 
 

@@ -174,6 +174,7 @@ def save_program(program: Program, directory: Path, extra: dict[str, Any]) -> No
         "out_spec": pytree.treespec_dumps(program.out_spec),
         "flavour": program.flavour,
         "checks": [(c.inputs, c.outputs) for c in program.checks],
+        "held_back": [(c.inputs, c.outputs) for c in program.held_back],
         "name": program.name,
         "notes": list(program.notes),
         "extra": extra,
@@ -195,6 +196,7 @@ def load_program(directory: Path) -> tuple[Program, dict[str, Any]] | None:
             checks=checks,
             name=state["name"],
             notes=list(state["notes"]),
+            held_back=[Check(tuple(i), tuple(o)) for i, o in state.get("held_back", [])],
         )
     except Exception:  # noqa: BLE001 - any unreadable entry is a miss; the build recomputes it
         return None

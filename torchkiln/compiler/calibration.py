@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from torchkiln.compiler.program import TensorSpec, bind_inputs
+from torchkiln.compiler.program import TensorSpec, bind_inputs, fresh
 from torchkiln.errors import InputError, KilnError
 
 #: ``progress(iterable, total, description)`` wraps an iterable with a progress display.
@@ -29,6 +29,20 @@ def tqdm_progress(items: Iterable[Any], total: int | None, description: str) -> 
     from tqdm.auto import tqdm
 
     return tqdm(items, total=total, desc=description, unit="batch", disable=None, leave=False)
+
+
+MAX_HELD_BACK = 4
+
+
+def hold_back(source: Any) -> tuple[Any, list[Any]]:
+    """Split calibration data into batches to calibrate on and batches held back to check lossy
+    promises on data the calibration never saw: the last ``max(1, min(4, n // 8))`` of a list of
+    ``n >= 2`` batches. Other iterables (generators, DataLoaders) are streamed whole and hold
+    nothing back (the report says so)."""
+    if not isinstance(source, Sequence) or isinstance(source, (str, bytes, torch.Tensor)) or len(source) < 2:
+        return source, []
+    count = max(1, min(MAX_HELD_BACK, len(source) // 8))
+    return list(source[: len(source) - count]), list(source[len(source) - count :])
 
 
 class CalibrationData:
@@ -82,4 +96,10 @@ class CalibrationData:
                     where=spec.name,
                     hint="calibration ranges would be meaningless; clean the data first",
                 )
-        return tuple(flat)
+            if tensor.numel() == 0:
+                raise InputError(
+                    f"calibration batch {index}: input '{spec.name}' has no elements (shape {list(tensor.shape)})",
+                    where=spec.name,
+                    hint="drop empty batches from the calibration data",
+                )
+        return fresh(flat)  # a graph that writes into its inputs must not change the user's data

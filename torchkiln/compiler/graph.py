@@ -98,9 +98,10 @@ def parameter_stats(gm: nn.Module) -> tuple[int, int]:
 
 
 def annotate(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> None:
-    """Shape propagation: store ``tensor_meta`` (shape, dtype) on every node that yields a tensor."""
+    """Shape propagation: store ``tensor_meta`` (shape, dtype) on every node that yields a tensor.
+    Runs on copies: a graph that writes into its inputs must not change the stored checks."""
     with torch.no_grad():
-        ShapeProp(gm).propagate(*inputs)
+        ShapeProp(gm).propagate(*(t.clone() for t in inputs))
 
 
 def shape_of(node: Any) -> tuple[int, ...] | None:

@@ -16,7 +16,7 @@ from torchkiln.compiler import graph as G
 from torchkiln.compiler.passes import Pass
 from torchkiln.compiler.program import Program
 from torchkiln.compiler.report import PassRecord
-from torchkiln.compiler.verify import FP32, Tolerance, compare
+from torchkiln.compiler.verify import FP32, ErrorStats, Tolerance, compare
 from torchkiln.errors import KilnError, PassError
 
 
@@ -62,50 +62,87 @@ class GraphCheck(Instrument):
 
 
 class Numerics(Instrument):
-    """Compare the graph's outputs with the eager model on every check input set. Lossless passes
-    must stay within ``tolerance``; lossy ones within what they promise (:meth:`Pass.tolerance`)."""
+    """Compare the graph's outputs on every check input set. A lossless pass must stay within
+    ``tolerance`` of the graph it was given — which is the eager model until a lossy pass has
+    changed it (after ``prune``, ``fold_batchnorm`` is held to the pruned graph, not to eager). A
+    lossy pass must keep what it promises (:meth:`Pass.tolerance`) against the graph it was given;
+    its error against eager is reported."""
 
     def __init__(self, tolerance: Tolerance = FP32):
         self.tolerance = tolerance
         self._given: list[tuple[torch.Tensor, ...]] = []
+        self._given_held_back: list[tuple[torch.Tensor, ...]] = []
+        self._lossy_ran = False
 
     def before_pass(self, pass_: Pass, program: Program, record: PassRecord) -> None:
-        # A lossy pass's promise is about what it does to the graph it is given: after an earlier
-        # lossy pass (prune, then quantize) that is no longer the eager model.
-        self._given = [program.run(c.inputs) for c in program.checks] if not pass_.lossless else []
+        needed = self._lossy_ran or not pass_.lossless
+        self._given = [program.run(c.inputs) for c in program.checks] if needed else []
+        self._given_held_back = [program.run(c.inputs) for c in program.held_back] if not pass_.lossless else []
 
     def after_pass(self, pass_: Pass, program: Program, record: PassRecord) -> None:
-        tolerance = self.tolerance if pass_.lossless else pass_.tolerance()
+        outputs = [program.run(c.inputs) for c in program.checks]
+        against_eager = self._worst(pass_, outputs, [c.outputs for c in program.checks], self.tolerance)
+        record.max_abs_error, record.max_rel_error = against_eager.max_abs, against_eager.max_rel
+        record.cosine = against_eager.cosine
+        if pass_.lossless:
+            record.tolerance = None
+            reference = self._given or [c.outputs for c in program.checks]
+            worst = self._worst(pass_, outputs, reference, self.tolerance)
+            if not worst.within():
+                of = "the graph it was given" if self._given else "the eager model"
+                raise PassError(
+                    f"pass '{pass_.name}' changed output {worst.worst_output} of {of} by max abs "
+                    f"{worst.max_abs:.3e} (allowed {worst.allowed:.3e}: {self.tolerance})",
+                    hint="this is a bug in the pass; run without it and report the model",
+                )
+            return
+        promise = pass_.tolerance()
+        record.tolerance = None if promise is None else str(promise)
+        if promise is not None:
+            self._check_promise(pass_, outputs, self._given, promise, "")
+            if program.held_back:
+                held = [program.run(c.inputs) for c in program.held_back]
+                stats = self._check_promise(
+                    pass_, held, self._given_held_back, promise, " on a held-back calibration batch"
+                )
+                record.held_back_batches = len(held)
+                record.held_back_cosine, record.held_back_max_abs_error = stats.cosine, stats.max_abs
+        self._lossy_ran = self._lossy_ran or record.modified
+
+    def _worst(
+        self,
+        pass_: Pass,
+        outputs: list[tuple[torch.Tensor, ...]],
+        references: list[tuple[torch.Tensor, ...]],
+        tolerance: Tolerance,
+    ) -> ErrorStats:
         worst = None
-        for check in program.checks:
+        for got, want in zip(outputs, references):
             try:
-                stats = compare(program.run(check.inputs), check.outputs, tolerance or self.tolerance)
+                stats = compare(got, want, tolerance)
             except ValueError as exc:
                 raise PassError(f"pass '{pass_.name}' changed the outputs' structure: {exc}") from exc
             if worst is None or stats.ratio > worst.ratio:
                 worst = stats
         assert worst is not None
-        record.max_abs_error, record.max_rel_error = worst.max_abs, worst.max_rel
-        record.cosine = worst.cosine
-        record.tolerance = None if pass_.lossless or tolerance is None else str(tolerance)
-        if pass_.lossless and not worst.within():
-            raise PassError(
-                f"pass '{pass_.name}' changed output {worst.worst_output} by max abs {worst.max_abs:.3e} "
-                f"(allowed {worst.allowed:.3e}: {self.tolerance})",
-                hint="this is a bug in the pass; run without it and report the model",
-            )
-        if tolerance is not None and not pass_.lossless:
-            self._check_promise(pass_, program, tolerance)
+        return worst
 
-    def _check_promise(self, pass_: Pass, program: Program, tolerance: Tolerance) -> None:
-        for check, given in zip(program.checks, self._given):
-            stats = compare(program.run(check.inputs), given, tolerance)
-            if not stats.within():
-                raise PassError(
-                    f"pass '{pass_.spec}' broke its accuracy promise on output {stats.worst_output}: cosine "
-                    f"{stats.cosine:.4f}, max abs error {stats.max_abs:.3e} (promised: {tolerance})",
-                    hint="keep more layers in higher precision (ignore=..., max_error=...) or relax the promise",
-                )
+    def _check_promise(
+        self,
+        pass_: Pass,
+        outputs: list[tuple[torch.Tensor, ...]],
+        given: list[tuple[torch.Tensor, ...]],
+        promise: Tolerance,
+        on: str,
+    ) -> ErrorStats:
+        stats = self._worst(pass_, outputs, given, promise)
+        if not stats.within():
+            raise PassError(
+                f"pass '{pass_.spec}' broke its accuracy promise{on} on output {stats.worst_output}: cosine "
+                f"{stats.cosine:.4f}, max abs error {stats.max_abs:.3e} (promised: {promise})",
+                hint="keep more layers in higher precision (ignore=..., max_error=...) or relax the promise",
+            )
+        return stats
 
 
 class Progress(Instrument):

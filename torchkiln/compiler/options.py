@@ -9,6 +9,7 @@ rejecting unknown keys with the list of valid ones. Subclasses check ranges in :
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -135,7 +136,10 @@ def _coerce(raw: Any, tp: Any, where: str) -> Any:
         if tp is float:
             if isinstance(raw, bool):
                 raise ValueError
-            return float(raw)
+            value = float(raw)
+            if not math.isfinite(value):  # NaN passes every range check written as `not value < x`
+                raise ConfigError(f"{where}: must be a finite number, got {raw!r}", where=where)
+            return value
         if tp is str:
             if not isinstance(raw, str):
                 raise ValueError

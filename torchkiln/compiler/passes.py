@@ -148,8 +148,20 @@ def parse_pass(spec: str) -> Pass:
     return make_pass(name.strip(), options)
 
 
-def parse_pipeline(passes: str | Iterable[str | Pass]) -> list[Pass]:
-    """A pipeline string, or a list of specs / Pass objects, → configured passes in order."""
+PassItem = str | Pass | tuple[str, Mapping[str, Any]]
+
+
+def parse_pipeline(passes: str | Iterable[PassItem]) -> list[Pass]:
+    """A pipeline string, or a list of specs / Pass objects / ``(name, {option: value})`` pairs,
+    → configured passes in order. Options given as a mapping never pass through a spec string, so
+    a value can hold any text (``"0.1,structured=true"`` stays one value, and is rejected as a
+    float)."""
+    if not isinstance(passes, (str, Iterable)) or isinstance(passes, (bytes, Mapping)):
+        raise ConfigError(
+            f"passes must be a pipeline string or a list of passes, got {type(passes).__name__}",
+            where="passes",
+            hint='e.g. passes="cleanup,fold_batchnorm" or passes=[("prune", {"ratio": 0.5})]',
+        )
     if isinstance(passes, str):
         specs: list[str] = []
         for token in filter(None, (t.strip() for t in passes.split(","))):
@@ -164,6 +176,11 @@ def parse_pipeline(passes: str | Iterable[str | Pass]) -> list[Pass]:
             result.append(item)
         elif isinstance(item, str):
             result.append(parse_pass(item))
+        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], Mapping):
+            result.append(make_pass(item[0], item[1]))
         else:
-            raise ConfigError(f"a pass must be a spec string or a Pass, got {type(item).__name__}")
+            raise ConfigError(
+                f"a pass must be a spec string, a Pass or a (name, options) pair, got {type(item).__name__}",
+                where="passes",
+            )
     return result

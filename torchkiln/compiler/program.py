@@ -46,6 +46,11 @@ class TensorSpec:
     name: str
     shape: tuple[Dim, ...]
     dtype: str
+    #: ``[low, high)`` the values must lie in, for integer inputs that index an embedding table
+    #: (eager raises on an out-of-range id; ONNX Gather would wrap a negative one silently)
+    value_range: tuple[int, int] | None = None
+    #: what the range comes from, for the error message
+    range_source: str | None = None
 
     def check(self, value: Any) -> None:
         """Raise InputError unless ``value`` is a tensor this spec accepts."""
@@ -54,6 +59,13 @@ class TensorSpec:
                 f"input '{self.name}' must be a torch.Tensor, got {type(value).__name__}",
                 where=self.name,
                 hint=f"pass a tensor of shape {self.pretty_shape()} and dtype {self.dtype}",
+            )
+        if value.layout != torch.strided or value.is_meta or value.is_quantized:
+            kind = "a meta tensor" if value.is_meta else f"a {str(value.layout).removeprefix('torch.')} tensor"
+            raise InputError(
+                f"input '{self.name}' is {kind}; the artifact computes on dense tensors with data",
+                where=self.name,
+                hint="pass a dense tensor (.to_dense(), or real data instead of a meta tensor)",
             )
         if dtype_name(value.dtype) != self.dtype:
             raise InputError(
@@ -74,22 +86,58 @@ class TensorSpec:
                 where=self.name,
                 hint=hint,
             )
+        self._check_range(value)
+
+    def _check_range(self, value: torch.Tensor) -> None:
+        if self.value_range is None or value.numel() == 0:
+            return
+        low, high = self.value_range
+        smallest, largest = int(value.min()), int(value.max())
+        if smallest < low or largest >= high:
+            raise InputError(
+                f"input '{self.name}' has values in [{smallest}, {largest}], outside [{low}, {high})"
+                + (f": they index {self.range_source}" if self.range_source else ""),
+                where=self.name,
+                hint=f"ids must be in [{low}, {high - 1}]",
+            )
 
     def pretty_shape(self) -> str:
         return "[" + ", ".join(str(d) for d in self.shape) + "]"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        data: dict[str, Any] = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        if self.value_range is not None:
+            data["range"], data["range_source"] = list(self.value_range), self.range_source
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TensorSpec:
-        return cls(str(data["name"]), tuple(data["shape"]), str(data["dtype"]))
+        shape = tuple(data["shape"])
+        if not all(isinstance(d, (int, str)) and not isinstance(d, bool) for d in shape):
+            raise ValueError(f"bad shape {list(shape)!r} for input '{data['name']}'")
+        bounds = data.get("range")
+        if bounds is not None and not (
+            isinstance(bounds, list) and len(bounds) == 2 and all(type(b) is int for b in bounds)
+        ):
+            raise ValueError(f"bad range {bounds!r} for input '{data['name']}'")
+        source = data.get("range_source")
+        return cls(
+            str(data["name"]), shape, str(data["dtype"]),
+            tuple(bounds) if bounds is not None else None, str(source) if source is not None else None,
+        )  # fmt: skip
 
     @classmethod
-    def of(cls, name: str, tensor: torch.Tensor, axes: Mapping[int, str] | None = None) -> TensorSpec:
+    def of(
+        cls,
+        name: str,
+        tensor: torch.Tensor,
+        axes: Mapping[int, str] | None = None,
+        value_range: tuple[int, int] | None = None,
+        range_source: str | None = None,
+    ) -> TensorSpec:
         axes = axes or {}
         shape = tuple(axes.get(i, int(n)) for i, n in enumerate(tensor.shape))
-        return cls(name, shape, dtype_name(tensor.dtype))
+        return cls(name, shape, dtype_name(tensor.dtype), value_range, range_source)
 
 
 @dataclasses.dataclass
@@ -110,6 +158,9 @@ class Program:
     checks: list[Check]
     name: str = "model"
     notes: list[str] = dataclasses.field(default_factory=list)
+    #: Calibration batches held back from calibration, with the eager outputs on them: lossy
+    #: promises (and the artifact) are also checked on these, which calibration never saw.
+    held_back: list[Check] = dataclasses.field(default_factory=list)
     #: Calibration batches for data-driven passes (quantization); set by ``compile``.
     calibration: Any = dataclasses.field(default=None, repr=False)
     #: ``progress(iterable, total, description)`` for long loops inside passes; passes never print.
@@ -133,7 +184,13 @@ class Program:
 
     def run(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         with deterministic():
-            return tuple(self.graph_module(*inputs))
+            return tuple(self.graph_module(*fresh(inputs)))
+
+
+def fresh(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Copies to run a model or graph on: one that writes into its inputs (``x.relu_()``) must
+    change neither the caller's tensors nor the stored checks."""
+    return tuple(t.clone() for t in tensors)
 
 
 @contextlib.contextmanager

@@ -25,6 +25,10 @@ class PassRecord:
     max_rel_error: float | None = None
     cosine: float | None = None
     tolerance: str | None = None  # what a lossy pass promised (None: fp32 for lossless passes)
+    #: a lossy pass's promise checked on calibration batches held back from calibration
+    held_back_batches: int = 0
+    held_back_cosine: float | None = None
+    held_back_max_abs_error: float | None = None
 
     @property
     def op_delta(self) -> dict[str, int]:
@@ -45,6 +49,10 @@ class ArtifactRecord:
     eager_ms: float | None = None
     artifact_ms: float | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
+    #: the same check on calibration batches held back from calibration (lossy pipelines)
+    held_back_batches: int = 0
+    held_back_cosine: float | None = None
+    held_back_max_abs_error: float | None = None
 
 
 @dataclasses.dataclass
@@ -121,7 +129,10 @@ def _error_cell(p: PassRecord) -> str:
     if p.max_abs_error is None:
         return "-"
     if p.tolerance is not None and p.cosine is not None:  # a lossy pass: direction matters more
-        return f"{p.max_abs_error:.2e} cos {p.cosine:.5f}"
+        cell = f"{p.max_abs_error:.2e} cos {p.cosine:.5f}"
+        if p.held_back_cosine is not None:
+            cell += f" (held-back cos {p.held_back_cosine:.5f})"
+        return cell
     return f"{p.max_abs_error:.2e}"
 
 
@@ -136,6 +147,11 @@ def _artifact_line(a: ArtifactRecord, params: int, param_bytes: int) -> str:
         cosine = f", cosine {a.cosine:.5f}" if a.cosine is not None else ""
         parts.append(
             f"max abs err {a.max_abs_error:.2e} (rel {a.max_rel_error:.2e}{cosine}; tolerance {a.tolerance})"
+        )
+    if a.held_back_cosine is not None and a.held_back_max_abs_error is not None:
+        parts.append(
+            f"on {a.held_back_batches} held-back calibration batch(es): max abs err "
+            f"{a.held_back_max_abs_error:.2e}, cosine {a.held_back_cosine:.5f}"
         )
     if a.eager_ms is not None and a.artifact_ms is not None:
         parts.append(

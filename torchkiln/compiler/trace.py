@@ -26,7 +26,7 @@ from torch.utils import _pytree as pytree
 
 from torchkiln.compiler import graph as G
 from torchkiln.compiler.export import export_graph, widen
-from torchkiln.compiler.program import Check, Program, TensorSpec, deterministic
+from torchkiln.compiler.program import Check, Program, TensorSpec, deterministic, fresh
 from torchkiln.compiler.verify import compare
 from torchkiln.errors import ConfigError, InputError, TraceError
 
@@ -55,10 +55,7 @@ def trace(
     args, kwargs = _split_inputs(example_inputs)
     names, flat = _bind(model, args, kwargs)
     axes = normalize_dynamic_axes(dynamic_axes, names, flat)
-    try:
-        work = copy.deepcopy(model)
-    except Exception as exc:  # deepcopy of arbitrary user objects can fail in many ways
-        raise TraceError(f"cannot copy the model: {exc}", hint="make the module deep-copyable") from exc
+    work = private_copy(model)
 
     checks, out_spec = _checks(work, names, tuple(flat), axes)
     out_flat = checks[0].outputs
@@ -67,7 +64,8 @@ def trace(
 
     _verify_capture(gm, checks, axes)
     G.annotate(gm, checks[0].inputs)
-    inputs = [TensorSpec.of(n, t, axes.get(n)) for n, t in zip(names, flat)]
+    ranges = embedding_ranges(gm, names)
+    inputs = [TensorSpec.of(n, t, axes.get(n), *ranges.get(n, (None, None))) for n, t in zip(names, flat)]
     outputs = [
         TensorSpec.of(f"output_{i}" if len(out_flat) > 1 else "output", t) for i, t in enumerate(out_flat)
     ]
@@ -83,6 +81,21 @@ def trace(
         if t.is_floating_point() and not bool(torch.isfinite(t).all())
     ]
     return Program(gm, inputs, outputs, out_spec, flavour, checks, name or type(model).__name__, notes)
+
+
+def private_copy(model: nn.Module, share_parameters: bool = False) -> nn.Module:
+    """A deep copy to trace or run: nothing torchkiln does may change the user's module (a forward
+    that counts its calls, a buffer it updates). ``share_parameters`` keeps the parameter tensors
+    (a reference to run eagerly costs no second copy of the weights; forwards do not write them)."""
+    if not isinstance(model, nn.Module):
+        raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    memo: dict[int, Any] = {id(p): p for p in model.parameters()} if share_parameters else {}
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception as exc:  # deepcopy of arbitrary user objects can fail in many ways
+        raise TraceError(
+            f"cannot copy the model: {type(exc).__name__}: {exc}", hint="make the module deep-copyable"
+        ) from exc
 
 
 def _checks(
@@ -169,6 +182,20 @@ def _bind(
                 where=key,
                 hint="non-tensor arguments are not graph inputs; bind them with functools.partial or a default",
             )
+        if value.layout != torch.strided or value.is_meta:
+            raise InputError(
+                f"example input '{key}' is a {'meta' if value.is_meta else str(value.layout).removeprefix('torch.')} "
+                "tensor; tracing and verification need dense tensors with data",
+                where=key,
+                hint="pass real example data (.to_dense() for a sparse tensor)",
+            )
+        if value.numel() == 0:
+            raise InputError(
+                f"example input '{key}' has no elements (shape {list(value.shape)}): verification would "
+                "compare nothing",
+                where=key,
+                hint="give at least one element along every axis; make an axis dynamic to accept size 0 at run time",
+            )
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise InputError(
                 f"example input '{key}' contains NaN or Inf",
@@ -176,7 +203,7 @@ def _bind(
                 hint="verification compares outputs on the example inputs: give finite values",
             )
         names.append(key)
-        flat.append(value)
+        flat.append(value.detach().clone())  # the checks keep these: the caller may change theirs
     if not names:
         raise InputError("the model takes no tensor inputs", hint="pass at least one example tensor")
     return names, flat
@@ -194,6 +221,12 @@ def normalize_dynamic_axes(
                 f"dynamic_axes='{spec}' is not understood", hint='use "batch" or {input: {axis: name}}'
             )
         spec = {n: {0: "batch"} for n in names}
+    if not isinstance(spec, Mapping):
+        raise ConfigError(
+            f"dynamic_axes must be \"batch\" or a mapping of input names to axes, got {type(spec).__name__}",
+            where="dynamic_axes",
+            hint='e.g. dynamic_axes="batch" or {"input_ids": {0: "batch", 1: "sequence"}}',
+        )
     rank = dict(zip(names, (t.dim() for t in flat)))
     result: dict[str, dict[int, str]] = {}
     for input_name, axes in spec.items():
@@ -202,6 +235,17 @@ def normalize_dynamic_axes(
                 f"dynamic_axes names unknown input '{input_name}'",
                 where="dynamic_axes",
                 hint=f"inputs: {list(names)}",
+            )
+        if isinstance(axes, (str, bytes)) or not isinstance(axes, (Mapping, Sequence, set)):
+            raise ConfigError(
+                f"dynamic_axes['{input_name}'] must be a list of axes or {{axis: name}}, got {axes!r}",
+                where=f"dynamic_axes.{input_name}",
+            )
+        if not all(isinstance(a, int) and not isinstance(a, bool) for a in axes):
+            raise ConfigError(
+                f"dynamic_axes['{input_name}'] has a non-integer axis: {list(axes)!r}",
+                where=f"dynamic_axes.{input_name}",
+                hint="axes are dimension indices, e.g. [0, 1]; name them with {0: 'batch'}",
             )
         if not isinstance(axes, Mapping):
             axes = {int(a): f"{input_name}_dim{int(a)}" for a in axes}
@@ -217,7 +261,7 @@ def normalize_dynamic_axes(
 
 def _run(model: nn.Module, names: Sequence[str], flat: Sequence[torch.Tensor]) -> Any:
     with deterministic():
-        return model(**dict(zip(names, flat)))
+        return model(**dict(zip(names, fresh(flat))))
 
 
 def _reference(
@@ -248,7 +292,7 @@ def _verify_capture(gm: fx.GraphModule, checks: list[Check], axes: Mapping[str, 
         shapes = ", ".join(str(list(t.shape)) for t in check.inputs)
         try:
             with deterministic():
-                stats = compare(tuple(gm(*check.inputs)), check.outputs)
+                stats = compare(tuple(gm(*fresh(check.inputs))), check.outputs)
             cause = None if stats.within() else f"output {stats.worst_output} differs by {stats.max_abs:.3e}"
         except Exception as exc:
             cause = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -262,6 +306,46 @@ def _verify_capture(gm: fx.GraphModule, checks: list[Check], axes: Mapping[str, 
                 "drop that axis from dynamic_axes",
             )
         raise TraceError(f"the captured graph does not reproduce the model at input shapes {shapes}: {cause}")
+
+
+def embedding_ranges(gm: fx.GraphModule, names: Sequence[str]) -> dict[str, tuple[tuple[int, int], str]]:
+    """Integer inputs used directly as the indices of an embedding table: ``[0, rows)``, and the
+    table's name. fx graphs call the module (``nn.Embedding``) or ``F.embedding``; export graphs
+    call ``aten.embedding(weight, indices)``."""
+    found: dict[str, tuple[tuple[int, int], str]] = {}
+    for node in gm.graph.nodes:
+        if node.op != "placeholder" or node.target not in names:
+            continue
+        for user in node.users:
+            table = _embedding_table(gm, user, node)
+            if table is None:
+                continue
+            rows, label = table
+            known = found.get(node.target)
+            if known is None or rows < known[0][1]:
+                found[node.target] = ((0, rows), label)
+    return found
+
+
+def _embedding_table(gm: fx.GraphModule, user: fx.Node, ids: fx.Node) -> tuple[int, str] | None:
+    if user.op == "call_module":
+        module = gm.get_submodule(str(user.target))
+        if isinstance(module, nn.Embedding) and user.args and user.args[0] is ids:
+            return module.num_embeddings, f"embedding '{user.target}' ({module.num_embeddings} rows)"
+        return None
+    if user.op != "call_function":
+        return None
+    if user.target is torch.ops.aten.embedding.default and len(user.args) > 1 and user.args[1] is ids:
+        weight = user.args[0]
+    elif user.target is nn.functional.embedding and user.args and user.args[0] is ids:
+        weight = user.args[1] if len(user.args) > 1 else user.kwargs.get("weight")
+    else:
+        return None
+    meta = getattr(weight, "meta", {}).get("tensor_meta")
+    if meta is None:
+        return None
+    label = getattr(weight, "target", getattr(weight, "name", "weight"))
+    return int(meta.shape[0]), f"embedding '{label}' ({int(meta.shape[0])} rows)"
 
 
 def _mark_dynamic_outputs(outputs: list[TensorSpec], checks: list[Check]) -> list[TensorSpec]:

@@ -11,9 +11,12 @@ when every output's cosine similarity to the reference (flattened) is at least t
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import torch
+
+from torchkiln.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,6 +24,23 @@ class Tolerance:
     atol: float = 1e-5
     rtol: float = 1e-4
     min_cosine: float | None = None  # when set, the check is cosine similarity >= min_cosine
+
+    def __post_init__(self) -> None:
+        """A NaN bound turns every comparison off (``error <= nan`` is False, ``not >`` is True):
+        refuse it, and every other value that cannot describe a check."""
+        for key in ("atol", "rtol"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ConfigError(
+                    f"tolerance {key} must be a finite number >= 0, got {value!r}", where=f"tolerance.{key}"
+                )
+        floor = self.min_cosine
+        if floor is not None and (
+            isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 < floor <= 1
+        ):
+            raise ConfigError(
+                f"tolerance min_cosine must be in (0, 1], got {floor!r}", where="tolerance.min_cosine"
+            )
 
     def __str__(self) -> str:
         if self.min_cosine is not None:
@@ -39,6 +59,7 @@ class ErrorStats:
     allowed: float  # the largest max_abs the tolerance accepts for the worst output
     cosine: float = 1.0  # the lowest cosine similarity over the outputs
     min_cosine: float | None = None
+    compared: int = 0  # finite reference elements compared, over all outputs
 
     @property
     def ratio(self) -> float:
@@ -61,7 +82,7 @@ def compare(
         raise ValueError(f"{len(actual)} outputs, expected {len(reference)}")
     floor = tolerance.min_cosine
     worst = ErrorStats(0.0, 0.0, 0, tolerance.atol, 1.0, floor)
-    worst_ratio, lowest_cosine = -1.0, 1.0
+    worst_ratio, lowest_cosine, compared = -1.0, 1.0, 0
     for i, (a, r) in enumerate(zip(actual, reference)):
         if tuple(a.shape) != tuple(r.shape):
             raise ValueError(f"output {i} has shape {list(a.shape)}, expected {list(r.shape)}")
@@ -71,6 +92,7 @@ def compare(
         finite = torch.isfinite(r64)
         if not torch.equal(finite, torch.isfinite(a64)):
             return ErrorStats(float("inf"), float("inf"), i, 0.0, 0.0, floor)
+        compared += int(finite.sum())
         diff = (a64 - r64)[finite].abs()
         max_abs = float(diff.max()) if diff.numel() else 0.0
         scale = float(r64[finite].abs().max()) if finite.any() else 0.0
@@ -81,7 +103,7 @@ def compare(
         if ratio > worst_ratio:
             worst_ratio = ratio
             worst = ErrorStats(max_abs, max_abs / scale if scale else max_abs, i, allowed, cosine, floor)
-    return dataclasses.replace(worst, cosine=lowest_cosine)
+    return dataclasses.replace(worst, cosine=lowest_cosine, compared=compared)
 
 
 def cosine_similarity(actual: torch.Tensor, reference: torch.Tensor) -> float:

@@ -34,7 +34,7 @@ from torch import nn
 from torchkiln.compiler.calibration import ProgressBar, no_progress, tqdm_progress
 from torchkiln.compiler.options import option
 from torchkiln.compiler.passes import Pass, PassConfig, PassResult, register_pass
-from torchkiln.compiler.program import Program, bind_inputs
+from torchkiln.compiler.program import Program, bind_inputs, fresh
 from torchkiln.errors import ConfigError, InputError
 
 
@@ -270,9 +270,9 @@ class Distill(Pass):
 
         def run_student(inputs: Any) -> Any:
             if isinstance(inputs, dict):
-                return gm(*bind_inputs(specs, (), inputs))
+                return gm(*fresh(bind_inputs(specs, (), inputs)))
             args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-            return gm(*bind_inputs(specs, args, {}))
+            return gm(*fresh(bind_inputs(specs, args, {})))
 
         trainer = Trainer(self.config, program.progress or no_progress)
         result = trainer.fit(gm, run_student, _caller(program.teacher), program.training, program.validation)

@@ -48,7 +48,7 @@ def convert(
             gm.get_submodule(str(node.target)).to(dtype)
         elif node.op == "get_attr" and node.users and all(wants.get(u) is dtype for u in node.users):
             _convert_attribute(gm, str(node.target), dtype)
-    _Caster(gm, wants, torch.float32 if fp32_io else dtype).run(*example)
+    _Caster(gm, wants, torch.float32 if fp32_io else dtype).run(*(t.clone() for t in example))
     low = sum(1 for w in wants.values() if w is dtype)
     return low, len(wants) - low
 
