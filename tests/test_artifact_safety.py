@@ -426,18 +426,23 @@ def test_a_writer_killed_at_random_instants_never_loses_the_artifact(old_and_new
 
 
 CONCURRENT = """
-import sys, torchkiln
-source, dest, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+import sys, time, torchkiln
+source, dest, start, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
 artifact = torchkiln.load(source)
-for _ in range(count):
+time.sleep(max(0.0, start - time.time()))  # all writers (and the reader) begin together
+saves = 0
+while time.time() < start + seconds:
     artifact.save(dest)
+    saves += 1
+print(saves)
 """
 
 READER = """
 import sys, time, torchkiln
-dest, seconds = sys.argv[1], float(sys.argv[2])
-end, loads = time.monotonic() + seconds, 0
-while time.monotonic() < end:
+dest, start, seconds = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+time.sleep(max(0.0, start - time.time()))
+loads = 0
+while time.time() < start + seconds:
     torchkiln.load(dest)
     loads += 1
 print(loads)
@@ -447,17 +452,18 @@ print(loads)
 def test_concurrent_writers_are_serialised_and_readers_always_see_an_artifact(old_and_new, tmp_path):
     dest = tmp_path / "artifact"
     torchkiln.load(old_and_new["old"]).save(dest)
-    writers = [
-        subprocess.Popen([sys.executable, "-c", CONCURRENT, str(old_and_new[name]), str(dest), "15"],
-                         env=_python_env(), stderr=subprocess.PIPE)  # fmt: skip
+    start, seconds = time.time() + 8, "4"  # the interpreters need a few seconds to start
+    procs = [
+        subprocess.Popen([sys.executable, "-c", CONCURRENT, str(old_and_new[name]), str(dest), str(start), seconds],
+                         env=_python_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
         for name in ("old", "new", "old")
     ]
-    reader = subprocess.run([sys.executable, "-c", READER, str(dest), "6"], env=_python_env(),
-                            capture_output=True, timeout=300)  # fmt: skip
-    errors = [w.communicate(timeout=300)[1].decode() for w in writers]
-    assert [w.returncode for w in writers] == [0, 0, 0], errors
-    assert reader.returncode == 0, reader.stderr.decode()
-    assert int(reader.stdout) > 0
+    procs.append(subprocess.Popen([sys.executable, "-c", READER, str(dest), str(start), seconds],
+                                  env=_python_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE))  # fmt: skip
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], [err.decode()[-2000:] for _, err in results]
+    saves, loads = [int(out) for out, _ in results[:3]], int(results[3][0])
+    assert min(saves) > 0 and loads > 0, (saves, loads)
     assert identity(dest) in {identity(old_and_new["old"]), identity(old_and_new["new"])}
     assert_clean(tmp_path)
 

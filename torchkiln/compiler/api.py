@@ -56,9 +56,12 @@ def compile(  # noqa: A001 - the public name users expect
 ) -> CompiledModel:
     """Compile ``model`` for ``example_inputs`` (a tensor, a tuple, or a dict of keyword tensors).
 
-    ``passes`` is a pipeline string (``"cleanup,fold_batchnorm"``) or a list of specs / Pass
-    objects. ``dynamic_axes`` is ``"batch"`` or ``{input: {axis: name}}``. ``calibration_data`` is
-    an iterable of input batches (tensors, tuples or dicts) for passes that calibrate (``quantize``);
+    ``passes`` is a pipeline string (``"cleanup,fold_batchnorm"``) or a list of specs, Pass
+    objects and ``(name, {option: value})`` pairs. ``model`` and the input tensors are never
+    changed: eager runs use a private copy and every run gets cloned inputs. ``dynamic_axes`` is ``"batch"`` or ``{input: {axis: name}}``. ``calibration_data`` is
+    an iterable of input batches (tensors, tuples or dicts) for passes that calibrate (``quantize``;
+    of a list of n >= 2 batches the last ``max(1, min(4, n // 8))`` are held back from calibration
+    and lossy promises are checked on them too);
     ``train_data`` / ``val_data`` (batches of inputs or ``(inputs, labels)``) for ``distill``, which
     trains the rewritten graph toward ``model``.
     With ``verify`` every pass is checked against the eager model and the artifact must match it
