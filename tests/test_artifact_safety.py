@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import os
 import pickle
 import random
 import signal
-import subprocess
 import sys
 import time
 import zipfile
@@ -27,8 +27,6 @@ from torchkiln.cli import main
 from torchkiln.compiler import files
 from torchkiln.compiler.files import sha256
 from torchkiln.errors import ArtifactError
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class Payload:
@@ -334,26 +332,34 @@ def test_build_refuses_a_setuptools_build_directory(tmp_path, capsys):
     assert (tmp_path / "build" / "lib" / "module.py").read_text() == "x = 1"
 
 
-WRITER = """
-import os, signal, sys
-import torchkiln
-from torchkiln.compiler import files
-source, dest, step, mode = sys.argv[1:5]
-if mode == "fallback":
-    files._exchange = lambda a, b: False
-def crash(name):
-    if name == step:
-        os.kill(os.getpid(), signal.SIGKILL)
-files.after_step = crash
-artifact = torchkiln.load(source)
-if step == "loop":
-    other = torchkiln.load(sys.argv[5])
-    print("ready", flush=True)
+# Writers are forked from this process (fast: no interpreter start). They only copy files and
+# write JSON — no ONNX Runtime or torch kernels run in a forked child; loading happens in the parent.
+FORK = multiprocessing.get_context("fork")
+
+
+def _save_in_child(artifacts: list, dest: Path, step: str, mode: str, ready, loop: bool) -> None:
+    if mode == "fallback":
+        files._exchange = lambda a, b: False
+
+    def crash(name: str) -> None:
+        if name == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    files.after_step = crash
+    ready.set()
     while True:
-        artifact.save(dest)
-        other.save(dest)
-artifact.save(dest)
-"""
+        for artifact in artifacts:
+            artifact.save(dest)
+        if not loop:
+            return
+
+
+def start_writer(artifacts: list, dest: Path, step: str, mode: str, loop: bool = False):
+    ready = FORK.Event()
+    writer = FORK.Process(target=_save_in_child, args=(artifacts, dest, step, mode, ready, loop), daemon=True)
+    writer.start()
+    assert ready.wait(30)
+    return writer
 
 
 @pytest.fixture(scope="module")
@@ -365,15 +371,6 @@ def old_and_new(tmp_path_factory):
         torch.manual_seed(seed)
         made[name] = compile_quietly(nn.Linear(4, 2).eval(), x).save(base / name)
     return made
-
-
-def _python_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-
-
-def run_writer(source: Path, dest: Path, step: str, mode: str, *extra: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", WRITER, str(source), str(dest), step, mode, *map(str, extra)],
-                            env=_python_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
 
 
 PROBE = torch.ones(1, 4)
@@ -397,11 +394,11 @@ def test_a_writer_killed_at_each_step_leaves_a_complete_artifact(old_and_new, tm
     dest = tmp_path / "artifact"
     torchkiln.load(old_and_new["old"]).save(dest)
     old, new = identity(dest), identity(old_and_new["new"])
-    writer = run_writer(old_and_new["new"], dest, step, mode)
-    writer.wait(timeout=120)
-    assert writer.returncode == -signal.SIGKILL, writer.stderr.read().decode()
-    assert identity(dest) in (old, new)  # readers see a complete artifact, even between the renames
-    assert identity(dest) == (old if step in ("synced", "between-renames") else new)
+    new_artifact = torchkiln.load(old_and_new["new"])  # held: its private copy lives while it does
+    writer = start_writer([new_artifact], dest, step, mode)
+    writer.join(60)
+    assert writer.exitcode == -signal.SIGKILL
+    assert identity(dest) == (old if step in ("synced", "between-renames") else new)  # complete, old or new
     torchkiln.load(old_and_new["old"]).save(dest)  # the next writer recovers and cleans up
     assert identity(dest) == old
     assert_clean(tmp_path)
@@ -411,61 +408,61 @@ def test_a_writer_killed_at_each_step_leaves_a_complete_artifact(old_and_new, tm
 def test_a_writer_killed_at_random_instants_never_loses_the_artifact(old_and_new, tmp_path, mode):
     dest = tmp_path / "artifact"
     torchkiln.load(old_and_new["old"]).save(dest)
+    both = [torchkiln.load(old_and_new["new"]), torchkiln.load(old_and_new["old"])]
     known = {identity(old_and_new["old"]), identity(old_and_new["new"])}
     rng = random.Random(20261128)
-    for _ in range(5):
-        writer = run_writer(old_and_new["new"], dest, "loop", mode, old_and_new["old"])
-        assert writer.stdout.readline() == b"ready\n", writer.stderr.read().decode()
-        time.sleep(rng.random() * 0.5)  # each save takes a few ms: this lands anywhere in one
-        writer.send_signal(signal.SIGKILL)
-        writer.wait(timeout=60)
+    for _ in range(20):
+        writer = start_writer(both, dest, "never", mode, loop=True)
+        time.sleep(rng.random() * 0.2)  # a save takes a few ms: this lands anywhere in one
+        os.kill(writer.pid, signal.SIGKILL)
+        writer.join(30)
         assert identity(dest) in known
     torchkiln.load(old_and_new["new"]).save(dest)
     assert identity(dest) == identity(old_and_new["new"])
     assert_clean(tmp_path)
 
 
-CONCURRENT = """
-import sys, time, torchkiln
-source, dest, start, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
-artifact = torchkiln.load(source)
-time.sleep(max(0.0, start - time.time()))  # all writers (and the reader) begin together
-saves = 0
-while time.time() < start + seconds:
-    artifact.save(dest)
-    saves += 1
-print(saves)
-"""
-
-READER = """
-import sys, time, torchkiln
-dest, start, seconds = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
-time.sleep(max(0.0, start - time.time()))
-loads = 0
-while time.time() < start + seconds:
-    torchkiln.load(dest)
-    loads += 1
-print(loads)
-"""
+def _save_until(artifact, dest: Path, start: float, seconds: float, counts, slot: int) -> None:
+    time.sleep(max(0.0, start - time.time()))
+    while time.time() < start + seconds:
+        artifact.save(dest)
+        counts[slot] += 1
 
 
 def test_concurrent_writers_are_serialised_and_readers_always_see_an_artifact(old_and_new, tmp_path):
+    """Three writers save to one path for 3 s while this process loads it in a loop."""
     dest = tmp_path / "artifact"
     torchkiln.load(old_and_new["old"]).save(dest)
-    start, seconds = time.time() + 8, "4"  # the interpreters need a few seconds to start
-    procs = [
-        subprocess.Popen([sys.executable, "-c", CONCURRENT, str(old_and_new[name]), str(dest), str(start), seconds],
-                         env=_python_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
-        for name in ("old", "new", "old")
+    known = {identity(old_and_new["old"]), identity(old_and_new["new"])}
+    start, seconds = time.time() + 0.5, 3.0
+    counts = FORK.Array("i", 3)
+    # held here until the writers end: a CompiledModel's private copy is removed when it is collected
+    artifacts = [torchkiln.load(old_and_new[name]) for name in ("old", "new", "old")]
+    writers = [
+        FORK.Process(target=_save_until, args=(artifact, dest, start, seconds, counts, i))
+        for i, artifact in enumerate(artifacts)
     ]
-    procs.append(subprocess.Popen([sys.executable, "-c", READER, str(dest), str(start), seconds],
-                                  env=_python_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE))  # fmt: skip
-    results = [p.communicate(timeout=300) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0, 0, 0], [err.decode()[-2000:] for _, err in results]
-    saves, loads = [int(out) for out, _ in results[:3]], int(results[3][0])
-    assert min(saves) > 0 and loads > 0, (saves, loads)
-    assert identity(dest) in {identity(old_and_new["old"]), identity(old_and_new["new"])}
+    for writer in writers:
+        writer.start()
+    time.sleep(max(0.0, start - time.time()))
+    loads = 0
+    while time.time() < start + seconds:
+        assert identity(dest) in known
+        loads += 1
+    for writer in writers:
+        writer.join(60)
+    assert [w.exitcode for w in writers] == [0, 0, 0]
+    assert min(counts) > 0 and loads > 0, (list(counts), loads)
     assert_clean(tmp_path)
+
+
+def test_an_artifact_whose_files_vanished_refuses_to_save(tmp_path):
+    loaded = torchkiln.load(compile_quietly(nn.Linear(4, 2), torch.randn(1, 4)).save(tmp_path / "a"))
+    for path in loaded.artifact.directory.iterdir():  # what a temp-directory cleaner would do
+        path.unlink()
+    with pytest.raises(ArtifactError, match="model.onnx is gone"):
+        loaded.save(tmp_path / "b")
+    assert not (tmp_path / "b").exists()
 
 
 def test_a_writer_waits_for_the_lock_then_reports_a_typed_error(old_and_new, tmp_path, monkeypatch):

@@ -74,6 +74,12 @@ class OnnxArtifact(Artifact):
         return self.directory / MODEL_FILE
 
     def files(self) -> list[str]:
+        if not self.model_path.is_file():  # its directory was removed under it (a temp cleaner)
+            raise ArtifactError(
+                f"the artifact's {MODEL_FILE} is gone from {self.directory}",
+                where=str(self.model_path),
+                hint="compile or load the model again",
+            )
         return [f for f in (MODEL_FILE, DATA_FILE) if (self.directory / f).exists()]
 
     def file_bytes(self) -> int:

@@ -86,6 +86,8 @@ class CompiledModel:
         """Write the backend files and ``manifest.json`` (plus ``extra`` manifest entries) into an
         existing directory — the staging directory of an atomic save; returns the files' names."""
         files = self.artifact.save(staging)
+        if not files:  # load() refuses a manifest without files: never write one
+            raise ArtifactError(f"the {self.backend} artifact wrote no files", hint="report this as a bug")
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,

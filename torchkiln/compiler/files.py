@@ -60,7 +60,7 @@ def check_destination(
     dest = Path(destination)
     if dest.is_symlink():  # write where the link points; the link itself stays
         dest = Path(os.path.realpath(dest))
-    here, absolute = Path.cwd().resolve(), Path(os.path.abspath(dest))
+    here, absolute = Path.cwd().resolve(), dest.resolve()
     if dest.name in ("", ".", "..") or absolute == here or absolute in here.parents:
         raise ArtifactError(
             f"cannot write an artifact to {destination}: it is the current directory or one of its parents",
