@@ -536,3 +536,22 @@ def test_an_unwritable_cache_does_not_fail_the_build(tmp_path, unwritable_dir, c
     assert main(argv) == 0
     cache = json.loads(capsys.readouterr().out)["cache"]
     assert all("not stored: cannot write to" in state for state in cache.values()), cache
+
+
+@pytest.mark.parametrize("stem", ["onnx", "json", "numpy"])
+def test_a_model_file_named_like_a_package_does_not_shadow_it(tmp_path, capsys, stem):
+    source = tmp_path / f"{stem}.py"
+    source.write_text("import torch\n\ndef build():\n    return torch.nn.Linear(4, 2)\n")
+    argv = ["export", f"{source}:build", "--input", "input=1x4", "-o", str(tmp_path / "o"), "--quiet"]
+    assert main(argv) == 0, capsys.readouterr().err
+    import importlib
+
+    assert importlib.import_module(stem).__file__ != str(source)  # the real package is still the package
+    assert torchkiln.load(tmp_path / "o")(torch.randn(1, 4)).shape == (1, 2)
+
+
+def test_bench_with_the_model_of_another_architecture(saved, capsys):
+    _, directory = saved
+    assert main(["bench", str(directory), "--model", "resnet", "--runs", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--model resnet does not run on the artifact's inputs" in err and "internal error" not in err
