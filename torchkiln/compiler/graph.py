@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import operator
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -157,3 +158,43 @@ def _used_by_called_module(gm: fx.GraphModule, owner: str) -> bool:
 
 def call_module_count(gm: fx.GraphModule, target: str) -> int:
     return sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == target)
+
+
+def embedding_ranges(gm: fx.GraphModule, names: Sequence[str]) -> dict[str, tuple[tuple[int, int], str]]:
+    """Integer inputs used directly as the indices of an embedding table: ``[0, rows)``, and the
+    table's name. fx graphs call the module (``nn.Embedding``) or ``F.embedding``; export graphs
+    call ``aten.embedding(weight, indices)``."""
+    found: dict[str, tuple[tuple[int, int], str]] = {}
+    for node in gm.graph.nodes:
+        if node.op != "placeholder" or node.target not in names:
+            continue
+        for user in node.users:
+            table = _embedding_table(gm, user, node)
+            if table is None:
+                continue
+            rows, label = table
+            known = found.get(node.target)
+            if known is None or rows < known[0][1]:
+                found[node.target] = ((0, rows), label)
+    return found
+
+
+def _embedding_table(gm: fx.GraphModule, user: fx.Node, ids: fx.Node) -> tuple[int, str] | None:
+    if user.op == "call_module":
+        module = gm.get_submodule(str(user.target))
+        if isinstance(module, nn.Embedding) and user.args and user.args[0] is ids:
+            return module.num_embeddings, f"embedding '{user.target}' ({module.num_embeddings} rows)"
+        return None
+    if user.op != "call_function":
+        return None
+    if user.target is torch.ops.aten.embedding.default and len(user.args) > 1 and user.args[1] is ids:
+        weight = user.args[0]
+    elif user.target is nn.functional.embedding and user.args and user.args[0] is ids:
+        weight = user.args[1] if len(user.args) > 1 else user.kwargs.get("weight")
+    else:
+        return None
+    meta = getattr(weight, "meta", {}).get("tensor_meta")
+    if meta is None:
+        return None
+    label = getattr(weight, "target", getattr(weight, "name", "weight"))
+    return int(meta.shape[0]), f"embedding '{label}' ({int(meta.shape[0])} rows)"

@@ -64,7 +64,7 @@ def trace(
 
     _verify_capture(gm, checks, axes)
     G.annotate(gm, checks[0].inputs)
-    ranges = embedding_ranges(gm, names)
+    ranges = G.embedding_ranges(gm, names)
     inputs = [TensorSpec.of(n, t, axes.get(n), *ranges.get(n, (None, None))) for n, t in zip(names, flat)]
     outputs = [
         TensorSpec.of(f"output_{i}" if len(out_flat) > 1 else "output", t) for i, t in enumerate(out_flat)
@@ -306,46 +306,6 @@ def _verify_capture(gm: fx.GraphModule, checks: list[Check], axes: Mapping[str, 
                 "drop that axis from dynamic_axes",
             )
         raise TraceError(f"the captured graph does not reproduce the model at input shapes {shapes}: {cause}")
-
-
-def embedding_ranges(gm: fx.GraphModule, names: Sequence[str]) -> dict[str, tuple[tuple[int, int], str]]:
-    """Integer inputs used directly as the indices of an embedding table: ``[0, rows)``, and the
-    table's name. fx graphs call the module (``nn.Embedding``) or ``F.embedding``; export graphs
-    call ``aten.embedding(weight, indices)``."""
-    found: dict[str, tuple[tuple[int, int], str]] = {}
-    for node in gm.graph.nodes:
-        if node.op != "placeholder" or node.target not in names:
-            continue
-        for user in node.users:
-            table = _embedding_table(gm, user, node)
-            if table is None:
-                continue
-            rows, label = table
-            known = found.get(node.target)
-            if known is None or rows < known[0][1]:
-                found[node.target] = ((0, rows), label)
-    return found
-
-
-def _embedding_table(gm: fx.GraphModule, user: fx.Node, ids: fx.Node) -> tuple[int, str] | None:
-    if user.op == "call_module":
-        module = gm.get_submodule(str(user.target))
-        if isinstance(module, nn.Embedding) and user.args and user.args[0] is ids:
-            return module.num_embeddings, f"embedding '{user.target}' ({module.num_embeddings} rows)"
-        return None
-    if user.op != "call_function":
-        return None
-    if user.target is torch.ops.aten.embedding.default and len(user.args) > 1 and user.args[1] is ids:
-        weight = user.args[0]
-    elif user.target is nn.functional.embedding and user.args and user.args[0] is ids:
-        weight = user.args[1] if len(user.args) > 1 else user.kwargs.get("weight")
-    else:
-        return None
-    meta = getattr(weight, "meta", {}).get("tensor_meta")
-    if meta is None:
-        return None
-    label = getattr(weight, "target", getattr(weight, "name", "weight"))
-    return int(meta.shape[0]), f"embedding '{label}' ({int(meta.shape[0])} rows)"
 
 
 def _mark_dynamic_outputs(outputs: list[TensorSpec], checks: list[Check]) -> list[TensorSpec]:
