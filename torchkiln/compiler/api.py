@@ -58,10 +58,11 @@ def compile(  # noqa: A001 - the public name users expect
 
     ``passes`` is a pipeline string (``"cleanup,fold_batchnorm"``) or a list of specs, Pass
     objects and ``(name, {option: value})`` pairs. ``model`` and the input tensors are never
-    changed: eager runs use a private copy and every run gets cloned inputs. ``dynamic_axes`` is ``"batch"`` or ``{input: {axis: name}}``. ``calibration_data`` is
-    an iterable of input batches (tensors, tuples or dicts) for passes that calibrate (``quantize``;
-    of a list of n >= 2 batches the last ``max(1, min(4, n // 8))`` are held back from calibration
-    and lossy promises are checked on them too);
+    changed: eager runs use a private copy and every run gets cloned inputs. ``dynamic_axes`` is
+    ``"batch"`` or ``{input: {axis: name}}``. ``calibration_data`` is an iterable of input batches
+    (tensors, tuples or dicts) for passes that calibrate (``quantize``; of a list of n >= 2 batches
+    the last ``max(1, min(4, n // 8))`` are held back from calibration and lossy promises are
+    checked on them too);
     ``train_data`` / ``val_data`` (batches of inputs or ``(inputs, labels)``) for ``distill``, which
     trains the rewritten graph toward ``model``.
     With ``verify`` every pass is checked against the eager model and the artifact must match it
@@ -188,6 +189,22 @@ def _eager_unchanged(model: nn.Module, program: Program) -> bool:
     return True
 
 
+def _attach_calibration(stage: Stage, program: Program) -> None:
+    """Calibration batches for the passes, and held-back ones (with eager outputs) to check on."""
+    if isinstance(stage.calibration_data, Sequence):  # in memory anyway: every batch checked up front
+        for _ in CalibrationData(stage.calibration_data, program.inputs):
+            pass
+    calibrate_on, held_back = hold_back(stage.calibration_data)
+    program.calibration = CalibrationData(calibrate_on, program.inputs)
+    program.held_back = _eager_checks(stage.model, program, held_back)
+    program.notes.append(
+        f"{len(held_back)} calibration batch(es) held back: lossy promises are checked on them too"
+        if held_back
+        else "no calibration batch held back (give a list of >= 2 batches): lossy promises are checked "
+        "on the example inputs only"
+    )
+
+
 def _eager_checks(model: nn.Module, program: Program, batches: list[Any]) -> list[Check]:
     """Checks (inputs and the eager outputs on them) for held-back calibration batches."""
     if not batches:
@@ -211,18 +228,7 @@ def _optimize(
         leaf_modules=stage.leaf_modules, name=stage.name,
     )  # fmt: skip
     if stage.calibration_data is not None:
-        if isinstance(stage.calibration_data, Sequence):  # in memory anyway: every batch checked up front
-            for _ in CalibrationData(stage.calibration_data, program.inputs):
-                pass
-        calibrate_on, held_back = hold_back(stage.calibration_data)
-        program.calibration = CalibrationData(calibrate_on, program.inputs)
-        program.held_back = _eager_checks(stage.model, program, held_back)
-        program.notes.append(
-            f"{len(held_back)} calibration batch(es) held back: lossy promises are checked on them too"
-            if held_back
-            else "no calibration batch held back (give a list of >= 2 batches): lossy promises are checked "
-            "on the example inputs only"
-        )
+        _attach_calibration(stage, program)
     program.training, program.validation, program.teacher = stage.train_data, stage.val_data, stage.model
     program.progress = tqdm_progress if progress else no_progress
     report = Report(
