@@ -30,6 +30,7 @@ from torchkiln.compiler.files import (
     private_directory,
     read_member,
     resolve_interrupted,
+    same_file,
     sha256,
     write_text_atomic,
 )
@@ -203,7 +204,7 @@ def _load_once(path: Path) -> CompiledModel:
                             hint="rebuild the artifact",
                         ) from None
             except ArtifactError:
-                if _moved(fd, source):  # a concurrent save swapped it (and removed the old one)
+                if not same_file(fd, source):  # a concurrent save swapped it (and removed the old one)
                     raise _Replaced() from None
                 raise
         compiled = _from_manifest(manifest, private, source)
@@ -212,15 +213,6 @@ def _load_once(path: Path) -> CompiledModel:
         raise
     weakref.finalize(compiled.artifact, shutil.rmtree, private, True)
     return compiled
-
-
-def _moved(fd: int, path: Path) -> bool:
-    try:
-        now = os.stat(path)
-    except OSError:
-        return True
-    opened = os.fstat(fd)
-    return (now.st_dev, now.st_ino) != (opened.st_dev, opened.st_ino)
 
 
 def _from_manifest(manifest: dict[str, Any], private: Path, source: Path) -> CompiledModel:

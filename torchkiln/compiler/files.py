@@ -214,7 +214,7 @@ def _locked(dest: Path, timeout: float) -> Iterator[None]:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise _write_error(dest, exc) from exc
-        if _try_lock(fd) and _same_file(fd, lock_path):
+        if _try_lock(fd) and same_file(fd, lock_path):
             break
         os.close(fd)
         if time.monotonic() > deadline:
@@ -240,10 +240,11 @@ def _try_lock(fd: int) -> bool:
     return True
 
 
-def _same_file(fd: int, path: Path) -> bool:
+def same_file(fd: int, path: Path) -> bool:
+    """Is the open descriptor ``fd`` still the file or directory at ``path``?"""
     try:
         on_disk = os.stat(path)
-    except FileNotFoundError:
+    except OSError:
         return False
     mine = os.fstat(fd)
     return (mine.st_dev, mine.st_ino) == (on_disk.st_dev, on_disk.st_ino)
