@@ -144,3 +144,60 @@ def test_namedtuple_output_is_kept_and_saved_as_a_tuple(frontend, tmp_path):
     again = loaded(x)
     assert type(again) is tuple and len(again) == 2  # the class cannot be named in the manifest
     torch.testing.assert_close(again[0], model(x).logits)
+
+
+class Options(nn.Module):
+    """A forward with non-tensor arguments, as Hugging Face models have (use_cache, return_dict)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, scale_output=True, scale=1.0, mode="plain", extra=None):
+        out = self.fc(x)
+        if scale_output:
+            out = out * scale
+        if mode == "shifted":
+            out = out + 1
+        return out if extra is None else out + extra
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_non_tensor_example_inputs_are_constants_of_the_artifact(frontend, backend, tmp_path):
+    from torchkiln.errors import InputError
+
+    model = Options().eval()
+    constants = {"scale_output": False, "scale": 3.0, "mode": "shifted"}
+    compiled = compile_quietly(
+        model, {"x": torch.randn(2, 4), **constants}, frontend=frontend, backend=backend, dynamic_axes="batch"
+    )
+    assert "constants baked into the graph: scale_output=False, scale=3.0, mode='shifted'" in compiled.report.notes
+    loaded = torchkiln.load(compiled.save(tmp_path / "a"))
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["constants"] == constants and loaded.constants == constants
+    x = torch.randn(3, 4)
+    expected = model(x, **constants)
+    for artifact in (compiled, loaded):
+        torch.testing.assert_close(artifact(x), expected, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(artifact(x=x, mode="shifted", scale_output=False), expected, atol=1e-5, rtol=1e-4)
+        for other in ({"scale_output": True}, {"mode": "plain"}, {"scale": 3}):  # 3 is an int, not 3.0
+            with pytest.raises(InputError, match=f"'{next(iter(other))}' was compiled as the constant"):
+                artifact(x, **other)
+
+
+def test_constants_reach_calibration_and_held_back_checks():
+    model = Options().eval()
+    batches = [{"x": torch.randn(4, 4), "mode": "shifted"} for _ in range(8)]
+    compiled = compile_quietly(
+        model, {"x": torch.randn(4, 4), "mode": "shifted"}, passes="quantize", calibration_data=batches
+    )
+    record = compiled.report.artifact
+    assert record.held_back_batches == 1 and record.held_back_cosine > 0.99
+    from torchkiln.errors import InputError
+
+    with pytest.raises(InputError, match="calibration batch 0: input 'mode' was compiled as the constant"):
+        compile_quietly(
+            model, {"x": torch.randn(4, 4), "mode": "shifted"}, passes="quantize",
+            calibration_data=[{"x": torch.randn(4, 4), "mode": "plain"}] * 2,
+        )  # fmt: skip

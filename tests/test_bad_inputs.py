@@ -47,9 +47,11 @@ COMPILE_CASES = [
     # (id, model, example inputs, compile keyword arguments, error type, message)
     ("model-not-a-module", lambda x: x, X, {}, TraceError, "expected a torch.nn.Module"),
     ("inputs-wrong-type", LINEAR, "not a tensor", {}, InputError, "must be a tensor"),
-    ("inputs-non-tensor-element", TwoInputs(), (X, 3), {}, InputError, "'y' must be a torch.Tensor"),
+    ("inputs-non-tensor-element", TwoInputs(), (X, [1, 2]), {}, InputError, r"'y' is \[1, 2\] \(list\)"),
+    ("inputs-constant-nan", TwoInputs(), (X, float("nan")), {}, InputError, r"constant \(bool, int, finite float"),
+    ("inputs-constant-breaks-model", TwoInputs(), (X, 3), {}, InputError, "fails on the example inputs"),
     ("inputs-too-many", TwoInputs(), (X, Y, Y), {}, InputError, "do not fit"),
-    ("inputs-unknown-keyword", TwoInputs(), {"x": X, "z": Y}, {}, InputError, "do not fit"),
+    ("inputs-unknown-keyword", TwoInputs(), {"x": X, "z": Y}, {}, InputError, "'z' is not a parameter"),
     ("inputs-wrong-shape", LINEAR, torch.randn(2, 7), {}, InputError, "fails on the example inputs"),
     (
         "inputs-wrong-dtype",

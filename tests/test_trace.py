@@ -87,7 +87,20 @@ def test_fx_failure_names_module_line_cause_and_fix():
     err = info.value
     assert "data-dependent control flow" in err.message
     assert "module 'body.1'" in err.where and "test_trace.py" in err.where and "if x.sum() > 0" in err.where
-    assert "leaf_modules=['body.1']" in err.hint and "concrete_args" in err.hint
+    assert "leaf_modules=['body.1']" in err.hint and "frontend='export'" in err.hint
+    assert "concrete_args" not in err.hint  # not a compile() argument: suggest only what works
+
+
+def test_fx_failure_in_the_root_module_suggests_no_leaf():
+    class RootBranch(nn.Module):
+        def forward(self, x):
+            return x * 2 if x.sum() > 0 else x
+
+    with pytest.raises(TraceError) as info:
+        trace(RootBranch(), torch.randn(2, 4), frontend="fx")
+    err = info.value
+    assert "RootBranch.forward" in err.where and "if x.sum() > 0" in err.where
+    assert "leaf_modules" not in err.hint and "(root)" not in err.hint and "frontend='export'" in err.hint
 
 
 def test_leaf_module_makes_it_traceable():

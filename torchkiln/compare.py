@@ -127,11 +127,12 @@ def compare_artifact(
         )
     tolerance = tolerance or FP32
     if isinstance(inputs, Mapping):
-        flat = bind_inputs(compiled.inputs, (), dict(inputs))
+        flat = bind_inputs(compiled.inputs, (), dict(inputs), compiled.constants)
     else:
-        flat = bind_inputs(compiled.inputs, inputs if isinstance(inputs, (tuple, list)) else (inputs,), {})
+        args = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+        flat = bind_inputs(compiled.inputs, args, {}, compiled.constants)
     named = dict(zip((s.name for s in compiled.inputs), flat))
-    calls, order, result = _eager_calls(private_copy(model, share_parameters=True), named)
+    calls, order, result = _eager_calls(private_copy(model, share_parameters=True), named, compiled.constants)
     eager_outputs = _flat_tensors(result)
     try:
         outputs = compare(compiled.artifact.run(list(fresh(flat))), eager_outputs, tolerance)
@@ -200,7 +201,7 @@ def _vanished_successors(
 
 
 def _eager_calls(
-    model: nn.Module, inputs: Mapping[str, torch.Tensor]
+    model: nn.Module, inputs: Mapping[str, torch.Tensor], constants: Mapping[str, Any]
 ) -> tuple[dict[tuple[str, int], torch.Tensor], list[tuple[str, int]], Any]:
     """Output of every module call that returns one tensor, by (module path, call number), the
     order the calls finished in, and the model's result."""
@@ -220,17 +221,17 @@ def _eager_calls(
 
     handles = [m.register_forward_hook(hook(name)) for name, m in model.named_modules() if name]
     try:
-        result = _call(model, inputs)
+        result = _call(model, inputs, constants)
     finally:
         for handle in handles:
             handle.remove()
     return outputs, order, result
 
 
-def _call(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> Any:
+def _call(model: nn.Module, inputs: Mapping[str, torch.Tensor], constants: Mapping[str, Any]) -> Any:
     try:
         with torch.no_grad():
-            return model(**{name: t.clone() for name, t in inputs.items()})
+            return model(**{name: t.clone() for name, t in inputs.items()}, **constants)
     except Exception as exc:
         shapes = ", ".join(f"{n}: {list(t.shape)} {t.dtype}" for n, t in inputs.items())
         raise InputError(

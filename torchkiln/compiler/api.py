@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import shutil
 import statistics
@@ -106,7 +107,9 @@ def compile(  # noqa: A001 - the public name users expect
         _measure_latency(model, program, artifact, record, latency_runs)
     record.notes = artifact.notes()
     names = [p.spec for p in pipeline]
-    return CompiledModel(artifact, program.inputs, program.outputs, program.out_spec, report, options, names)
+    return CompiledModel(
+        artifact, program.inputs, program.outputs, program.out_spec, report, options, names, program.constants
+    )
 
 
 @dataclasses.dataclass
@@ -178,7 +181,7 @@ def _eager_unchanged(model: nn.Module, program: Program) -> bool:
     try:
         with deterministic():
             for check in program.checks:
-                kwargs = dict(zip((s.name for s in program.inputs), fresh(check.inputs)))
+                kwargs = program.eager_kwargs(fresh(check.inputs))
                 outputs = [t for t in pytree.tree_leaves(model(**kwargs)) if isinstance(t, torch.Tensor)]
                 if [o.shape for o in outputs] != [o.shape for o in check.outputs]:
                     return False
@@ -192,10 +195,10 @@ def _eager_unchanged(model: nn.Module, program: Program) -> bool:
 def _attach_calibration(stage: Stage, program: Program) -> None:
     """Calibration batches for the passes, and held-back ones (with eager outputs) to check on."""
     if isinstance(stage.calibration_data, Sequence):  # in memory anyway: every batch checked up front
-        for _ in CalibrationData(stage.calibration_data, program.inputs):
+        for _ in CalibrationData(stage.calibration_data, program.inputs, program.constants):
             pass
     calibrate_on, held_back = hold_back(stage.calibration_data)
-    program.calibration = CalibrationData(calibrate_on, program.inputs)
+    program.calibration = CalibrationData(calibrate_on, program.inputs, program.constants)
     program.held_back = _eager_checks(stage.model, program, held_back)
     program.notes.append(
         f"{len(held_back)} calibration batch(es) held back: lossy promises are checked on them too"
@@ -209,11 +212,10 @@ def _eager_checks(model: nn.Module, program: Program, batches: list[Any]) -> lis
     """Checks (inputs and the eager outputs on them) for held-back calibration batches."""
     if not batches:
         return []
-    names = [s.name for s in program.inputs]
     checks = []
     with deterministic():
-        for batch in CalibrationData(batches, program.inputs):
-            outputs = pytree.tree_leaves(model(**dict(zip(names, fresh(batch)))))
+        for batch in CalibrationData(batches, program.inputs, program.constants):
+            outputs = pytree.tree_leaves(model(**program.eager_kwargs(fresh(batch))))
             checks.append(Check(batch, tuple(t for t in outputs if isinstance(t, torch.Tensor))))
     return checks
 
@@ -229,7 +231,8 @@ def _optimize(
     )  # fmt: skip
     if stage.calibration_data is not None:
         _attach_calibration(stage, program)
-    program.training, program.validation, program.teacher = stage.train_data, stage.val_data, stage.model
+    teacher = functools.partial(stage.model, **program.constants) if program.constants else stage.model
+    program.training, program.validation, program.teacher = stage.train_data, stage.val_data, teacher
     program.progress = tqdm_progress if progress else no_progress
     report = Report(
         program.name, program.flavour, trace_seconds=time.perf_counter() - start, notes=list(program.notes)
@@ -377,7 +380,7 @@ def _measure_latency(
     model: nn.Module, program: Program, artifact: Artifact, record: ArtifactRecord, runs: int
 ) -> None:
     inputs = fresh(program.example_inputs)  # a model that writes into its inputs changes these only
-    by_name = dict(zip((s.name for s in program.inputs), inputs))
+    by_name = program.eager_kwargs(inputs)
     record.eager_ms = median_ms(lambda: model(**by_name), runs)
     record.artifact_ms = median_ms(lambda: artifact.run(inputs), runs)
 

@@ -132,6 +132,7 @@ def program_digest(program: Program) -> str:
             if isinstance(value, torch.Tensor):
                 hasher.add(f"attr.{node.target}", value)
     hasher.add("specs", [[s.to_dict() for s in program.inputs], [s.to_dict() for s in program.outputs]])
+    hasher.add("constants", program.constants)
     return hasher.hexdigest()
 
 
@@ -177,6 +178,7 @@ def save_program(program: Program, directory: Path, extra: dict[str, Any]) -> No
         "held_back": [(c.inputs, c.outputs) for c in program.held_back],
         "name": program.name,
         "notes": list(program.notes),
+        "constants": dict(program.constants),
         "extra": extra,
     }
     torch.save(state, directory / PROGRAM_FILE)
@@ -197,6 +199,7 @@ def load_program(directory: Path) -> tuple[Program, dict[str, Any]] | None:
             name=state["name"],
             notes=list(state["notes"]),
             held_back=[Check(tuple(i), tuple(o)) for i, o in state.get("held_back", [])],
+            constants=dict(state.get("constants", {})),
         )
     except Exception:  # noqa: BLE001 - any unreadable entry is a miss; the build recomputes it
         return None

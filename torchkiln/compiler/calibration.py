@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from torchkiln.compiler.program import TensorSpec, bind_inputs, fresh
+from torchkiln.compiler.program import Constant, TensorSpec, bind_inputs, fresh
 from torchkiln.errors import InputError, KilnError
 
 #: ``progress(iterable, total, description)`` wraps an iterable with a progress display.
@@ -48,7 +48,7 @@ def hold_back(source: Any) -> tuple[Any, list[Any]]:
 class CalibrationData:
     """Validated flat input tuples from the user's iterable (re-iterable when the source is)."""
 
-    def __init__(self, source: Any, specs: Sequence[TensorSpec]):
+    def __init__(self, source: Any, specs: Sequence[TensorSpec], constants: Mapping[str, Constant] | None = None):
         if isinstance(source, (torch.Tensor, str, bytes)) or not isinstance(source, Iterable):
             raise InputError(
                 f"calibration data must be an iterable of input batches, got {type(source).__name__}",
@@ -56,6 +56,7 @@ class CalibrationData:
             )
         self.source = source
         self.specs = list(specs)
+        self.constants = dict(constants or {})
 
     def total(self) -> int | None:
         try:
@@ -83,7 +84,7 @@ class CalibrationData:
         else:
             args, kwargs = (item,), {}
         try:
-            flat = bind_inputs(self.specs, args, kwargs)
+            flat = bind_inputs(self.specs, args, kwargs, self.constants)
         except KilnError as exc:
             hint = exc.hint
             if isinstance(item, (tuple, list)) and len(item) > len(self.specs):

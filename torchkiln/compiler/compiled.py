@@ -34,7 +34,7 @@ from torchkiln.compiler.files import (
     sha256,
     write_text_atomic,
 )
-from torchkiln.compiler.program import TensorSpec, bind_inputs, unflatten_outputs
+from torchkiln.compiler.program import CONSTANT_TYPES, Constant, TensorSpec, bind_inputs, unflatten_outputs
 from torchkiln.compiler.report import Report
 from torchkiln.errors import ArtifactError, KilnError
 
@@ -55,6 +55,7 @@ class CompiledModel:
         report: Report,
         options: BackendOptions,
         passes: list[str],
+        constants: dict[str, Constant] | None = None,
     ):
         self.artifact = artifact
         self.inputs = inputs
@@ -63,13 +64,15 @@ class CompiledModel:
         self.report = report
         self.options = options
         self.passes = passes
+        #: non-tensor inputs compiled in (``use_cache=False``): a call may repeat, not change them
+        self.constants = dict(constants or {})
 
     @property
     def backend(self) -> str:
         return self.artifact.backend
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        flat = bind_inputs(self.inputs, args, kwargs)
+        flat = bind_inputs(self.inputs, args, kwargs, self.constants)
         return unflatten_outputs(self.artifact.run(flat), self.out_spec)
 
     def __repr__(self) -> str:
@@ -97,6 +100,7 @@ class CompiledModel:
             "backend_options": _jsonable(self.options.to_dict()),
             "inputs": [s.to_dict() for s in self.inputs],
             "outputs": [s.to_dict() for s in self.outputs],
+            "constants": self.constants,
             "out_spec": portable_spec(self.out_spec),
             "passes": self.passes,
             "versions": versions(),
@@ -223,6 +227,7 @@ def _from_manifest(manifest: dict[str, Any], private: Path, source: Path) -> Com
         outputs = [TensorSpec.from_dict(s) for s in manifest["outputs"]]
         out_spec = pytree.treespec_loads(manifest["out_spec"])
         report = Report.from_dict(manifest["report"])
+        constants = _constants(manifest.get("constants", {}))
     except KilnError as exc:
         raise ArtifactError(f"{MANIFEST} is invalid: {exc.message}", where=where) from exc
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -239,7 +244,13 @@ def _from_manifest(manifest: dict[str, Any], private: Path, source: Path) -> Com
             where=where,
             hint="every file an artifact uses is listed with its checksum; rebuild the artifact",
         ) from None
-    return CompiledModel(artifact, inputs, outputs, out_spec, report, options, list(manifest["passes"]))
+    return CompiledModel(artifact, inputs, outputs, out_spec, report, options, list(manifest["passes"]), constants)
+
+
+def _constants(value: Any) -> dict[str, Constant]:
+    if not isinstance(value, dict) or not all(isinstance(v, CONSTANT_TYPES) for v in value.values()):
+        raise ValueError(f"'constants' must map names to JSON scalars, got {value!r}")
+    return value
 
 
 #: manifest key -> the JSON type it must have

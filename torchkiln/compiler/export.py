@@ -9,6 +9,7 @@ import io
 import logging
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,16 +33,19 @@ def export_graph(
     names: Sequence[str],
     flat: Sequence[torch.Tensor],
     axes: Mapping[str, Mapping[int, str]],
+    constants: Mapping[str, Any] | None = None,
 ) -> torch.export.ExportedProgram:
     """``torch.export`` with inputs as keywords, on inputs widened along the dynamic axes (size-1
     example dims would otherwise be specialized). Each dynamic axis is ``Dim.AUTO`` so that export
     infers its range (a positional table bounds a sequence axis, say). Export does not fail when
-    the model pins an axis; callers verify the result against eager at two sizes, which does."""
+    the model pins an axis; callers verify the result against eager at two sizes, which does.
+    ``constants`` (non-tensor keywords) are specialized into the graph."""
     shapes = {n: {a: torch.export.Dim.AUTO for a in axes.get(n, {})} for n in names}
     examples = widen(tuple(flat), names, axes)
     with quiet():
         program = torch.export.export(
-            model, (), dict(zip(names, examples)), dynamic_shapes=shapes if axes else None, strict=False
+            model, (), dict(zip(names, examples)) | dict(constants or {}),
+            dynamic_shapes=(shapes | {k: None for k in constants or {}}) if axes else None, strict=False,
         )
     return program
 

@@ -26,6 +26,8 @@ from torch.utils import _pytree as pytree
 from torchkiln.errors import InputError
 
 Dim = int | str  # an int is a static size; a str names a dynamic axis
+Constant = bool | int | float | str | None  # a non-tensor input, fixed at trace time
+CONSTANT_TYPES = (bool, int, float, str, type(None))
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -169,6 +171,13 @@ class Program:
     training: Any = dataclasses.field(default=None, repr=False)
     validation: Any = dataclasses.field(default=None, repr=False)
     teacher: Any = dataclasses.field(default=None, repr=False)
+    #: Non-tensor example inputs (``use_cache=False``) baked into the graph as constants: a call
+    #: may repeat them, never change them (:func:`bind_inputs`).
+    constants: dict[str, Constant] = dataclasses.field(default_factory=dict)
+
+    def eager_kwargs(self, tensors: Sequence[torch.Tensor]) -> dict[str, Any]:
+        """Keyword arguments that call the eager model as traced: the tensors and the constants."""
+        return dict(zip((s.name for s in self.inputs), tensors)) | self.constants
 
     @property
     def example_inputs(self) -> tuple[torch.Tensor, ...]:
@@ -203,18 +212,28 @@ def deterministic(seed: int = 0) -> Iterator[None]:
 
 
 def bind_inputs(
-    specs: Sequence[TensorSpec], args: Sequence[Any], kwargs: Mapping[str, Any]
+    specs: Sequence[TensorSpec],
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    constants: Mapping[str, Constant] | None = None,
 ) -> list[torch.Tensor]:
-    """Map a call ``(*args, **kwargs)`` onto the flat inputs, checking each against its spec."""
+    """Map a call ``(*args, **kwargs)`` onto the flat inputs, checking each against its spec.
+    ``constants`` (by keyword only) may be given again, with the value they were compiled with."""
     names = [s.name for s in specs]
+    constants = constants or {}
     if len(args) > len(specs):
         raise InputError(
             f"expected at most {len(specs)} positional inputs ({', '.join(names)}), got {len(args)}"
+            + (f"; {', '.join(constants)} can only be given by name" if constants else "")
         )
     values: dict[str, Any] = dict(zip(names, args))
     for key, value in kwargs.items():
+        if key in constants:
+            check_constant(key, constants[key], value)
+            continue
         if key not in names:
-            raise InputError(f"unexpected input '{key}'", where=key, hint=f"inputs are: {', '.join(names)}")
+            known = ", ".join([*names, *constants])
+            raise InputError(f"unexpected input '{key}'", where=key, hint=f"inputs are: {known}")
         if key in values:
             raise InputError(f"input '{key}' given both by position and by name", where=key)
         values[key] = value
@@ -224,6 +243,16 @@ def bind_inputs(
     for spec in specs:
         spec.check(values[spec.name])
     return [values[n] for n in names]
+
+
+def check_constant(name: str, compiled: Constant, given: Any) -> None:
+    """A constant input may be passed again only with the value it was compiled with."""
+    if type(given) is not type(compiled) or given != compiled:
+        raise InputError(
+            f"input '{name}' was compiled as the constant {compiled!r}; got {given!r}",
+            where=name,
+            hint=f"omit it or pass {name}={compiled!r}; compile again with {name}={given!r} for that behaviour",
+        )
 
 
 def unflatten_outputs(flat: Sequence[torch.Tensor], out_spec: pytree.TreeSpec) -> Any:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import os
 import traceback
 from collections.abc import Mapping, Sequence
@@ -26,7 +27,15 @@ from torch.utils import _pytree as pytree
 
 from torchkiln.compiler import graph as G
 from torchkiln.compiler.export import export_graph, widen
-from torchkiln.compiler.program import Check, Program, TensorSpec, deterministic, fresh
+from torchkiln.compiler.program import (
+    CONSTANT_TYPES,
+    Check,
+    Constant,
+    Program,
+    TensorSpec,
+    deterministic,
+    fresh,
+)
 from torchkiln.compiler.verify import compare
 from torchkiln.errors import ConfigError, InputError, TraceError
 
@@ -53,13 +62,13 @@ def trace(
             f"unknown frontend '{frontend}'", where="frontend", hint=f"choose one of {FRONTENDS}"
         )
     args, kwargs = _split_inputs(example_inputs)
-    names, flat = _bind(model, args, kwargs)
+    names, flat, constants = _bind(model, args, kwargs)
     axes = normalize_dynamic_axes(dynamic_axes, names, flat)
     work = private_copy(model)
 
-    checks, out_spec = _checks(work, names, tuple(flat), axes)
+    checks, out_spec = _checks(work, names, tuple(flat), axes, constants)
     out_flat = checks[0].outputs
-    gm, flavour = _capture(work, names, flat, axes, frontend, leaf_modules)
+    gm, flavour = _capture(work, names, flat, axes, frontend, leaf_modules, constants)
     G.flatten_output(gm, len(out_flat))
 
     _verify_capture(gm, checks, axes)
@@ -80,7 +89,11 @@ def trace(
         for i, t in enumerate(out_flat)
         if t.is_floating_point() and not bool(torch.isfinite(t).all())
     ]
-    return Program(gm, inputs, outputs, out_spec, flavour, checks, name or type(model).__name__, notes)
+    if constants:
+        notes.append("constants baked into the graph: " + ", ".join(f"{k}={v!r}" for k, v in constants.items()))
+    program = Program(gm, inputs, outputs, out_spec, flavour, checks, name or type(model).__name__, notes)
+    program.constants = constants
+    return program
 
 
 def private_copy(model: nn.Module, share_parameters: bool = False) -> nn.Module:
@@ -103,13 +116,14 @@ def _checks(
     names: Sequence[str],
     flat: tuple[torch.Tensor, ...],
     axes: Mapping[str, Mapping[int, str]],
+    constants: Mapping[str, Constant],
 ) -> tuple[list[Check], pytree.TreeSpec]:
     """Eager outputs at the example inputs and, with dynamic axes, at inputs one larger along them."""
-    first, out_spec = _reference(model, names, flat)
+    first, out_spec = _reference(model, names, flat, constants)
     checks = [first]
     if axes:
         try:
-            checks.append(_reference(model, names, widen(flat, names, axes))[0])
+            checks.append(_reference(model, names, widen(flat, names, axes), constants)[0])
         except InputError as exc:
             raise ConfigError(
                 f"the model does not run when its dynamic axes {axes} change size: {exc.message}",
@@ -126,16 +140,17 @@ def _capture(
     axes: Mapping[str, Mapping[int, str]],
     frontend: str,
     leaf_modules: Sequence[str],
+    constants: Mapping[str, Constant],
 ) -> tuple[fx.GraphModule, str]:
     if frontend == "fx":
-        return _fx_capture(model, names, leaf_modules), "fx"
+        return _fx_capture(model, names, leaf_modules, constants), "fx"
     if frontend == "export":
-        return _export_capture(model, names, flat, axes), "export"
+        return _export_capture(model, names, flat, axes, constants), "export"
     try:
-        return _fx_capture(model, names, leaf_modules), "fx"
+        return _fx_capture(model, names, leaf_modules, constants), "fx"
     except TraceError as fx_error:
         try:
-            return _export_capture(model, names, flat, axes), "export"
+            return _export_capture(model, names, flat, axes, constants), "export"
         except TraceError as export_error:
             raise TraceError(
                 f"{fx_error.message}; torch.export also failed: {export_error.message}",
@@ -160,53 +175,83 @@ def _split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]
 
 def _bind(
     model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> tuple[list[str], list[torch.Tensor]]:
+) -> tuple[list[str], list[torch.Tensor], dict[str, Constant]]:
+    """Example inputs by forward() parameter: the tensors (graph inputs) and the non-tensor values
+    (constants baked into the graph)."""
     signature = inspect.signature(model.forward)
+    _check_names(model, signature, kwargs)
     try:
         bound = signature.bind(*args, **kwargs)
     except TypeError as exc:
         raise InputError(
             f"example inputs do not fit {type(model).__name__}.forward{signature}: {exc}",
-            hint="pass one tensor per forward() parameter, by position or by name",
+            hint="pass one value per forward() parameter, by position or by name",
         ) from None
-    names, flat = [], []
+    names, flat, constants = [], [], {}
     for key, value in bound.arguments.items():
         kind = signature.parameters[key].kind
         if kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
             raise InputError(
-                f"forward(*{key}) / forward(**{key}) parameters are not supported as inputs", where=key
-            )
-        if not isinstance(value, torch.Tensor):
-            raise InputError(
-                f"example input '{key}' must be a torch.Tensor, got {type(value).__name__}",
-                where=key,
-                hint="non-tensor arguments are not graph inputs; bind them with functools.partial or a default",
-            )
-        if value.layout != torch.strided or value.is_meta:
-            raise InputError(
-                f"example input '{key}' is a {'meta' if value.is_meta else str(value.layout).removeprefix('torch.')} "
-                "tensor; tracing and verification need dense tensors with data",
-                where=key,
-                hint="pass real example data (.to_dense() for a sparse tensor)",
-            )
-        if value.numel() == 0:
-            raise InputError(
-                f"example input '{key}' has no elements (shape {list(value.shape)}): verification would "
-                "compare nothing",
-                where=key,
-                hint="give at least one element along every axis; make an axis dynamic to accept size 0 at run time",
-            )
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise InputError(
-                f"example input '{key}' contains NaN or Inf",
-                where=key,
-                hint="verification compares outputs on the example inputs: give finite values",
-            )
-        names.append(key)
-        flat.append(value.detach().clone())  # the checks keep these: the caller may change theirs
+                f"forward(*{key}) / forward(**{key}) parameters are not supported as inputs", where=key,
+                hint="give the model a forward() with named parameters (wrap it in a small nn.Module)",
+            )  # fmt: skip
+        if isinstance(value, torch.Tensor):
+            names.append(key)
+            flat.append(_checked_example(key, value))
+        else:
+            constants[key] = _checked_constant(key, value)
     if not names:
         raise InputError("the model takes no tensor inputs", hint="pass at least one example tensor")
-    return names, flat
+    return names, flat, constants
+
+
+def _check_names(model: nn.Module, signature: inspect.Signature, kwargs: Mapping[str, Any]) -> None:
+    """An example input named after no parameter: say so, instead of binding it to ``**kwargs``."""
+    parameters = signature.parameters
+    named = [n for n, p in parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    for key in kwargs:
+        if key not in parameters:
+            raise InputError(
+                f"example input '{key}' is not a parameter of {type(model).__name__}.forward",
+                where=key,
+                hint=f"forward's parameters: {', '.join(named) or '(none by name)'}",
+            )
+
+
+def _checked_example(key: str, value: torch.Tensor) -> torch.Tensor:
+    if value.layout != torch.strided or value.is_meta:
+        raise InputError(
+            f"example input '{key}' is a {'meta' if value.is_meta else str(value.layout).removeprefix('torch.')} "
+            "tensor; tracing and verification need dense tensors with data",
+            where=key,
+            hint="pass real example data (.to_dense() for a sparse tensor)",
+        )
+    if value.numel() == 0:
+        raise InputError(
+            f"example input '{key}' has no elements (shape {list(value.shape)}): verification would "
+            "compare nothing",
+            where=key,
+            hint="give at least one element along every axis; make an axis dynamic to accept size 0 at run time",
+        )
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        raise InputError(
+            f"example input '{key}' contains NaN or Inf",
+            where=key,
+            hint="verification compares outputs on the example inputs: give finite values",
+        )
+    return value.detach().clone()  # the checks keep these: the caller may change theirs
+
+
+def _checked_constant(key: str, value: Any) -> Constant:
+    """bool / int / float / str / None become constants of the graph; nothing else can be one."""
+    if not isinstance(value, CONSTANT_TYPES) or (isinstance(value, float) and not math.isfinite(value)):
+        raise InputError(
+            f"example input '{key}' is {value!r} ({type(value).__name__}): an input is a tensor or a "
+            "constant (bool, int, finite float, str or None)",
+            where=key,
+            hint="pass tensors as graph inputs; other values must be one of those constant types",
+        )
+    return value
 
 
 def normalize_dynamic_axes(
@@ -259,16 +304,12 @@ def normalize_dynamic_axes(
     return result
 
 
-def _run(model: nn.Module, names: Sequence[str], flat: Sequence[torch.Tensor]) -> Any:
-    with deterministic():
-        return model(**dict(zip(names, fresh(flat))))
-
-
 def _reference(
-    model: nn.Module, names: Sequence[str], flat: tuple[torch.Tensor, ...]
+    model: nn.Module, names: Sequence[str], flat: tuple[torch.Tensor, ...], constants: Mapping[str, Constant]
 ) -> tuple[Check, pytree.TreeSpec]:
     try:
-        result = _run(model, names, flat)
+        with deterministic():
+            result = model(**dict(zip(names, fresh(flat))), **constants)
     except Exception as exc:
         shapes = ", ".join(f"{n}: {list(t.shape)} {t.dtype}" for n, t in zip(names, flat))
         raise InputError(
@@ -338,12 +379,14 @@ class _Tracer(fx.Tracer):
         return result
 
 
-def _fx_capture(model: nn.Module, names: Sequence[str], leaf_modules: Sequence[str]) -> fx.GraphModule:
+def _fx_capture(
+    model: nn.Module, names: Sequence[str], leaf_modules: Sequence[str], constants: Mapping[str, Constant]
+) -> fx.GraphModule:
     signature = inspect.signature(model.forward)
     concrete = {
-        k: p.default
+        k: constants.get(k, p.default)
         for k, p in signature.parameters.items()
-        if k not in names and p.default is not inspect.Parameter.empty
+        if k not in names and (k in constants or p.default is not inspect.Parameter.empty)
     }
     tracer = _Tracer(leaf_modules)
     try:
@@ -371,10 +414,10 @@ def _erase_with_users(graph: fx.Graph, node: fx.Node) -> None:
 
 
 def _explain_trace_failure(exc: Exception, tracer: _Tracer, model_name: str) -> TraceError:
-    module = tracer.path_stack[-1] if tracer.path_stack else f"{model_name} (root)"
+    module = tracer.path_stack[-1] if tracer.path_stack else None
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(_TORCH_DIR)]
-    where = f"module '{module}'"
+    where = f"module '{module}'" if module else f"{model_name}.forward"
     if frames:
         frame = frames[-1]
         where += f", {frame.filename}:{frame.lineno}: {(frame.line or '').strip()}"
@@ -382,12 +425,9 @@ def _explain_trace_failure(exc: Exception, tracer: _Tracer, model_name: str) -> 
         cause = f"data-dependent control flow ({text})"
     else:
         cause = f"unsupported call ({type(exc).__name__}: {text})"
-    return TraceError(
-        f"symbolic tracing failed: {cause}",
-        where=where,
-        hint=f"mark the module as a leaf (leaf_modules=['{module}']), fix the value with concrete_args, "
-        "or use frontend='export'",
-    )
+    # only what compile() accepts: a leaf module keeps a submodule opaque; the root cannot be one
+    hint = f"keep the module opaque with leaf_modules=['{module}']" if module else "rewrite that line"
+    return TraceError(f"symbolic tracing failed: {cause}", where=where, hint=hint + ", or use frontend='export'")
 
 
 def _export_capture(
@@ -395,9 +435,10 @@ def _export_capture(
     names: Sequence[str],
     flat: Sequence[torch.Tensor],
     axes: Mapping[str, Mapping[int, str]],
+    constants: Mapping[str, Constant],
 ) -> fx.GraphModule:
     try:
-        program = export_graph(model, names, flat, axes)
+        program = export_graph(model, names, flat, axes, constants)
     except Exception as exc:
         lines = [line for line in str(exc).splitlines() if line.strip()]
         raise TraceError(
@@ -405,4 +446,9 @@ def _export_capture(
             hint="see torch.export's documentation on dynamic shapes and unsupported Python; "
             "or make the model symbolically traceable",
         ) from exc
-    return G.flat_graph_module(program.module(), training=model.training)
+    gm = G.flat_graph_module(program.module(), training=model.training)
+    for node in list(gm.graph.nodes):  # export keeps a placeholder per constant, unused once guards go
+        if node.op == "placeholder" and node.target in constants and not node.users:
+            gm.graph.erase_node(node)
+    gm.recompile()
+    return gm

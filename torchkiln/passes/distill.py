@@ -270,9 +270,9 @@ class Distill(Pass):
 
         def run_student(inputs: Any) -> Any:
             if isinstance(inputs, dict):
-                return gm(*fresh(bind_inputs(specs, (), inputs)))
+                return gm(*fresh(bind_inputs(specs, (), inputs, program.constants)))
             args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-            return gm(*fresh(bind_inputs(specs, args, {})))
+            return gm(*fresh(bind_inputs(specs, args, {}, program.constants)))
 
         trainer = Trainer(self.config, program.progress or no_progress)
         result = trainer.fit(gm, run_student, _caller(program.teacher), program.training, program.validation)
