@@ -256,7 +256,7 @@ def test_ignore_and_min_macs_keep_layers_in_float_with_a_note():
     x = torch.randn(2, 3, 8, 8)
     compiled, _ = quantized_graph(ConvNet().eval(), x, passes="quantize:ignore=conv*")
     record = compiled.report.passes[0]
-    assert record.stats == {"quantized": 1, "float": 2}
+    assert record.stats == {"quantized": 1, "float": 2, "unrecognised": 0}
     assert {"conv1: left in float, named in ignore", "conv2: left in float, named in ignore"} <= set(record.notes)
     # the head does 2 x 4 x 128 = 1,024 MACs
     compiled, _ = quantized_graph(ConvNet().eval(), x, passes="quantize:ignore=conv*,min_macs=2000")
@@ -288,7 +288,7 @@ def test_max_error_keeps_the_most_sensitive_layer_in_float():
     ranking = [n.strip().split(":")[0] for n in notes if "SQNR" in n]
     assert ranking[0] == "head", notes
     assert "head: left in float, most sensitive remaining layer (max_error=0.02)" in notes
-    assert compiled.report.passes[0].stats == {"quantized": 2, "float": 1}
+    assert compiled.report.passes[0].stats == {"quantized": 2, "float": 1, "unrecognised": 0}
     assert op_count(gm, "aten.linear") == 3 and op_count(gm, "quantized_decomposed.dequantize_per_channel") == 2
     # without the budget the head is int8 and the error is far larger
     plain, _ = quantized_graph(model, x, passes="quantize:min_cosine=0.5")

@@ -8,7 +8,9 @@ Two frontends produce the two graph flavours the passes understand:
   (``aten.conv2d``, ``aten.batch_norm``) with weights as ``get_attr`` nodes. It handles what symbolic
   tracing cannot (data-dependent shapes, Hugging Face models) at the cost of a slower capture.
 
-``auto`` tries fx and falls back to export. The user's module is never mutated: both trace a copy.
+``auto`` tries fx and falls back to export; it also prefers export when fx would keep an
+``nn.MultiheadAttention`` or ``nn.Transformer*`` module as one opaque call (their projections are
+layers that quantize, prune and low-rank rewrite). The user's module is never mutated: both trace a copy.
 """
 
 from __future__ import annotations
@@ -147,7 +149,7 @@ def _capture(
     if frontend == "export":
         return _export_capture(model, names, flat, axes, constants), "export"
     try:
-        return _fx_capture(model, names, leaf_modules, constants), "fx"
+        gm = _fx_capture(model, names, leaf_modules, constants)
     except TraceError as fx_error:
         try:
             return _export_capture(model, names, flat, axes, constants), "export"
@@ -159,6 +161,31 @@ def _capture(
                     ", or use frontend='export'", "; for torch.export rewrite the branch with torch.cond"
                 ),
             ) from export_error
+    opaque = _opaque_modules(gm, leaf_modules)
+    if opaque:  # their projections would be invisible to passes: torch.export shows them
+        try:
+            return _export_capture(model, names, flat, axes, constants), "export"
+        except TraceError:
+            pass  # the fx graph still computes the model; quantize names the opaque calls
+    return gm, "fx"
+
+
+#: torch.nn modules fx keeps as one call although they hold Linear projections passes rewrite
+_COMPOSITE = (
+    nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder,
+    nn.TransformerDecoder, nn.Transformer,
+)  # fmt: skip
+
+
+def _opaque_modules(gm: fx.GraphModule, leaf_modules: Sequence[str]) -> list[str]:
+    """Module calls fx left opaque that hold weight layers (not the ones the user asked for)."""
+    return [
+        str(n.target)
+        for n in gm.graph.nodes
+        if n.op == "call_module"
+        and str(n.target) not in leaf_modules
+        and isinstance(gm.get_submodule(str(n.target)), _COMPOSITE)
+    ]
 
 
 def _split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:

@@ -36,8 +36,8 @@ from torchkiln.compiler.passes import Pass, PassConfig, PassResult, register_pas
 from torchkiln.compiler.program import Program
 from torchkiln.compiler.verify import Tolerance
 from torchkiln.errors import InputError
-from torchkiln.passes.layers import Layer, find_layers, ignored
-from torchkiln.passes.quantize import half, linear, sensitivity, static
+from torchkiln.passes.layers import Layer, find_layers, find_layers_and_skips, ignored, weight_ops
+from torchkiln.passes.quantize import coverage, half, linear, sensitivity, static
 
 Mode = Literal["int8", "dynamic", "weight_only", "fp16", "bf16"]
 _INTEGER = ("int8", "dynamic", "weight_only")
@@ -129,32 +129,34 @@ class Quantize(Pass):
         return PassResult(modified=low > 0, stats={f"{self.config.mode}_ops": low, "fp32_ops": kept})
 
     def _integer(self, gm: fx.GraphModule, program: Program) -> PassResult:
-        layers, notes = find_layers(gm)
-        unsupported = len(notes)  # layers of kinds with no integer kernel (ConvTranspose, LSTM, ...)
+        layers, skipped = find_layers_and_skips(gm)
+        census = weight_ops(gm)  # before the rewrite replaces the nodes
         G.annotate(gm, program.example_inputs)  # the canonical nodes' dtypes guide placement
-        chosen = self._select(layers, notes)
+        notes: list[str] = []
+        chosen, float_reasons = self._select(layers)
+        if chosen and self.config.mode == "dynamic":
+            linear.quantize_dynamic(gm, chosen, self.config.reduce_range != "off")
+        elif chosen and self.config.mode == "weight_only":
+            linear.quantize_weights(gm, chosen, self.config.bits, self.config.block_size)
+        elif chosen:
+            chosen = self._static(gm, program, chosen, notes, float_reasons)
+        stats, accounting = coverage.account(census, layers, chosen, float_reasons, skipped, self.config.mode)
+        notes = accounting + notes
         if not chosen:
             notes.append("no layer to quantize: nothing changed")
-            return PassResult(modified=False, stats={"quantized": 0, "float": len(layers) + unsupported}, notes=notes)
-        if self.config.mode == "dynamic":
-            linear.quantize_dynamic(gm, chosen, self.config.reduce_range != "off")
-        elif self.config.mode == "weight_only":
-            linear.quantize_weights(gm, chosen, self.config.bits, self.config.block_size)
-        else:
-            chosen = self._static(gm, program, chosen, notes)
-        kept = len(layers) - len(chosen) + unsupported
-        return PassResult(modified=bool(chosen), stats={"quantized": len(chosen), "float": kept}, notes=notes)
+        return PassResult(modified=bool(chosen), stats=stats, notes=notes)
 
-    def _select(self, layers: list[Layer], notes: list[str]) -> list[Layer]:
-        chosen = []
+    def _select(self, layers: list[Layer]) -> tuple[list[Layer], dict[str, str]]:
+        """The layers to quantize, and why each other one stays in float (by key)."""
+        chosen, reasons = [], {}
         kinds = self.config.op_types if self.config.mode == "int8" else ("linear",)
         for layer in layers:
             why = self._why_float(layer, kinds)
-            if why:
-                notes.append(f"{layer.name}: left in float, {why}")
-            else:
+            if why is None:
                 chosen.append(layer)
-        return chosen
+            else:
+                reasons[layer.key] = why
+        return chosen, reasons
 
     def _why_float(self, layer: Layer, kinds: tuple[str, ...]) -> str | None:
         if ignored(layer, self.config.ignore):
@@ -167,7 +169,9 @@ class Quantize(Pass):
             return f"{layer.macs:,} MACs is below min_macs={self.config.min_macs:,}"
         return None
 
-    def _static(self, gm: fx.GraphModule, program: Program, chosen: list[Layer], notes: list[str]) -> list[Layer]:
+    def _static(
+        self, gm: fx.GraphModule, program: Program, chosen: list[Layer], notes: list[str], reasons: dict[str, str]
+    ) -> list[Layer]:
         signed = self.config.target == "tensorrt"
         levels = 63 if self.config.reduce_range == "on" else 127
         kept: list[tuple[torch.Tensor, ...]] = []
@@ -183,7 +187,7 @@ class Quantize(Pass):
             static.apply(graph, layers, qparams, levels)
 
         if self.config.max_error is not None or self.config.sensitivity:
-            chosen = self._mixed_precision(gm, chosen, kept, quantize, notes)
+            chosen = self._mixed_precision(gm, chosen, kept, quantize, notes, reasons)
         keys = {layer.key for layer in chosen}
         quantize(gm, [layer for layer in find_layers(gm)[0] if layer.key in keys])
         notes.append(
@@ -220,6 +224,7 @@ class Quantize(Pass):
         batches: list[tuple[torch.Tensor, ...]],
         quantize: sensitivity.Quantizer,
         notes: list[str],
+        reasons: dict[str, str],
     ) -> list[Layer]:
         evaluator = sensitivity.Evaluator(gm, batches, quantize)
         ranked = sensitivity.rank(evaluator, chosen)
@@ -229,7 +234,7 @@ class Quantize(Pass):
             return chosen
         quantized, kept, error = sensitivity.fit_budget(evaluator, ranked, self.config.max_error)
         for layer in kept:
-            notes.append(f"{layer.name}: left in float, most sensitive remaining layer (max_error={self.config.max_error:g})")
+            reasons[layer.key] = f"most sensitive remaining layer (max_error={self.config.max_error:g})"
         verdict = "within" if error <= self.config.max_error else "ABOVE"
         notes.append(f"error with {len(quantized)} int8 layers: {error:.4f} ({verdict} max_error={self.config.max_error:g})")
         return quantized
