@@ -139,3 +139,64 @@ def test_every_weight_op_is_accounted_for():
     assert "conv: left in float, conv layers are not quantized in mode=dynamic" in record.notes
     assert "lstm: left in float, LSTM layers are not handled by this pass" in record.notes
     assert any(n.startswith("einsum: not recognised, einsum with a stored weight") for n in record.notes), record.notes
+
+
+class CastsToWeightDtype(nn.Module):
+    """``x.to(self.l.weight.dtype)``: torch.export records it with ``_assert_tensor_metadata``."""
+
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.l(x.to(self.l.weight.dtype)).float().softmax(-1)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_fp16_on_a_graph_that_casts_to_the_weight_dtype(frontend):
+    model, x = CastsToWeightDtype().eval(), torch.randn(2, 8)
+    compiled = compile_quietly(model, x, passes="quantize:mode=fp16", backend="torch", frontend=frontend)
+    record = compiled.report.passes[0]
+    assert record.stats["fp16_ops"] >= 1 and compiled.report.flavour == frontend
+    other = torch.randn(2, 8)
+    torch.testing.assert_close(compiled(other), model(other), atol=1e-3, rtol=1e-2)
+
+
+def test_a_failing_pass_names_the_graph_node_on_the_first_line():
+    from torchkiln.compiler.passes import Pass, PassResult
+    from torchkiln.errors import PassError
+
+    class Breaks(Pass):
+        name = "test_breaks"
+
+        def run(self, program):
+            gm = program.graph_module
+            for node in gm.graph.nodes:
+                if node.op == "call_function":
+                    node.args = (node.args[0], torch.randn(3, 3), *node.args[2:])  # a wrong weight shape
+                    break
+            gm.recompile()
+            torch.fx.Interpreter(gm).run(*program.example_inputs)
+            return PassResult(modified=True)
+
+    with pytest.raises(PassError) as info:
+        compile_quietly(CastsToWeightDtype().eval(), torch.randn(2, 8), passes=[Breaks()], frontend="export")
+    first = str(info.value).splitlines()[0]
+    assert "while running test_breaks after []: at node '" in first and "RuntimeError" in first
+
+
+def test_a_dynamic_axis_the_exporter_froze_is_explained_and_onnxruntime_stays_quiet(capfd):
+    from coverage_models import LstmGru
+
+    from torchkiln.errors import BackendError
+
+    with pytest.raises(BackendError) as info:
+        compile_quietly(LstmGru().eval(), torch.randn(1, 10, 16), dynamic_axes={"x": {0: "batch", 1: "sequence"}})
+    err = info.value
+    assert "artifact fails at input shapes x: [1, 10, 16]" in err.message and "'sequence'" in err.message
+    assert "drop that axis from dynamic_axes, or use backend='torch'" in err.hint
+    assert "[E:onnxruntime" not in capfd.readouterr().err  # its own log line would sit above our error
+    compiled = compile_quietly(  # the torch backend keeps the axis
+        LstmGru().eval(), torch.randn(1, 10, 16), dynamic_axes={"x": {0: "batch", 1: "sequence"}}, backend="torch"
+    )
+    assert compiled(torch.randn(2, 7, 16)).shape == (2, 7, 4)

@@ -57,6 +57,24 @@ class OnnxOptions(BackendOptions):
             self.fail("opset", f"must be between {MIN_OPSET} and {newest} (this onnx), got {self.opset}")
 
 
+def quiet_session_options() -> Any:
+    """Session options whose logger stays silent: ONNX Runtime prints its own red ``[E:onnxruntime]``
+    line above the error torchkiln raises for the same failure."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # fatal only
+    return options
+
+
+def _quiet_run_options() -> Any:
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.log_severity_level = 4
+    return options
+
+
 class OnnxArtifact(Artifact):
     backend = "onnx"
     options_class: type[OnnxOptions] = OnnxOptions
@@ -94,7 +112,7 @@ class OnnxArtifact(Artifact):
     def create_session(self) -> Any:
         import onnxruntime as ort
 
-        return ort.InferenceSession(str(self.model_path), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(self.model_path), quiet_session_options(), providers=["CPUExecutionProvider"])
 
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         session = self.session
@@ -102,7 +120,7 @@ class OnnxArtifact(Artifact):
             meta.name: t.detach().cpu().contiguous().numpy() for meta, t in zip(session.get_inputs(), inputs)
         }
         try:
-            outputs = session.run(None, feeds)
+            outputs = session.run(None, feeds, _quiet_run_options())
         except Exception as exc:
             raise BackendError(f"ONNX Runtime failed to run {self.model_path}: {exc}") from exc
         return [torch.from_numpy(o) for o in outputs]

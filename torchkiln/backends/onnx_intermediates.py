@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from torchkiln.backends.onnx_backend import quiet_session_options
+
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 _FLOAT_TYPES = (1, 10, 11, 16)  # FLOAT, FLOAT16, DOUBLE, BFLOAT16
 
@@ -119,7 +121,7 @@ def run_values(
     for name in values:
         if name not in present:
             model.graph.output.append(onnx.helper.make_tensor_value_info(name, types.get(name, 1), None))
-    options = ort.SessionOptions()
+    options = quiet_session_options()
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     with tempfile.TemporaryDirectory(prefix="torchkiln-compare-") as work:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import torch
 
-from torchkiln.backends.onnx_backend import OnnxArtifact, OnnxBackend, OnnxOptions
+from torchkiln.backends.onnx_backend import OnnxArtifact, OnnxBackend, OnnxOptions, quiet_session_options
 from torchkiln.compiler.options import option
 from torchkiln.errors import BackendError
 
@@ -74,13 +74,12 @@ class OrtArtifact(OnnxArtifact):
         import onnxruntime as ort
 
         options: OrtOptions = self.options  # type: ignore[assignment]
-        session_options = ort.SessionOptions()
+        session_options = quiet_session_options()
         session_options.graph_optimization_level = getattr(
             ort.GraphOptimizationLevel, _LEVELS[options.graph_optimization_level]
         )
         session_options.intra_op_num_threads = options.intra_op_threads
         session_options.inter_op_num_threads = options.inter_op_threads
-        session_options.log_severity_level = 3
         if options.save_optimized and not self.loading:  # a loaded artifact already holds its copy
             session_options.optimized_model_filepath = str(self.directory / OPTIMIZED_FILE)
         return ort.InferenceSession(

@@ -31,7 +31,7 @@ from torchkiln.compiler.program import Check, Program, deterministic, fresh
 from torchkiln.compiler.report import ArtifactRecord, Report
 from torchkiln.compiler.trace import DynamicAxes, private_copy, trace
 from torchkiln.compiler.verify import FP32, ErrorStats, Tolerance, compare
-from torchkiln.errors import ArtifactError, KilnError, VerificationError
+from torchkiln.errors import ArtifactError, BackendError, KilnError, VerificationError
 
 DEFAULT_PASSES = ("cleanup", "fold_batchnorm")
 
@@ -296,7 +296,7 @@ def _load_artifact(entry: Path, backend: str, options: BackendOptions) -> Artifa
 def _verify(
     program: Program, artifact: Artifact, record: ArtifactRecord, tolerance: Tolerance, strict: bool
 ) -> None:
-    worst = measure_error(program, artifact.run, tolerance)
+    worst = measure_error(program, _explained(program, artifact), tolerance)
     record.max_abs_error, record.max_rel_error, record.tolerance = (
         worst.max_abs,
         worst.max_rel,
@@ -309,6 +309,28 @@ def _verify(
         record.held_back_batches = len(program.held_back)
         record.held_back_cosine, record.held_back_max_abs_error = held.cosine, held.max_abs
         _raise_unless_within(held, tolerance, record, strict, " on a held-back calibration batch")
+
+
+def _explained(program: Program, artifact: Artifact) -> Callable[[Sequence[torch.Tensor]], Sequence[torch.Tensor]]:
+    """``artifact.run``, whose failure with dynamic axes says at which shapes and axes (the exporter
+    can write a traced size into the graph, e.g. a recurrent layer's Reshape)."""
+
+    def run(inputs: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+        try:
+            return artifact.run(inputs)
+        except BackendError as exc:
+            axes = program.dynamic_axes
+            if not axes:
+                raise
+            shapes = ", ".join(f"{s.name}: {list(t.shape)}" for s, t in zip(program.inputs, inputs))
+            raise BackendError(
+                f"the {artifact.backend} artifact fails at input shapes {shapes} (dynamic axes {axes}): "
+                f"{exc.message.splitlines()[0]}",
+                hint="the exporter fixed a dynamic axis to its traced size: drop that axis from dynamic_axes, "
+                "or use backend='torch'",
+            ) from exc
+
+    return run
 
 
 def _raise_unless_within(

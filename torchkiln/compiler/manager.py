@@ -7,6 +7,7 @@ here, so a pass only rewrites.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Sequence
 
@@ -187,8 +188,23 @@ class PassManager:
                     instrument.after_pass(pass_, program, record)
             except Exception as exc:
                 done = ", ".join(r.spec for r in records)
-                cause = exc.message if isinstance(exc, KilnError) else f"{type(exc).__name__}: {exc}"
+                cause = exc.message if isinstance(exc, KilnError) else _cause(exc)
                 hint = exc.hint if isinstance(exc, KilnError) else None
                 raise PassError(f"while running {pass_.spec} after [{done}]: {cause}", hint=hint) from exc
             records.append(record)
         return records
+
+
+_EXECUTING = re.compile(r"While executing %(\S+) : .*?= (\w+)\[target=([^\]]+)\]")
+
+
+def _cause(exc: Exception) -> str:
+    """``Type: message``, led by the graph node that raised when fx's interpreter names one (its
+    report of the node comes after the message, often pages below the first line)."""
+    text = str(exc)
+    found = _EXECUTING.search(text)
+    message = text.split("\n\nWhile executing")[0].strip() if found else text
+    if found is None:
+        return f"{type(exc).__name__}: {message}"
+    node, _, target = found.groups()
+    return f"at node '{node}' ({target}): {type(exc).__name__}: {message}"

@@ -38,6 +38,7 @@ def convert(
     gm: fx.GraphModule, dtype: torch.dtype, keep_fp32: Iterable[str], example: tuple[torch.Tensor, ...], fp32_io: bool
 ) -> tuple[int, int]:
     """Convert ``gm`` in place; returns (ops in low precision, ops kept in fp32)."""
+    _drop_dtype_assertions(gm)
     keep = set(keep_fp32)
     wants: dict[fx.Node, torch.dtype] = {}
     for node in gm.graph.nodes:
@@ -51,6 +52,36 @@ def convert(
     _Caster(gm, wants, torch.float32 if fp32_io else dtype).run(*(t.clone() for t in example))
     low = sum(1 for w in wants.values() if w is dtype)
     return low, len(wants) - low
+
+
+def _drop_dtype_assertions(gm: fx.GraphModule) -> None:
+    """torch.export records ``x.to(dtype)`` with ``_assert_tensor_metadata(x, dtype=float32)``: a
+    check of the dtypes at trace time, which this conversion changes on purpose."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default:
+            gm.graph.erase_node(node)
+
+
+_FLOAT_CASTS = {torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype_layout}
+
+
+def _retarget_float_cast(node: fx.Node, value: Any, dtype: torch.dtype) -> None:
+    """A cast from one float dtype to another (``x.to(self.weight.dtype)``, ``x.float()``) was
+    written for the dtypes at trace time; in a converted graph it casts to what its op runs in.
+    Casts to or from integers keep their meaning and are left alone."""
+    if not (isinstance(value, torch.Tensor) and value.is_floating_point()):
+        return
+    if node.op == "call_method" and node.target in ("float", "double", "half", "bfloat16"):
+        node.target, node.args = "to", (node.args[0], dtype)
+    elif node.op == "call_method" and node.target == "to" or node.target in _FLOAT_CASTS:
+        args: list[Any] = list(node.args)
+        if len(args) > 1 and isinstance(args[1], torch.dtype) and args[1].is_floating_point:
+            args[1] = dtype
+        kwargs: dict[str, Any] = dict(node.kwargs)
+        cast_to = kwargs.get("dtype")
+        if isinstance(cast_to, torch.dtype) and cast_to.is_floating_point:
+            kwargs["dtype"] = dtype
+        node.args, node.kwargs = tuple(args), kwargs
 
 
 def _convert_attribute(gm: fx.GraphModule, target: str, dtype: torch.dtype) -> None:
@@ -82,6 +113,8 @@ class _Caster(fx.Interpreter):
                 value = self.env.get(arg)
                 if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != want:
                     n.replace_input_with(arg, self._cast(arg, want, n))
+            if n.op != "output" and n.all_input_nodes:
+                _retarget_float_cast(n, self.env.get(n.all_input_nodes[0]), want)
         with torch.no_grad():
             return super().run_node(n)
 
