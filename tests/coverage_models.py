@@ -25,7 +25,6 @@ class Arch:
     name: str
     family: str  # encoder | decoder | encoder-decoder | vision | audio | torch.nn
     build: Callable[[], tuple[nn.Module, dict[str, Any], dict[str, dict[int, str]]]]
-    slow: bool = False  # a full-size run of every case takes long: CI runs the fast ones
 
 
 def _text(model: nn.Module, *, mask: bool = True, seq: int = 8, **constants: Any):

@@ -10,6 +10,7 @@ differs from what its consumer runs in, found by running the graph once on the e
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -84,6 +85,21 @@ def _retarget_float_cast(node: fx.Node, value: Any, dtype: torch.dtype) -> None:
         node.args, node.kwargs = tuple(args), kwargs
 
 
+_FILLS = {torch.ops.aten.masked_fill.Scalar, torch.ops.aten.masked_fill_.Scalar, torch.ops.aten.fill.Scalar}
+
+
+def _clamp_fill_value(node: fx.Node, dtype: torch.dtype) -> None:
+    """Masks fill with ``torch.finfo(float32).min`` as "minus infinity"; in fp16 that value
+    overflows (torch raises), so it becomes the low dtype's own extreme, which plays the same role."""
+    if node.target not in _FILLS or not dtype.is_floating_point:
+        return
+    position = len(node.args) - 1
+    value = node.args[position]
+    limit = torch.finfo(dtype).max
+    if isinstance(value, float) and math.isfinite(value) and abs(value) > limit:
+        node.args = (*node.args[:position], math.copysign(limit, value))
+
+
 def _convert_attribute(gm: fx.GraphModule, target: str, dtype: torch.dtype) -> None:
     owner, _, leaf = target.rpartition(".")
     module = gm.get_submodule(owner) if owner else gm
@@ -115,6 +131,7 @@ class _Caster(fx.Interpreter):
                     n.replace_input_with(arg, self._cast(arg, want, n))
             if n.op != "output" and n.all_input_nodes:
                 _retarget_float_cast(n, self.env.get(n.all_input_nodes[0]), want)
+                _clamp_fill_value(n, want)
         with torch.no_grad():
             return super().run_node(n)
 
