@@ -269,27 +269,48 @@ def _rename_nodes(model: Any) -> None:
             del node.metadata_props[key]
 
 
+_EXECUTING = re.compile(r"While executing %(\w+) : .*?\[target=(?:torch\.ops\.)?([\w.]+)\]")
+_SUMMARY = re.compile(r"<class '(?:[\w.]*\.)?(\w+)'>: (.+)")
+
+
 def _explain_export_failure(exc: Exception, exported: Any, program: Program) -> ExportError:
-    text = "\n".join(f"{e}" for e in _chain(exc))
+    """Name the node the exporter failed at and the cause its exception chain gives; only an
+    error that says so is reported as a missing translation."""
+    chain = _chain(exc)
+    text = "\n".join(f"{e}" for e in chain)
+    executing = _EXECUTING.search(text)
+    if executing is not None:
+        node_name, op_name = executing.groups()
+        cause = next((f"{type(e).__name__}: {str(e).splitlines()[0]}" for e in reversed(chain) if str(e).strip()), "")
+        summary = _SUMMARY.search(text)
+        cause = f"{summary.group(1)}: {summary.group(2)}" if summary else cause
+        return ExportError(
+            f"ONNX export failed at node '{node_name}' ({op_name}): {cause}",
+            where=_node_where(exported, node_name=node_name),
+            hint="try another opset, fewer dynamic axes, or the torch backend",
+        )
     op = re.search(r"target=(?:torch\.ops\.)?([\w.]+)", text) or re.search(r"OpOverload\(op='([\w.]+)'", text)
     op_name = op.group(1) if op else None
-    where = None
-    if op_name:
-        short = op_name.split(".")[1] if "." in op_name else op_name
-        for node in exported.graph.nodes:
-            if node.op == "call_function" and short in str(node.target):
-                stack = node.meta.get("nn_module_stack") or {}
-                module = next(reversed(stack.values()))[0] if stack else "(root)"
-                where = f"FX node '{node.name}' in module '{module}'"
-                break
     return ExportError(
         f"ONNX export failed: no ONNX translation for {op_name or 'an operator'}"
         if op_name
         else f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}",
-        where=where,
+        where=_node_where(exported, op_name=op_name) if op_name else None,
         hint="replace the op, register a custom ONNX translation (torch.onnx custom_translation_table), "
         "or use the torch backend",
     )
+
+
+def _node_where(exported: Any, node_name: str | None = None, op_name: str | None = None) -> str | None:
+    short = op_name.split(".")[1] if op_name and "." in op_name else op_name
+    for node in exported.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if (node_name is not None and node.name == node_name) or (short is not None and short in str(node.target)):
+            stack = node.meta.get("nn_module_stack") or {}
+            module = next(reversed(stack.values()))[0] if stack else "(root)"
+            return f"FX node '{node.name}' in module '{module}'"
+    return f"FX node '{node_name}' (after the exporter's decompositions)" if node_name else None
 
 
 def _chain(exc: BaseException | None) -> list[BaseException]:
