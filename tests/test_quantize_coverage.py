@@ -43,8 +43,7 @@ class Projections(nn.Module):
 
 def _quantize(model, inputs, mode="dynamic", calibration=None, **kwargs):
     passes = f"quantize:mode={mode}"
-    calibration = calibration or ([inputs] * 3 if mode == "int8" else None)
-    calibration = calibration if mode == "int8" else None
+    calibration = (calibration or [inputs] * 3) if mode == "int8" else None
     compiled = compile_quietly(model, inputs, passes=passes, backend="torch", calibration_data=calibration, **kwargs)
     return next(p for p in compiled.report.passes if p.name == "quantize"), compiled
 
@@ -60,6 +59,16 @@ def test_projections_by_a_stored_matrix_are_linear_layers(frontend, mode):
     assert any(n.startswith("embed: left in float, an embedding lookup") for n in record.notes)
     other = torch.randint(0, 50, (2, 6))
     assert torch.nn.functional.cosine_similarity(compiled(other).flatten(), model(other).flatten(), dim=0) > 0.99
+
+
+def test_a_projection_keeps_one_copy_of_its_matrix():
+    program = trace(Projections().eval(), torch.randint(0, 50, (2, 6)), frontend="fx")
+    gm = program.graph_module
+    before = sum(p.numel() for p in gm.parameters())
+    find_layers(gm)
+    assert not hasattr(gm, "w")  # `h @ self.w`: its Wᵀ copy replaces it
+    assert hasattr(gm.c_attn, "weight")  # still read for its shape in Conv1D.forward
+    assert sum(p.numel() for p in gm.parameters()) == before + 16 * 32
 
 
 def test_a_projection_matrix_shared_with_another_use_is_kept():

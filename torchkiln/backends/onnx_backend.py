@@ -29,6 +29,7 @@ import torch
 
 from torchkiln.backends.base import Artifact, Backend, BackendOptions
 from torchkiln.backends.onnx_lowering import translation_table
+from torchkiln.compiler import graph as G
 from torchkiln.compiler.export import export_graph, quiet
 from torchkiln.compiler.options import option
 from torchkiln.compiler.program import Program
@@ -269,7 +270,6 @@ def _rename_nodes(model: Any) -> None:
             del node.metadata_props[key]
 
 
-_EXECUTING = re.compile(r"While executing %(\w+) : .*?\[target=(?:torch\.ops\.)?([\w.]+)\]")
 _SUMMARY = re.compile(r"<class '(?:[\w.]*\.)?(\w+)'>: (.+)")
 
 
@@ -278,9 +278,9 @@ def _explain_export_failure(exc: Exception, exported: Any, program: Program) -> 
     error that says so is reported as a missing translation."""
     chain = _chain(exc)
     text = "\n".join(f"{e}" for e in chain)
-    executing = _EXECUTING.search(text)
-    if executing is not None:
-        node_name, op_name = executing.groups()
+    failed = G.failed_node(text)
+    if failed is not None:
+        node_name, op_name = failed
         cause = next((f"{type(e).__name__}: {str(e).splitlines()[0]}" for e in reversed(chain) if str(e).strip()), "")
         summary = _SUMMARY.search(text)
         cause = f"{summary.group(1)}: {summary.group(2)}" if summary else cause
@@ -290,12 +290,12 @@ def _explain_export_failure(exc: Exception, exported: Any, program: Program) -> 
             hint="try another opset, fewer dynamic axes, or the torch backend",
         )
     op = re.search(r"target=(?:torch\.ops\.)?([\w.]+)", text) or re.search(r"OpOverload\(op='([\w.]+)'", text)
-    op_name = op.group(1) if op else None
+    missing = op.group(1) if op else None
     return ExportError(
-        f"ONNX export failed: no ONNX translation for {op_name or 'an operator'}"
-        if op_name
+        f"ONNX export failed: no ONNX translation for {missing}"
+        if missing
         else f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}",
-        where=_node_where(exported, op_name=op_name) if op_name else None,
+        where=_node_where(exported, op_name=missing) if missing else None,
         hint="replace the op, register a custom ONNX translation (torch.onnx custom_translation_table), "
         "or use the torch backend",
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import operator
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -198,3 +199,13 @@ def _embedding_table(gm: fx.GraphModule, user: fx.Node, ids: fx.Node) -> tuple[i
         return None
     label = getattr(weight, "target", getattr(weight, "name", "weight"))
     return int(meta.shape[0]), f"embedding '{label}' ({int(meta.shape[0])} rows)"
+
+
+_EXECUTING = re.compile(r"While executing %(\w+) : .*?\[target=(?:torch\.ops\.)?([^\]]+)\]")
+
+
+def failed_node(text: str) -> tuple[str, str] | None:
+    """(node name, target) from the report fx's interpreter appends to an exception raised while
+    running a graph (``While executing %view_4 : ... [target=torch.ops.aten.view.default]``)."""
+    found = _EXECUTING.search(text)
+    return (found.group(1), found.group(2)) if found else None

@@ -7,7 +7,6 @@ here, so a pass only rewrites.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable, Sequence
 
@@ -195,16 +194,12 @@ class PassManager:
         return records
 
 
-_EXECUTING = re.compile(r"While executing %(\S+) : .*?= (\w+)\[target=([^\]]+)\]")
-
-
 def _cause(exc: Exception) -> str:
     """``Type: message``, led by the graph node that raised when fx's interpreter names one (its
     report of the node comes after the message, often pages below the first line)."""
     text = str(exc)
-    found = _EXECUTING.search(text)
-    message = text.split("\n\nWhile executing")[0].strip() if found else text
-    if found is None:
-        return f"{type(exc).__name__}: {message}"
-    node, _, target = found.groups()
-    return f"at node '{node}' ({target}): {type(exc).__name__}: {message}"
+    failed = G.failed_node(text)
+    if failed is None:
+        return f"{type(exc).__name__}: {text}"
+    message = text.split("\n\nWhile executing")[0].strip()
+    return f"at node '{failed[0]}' ({failed[1]}): {type(exc).__name__}: {message}"

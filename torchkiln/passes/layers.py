@@ -178,7 +178,9 @@ def _from_functional(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     overload = op.padding if isinstance(padding, str) else op.default
     args: tuple[Any, ...] = (values["input"], weight, values.get("bias"))
     if op is not aten.linear:
-        args += tuple(values.get(k, d) for k, d in (("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1)))
+        args += tuple(
+            values.get(k, d) for k, d in (("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1))
+        )
     with gm.graph.inserting_before(node):
         call = gm.graph.call_function(overload, args)
     call.meta = dict(node.meta)
@@ -189,30 +191,36 @@ def _from_functional(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
 
 def _from_projection(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     """``addmm(b, x, W)`` / ``mm(x, W)`` / ``matmul(x, W)`` with a stored 2-D ``W`` → ``linear(x, Wᵀ, b)``."""
-    if node.kwargs and any(node.kwargs.get(k, 1) != 1 for k in ("beta", "alpha")) or len(node.kwargs) > 2:
-        return None  # scaled addmm: not a plain projection
-    if node.target in (aten.addmm.default, torch.addmm):
-        if len(node.args) != 3:
-            return None
-        bias, x, weight = node.args
-    elif len(node.args) == 2 and not node.kwargs:
-        bias, (x, weight) = None, node.args
-    else:
+    if set(node.kwargs) - {"beta", "alpha"} or any(node.kwargs.get(k, 1) != 1 for k in ("beta", "alpha")):
+        return None  # a scaled addmm is not a plain projection
+    addmm = node.target in (aten.addmm.default, torch.addmm)
+    if len(node.args) != (3 if addmm else 2):
         return None
+    bias, x, weight = node.args if addmm else (None, *node.args)
     if not _stored(gm, weight, dims=2) or (bias is not None and not _stored(gm, bias, dims=1)):
         return None
     assert isinstance(weight, fx.Node)
     value = G.get_attr_value(gm, str(weight.target))
     owner = str(weight.target).rpartition(".")[0]
     with gm.graph.inserting_before(node):
-        name = G.add_attribute(gm, f"{owner}.weight_t" if owner else "weight_t", value.detach().t().contiguous(), True)
+        name = G.add_attribute(
+            gm, f"{owner}.weight_t" if owner else "weight_t", value.detach().t().contiguous(), True
+        )
         transposed = gm.graph.get_attr(name)
         call = gm.graph.call_function(aten.linear.default, (x, transposed, bias))
     call.meta = dict(node.meta)
     node.replace_all_uses_with(call)
     gm.graph.erase_node(node)
-    if not weight.users:
+    if not weight.users:  # W itself is read nowhere else: keep only Wᵀ (params are counted once)
         gm.graph.erase_node(weight)
+        readers = [
+            n
+            for n in gm.graph.nodes
+            if n.target == weight.target or (n.op == "call_module" and f"{owner}.".startswith(f"{n.target}."))
+        ]
+        if not readers:  # no other get_attr of it, and no module call that owns it
+            module = gm.get_submodule(owner) if owner else gm
+            delattr(module, str(weight.target).rpartition(".")[2])
     return call
 
 
@@ -252,7 +260,11 @@ def weight_ops(gm: fx.GraphModule) -> list[WeightOp]:
             kind = "recurrent" if isinstance(module, nn.RNNBase) else kind
             kind = "layer" if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)) else kind
             ops.append(WeightOp(node, G.module_path(node), kind))
-        elif node.op == "call_function" and node.target in _WEIGHT_OPS and any(stored[a] for a in node.all_input_nodes):
+        elif (
+            node.op == "call_function"
+            and node.target in _WEIGHT_OPS
+            and any(stored[a] for a in node.all_input_nodes)
+        ):
             kind = "lookup" if node.target in _LOOKUPS else "other"
             kind = "recurrent" if node.target in _RECURRENT_OPS else kind
             ops.append(WeightOp(node, G.module_path(node), kind))
