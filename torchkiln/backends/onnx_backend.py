@@ -15,6 +15,7 @@ provider and session choices.
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import errno
 import re
@@ -195,7 +196,7 @@ def export_onnx(program: Program, options: OnnxOptions, directory: Path) -> None
 
     names = [s.name for s in program.inputs]
     try:
-        exported = export_graph(program.graph_module, names, program.example_inputs, program.dynamic_axes)
+        exported = export_graph(_for_export(program.graph_module), names, program.example_inputs, program.dynamic_axes)
     except Exception as exc:
         raise ExportError(f"torch.export of the rewritten graph failed: {type(exc).__name__}: {exc}") from exc
     try:
@@ -224,6 +225,28 @@ def export_onnx(program: Program, options: OnnxOptions, directory: Path) -> None
             onnx.checker.check_model(str(directory / MODEL_FILE))
         except Exception as exc:
             raise ExportError(f"the exported ONNX model failed onnx.checker: {exc}") from exc
+
+
+def _for_export(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """The graph as the exporter should see it (the program is not changed; weights are shared):
+    ``x.contiguous()`` becomes ``x.clone(memory_format=contiguous_format)``. With a dynamic axis,
+    the exporter's decomposition can take a transposed tensor for contiguous, drop the copy and
+    then fail to ``view`` it (T5's attention output: 'Cannot view a tensor with shape ...'); a
+    clone always copies. In ONNX both are an Identity."""
+    contiguous = [n for n in gm.graph.nodes if _is_contiguous(n)]
+    if not contiguous:
+        return gm
+    graph = copy.deepcopy(gm.graph)
+    for node in graph.nodes:
+        if _is_contiguous(node):
+            node.op, node.target = "call_function", torch.ops.aten.clone.default
+            node.args, node.kwargs = node.args[:1], {"memory_format": torch.contiguous_format}
+    return torch.fx.GraphModule(gm, graph)
+
+
+def _is_contiguous(node: torch.fx.Node) -> bool:
+    method = node.op == "call_method" and node.target == "contiguous"
+    return method or (node.op == "call_function" and node.target is torch.ops.aten.contiguous.default)
 
 
 def _rename_dims(model: Any, program: Program) -> None:
