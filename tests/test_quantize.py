@@ -252,6 +252,43 @@ def test_placement_follows_the_runtimes_fusion_rules():
     assert len(weights) == 3 and all(w.dtype is torch.int8 for w in weights)
 
 
+class PostNorm(nn.Module):
+    """A post-LN block over a masked residual stream (BERT, DeBERTa): LayerNorm(r + attention(r))
+    with r = x * mask; the sublayer's contribution is small, so at a padded position the sum is
+    tiny (the sublayer's bias) and LayerNorm scales it up to unit size."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.norm, self.head = nn.Linear(16, 16), nn.LayerNorm(16), nn.Linear(16, 4)
+        with torch.no_grad():
+            self.inner.weight.mul_(0.05)
+            self.inner.bias.uniform_(0.01, 0.05)
+
+    def forward(self, x, mask):
+        r = x * mask.unsqueeze(-1)
+        return self.head(self.norm(r + self.inner(r)))
+
+
+def test_a_residual_add_feeding_only_a_layernorm_keeps_a_float_output():
+    """Both add inputs are quantized, but its output goes only to a float LayerNorm: a Q/DQ there
+    gains no kernel and rounds the padded positions' tiny sums to nothing (DeBERTa's int8 output
+    had cosine 0 there on a padded calibration batch)."""
+    torch.manual_seed(0)
+    model = PostNorm().eval()
+    x, mask = torch.randn(2, 6, 16), torch.ones(2, 6)
+    mask[:, -2:] = 0
+    batches = [(torch.randn(2, 6, 16), mask) for _ in range(8)]
+    compiled = compile_quietly(model, (x, mask), passes="quantize", backend="torch", calibration_data=batches)
+    gm = compiled.artifact.module
+    quantized = [n.args[0] for n in gm.graph.nodes if n.target is QUANTIZE]
+    # the masked stream (the inner layer's input), its output, the norm's output, the head's output
+    assert len(quantized) == 4 and not any("add" in n.name for n in quantized), [n.name for n in quantized]
+    with torch.no_grad():
+        want = model(x, mask)
+    cosines = torch.nn.functional.cosine_similarity(compiled(x, mask)[:, -2:], want[:, -2:], dim=-1)
+    assert (cosines > 0.99).all(), cosines
+
+
 def test_ignore_and_min_macs_keep_layers_in_float_with_a_note():
     x = torch.randn(2, 3, 8, 8)
     compiled, _ = quantized_graph(ConvNet().eval(), x, passes="quantize:ignore=conv*")

@@ -6,7 +6,10 @@ Placement follows what ONNX Runtime's QDQ optimizer turns into integer kernels (
 * every activation *input* of a quantized conv / linear / matmul gets a Q/DQ pair;
 * the layer's *output* gets one after the activation it fuses with (ReLU, ReLU6), never between
   the layer and that activation — QLinearConv / QGemm / QLinearMatMul need it there;
-* a residual add whose two inputs are quantized gets one on its output (after a ReLU): QLinearAdd;
+* a residual add whose two inputs are quantized gets one on its output (after a ReLU): QLinearAdd
+  — unless it feeds only normalizations (LayerNorm in post-LN transformers): no integer kernel
+  gains there, and the norm amplifies the rounding wherever the sum is small (padded positions:
+  DeBERTa's went to cosine 0);
 * a tensor produced by a range-preserving op (max-pool, reshape, flatten, transpose) from a
   quantized tensor reuses that tensor's scale, so the runtime can drop the pair around the op.
 
@@ -45,6 +48,11 @@ _PASSTHROUGH = {
 }  # fmt: skip
 _PASSTHROUGH_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous"}
 _PASSTHROUGH_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.Flatten, nn.Identity)
+_NORM_FUNCTIONS = {
+    F.layer_norm, F.group_norm, aten.layer_norm.default, aten.native_layer_norm.default, aten.group_norm.default,
+    *((F.rms_norm, aten.rms_norm.default) if hasattr(aten, "rms_norm") else ()),
+}  # fmt: skip
+_NORM_MODULES = (nn.LayerNorm, nn.GroupNorm, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
 
 
 def _is(gm: fx.GraphModule, node: fx.Node, functions: set[Any], modules: tuple[type, ...], methods: set[str]) -> bool:
@@ -77,10 +85,12 @@ def plan(gm: fx.GraphModule, layers: Sequence[Layer]) -> dict[fx.Node, fx.Node]:
         wanted.update(_activation_inputs(layer))
         wanted.add(output_end(gm, layer.node))
     for node in gm.graph.nodes:  # topological order: chains of residual adds see their inputs
-        if node.op != "output" and _is(gm, node, _ADDS, (), {"add", "__add__"}):
+        if node.op != "output" and _is_add(gm, node):
             tensors = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+            end = output_end(gm, node)
             if len(tensors) == 2 and all(t in wanted for t in tensors):
-                wanted.add(output_end(gm, node))
+                if not end.users or not all(_is(gm, user, _NORM_FUNCTIONS, _NORM_MODULES, set()) for user in end.users):
+                    wanted.add(end)
     sources: dict[fx.Node, fx.Node] = {}
     for node in gm.graph.nodes:
         if node not in wanted:
@@ -89,6 +99,10 @@ def plan(gm: fx.GraphModule, layers: Sequence[Layer]) -> dict[fx.Node, fx.Node]:
         passthrough = _is(gm, node, _PASSTHROUGH, _PASSTHROUGH_MODULES, _PASSTHROUGH_METHODS)
         sources[node] = sources[first] if passthrough and isinstance(first, fx.Node) and first in sources else node
     return sources
+
+
+def _is_add(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return _is(gm, node, _ADDS, (), {"add", "__add__"})
 
 
 class _Recorder(fx.Interpreter):
