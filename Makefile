@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint bench fuzz-long gpu-check clean
+.PHONY: demo test test-slow coverage lint bench fuzz-long gpu-check clean
 
 # torch is pinned in its own step: an open range would pull the CUDA build (several GB).
 $(STAMP): pyproject.toml
@@ -17,7 +17,15 @@ demo: $(STAMP)
 	$(BIN)/kiln export resnet --dynamic-batch -o out/resnet
 
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not slow"
+
+# The long cases CI leaves out (the ONNX Runtime model-coverage matrix beyond one model per family).
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow
+
+# The whole model-coverage matrix; rewrites README's "Model coverage" table from what it measured.
+coverage: $(STAMP)
+	TORCHKILN_WRITE_COVERAGE=1 $(BIN)/python -m pytest tests/test_model_coverage.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check torchkiln tests bench
