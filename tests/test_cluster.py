@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SMALL_ZOO, compile_quietly
+from conftest import SWEEP_ZOO, compile_quietly
 from torch import nn
 
 from torchkiln import models
@@ -48,7 +48,7 @@ def test_clustered_cnn_file_shrinks():
     assert shared.report.artifact.cosine > 0.999
 
 
-@pytest.mark.parametrize("name", SMALL_ZOO)
+@pytest.mark.parametrize("name", SWEEP_ZOO)
 def test_zoo_clusters_and_runs_on_onnxruntime(name):
     entry = models.get(name)
     compiled = compile_quietly(

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import SMALL_ZOO, compile_quietly
+from tests.conftest import SWEEP_ZOO, compile_quietly
 from torchkiln import Tolerance, models
 from torchkiln.cli import main
 from torchkiln.compare import compare_artifact
@@ -50,7 +50,7 @@ def test_a_faithful_artifact_passes_every_module():
     assert len(result.layers) >= 30 and all(layer.passed for layer in result.layers)
 
 
-@pytest.mark.parametrize("name", SMALL_ZOO)
+@pytest.mark.parametrize("name", SWEEP_ZOO)
 def test_every_zoo_model_agrees_module_by_module(name):
     # A folded BN whose successor has another shape (mobilenet's last conv before the pooling)
     # once crashed the pairing; every module output that maps must agree for a faithful artifact.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SMALL_ZOO, compile_quietly, op_count
+from conftest import SWEEP_ZOO, compile_quietly, op_count
 from torch import nn
 
 from torchkiln import models
@@ -58,7 +58,7 @@ def test_rank_ratio_halves_the_rank():
     assert "0: rank 16 of 64, 4,096 -> 2,048 weights" in compiled.report.passes[0].notes
 
 
-@pytest.mark.parametrize("name", SMALL_ZOO)
+@pytest.mark.parametrize("name", SWEEP_ZOO)
 def test_zoo_factors_and_runs_on_onnxruntime(name):
     entry = models.get(name)
     compiled = compile_quietly(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SMALL_ZOO, compile_quietly
+from conftest import SWEEP_ZOO, compile_quietly
 from torch import nn
 
 from torchkiln import models
@@ -70,7 +70,7 @@ def test_kth_magnitude():
     assert kth_magnitude(values, 0.5) == 2.0 and kth_magnitude(values, 0.1) == -1.0
 
 
-@pytest.mark.parametrize("name", SMALL_ZOO)
+@pytest.mark.parametrize("name", SWEEP_ZOO)
 def test_zoo_prunes_and_runs_on_onnxruntime(name):
     entry = models.get(name)
     compiled = compile_quietly(
@@ -194,7 +194,7 @@ def test_round_to_keeps_hardware_friendly_widths():
     assert "0: 40 -> 24 channels" in compiled.report.passes[0].notes  # 20 rounded up to 24
 
 
-@pytest.mark.parametrize("name", SMALL_ZOO)
+@pytest.mark.parametrize("name", SWEEP_ZOO)
 def test_structured_pruning_runs_on_every_zoo_model(name):
     entry = models.get(name)
     model = entry.build()
