@@ -21,6 +21,7 @@ from torch.utils import _pytree as pytree
 from torchkiln.backends import Artifact, BackendOptions, get_backend
 from torchkiln.backends import backend_options as backend_options_for
 from torchkiln.compiler import cache as cache_module
+from torchkiln.compiler import causal_lm
 from torchkiln.compiler import graph as G
 from torchkiln.compiler.cache import Cache
 from torchkiln.compiler.calibration import CalibrationData, hold_back, no_progress, tqdm_progress
@@ -81,6 +82,8 @@ def compile(  # noqa: A001 - the public name users expect
     # Eager runs (checks, latency, the distillation teacher) use this copy, never the user's module;
     # trace makes its own full copy to rewrite.
     model = private_copy(model, share_parameters=True)
+    if causal_lm.wants_cache(model, example_inputs):  # the KV cache as tensors in and out
+        model, example_inputs, dynamic_axes = causal_lm.with_cache(model, example_inputs)
     options = backend_options_for(backend, backend_options)
     store = Cache(cache) if cache is not None else None
     if store is not None:  # hashing reads the data; a one-shot iterator must survive it

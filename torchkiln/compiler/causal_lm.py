@@ -1,0 +1,140 @@
+"""Decoder LMs with their KV cache: one graph for the prompt (prefill) and each new token (decode).
+
+A Hugging Face causal LM called with its cache returns a ``Cache`` object, which is not a tensor
+and cannot be a graph output. :func:`with_cache` wraps the model so that the cache is tensors in
+and out, as the peers do (Optimum's causal-lm-with-past, ONNX Runtime GenAI):
+
+* inputs ``input_ids`` [batch, sequence], ``attention_mask`` [batch, past + sequence] (when the
+  example has one), and ``past_key_<i>`` / ``past_value_<i>`` [batch, kv heads, past, head dim]
+  for every layer i;
+* outputs ``logits`` and ``present_key_<i>`` / ``present_value_<i>`` (the past with the new
+  positions appended).
+
+Batch, sequence, past (and the mask's total) are dynamic axes; a past of length 0 is the prompt.
+The layer shapes (grouped-query heads, head dim) are read from one eager call with the cache, not
+from config fields that differ between architectures. Positions come from the cache length
+(rotary and learned positions alike); left-padded batches need explicit positions (not yet).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchkiln.errors import InputError
+
+EXAMPLE_PAST = 2  # past length traced with: 0 and 1 would be specialized by torch.export
+
+
+def wants_cache(model: nn.Module, example_inputs: Any) -> bool:
+    """A Hugging Face causal LM whose example inputs leave its cache on (no ``use_cache=False``,
+    no ``past_key_values`` of their own)."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False) or not getattr(config, "use_cache", False):
+        return False
+    can_generate = getattr(model, "can_generate", None)
+    if not callable(can_generate) or not can_generate():
+        return False
+    if not isinstance(example_inputs, Mapping):
+        return False
+    return example_inputs.get("use_cache", True) is not False and "past_key_values" not in example_inputs
+
+
+def with_cache(
+    model: nn.Module, example_inputs: Mapping[str, Any]
+) -> tuple[nn.Module, dict[str, torch.Tensor], dict[str, dict[int, str]]]:
+    """The wrapped model, its example inputs (with a past of ``EXAMPLE_PAST`` positions) and its
+    dynamic axes."""
+    extra = sorted(set(example_inputs) - {"input_ids", "attention_mask", "use_cache"})
+    if "input_ids" not in example_inputs or extra:
+        raise InputError(
+            f"a causal LM with its KV cache takes input_ids (and attention_mask); got {sorted(example_inputs)}",
+            where="example_inputs",
+            hint="pass {'input_ids': ids} or {'input_ids': ids, 'attention_mask': mask}; "
+            "for a graph without the cache pass use_cache=False",
+        )
+    ids = example_inputs["input_ids"]
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
+        raise InputError("input_ids must be an integer tensor [batch, sequence]", where="input_ids")
+    mask = example_inputs.get("attention_mask")
+    shapes = _cache_shapes(model, ids)
+    inputs: dict[str, torch.Tensor] = {"input_ids": ids}
+    axes: dict[str, dict[int, str]] = {"input_ids": {0: "batch", 1: "sequence"}}
+    if mask is not None:
+        inputs["attention_mask"] = torch.cat([torch.ones(ids.shape[0], EXAMPLE_PAST, dtype=mask.dtype), mask], 1)
+        axes["attention_mask"] = {0: "batch", 1: "total"}
+    generator = torch.Generator().manual_seed(0)
+    for i, (key, value) in enumerate(shapes):
+        for kind, shape in (("key", key), ("value", value)):
+            name = f"past_{kind}_{i}"
+            inputs[name] = torch.randn(ids.shape[0], shape[0], EXAMPLE_PAST, shape[1], generator=generator)
+            axes[name] = {0: "batch", 2: "past"}
+    return _wrapper(model, len(shapes), mask is not None), inputs, axes
+
+
+def past_names(layers: int) -> list[str]:
+    return [f"past_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
+
+
+def _cache_shapes(model: nn.Module, ids: torch.Tensor) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """(heads, head dim) of every layer's keys and values, from one eager call with the cache."""
+    with torch.no_grad():
+        out = model(input_ids=ids[:1, :1], use_cache=True)
+    cache = getattr(out, "past_key_values", None)
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        raise InputError(
+            f"{type(model).__name__} returned no per-layer KV cache ({type(cache).__name__})",
+            hint="compile it with use_cache=False (a graph without the cache)",
+        )
+    shapes = []
+    for layer in layers:
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor) or keys.dim() != 4:
+            raise InputError(
+                f"{type(model).__name__}'s cache layer {type(layer).__name__} holds no [batch, heads, positions, dim] tensors",
+                hint="compile it with use_cache=False (a graph without the cache)",
+            )
+        shapes.append(((keys.shape[1], keys.shape[3]), (values.shape[1], values.shape[3])))
+    return shapes
+
+
+class CausalLMWithCache(nn.Module):
+    """``model`` with its cache as tensors; forward's signature is set per layer count."""
+
+    def __init__(self, model: nn.Module, layers: int, has_mask: bool):
+        super().__init__()
+        self.model, self.layers, self.has_mask = model, layers, has_mask
+
+    def run(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, past: list[torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        import transformers
+
+        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.layers)]
+        config: Any = self.model.config
+        cache = transformers.DynamicCache(ddp_cache_data=pairs, config=config)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+        result = {"logits": out.logits}
+        for i, layer in enumerate(out.past_key_values.layers):
+            result[f"present_key_{i}"], result[f"present_value_{i}"] = layer.keys, layer.values
+        return result
+
+
+def _wrapper(model: nn.Module, layers: int, has_mask: bool) -> nn.Module:
+    names = ["input_ids", *(["attention_mask"] if has_mask else []), *past_names(layers)]
+
+    def forward(self: CausalLMWithCache, *args: torch.Tensor, **kwargs: torch.Tensor) -> dict[str, torch.Tensor]:
+        bound = dict(zip(names, args)) | kwargs
+        return self.run(bound["input_ids"], bound.get("attention_mask"), [bound[n] for n in names[1 + has_mask :]])
+
+    positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    forward.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter("self", positional), *(inspect.Parameter(n, positional) for n in names)]
+    )
+    cls = type(f"{type(model).__name__}WithCache", (CausalLMWithCache,), {"forward": forward})
+    return cls(model, layers, has_mask).eval()
