@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import compile_quietly
 
+import torchkiln
 from torchkiln.compiler.causal_lm import past_names
 from torchkiln.errors import InputError
 
@@ -33,48 +34,92 @@ def _llama():
     return transformers.LlamaForCausalLM(config)
 
 
-def _greedy(compiled, ids: torch.Tensor, new_tokens: int, layers: int, kv_shape: dict[str, tuple[int, int]]):
-    """Prefill with an empty past, then one token at a time with the returned present."""
-    past = {n: torch.zeros(ids.shape[0], *kv_shape[n][:1], 0, kv_shape[n][1]) for n in past_names(layers)}
-    mask, step, tokens = torch.ones_like(ids), ids, []
-    for _ in range(new_tokens):
-        out = compiled(input_ids=step, attention_mask=mask, **past)
-        step = out["logits"][:, -1].argmax(-1, keepdim=True)
-        tokens.append(step)
-        past = {n: out[n.replace("past_", "present_")] for n in past}
-        mask = torch.cat([mask, torch.ones_like(step)], 1)
-    return torch.cat(tokens, 1)
-
-
-@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
-@pytest.mark.parametrize("build", [_gpt2, _llama], ids=["gpt2", "llama-gqa"])
-def test_greedy_decoding_with_the_cache_equals_transformers(build, backend):
+def _compiled(build, backend="onnxruntime", **kwargs):
     torch.manual_seed(0)
     lm = build().eval()
     example = torch.randint(3, VOCAB, (1, 4))
-    compiled = compile_quietly(lm, {"input_ids": example, "attention_mask": torch.ones_like(example)}, backend=backend)
-    names = [spec.name for spec in compiled.inputs]
+    inputs = {"input_ids": example, "attention_mask": torch.ones_like(example)}
+    return lm, compile_quietly(lm, inputs, backend=backend, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return _compiled(_gpt2)
+
+
+@pytest.mark.parametrize(
+    ("build", "backend"),
+    [
+        pytest.param(_gpt2, "onnxruntime", id="gpt2-onnxruntime"),
+        pytest.param(_gpt2, "torch", id="gpt2-torch", marks=pytest.mark.slow),
+        pytest.param(_llama, "onnxruntime", id="llama-gqa-onnxruntime"),
+        pytest.param(_llama, "torch", id="llama-gqa-torch"),
+    ],
+)
+def test_greedy_generate_equals_transformers(build, backend):
+    """Prefill with an empty past, then one token at a time: token for token what transformers'
+    generate(do_sample=False, num_beams=1) gives, for one prompt and a batch of two."""
+    lm, compiled = _compiled(build, backend)
     layers = lm.config.num_hidden_layers
-    assert names == ["input_ids", "attention_mask", *past_names(layers)]
-    kv_shape = {spec.name: (spec.shape[1], spec.shape[3]) for spec in compiled.inputs[2:]}
+    assert [spec.name for spec in compiled.inputs] == ["input_ids", "attention_mask", *past_names(layers)]
     if build is _llama:  # grouped-query attention: the cache holds the 2 KV heads, not the 4 query heads
-        assert set(kv_shape.values()) == {(2, 8)}
-    prompt = torch.randint(3, VOCAB, (1, 6))  # another length than the example's
-    ours = _greedy(compiled, prompt, 8, layers, kv_shape)
-    with torch.no_grad():
-        theirs = lm.generate(
-            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, min_new_tokens=8, do_sample=False,
-            num_beams=1,
-        )[:, prompt.shape[1]:]  # fmt: skip
-    assert ours.tolist() == theirs.tolist()
+        assert {(spec.shape[1], spec.shape[3]) for spec in compiled.inputs[2:]} == {(2, 8)}
+    for prompt in (torch.randint(3, VOCAB, (1, 6)), torch.randint(3, VOCAB, (2, 3))):  # not the example's shape
+        streamed = []
+        ours = compiled.generate(prompt, max_new_tokens=8, on_token=streamed.append)
+        with torch.no_grad():
+            theirs = lm.generate(
+                prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                num_beams=1,
+            )  # fmt: skip
+        assert ours.tolist() == theirs.tolist()
+        assert torch.stack(streamed, 1).tolist() == ours[:, prompt.shape[1] :].tolist()
 
 
-def test_use_cache_false_still_compiles_without_the_cache():
+def test_generation_stops_at_eos_samples_reproducibly_and_survives_save_load(gpt2, tmp_path):
+    _, compiled = gpt2
+    prompt = torch.randint(3, VOCAB, (2, 5))
+    greedy = compiled.generate(prompt, max_new_tokens=6)
+    eos = int(greedy[0, 5])  # row 0's first new token: row 0 stops at once, then gets padding
+    stopped = compiled.generate(prompt, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
+    assert stopped[0, 5] == eos and (stopped[0, 6:] == 0).all()
+    row, expected = greedy[1, 5:].tolist(), []
+    for token in row:  # row 1: greedy up to its own eos (if any), then padding
+        expected.append(token)
+        if token == eos:
+            break
+    expected += [0] * (len(row) - len(expected))
+    assert stopped[1, 5:].tolist() == expected[: stopped.shape[1] - 5]
+    assert compiled.generate(prompt, max_new_tokens=6, eos_token_id=eos, min_new_tokens=6).shape[1] == 11
+    sampled = compiled.generate(prompt, max_new_tokens=6, do_sample=True, top_k=20, top_p=0.9, temperature=0.8, seed=3)
+    again = compiled.generate(prompt, max_new_tokens=6, do_sample=True, top_k=20, top_p=0.9, temperature=0.8, seed=3)
+    assert sampled.tolist() == again.tolist()
+    loaded = torchkiln.load(compiled.save(tmp_path / "lm"))
+    assert loaded.generate(prompt, max_new_tokens=6).tolist() == greedy.tolist()
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
+        ({"top_p": 0.0}, "top_p must be in"),
+        ({"attention_mask": torch.tensor([[0, 1, 1]])}, "padded prompts need position inputs"),
+    ],
+)
+def test_bad_generation_settings_are_input_errors(gpt2, settings, message):
+    _, compiled = gpt2
+    with pytest.raises(InputError, match=message):
+        compiled.generate(torch.randint(3, VOCAB, (1, 3)), **settings)
+
+
+def test_use_cache_false_still_compiles_without_the_cache_and_cannot_generate():
     torch.manual_seed(0)
     lm = _gpt2().eval()
     ids = torch.randint(3, VOCAB, (1, 5))
     compiled = compile_quietly(lm, {"input_ids": ids, "use_cache": False}, backend="torch")
     assert [spec.name for spec in compiled.inputs] == ["input_ids"]
+    with pytest.raises(InputError, match="compiled without the KV cache: it cannot generate"):
+        compiled.generate(ids, max_new_tokens=2)
 
 
 def test_other_example_inputs_are_a_clear_error_with_the_cache_on():

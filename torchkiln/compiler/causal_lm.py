@@ -84,7 +84,7 @@ def _cache_shapes(model: nn.Module, ids: torch.Tensor) -> list[tuple[tuple[int, 
     """(heads, head dim) of every layer's keys and values, from one eager call with the cache."""
     with torch.no_grad():
         out = model(input_ids=ids[:1, :1], use_cache=True)
-    cache = getattr(out, "past_key_values", None)
+    cache = _returned_cache(out)
     layers = getattr(cache, "layers", None)
     if not layers:
         raise InputError(
@@ -103,6 +103,15 @@ def _cache_shapes(model: nn.Module, ids: torch.Tensor) -> list[tuple[tuple[int, 
     return shapes
 
 
+def _cache_keyword(model: nn.Module) -> str:
+    """transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns until 5.40)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _returned_cache(output: Any) -> Any:
+    return output["cache"] if "cache" in output else getattr(output, "past_key_values", None)
+
+
 class CausalLMWithCache(nn.Module):
     """``model`` with its cache as tensors; forward's signature is set per layer count."""
 
@@ -118,9 +127,10 @@ class CausalLMWithCache(nn.Module):
         pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.layers)]
         config: Any = self.model.config
         cache = transformers.DynamicCache(ddp_cache_data=pairs, config=config)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+        keyword = _cache_keyword(self.model)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **{keyword: cache})
         result = {"logits": out.logits}
-        for i, layer in enumerate(out.past_key_values.layers):
+        for i, layer in enumerate(_returned_cache(out).layers):
             result[f"present_key_{i}"], result[f"present_value_{i}"] = layer.keys, layer.values
         return result
 

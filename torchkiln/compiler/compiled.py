@@ -18,6 +18,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch.utils import _pytree as pytree
 
 from torchkiln.backends import Artifact, BackendOptions, backend_options, get_backend
@@ -74,6 +75,15 @@ class CompiledModel:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         flat = bind_inputs(self.inputs, args, kwargs, self.constants)
         return unflatten_outputs(self.artifact.run(flat), self.out_spec)
+
+    def generate(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **settings: Any
+    ) -> torch.Tensor:
+        """Prompt + generated tokens, for an artifact compiled with its KV cache: greedy, or
+        sampled with ``do_sample``; settings as :func:`torchkiln.compiler.generate.generate`."""
+        from torchkiln.compiler.generate import generate
+
+        return generate(self, input_ids, attention_mask, **settings)
 
     def __repr__(self) -> str:
         inputs = ", ".join(f"{s.name}: {s.dtype}{s.pretty_shape()}" for s in self.inputs)

@@ -1,0 +1,113 @@
+"""Token generation with an artifact compiled with its KV cache (:mod:`torchkiln.compiler.causal_lm`).
+
+The prompt runs with an empty past (prefill), then one token at a time with the returned present
+(decode). Greedy by default; with ``do_sample`` the logits are scaled by ``temperature`` and
+filtered by ``top_k`` / ``top_p`` before sampling from a generator seeded with ``seed``. A sequence
+stops at ``eos_token_id`` (then emits ``pad_token_id``); the loop stops when all have, or after
+``max_new_tokens``. ``on_token`` receives each step's tokens [batch].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from torchkiln.errors import InputError
+
+PAST = "past_"
+
+
+def generate(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int = 20,
+    min_new_tokens: int = 0,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    seed: int | None = None,
+    on_token: Callable[[torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """The prompt followed by up to ``max_new_tokens`` generated tokens, [batch, prompt + new]."""
+    specs = {spec.name: spec for spec in model.inputs}
+    past_names = [name for name in specs if name.startswith(PAST)]
+    if not past_names:
+        raise InputError(
+            "this artifact was compiled without the KV cache: it cannot generate",
+            hint="compile the causal LM with its cache on: torchkiln.compile(lm, {'input_ids': ids}) "
+            "without use_cache=False",
+        )
+    _check_settings(max_new_tokens, min_new_tokens, temperature, top_k, top_p)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+        raise InputError("input_ids must be an integer tensor [batch, prompt]", where="input_ids")
+    batch = input_ids.shape[0]
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    if mask.shape != input_ids.shape or not bool((mask != 0).all()):
+        raise InputError(
+            "attention_mask must be all ones with input_ids' shape: padded prompts need position inputs, "
+            "which this artifact does not have yet",
+            where="attention_mask",
+            hint="generate each prompt in its own call (batch of equal-length prompts is fine)",
+        )
+    past = {name: torch.zeros(batch, specs[name].shape[1], 0, specs[name].shape[3]) for name in past_names}
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    done = torch.zeros(batch, dtype=torch.bool)
+    tokens, step = [input_ids], input_ids
+    for index in range(max_new_tokens):
+        inputs = {"input_ids": step, **past}
+        if "attention_mask" in specs:
+            inputs["attention_mask"] = mask
+        out = model(**inputs)
+        logits = out["logits"][:, -1].float()
+        if eos_token_id is not None and index < min_new_tokens:
+            logits[:, eos_token_id] = -float("inf")
+        step = _pick(logits, do_sample, temperature, top_k, top_p, generator).unsqueeze(1)
+        if pad_token_id is not None:
+            step = torch.where(done.unsqueeze(1), torch.full_like(step, pad_token_id), step)
+        if eos_token_id is not None:
+            done |= step.squeeze(1) == eos_token_id
+        tokens.append(step)
+        if on_token is not None:
+            on_token(step.squeeze(1))
+        if bool(done.all()):
+            break
+        past = {name: out["present_" + name[len(PAST) :]] for name in past_names}
+        mask = torch.cat([mask, torch.ones_like(step)], 1)
+    return torch.cat(tokens, 1)
+
+
+def _check_settings(max_new_tokens: int, min_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+    if max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}", where="max_new_tokens")
+    if not 0 <= min_new_tokens <= max_new_tokens:
+        raise InputError(f"min_new_tokens must be in [0, max_new_tokens], got {min_new_tokens}", where="min_new_tokens")
+    if temperature <= 0:
+        raise InputError(f"temperature must be > 0, got {temperature}", where="temperature")
+    if top_k < 0:
+        raise InputError(f"top_k must be >= 0, got {top_k}", where="top_k")
+    if not 0 < top_p <= 1:
+        raise InputError(f"top_p must be in (0, 1], got {top_p}", where="top_p")
+
+
+def _pick(
+    logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float, generator: Any
+) -> torch.Tensor:
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    if top_p < 1:
+        ordered, order = torch.sort(logits, descending=True)
+        cumulative = ordered.softmax(-1).cumsum(-1)
+        drop = cumulative - ordered.softmax(-1) > top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), -float("inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
