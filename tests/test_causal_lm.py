@@ -26,12 +26,24 @@ def _gpt2():
     return transformers.GPT2LMHeadModel(config)
 
 
+_LLAMA_SIZES = dict(
+    vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    intermediate_size=64, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+)  # fmt: skip
+
+
 def _llama():
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=64, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )  # fmt: skip
-    return transformers.LlamaForCausalLM(config)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**_LLAMA_SIZES))
+
+
+def _qwen2():
+    config = transformers.Qwen2Config(**_LLAMA_SIZES)
+    return transformers.Qwen2ForCausalLM(config)
+
+
+def _phi3():
+    config = transformers.Phi3Config(**_LLAMA_SIZES)
+    return transformers.Phi3ForCausalLM(config)
 
 
 def _compiled(build, backend="onnxruntime", **kwargs):
@@ -53,7 +65,9 @@ def gpt2():
         pytest.param(_gpt2, "onnxruntime", id="gpt2-onnxruntime"),
         pytest.param(_gpt2, "torch", id="gpt2-torch", marks=pytest.mark.slow),
         pytest.param(_llama, "onnxruntime", id="llama-gqa-onnxruntime"),
-        pytest.param(_llama, "torch", id="llama-gqa-torch"),
+        pytest.param(_llama, "torch", id="llama-gqa-torch", marks=pytest.mark.slow),
+        pytest.param(_qwen2, "onnxruntime", id="qwen2-onnxruntime"),
+        pytest.param(_phi3, "onnxruntime", id="phi3-onnxruntime", marks=pytest.mark.slow),
     ],
 )
 def test_greedy_generate_equals_transformers(build, backend):
@@ -62,11 +76,13 @@ def test_greedy_generate_equals_transformers(build, backend):
     lm, compiled = _compiled(build, backend)
     layers = lm.config.num_hidden_layers
     assert [spec.name for spec in compiled.inputs] == ["input_ids", "attention_mask", *past_names(layers)]
-    if build is _llama:  # grouped-query attention: the cache holds the 2 KV heads, not the 4 query heads
+    if build is not _gpt2:  # grouped-query attention: the cache holds the 2 KV heads, not the 4 query heads
         assert {(spec.shape[1], spec.shape[3]) for spec in compiled.inputs[2:]} == {(2, 8)}
     for prompt in (torch.randint(3, VOCAB, (1, 6)), torch.randint(3, VOCAB, (2, 3))):  # not the example's shape
         streamed = []
-        ours = compiled.generate(prompt, max_new_tokens=8, on_token=streamed.append)
+        # transformers masks the config's EOS until min_new_tokens: the same settings on both sides
+        eos = lm.config.eos_token_id
+        ours = compiled.generate(prompt, max_new_tokens=8, min_new_tokens=8, eos_token_id=eos, on_token=streamed.append)
         with torch.no_grad():
             theirs = lm.generate(
                 prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, min_new_tokens=8, do_sample=False,
