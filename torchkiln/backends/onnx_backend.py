@@ -233,8 +233,7 @@ def _for_export(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     the exporter's decomposition can take a transposed tensor for contiguous, drop the copy and
     then fail to ``view`` it (T5's attention output: 'Cannot view a tensor with shape ...'); a
     clone always copies. In ONNX both are an Identity."""
-    contiguous = [n for n in gm.graph.nodes if _is_contiguous(n)]
-    if not contiguous:
+    if not any(_is_contiguous(n) for n in gm.graph.nodes):
         return gm
     graph = copy.deepcopy(gm.graph)
     for node in graph.nodes:

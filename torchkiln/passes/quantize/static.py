@@ -85,12 +85,12 @@ def plan(gm: fx.GraphModule, layers: Sequence[Layer]) -> dict[fx.Node, fx.Node]:
         wanted.update(_activation_inputs(layer))
         wanted.add(output_end(gm, layer.node))
     for node in gm.graph.nodes:  # topological order: chains of residual adds see their inputs
-        if node.op != "output" and _is_add(gm, node):
+        if node.op != "output" and _is(gm, node, _ADDS, (), {"add", "__add__"}):
             tensors = [a for a in node.args[:2] if isinstance(a, fx.Node)]
             end = output_end(gm, node)
-            if len(tensors) == 2 and all(t in wanted for t in tensors):
-                if not end.users or not all(_is(gm, user, _NORM_FUNCTIONS, _NORM_MODULES, set()) for user in end.users):
-                    wanted.add(end)
+            feeds_only_norms = bool(end.users) and all(_is(gm, u, _NORM_FUNCTIONS, _NORM_MODULES, set()) for u in end.users)
+            if len(tensors) == 2 and all(t in wanted for t in tensors) and not feeds_only_norms:
+                wanted.add(end)
     sources: dict[fx.Node, fx.Node] = {}
     for node in gm.graph.nodes:
         if node not in wanted:
@@ -99,10 +99,6 @@ def plan(gm: fx.GraphModule, layers: Sequence[Layer]) -> dict[fx.Node, fx.Node]:
         passthrough = _is(gm, node, _PASSTHROUGH, _PASSTHROUGH_MODULES, _PASSTHROUGH_METHODS)
         sources[node] = sources[first] if passthrough and isinstance(first, fx.Node) and first in sources else node
     return sources
-
-
-def _is_add(gm: fx.GraphModule, node: fx.Node) -> bool:
-    return _is(gm, node, _ADDS, (), {"add", "__add__"})
 
 
 class _Recorder(fx.Interpreter):
