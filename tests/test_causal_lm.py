@@ -72,30 +72,40 @@ def gpt2():
 )
 def test_greedy_generate_equals_transformers(build, backend):
     """Prefill with an empty past, then one token at a time: token for token what transformers'
-    generate(do_sample=False, num_beams=1) gives, for one prompt and a batch of two."""
+    generate(do_sample=False, num_beams=1) gives, for one prompt, a batch of two and a left-padded
+    batch of two (whose short row generates what it generates alone)."""
     lm, compiled = _compiled(build, backend)
     layers = lm.config.num_hidden_layers
-    assert [spec.name for spec in compiled.inputs] == ["input_ids", "attention_mask", *past_names(layers)]
+    names = ["input_ids", "attention_mask", "position_ids", *past_names(layers)]
+    assert [spec.name for spec in compiled.inputs] == names
     if build is not _gpt2:  # grouped-query attention: the cache holds the 2 KV heads, not the 4 query heads
-        assert {(spec.shape[1], spec.shape[3]) for spec in compiled.inputs[2:]} == {(2, 8)}
-    for prompt in (torch.randint(3, VOCAB, (1, 6)), torch.randint(3, VOCAB, (2, 3))):  # not the example's shape
+        assert {(spec.shape[1], spec.shape[3]) for spec in compiled.inputs[3:]} == {(2, 8)}
+    assert compiled.generation == {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "max_positions": 64}
+    padded = torch.randint(3, VOCAB, (2, 7))
+    padded[1, :3] = 0
+    padded_mask = (torch.arange(7) >= torch.tensor([[0], [3]])).long()
+    prompts = [  # none of them the example's shape
+        (torch.randint(3, VOCAB, (1, 6)), None), (torch.randint(3, VOCAB, (2, 3)), None), (padded, padded_mask)
+    ]  # fmt: skip
+    for prompt, mask in prompts:
         streamed = []
-        # transformers masks the config's EOS until min_new_tokens: the same settings on both sides
-        eos = lm.config.eos_token_id
-        ours = compiled.generate(prompt, max_new_tokens=8, min_new_tokens=8, eos_token_id=eos, on_token=streamed.append)
+        # transformers masks the config's EOS until min_new_tokens; ours defaults to the same EOS
+        ours = compiled.generate(prompt, mask, max_new_tokens=8, min_new_tokens=8, on_token=streamed.append)
         with torch.no_grad():
             theirs = lm.generate(
-                prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, min_new_tokens=8, do_sample=False,
-                num_beams=1,
+                prompt, attention_mask=torch.ones_like(prompt) if mask is None else mask, max_new_tokens=8,
+                min_new_tokens=8, do_sample=False, num_beams=1,
             )  # fmt: skip
         assert ours.tolist() == theirs.tolist()
         assert torch.stack(streamed, 1).tolist() == ours[:, prompt.shape[1] :].tolist()
+    alone = compiled.generate(padded[1:, 3:], max_new_tokens=8, min_new_tokens=8)
+    assert alone[0, 4:].tolist() == ours[1, 7:].tolist()
 
 
 def test_generation_stops_at_eos_samples_reproducibly_and_survives_save_load(gpt2, tmp_path):
     _, compiled = gpt2
     prompt = torch.randint(3, VOCAB, (2, 5))
-    greedy = compiled.generate(prompt, max_new_tokens=6)
+    greedy = compiled.generate(prompt, max_new_tokens=6, eos_token_id=None)  # the config's EOS off
     eos = int(greedy[0, 5])  # row 0's first new token: row 0 stops at once, then gets padding
     stopped = compiled.generate(prompt, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
     assert stopped[0, 5] == eos and (stopped[0, 6:] == 0).all()
@@ -111,7 +121,9 @@ def test_generation_stops_at_eos_samples_reproducibly_and_survives_save_load(gpt
     again = compiled.generate(prompt, max_new_tokens=6, do_sample=True, top_k=20, top_p=0.9, temperature=0.8, seed=3)
     assert sampled.tolist() == again.tolist()
     loaded = torchkiln.load(compiled.save(tmp_path / "lm"))
-    assert loaded.generate(prompt, max_new_tokens=6).tolist() == greedy.tolist()
+    assert loaded.generation == compiled.generation  # the defaults travel in the manifest
+    assert loaded.generate(prompt, max_new_tokens=6, eos_token_id=None).tolist() == greedy.tolist()
+    assert loaded.generate(prompt, max_new_tokens=6).tolist() == compiled.generate(prompt, max_new_tokens=6).tolist()
 
 
 @pytest.mark.parametrize(
@@ -119,13 +131,34 @@ def test_generation_stops_at_eos_samples_reproducibly_and_survives_save_load(gpt
     [
         ({"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
         ({"top_p": 0.0}, "top_p must be in"),
-        ({"attention_mask": torch.tensor([[0, 1, 1]])}, "padded prompts need position inputs"),
+        ({"attention_mask": torch.tensor([[1, 1]])}, "attention_mask must have input_ids' shape"),
+        ({"max_new_tokens": 62}, "a prompt of 3 tokens plus max_new_tokens=62 exceeds the model's 64 positions"),
     ],
 )
 def test_bad_generation_settings_are_input_errors(gpt2, settings, message):
     _, compiled = gpt2
     with pytest.raises(InputError, match=message):
         compiled.generate(torch.randint(3, VOCAB, (1, 3)), **settings)
+
+
+def test_a_prompt_longer_than_the_positions_is_an_input_error(gpt2):
+    _, compiled = gpt2
+    with pytest.raises(InputError, match="a prompt of 65 tokens plus max_new_tokens=1 exceeds the model's 64") as info:
+        compiled.generate(torch.randint(3, VOCAB, (1, 65)), max_new_tokens=1)
+    assert info.value.where == "input_ids"
+
+
+def test_without_a_mask_in_the_example_there_are_no_positions_and_padding_is_refused():
+    torch.manual_seed(0)
+    lm = _gpt2().eval()
+    compiled = compile_quietly(lm, {"input_ids": torch.randint(3, VOCAB, (1, 4))})
+    assert [spec.name for spec in compiled.inputs][:2] == ["input_ids", "past_key_0"]
+    prompt = torch.randint(3, VOCAB, (1, 5))
+    with torch.no_grad():
+        theirs = lm.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, min_new_tokens=5)
+    assert compiled.generate(prompt, max_new_tokens=5, min_new_tokens=5).tolist() == theirs.tolist()
+    with pytest.raises(InputError, match="no position_ids input: padded prompts would get the wrong positions"):
+        compiled.generate(prompt, torch.tensor([[0, 1, 1, 1, 1]]), max_new_tokens=2)
 
 
 def test_use_cache_false_still_compiles_without_the_cache_and_cannot_generate():

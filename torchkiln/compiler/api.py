@@ -82,7 +82,9 @@ def compile(  # noqa: A001 - the public name users expect
     # Eager runs (checks, latency, the distillation teacher) use this copy, never the user's module;
     # trace makes its own full copy to rewrite.
     model = private_copy(model, share_parameters=True)
+    generation = None
     if causal_lm.wants_cache(model, example_inputs):  # the KV cache as tensors in and out
+        generation = causal_lm.generation_settings(model)
         model, example_inputs, dynamic_axes = causal_lm.with_cache(model, example_inputs)
     options = backend_options_for(backend, backend_options)
     store = Cache(cache) if cache is not None else None
@@ -111,8 +113,9 @@ def compile(  # noqa: A001 - the public name users expect
     record.notes = artifact.notes()
     names = [p.spec for p in pipeline]
     return CompiledModel(
-        artifact, program.inputs, program.outputs, program.out_spec, report, options, names, program.constants
-    )
+        artifact, program.inputs, program.outputs, program.out_spec, report, options, names, program.constants,
+        generation,
+    )  # fmt: skip
 
 
 @dataclasses.dataclass

@@ -4,16 +4,21 @@ A Hugging Face causal LM called with its cache returns a ``Cache`` object, which
 and cannot be a graph output. :func:`with_cache` wraps the model so that the cache is tensors in
 and out, as the peers do (Optimum's causal-lm-with-past, ONNX Runtime GenAI):
 
-* inputs ``input_ids`` [batch, sequence], ``attention_mask`` [batch, past + sequence] (when the
-  example has one), and ``past_key_<i>`` / ``past_value_<i>`` [batch, kv heads, past, head dim]
+* inputs ``input_ids`` [batch, sequence], ``attention_mask`` [batch, past + sequence] and
+  ``position_ids`` [batch, sequence] (when the example has a mask; positions when the model's
+  forward takes them), and ``past_key_<i>`` / ``past_value_<i>`` [batch, kv heads, past, head dim]
   for every layer i;
 * outputs ``logits`` and ``present_key_<i>`` / ``present_value_<i>`` (the past with the new
   positions appended).
 
 Batch, sequence, past (and the mask's total) are dynamic axes; a past of length 0 is the prompt.
 The layer shapes (grouped-query heads, head dim) are read from one eager call with the cache, not
-from config fields that differ between architectures. Positions come from the cache length
-(rotary and learned positions alike); left-padded batches need explicit positions (not yet).
+from config fields that differ between architectures. Positions are an input so that a
+left-padded batch counts each row from its first real token, as transformers' generate does
+(``mask.cumsum(-1) - 1``); without a mask they come from the cache length.
+
+:func:`generation_settings` keeps what generation needs from the model's config (special tokens,
+the number of positions); it goes into the artifact's manifest.
 """
 
 from __future__ import annotations
@@ -64,20 +69,52 @@ def with_cache(
     shapes = _cache_shapes(model, ids)
     inputs: dict[str, torch.Tensor] = {"input_ids": ids}
     axes: dict[str, dict[int, str]] = {"input_ids": {0: "batch", 1: "sequence"}}
+    has_positions = mask is not None and "position_ids" in inspect.signature(model.forward).parameters
     if mask is not None:
         inputs["attention_mask"] = torch.cat([torch.ones(ids.shape[0], EXAMPLE_PAST, dtype=mask.dtype), mask], 1)
         axes["attention_mask"] = {0: "batch", 1: "total"}
+    if has_positions:
+        inputs["position_ids"] = positions(inputs["attention_mask"], ids.shape[1])
+        axes["position_ids"] = {0: "batch", 1: "sequence"}
     generator = torch.Generator().manual_seed(0)
     for i, (key, value) in enumerate(shapes):
         for kind, shape in (("key", key), ("value", value)):
             name = f"past_{kind}_{i}"
             inputs[name] = torch.randn(ids.shape[0], shape[0], EXAMPLE_PAST, shape[1], generator=generator)
             axes[name] = {0: "batch", 2: "past"}
-    return _wrapper(model, len(shapes), mask is not None), inputs, axes
+    names = [*inputs]
+    return _wrapper(model, names, len(shapes)), inputs, axes
+
+
+def positions(mask: torch.Tensor, sequence: int) -> torch.Tensor:
+    """The positions of the last ``sequence`` tokens under ``mask`` [batch, total]: each row counts
+    from its first unmasked token (padding gets 1), as transformers' generate computes them."""
+    counted = mask.long().cumsum(-1) - 1
+    return counted.masked_fill(mask == 0, 1)[:, mask.shape[1] - sequence :]
 
 
 def past_names(layers: int) -> list[str]:
     return [f"past_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
+
+
+_POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_positions")
+
+
+def generation_settings(model: nn.Module) -> dict[str, int | None]:
+    """Special tokens and the number of positions (``None`` where the config has none)."""
+    config = getattr(model, "config", None)
+    generation = getattr(model, "generation_config", None)
+
+    def token(name: str) -> int | None:
+        value = getattr(generation, name, None)
+        value = getattr(config, name, None) if value is None else value
+        if isinstance(value, list):  # several EOS ids: the first (generate takes one)
+            value = value[0] if value else None
+        return int(value) if isinstance(value, int) else None
+
+    limit = next((getattr(config, f) for f in _POSITION_FIELDS if isinstance(getattr(config, f, None), int)), None)
+    settings = {name: token(name) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    return settings | {"max_positions": limit}
 
 
 def _cache_shapes(model: nn.Module, ids: torch.Tensor) -> list[tuple[tuple[int, int], tuple[int, int]]]:
@@ -115,36 +152,34 @@ def _returned_cache(output: Any) -> Any:
 class CausalLMWithCache(nn.Module):
     """``model`` with its cache as tensors; forward's signature is set per layer count."""
 
-    def __init__(self, model: nn.Module, layers: int, has_mask: bool):
+    def __init__(self, model: nn.Module, layers: int):
         super().__init__()
-        self.model, self.layers, self.has_mask = model, layers, has_mask
+        self.model, self.layers = model, layers
 
-    def run(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, past: list[torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
+    def run(self, inputs: dict[str, torch.Tensor], past: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         import transformers
 
         pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.layers)]
         config: Any = self.model.config
         cache = transformers.DynamicCache(ddp_cache_data=pairs, config=config)
         keyword = _cache_keyword(self.model)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **{keyword: cache})
+        out = self.model(**inputs, use_cache=True, **{keyword: cache})
         result = {"logits": out.logits}
         for i, layer in enumerate(_returned_cache(out).layers):
             result[f"present_key_{i}"], result[f"present_value_{i}"] = layer.keys, layer.values
         return result
 
 
-def _wrapper(model: nn.Module, layers: int, has_mask: bool) -> nn.Module:
-    names = ["input_ids", *(["attention_mask"] if has_mask else []), *past_names(layers)]
+def _wrapper(model: nn.Module, names: list[str], layers: int) -> nn.Module:
+    cached = past_names(layers)
 
     def forward(self: CausalLMWithCache, *args: torch.Tensor, **kwargs: torch.Tensor) -> dict[str, torch.Tensor]:
         bound = dict(zip(names, args)) | kwargs
-        return self.run(bound["input_ids"], bound.get("attention_mask"), [bound[n] for n in names[1 + has_mask :]])
+        return self.run({n: bound[n] for n in names if n not in cached}, [bound[n] for n in cached])
 
     positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
     forward.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
         [inspect.Parameter("self", positional), *(inspect.Parameter(n, positional) for n in names)]
     )
     cls = type(f"{type(model).__name__}WithCache", (CausalLMWithCache,), {"forward": forward})
-    return cls(model, layers, has_mask).eval()
+    return cls(model, layers).eval()

@@ -57,6 +57,7 @@ class CompiledModel:
         options: BackendOptions,
         passes: list[str],
         constants: dict[str, Constant] | None = None,
+        generation: dict[str, int | None] | None = None,
     ):
         self.artifact = artifact
         self.inputs = inputs
@@ -67,6 +68,8 @@ class CompiledModel:
         self.passes = passes
         #: non-tensor inputs compiled in (``use_cache=False``): a call may repeat, not change them
         self.constants = dict(constants or {})
+        #: a causal LM's special tokens and positions (:func:`torchkiln.compiler.causal_lm.generation_settings`)
+        self.generation = dict(generation) if generation else None
 
     @property
     def backend(self) -> str:
@@ -111,6 +114,7 @@ class CompiledModel:
             "inputs": [s.to_dict() for s in self.inputs],
             "outputs": [s.to_dict() for s in self.outputs],
             "constants": self.constants,
+            **({"generation": self.generation} if self.generation else {}),
             "out_spec": portable_spec(self.out_spec),
             "passes": self.passes,
             "versions": versions(),
@@ -238,6 +242,7 @@ def _from_manifest(manifest: dict[str, Any], private: Path, source: Path) -> Com
         out_spec = pytree.treespec_loads(manifest["out_spec"])
         report = Report.from_dict(manifest["report"])
         constants = _constants(manifest.get("constants", {}))
+        generation = _generation(manifest.get("generation"))
     except KilnError as exc:
         raise ArtifactError(f"{MANIFEST} is invalid: {exc.message}", where=where) from exc
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -254,7 +259,16 @@ def _from_manifest(manifest: dict[str, Any], private: Path, source: Path) -> Com
             where=where,
             hint="every file an artifact uses is listed with its checksum; rebuild the artifact",
         ) from None
-    return CompiledModel(artifact, inputs, outputs, out_spec, report, options, list(manifest["passes"]), constants)
+    passes = list(manifest["passes"])
+    return CompiledModel(artifact, inputs, outputs, out_spec, report, options, passes, constants, generation)
+
+
+def _generation(value: Any) -> dict[str, int | None] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(v is None or type(v) is int for v in value.values()):
+        raise ValueError(f"'generation' must map names to integers or null, got {value!r}")
+    return value
 
 
 def _constants(value: Any) -> dict[str, Constant]:

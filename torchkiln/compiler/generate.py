@@ -5,6 +5,11 @@ The prompt runs with an empty past (prefill), then one token at a time with the 
 filtered by ``top_k`` / ``top_p`` before sampling from a generator seeded with ``seed``. A sequence
 stops at ``eos_token_id`` (then emits ``pad_token_id``); the loop stops when all have, or after
 ``max_new_tokens``. ``on_token`` receives each step's tokens [batch].
+
+A batch of prompts of different lengths is left-padded (``attention_mask`` 0 on the left); the
+artifact's ``position_ids`` input then counts each row from its first token. ``eos_token_id`` and
+``pad_token_id`` default to the model's (:data:`FROM_MODEL`, kept in the artifact's manifest);
+``None`` turns them off. The prompt plus ``max_new_tokens`` must fit the model's positions.
 """
 
 from __future__ import annotations
@@ -14,9 +19,19 @@ from typing import Any
 
 import torch
 
+from torchkiln.compiler.causal_lm import positions
 from torchkiln.errors import InputError
 
 PAST = "past_"
+
+
+class _FromModel:
+    def __repr__(self) -> str:
+        return "FROM_MODEL"
+
+
+#: a setting's default: the model's own value (``CompiledModel.generation``)
+FROM_MODEL: Any = _FromModel()
 
 
 def generate(
@@ -30,8 +45,8 @@ def generate(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
-    eos_token_id: int | None = None,
-    pad_token_id: int | None = None,
+    eos_token_id: int | None = FROM_MODEL,
+    pad_token_id: int | None = FROM_MODEL,
     seed: int | None = None,
     on_token: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
@@ -47,14 +62,31 @@ def generate(
     _check_settings(max_new_tokens, min_new_tokens, temperature, top_k, top_p)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
         raise InputError("input_ids must be an integer tensor [batch, prompt]", where="input_ids")
+    settings = getattr(model, "generation", None) or {}
+    if eos_token_id is FROM_MODEL:
+        eos_token_id = settings.get("eos_token_id")
+    if pad_token_id is FROM_MODEL:
+        pad_token_id = settings.get("pad_token_id")
+        pad_token_id = eos_token_id if pad_token_id is None else pad_token_id
+    limit = settings.get("max_positions")
+    if limit is not None and input_ids.shape[1] + max_new_tokens > limit:
+        raise InputError(
+            f"a prompt of {input_ids.shape[1]} tokens plus max_new_tokens={max_new_tokens} exceeds "
+            f"the model's {limit} positions",
+            where="input_ids" if input_ids.shape[1] >= limit else "max_new_tokens",
+            hint=f"keep prompt + max_new_tokens <= {limit} (shorten the prompt or ask for fewer tokens)",
+        )
     batch = input_ids.shape[0]
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-    if mask.shape != input_ids.shape or not bool((mask != 0).all()):
+    if not isinstance(mask, torch.Tensor) or mask.shape != input_ids.shape:
         raise InputError(
-            "attention_mask must be all ones with input_ids' shape: padded prompts need position inputs, "
-            "which this artifact does not have yet",
+            f"attention_mask must have input_ids' shape {list(input_ids.shape)}", where="attention_mask"
+        )
+    if "position_ids" not in specs and not bool((mask != 0).all()):
+        raise InputError(
+            "this artifact has no position_ids input: padded prompts would get the wrong positions",
             where="attention_mask",
-            hint="generate each prompt in its own call (batch of equal-length prompts is fine)",
+            hint="compile with an attention_mask in the example inputs, or generate each prompt in its own call",
         )
     past = {name: torch.zeros(batch, specs[name].shape[1], 0, specs[name].shape[3]) for name in past_names}
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -64,6 +96,8 @@ def generate(
         inputs = {"input_ids": step, **past}
         if "attention_mask" in specs:
             inputs["attention_mask"] = mask
+        if "position_ids" in specs:
+            inputs["position_ids"] = positions(mask, step.shape[1])
         out = model(**inputs)
         logits = out["logits"][:, -1].float()
         if eos_token_id is not None and index < min_new_tokens:
