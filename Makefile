@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-slow coverage lint bench fuzz-long gpu-check clean
+.PHONY: demo test test-slow coverage lm-quality lint bench fuzz-long gpu-check clean
 
 # torch is pinned in its own step: an open range would pull the CUDA build (several GB).
 $(STAMP): pyproject.toml
@@ -22,6 +22,10 @@ test: lint
 # The long cases CI leaves out (the ONNX Runtime model-coverage matrix beyond one model per family).
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
+
+# Trains the standard-library LM and checks held-out perplexity of every artifact precision (~5 min).
+lm-quality: $(STAMP)
+	$(BIN)/python -m pytest -m slow -s tests/test_lm_quality.py
 
 # The whole model-coverage matrix; rewrites README's "Model coverage" table from what it measured.
 coverage: $(STAMP)

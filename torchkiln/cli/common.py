@@ -28,7 +28,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "model",
         metavar="MODEL",
-        help="zoo name (see `kiln models`), path/to/file.py:factory or package.module:factory",
+        help="zoo name (see `kiln models`), path/to/file.py:factory, package.module:factory, or a Hugging "
+        "Face model directory (save_pretrained; loaded from local files, no remote code)",
     )
     parser.add_argument(
         "--input",
@@ -60,8 +61,13 @@ def stage_printer(quiet: bool) -> Callable[[str], None] | None:
     return lambda stage: print(f"kiln: {stage}", file=sys.stderr, flush=True)
 
 
-def load_model(spec: str) -> tuple[nn.Module, models.ZooEntry | None]:
-    """A zoo name, ``file.py:factory`` or ``package.module:factory`` → model in eval mode."""
+def load_model(spec: str, task: str | None = None) -> tuple[nn.Module, models.ZooEntry | None]:
+    """A zoo name, ``file.py:factory``, ``package.module:factory`` or a Hugging Face model
+    directory (for ``task``, see :mod:`torchkiln.cli.tasks`) → model in eval mode."""
+    from torchkiln.cli import tasks
+
+    if tasks.is_pretrained_directory(spec):
+        return tasks.load_pretrained(spec, task), None
     if ":" not in spec:
         entry = models.get(spec)
         return entry.build(), entry

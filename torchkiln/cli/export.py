@@ -7,6 +7,7 @@ import sys
 
 import torchkiln
 from torchkiln.backends import BACKEND_NAMES, get_backend
+from torchkiln.cli import tasks
 from torchkiln.cli.common import (
     add_model_arguments,
     calibration_batches,
@@ -32,6 +33,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_arguments(parser)
+    parser.add_argument(
+        "--task",
+        choices=tasks.TASKS,
+        help="text-generation: a causal LM with its KV cache, for `kiln generate` (default for a model "
+        "directory: from its config's architectures)",
+    )
     parser.add_argument(
         "--passes",
         default=",".join(DEFAULT_PASSES),
@@ -100,8 +107,16 @@ def _backend_options(items: list[str]) -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> int:
     check_destination(args.output, replaceable=is_artifact)  # before the work, not after it
-    model, entry = load_model(args.model)
-    inputs = example_inputs(args, entry)
+    model, entry = load_model(args.model, args.task)
+    task = args.task or (
+        tasks.inferred_task(args.model) if tasks.is_pretrained_directory(args.model) else None
+    )
+    if task is not None:
+        inputs = tasks.task_inputs(
+            model, task, example_inputs(args, entry) if args.input else None, args.seed
+        )
+    else:
+        inputs = example_inputs(args, entry)
     progress = stage_printer(args.quiet)
     compiled = torchkiln.compile(
         model,

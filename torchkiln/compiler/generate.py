@@ -88,17 +88,12 @@ def generate(
             where="attention_mask",
             hint="compile with an attention_mask in the example inputs, or generate each prompt in its own call",
         )
-    past = {name: torch.zeros(batch, specs[name].shape[1], 0, specs[name].shape[3]) for name in past_names}
+    past = empty_past(model, batch)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     done = torch.zeros(batch, dtype=torch.bool)
     tokens, step = [input_ids], input_ids
     for index in range(max_new_tokens):
-        inputs = {"input_ids": step, **past}
-        if "attention_mask" in specs:
-            inputs["attention_mask"] = mask
-        if "position_ids" in specs:
-            inputs["position_ids"] = positions(mask, step.shape[1])
-        out = model(**inputs)
+        out = model(**step_inputs(model, step, mask, past))
         logits = out["logits"][:, -1].float()
         if eos_token_id is not None and index < min_new_tokens:
             logits[:, eos_token_id] = -float("inf")
@@ -115,6 +110,33 @@ def generate(
         past = {name: out["present_" + name[len(PAST) :]] for name in past_names}
         mask = torch.cat([mask, torch.ones_like(step)], 1)
     return torch.cat(tokens, 1)
+
+
+def empty_past(model: Any, batch: int) -> dict[str, torch.Tensor]:
+    """The cache inputs of a prompt: every ``past_*`` input with 0 positions."""
+    return {
+        s.name: torch.zeros(batch, s.shape[1], 0, s.shape[3]) for s in model.inputs if s.name.startswith(PAST)
+    }
+
+
+def step_inputs(
+    model: Any, input_ids: torch.Tensor, mask: torch.Tensor, past: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The artifact's inputs for ``input_ids`` after ``past``: ``mask`` covers past + new tokens."""
+    names = {spec.name for spec in model.inputs}
+    inputs = {"input_ids": input_ids, **past}
+    if "attention_mask" in names:
+        inputs["attention_mask"] = mask
+    if "position_ids" in names:
+        inputs["position_ids"] = positions(mask, input_ids.shape[1])
+    return inputs
+
+
+def prompt_logits(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits [batch, sequence, vocab] of unpadded prompts, run with an empty cache."""
+    return model(
+        **step_inputs(model, input_ids, torch.ones_like(input_ids), empty_past(model, len(input_ids)))
+    )["logits"]
 
 
 def _check_settings(max_new_tokens: int, min_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:

@@ -1,0 +1,119 @@
+"""``kiln export --task text-generation`` of a Hugging Face model directory and ``kiln generate``
+with a local tokenizer directory (a byte-level BPE trained here, offline) or prompt ids."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from torchkiln.cli import main
+
+transformers = pytest.importorskip(
+    "transformers", reason="transformers is not installed (pip install 'torchkiln[hf]')"
+)
+stdlib_lm = pytest.importorskip("torchkiln.models.stdlib_lm")
+
+VOCAB = 300  # the byte alphabet (256), 3 special tokens and a few merges
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lm")
+    tokenizer = stdlib_lm.train_tokenizer(stdlib_lm.corpus()[:20000], root / "tokenizer", vocab_size=VOCAB)
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    lm = transformers.GPT2LMHeadModel(config).eval()
+    lm.save_pretrained(root / "model")
+    assert main(["export", str(root / "model"), "-o", str(root / "artifact"), "--quiet"]) == 0
+    return lm, tokenizer, root
+
+
+def test_export_infers_the_task_and_generate_prints_tokens_and_speed(exported, capsys):
+    lm, tokenizer, root = exported
+    assert (
+        main(
+            [
+                "generate",
+                str(root / "artifact"),
+                "--prompt-ids",
+                "5,6,7",
+                "--max-new-tokens",
+                "6",
+                "--min-new-tokens",
+                "6",
+            ]
+        )
+        == 0
+    )
+    out, err = capsys.readouterr()
+    with torch.no_grad():
+        prompt = torch.tensor([[5, 6, 7]])
+        theirs = lm.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, min_new_tokens=6
+        )
+    assert [int(t) for t in out.split()] == theirs[0, 3:].tolist()
+    assert "kiln: 6 tokens in " in err and "tokens/s, prompt 3 tokens)" in err
+
+    assert main(["generate", str(root / "artifact"), "--prompt", "def main(", "--tokenizer", str(root / "tokenizer"),
+                 "--max-new-tokens", "5", "--min-new-tokens", "5"]) == 0  # fmt: skip
+    out, err = capsys.readouterr()
+    ids = tokenizer("def main(")["input_ids"]
+    with torch.no_grad():
+        prompt = torch.tensor([ids])
+        theirs = lm.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, min_new_tokens=5
+        )
+    assert out.rstrip("\n") == tokenizer.decode(
+        theirs[0].tolist()
+    )  # the prompt, then the new text as it came
+    assert "kiln: 5 tokens in " in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--prompt", "x", "--tokenizer", "{root}/model"], "model is not a tokenizer directory"),
+        (["--prompt", "x"], "--prompt needs --tokenizer DIR"),
+        (["--prompt-ids", "1,2", "--max-new-tokens", "0"], "max_new_tokens must be >= 1, got 0"),
+        (["--prompt-ids", "1,2,300"], r"\[300\] outside the vocabulary \[0, 300\)"),
+        (["--prompt-ids", "1,x"], "bad --prompt-ids '1,x'"),
+        (
+            ["--prompt-ids", ",".join(["5"] * 60), "--max-new-tokens", "8"],
+            "a prompt of 60 tokens plus max_new_tokens=8 exceeds the model's 64 positions",
+        ),
+    ],
+)
+def test_bad_generate_arguments_are_one_line_errors(exported, capsys, argv, message):
+    _, _, root = exported
+    code = main(["generate", str(root / "artifact"), *(a.format(root=root) for a in argv)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert re.search(message, err), err
+
+
+def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(exported, capsys, tmp_path):
+    _, _, root = exported
+    stdlib_lm.train_tokenizer(stdlib_lm.corpus()[:20000], tmp_path / "big", vocab_size=400)
+    assert (
+        main(["generate", str(root / "artifact"), "--prompt", "x", "--tokenizer", str(tmp_path / "big")]) == 2
+    )
+    assert "has 400 tokens, the model only 300" in capsys.readouterr().err
+
+
+def test_an_artifact_without_the_cache_cannot_generate_and_task_needs_a_causal_lm(capsys, tmp_path):
+    assert main(["export", "mlp", "-o", str(tmp_path / "mlp"), "--quiet"]) == 0
+    assert main(["generate", str(tmp_path / "mlp"), "--prompt-ids", "1,2"]) == 2
+    assert "compiled without the KV cache: it cannot generate" in capsys.readouterr().err
+    assert main(["export", "mlp", "--task", "text-generation", "-o", str(tmp_path / "x"), "--quiet"]) == 2
+    assert "MLP is not a causal LM with a KV cache" in capsys.readouterr().err

@@ -1,0 +1,120 @@
+"""``kiln generate``: generate tokens with an artifact compiled with its KV cache (``kiln export
+--task text-generation``), printing them as they come and the decode speed at the end."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+import torchkiln
+from torchkiln.cli import tasks
+from torchkiln.errors import InputError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "generate", help="generate text with a text-generation artifact", description=__doc__
+    )
+    parser.add_argument(
+        "artifact", metavar="ARTIFACT", help="artifact directory (kiln export --task text-generation)"
+    )
+    prompt = parser.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text (needs --tokenizer)")
+    prompt.add_argument("--prompt-ids", metavar="IDS", help="prompt token ids, comma-separated: 1,2,3")
+    parser.add_argument("--tokenizer", metavar="DIR", help="a local Hugging Face tokenizer directory")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--min-new-tokens", type=int, default=0)
+    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, help="seed for sampling (reproducible output)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.prompt is not None and not args.tokenizer:
+        raise InputError(
+            "--prompt needs --tokenizer DIR", where="--prompt", hint="or give --prompt-ids 1,2,3"
+        )
+    tokenizer = tasks.load_tokenizer(args.tokenizer) if args.tokenizer else None
+    compiled = torchkiln.load(args.artifact)
+    vocab = _vocabulary(compiled)
+    if tokenizer is not None and vocab is not None and len(tokenizer) > vocab:
+        raise InputError(
+            f"the tokenizer in {args.tokenizer} has {len(tokenizer)} tokens, the model only {vocab}",
+            where=args.tokenizer,
+            hint="pass the tokenizer the model was trained with",
+        )
+    ids = _prompt_ids(args, tokenizer, vocab)
+    printer = _Printer(tokenizer, ids[0].tolist())
+    start = time.perf_counter()
+    out = compiled.generate(
+        ids, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, do_sample=args.do_sample,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, on_token=printer,
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    new = out.shape[1] - ids.shape[1]
+    print(flush=True)
+    print(
+        f"kiln: {new} tokens in {seconds:.2f} s ({new / seconds:.1f} tokens/s, prompt {ids.shape[1]} tokens)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _vocabulary(compiled: Any) -> int | None:
+    """The logits' last dimension (the outputs are named through the output structure)."""
+    named = pytree.tree_unflatten(compiled.outputs, compiled.out_spec)
+    logits = named.get("logits") if isinstance(named, dict) else None
+    size = logits.shape[-1] if logits is not None else None
+    return size if isinstance(size, int) else None
+
+
+def _prompt_ids(args: argparse.Namespace, tokenizer: Any, vocab: int | None) -> torch.Tensor:
+    if args.prompt is not None:
+        ids = tokenizer(args.prompt)["input_ids"]
+        if not ids:
+            raise InputError("the prompt is empty after tokenization", where="--prompt")
+        return torch.tensor([ids])
+    try:
+        ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+    except ValueError:
+        raise InputError(
+            f"bad --prompt-ids '{args.prompt_ids}'", where="--prompt-ids", hint="write 1,2,3"
+        ) from None
+    bad = [t for t in ids if t < 0 or (vocab is not None and t >= vocab)]
+    if not ids or bad:
+        raise InputError(
+            f"bad --prompt-ids '{args.prompt_ids}'"
+            + (f": {bad} outside the vocabulary [0, {vocab})" if bad else ""),
+            where="--prompt-ids",
+        )
+    return torch.tensor([ids])
+
+
+class _Printer:
+    """Prints each new token as it comes: text through the tokenizer (the decoded suffix, so that
+    multi-token characters appear whole), else the token id."""
+
+    def __init__(self, tokenizer: Any, prompt: list[int]):
+        self.tokenizer, self.tokens = tokenizer, list(prompt)
+        self.shown = len(tokenizer.decode(prompt)) if tokenizer is not None else 0
+        if tokenizer is not None:
+            print(tokenizer.decode(prompt), end="", flush=True)
+
+    def __call__(self, step: torch.Tensor) -> None:
+        token = int(step[0])
+        self.tokens.append(token)
+        if self.tokenizer is None:
+            print(token, end=" ", flush=True)
+            return
+        text = self.tokenizer.decode(self.tokens)
+        if not text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next byte
+            print(text[self.shown :], end="", flush=True)
+            self.shown = len(text)

@@ -1,0 +1,121 @@
+"""Hugging Face model directories and generation tasks for the CLI (``--task``).
+
+A directory written by ``save_pretrained`` is loaded with transformers' Auto classes from local
+files only and never with ``trust_remote_code`` (loading executes no code from the directory).
+``text-generation`` compiles a causal LM with its KV cache (:mod:`torchkiln.compiler.causal_lm`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchkiln.compiler import causal_lm
+from torchkiln.errors import ConfigError, InputError
+
+TASKS = ("text-generation", "text2text-generation")
+EXAMPLE_TOKENS = 8
+
+
+def is_pretrained_directory(spec: str) -> bool:
+    return Path(spec).is_dir() and (Path(spec) / "config.json").is_file()
+
+
+def load_pretrained(directory: str, task: str | None) -> nn.Module:
+    """The model of a ``save_pretrained`` directory for ``task`` (inferred from the config's
+    architectures when None), in eval mode."""
+    task = task or inferred_task(directory)
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ConfigError(
+            "loading a Hugging Face model directory needs transformers", hint="pip install 'torchkiln[hf]'"
+        ) from exc
+    auto = (
+        transformers.AutoModelForCausalLM if task == "text-generation" else transformers.AutoModelForSeq2SeqLM
+    )
+    try:
+        model = auto.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"cannot load {directory} for {task}: {first}",
+            where=directory,
+            hint="MODEL must be a save_pretrained directory of a model that has this task",
+        ) from None
+    return model.eval()
+
+
+def inferred_task(directory: str) -> str:
+    path = Path(directory) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}", where=str(path)) from None
+    architectures = config.get("architectures") or []
+    if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in architectures):
+        return "text-generation"
+    if config.get("is_encoder_decoder") and any(
+        a.endswith("ForConditionalGeneration") for a in architectures
+    ):
+        return "text2text-generation"
+    raise ConfigError(
+        f"cannot tell the task of {directory} from its architectures {architectures}",
+        where=str(path),
+        hint=f"pass --task ({' or '.join(TASKS)})",
+    )
+
+
+def task_inputs(
+    model: nn.Module, task: str, given: dict[str, torch.Tensor] | None, seed: int
+) -> dict[str, torch.Tensor]:
+    """Example inputs for ``task``: the given ones, else a prompt of :data:`EXAMPLE_TOKENS` random
+    ordinary tokens with its attention mask. A text-generation model must be a causal LM with a cache."""
+    if task == "text-generation" and not causal_lm.wants_cache(model, {"input_ids": None}):
+        raise ConfigError(
+            f"{type(model).__name__} is not a causal LM with a KV cache: --task text-generation does not apply",
+            hint="drop --task to compile its forward as it is",
+        )
+    if given:
+        unknown = sorted(set(given) - {"input_ids", "attention_mask"})
+        if unknown:
+            raise InputError(
+                f"--task {task} takes input_ids and attention_mask, not {unknown}",
+                where=unknown[0],
+                hint="e.g. --input input_ids=1x16:int64:VOCAB",
+            )
+        return given
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
+    if vocab < 4:
+        raise InputError(
+            f"{type(model).__name__}'s config has no vocab_size",
+            hint="give --input input_ids=1x8:int64:VOCAB",
+        )
+    ids = torch.randint(3, vocab, (1, EXAMPLE_TOKENS), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def load_tokenizer(directory: str) -> Any:
+    """A transformers tokenizer from a local directory, or a one-line ConfigError naming it."""
+    path = Path(directory)
+    if not path.is_dir() or not any(
+        (path / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")
+    ):
+        raise ConfigError(
+            f"{directory} is not a tokenizer directory (no tokenizer.json or tokenizer_config.json)",
+            where=directory,
+            hint="pass the directory a tokenizer's save_pretrained wrote",
+        )
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(
+            directory, local_files_only=True, trust_remote_code=False
+        )
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"cannot load the tokenizer in {directory}: {first}", where=directory) from None
