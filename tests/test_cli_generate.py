@@ -3,6 +3,7 @@ with a local tokenizer directory (a byte-level BPE trained here, offline) or pro
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -117,3 +118,31 @@ def test_an_artifact_without_the_cache_cannot_generate_and_task_needs_a_causal_l
     assert "compiled without the KV cache: it cannot generate" in capsys.readouterr().err
     assert main(["export", "mlp", "--task", "text-generation", "-o", str(tmp_path / "x"), "--quiet"]) == 2
     assert "MLP is not a causal LM with a KV cache" in capsys.readouterr().err
+
+
+def test_an_encoder_decoder_directory_exports_as_two_parts_and_generates(capsys, tmp_path):
+    torch.manual_seed(0)
+    config = transformers.BartConfig(
+        vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+        bos_token_id=0, pad_token_id=1, eos_token_id=2, decoder_start_token_id=2, init_std=0.3,
+    )  # fmt: skip
+    model = transformers.BartForConditionalGeneration(config).eval()
+    model.save_pretrained(tmp_path / "bart")
+    assert main(["export", str(tmp_path / "bart"), "-o", str(tmp_path / "artifact"), "--json"]) == 0
+    reports = json.loads(capsys.readouterr().out)
+    assert reports["encoder"]["model"] == "BartForConditionalGenerationEncoder"
+    assert reports["decoder"]["model"] == "BartForConditionalGenerationDecoderWithCache"
+    assert main(["generate", str(tmp_path / "artifact"), "--prompt-ids", "5,6,7,8", "--max-new-tokens", "5"]) == 0
+    out = capsys.readouterr().out
+    with torch.no_grad():
+        prompt = torch.tensor([[5, 6, 7, 8]])
+        theirs = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, do_sample=False)
+    assert [int(t) for t in out.split()] == theirs[0, 1:].tolist()
+
+
+def test_a_task_the_directory_cannot_serve_is_a_one_line_error(exported, capsys, tmp_path):
+    _, _, root = exported
+    assert main(["export", str(root / "model"), "--task", "text2text-generation", "-o", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot load" in err and "for text2text-generation" in err and len(err.strip().splitlines()) == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import torchkiln
@@ -18,7 +19,7 @@ from torchkiln.cli.common import (
     tolerance_from_flags,
 )
 from torchkiln.compiler.api import DEFAULT_PASSES
-from torchkiln.compiler.compiled import is_artifact
+from torchkiln.compiler.compiled import CompiledEncoderDecoder, is_artifact
 from torchkiln.compiler.files import check_destination
 from torchkiln.compiler.verify import Tolerance
 from torchkiln.errors import ConfigError
@@ -36,8 +37,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--task",
         choices=tasks.TASKS,
-        help="text-generation: a causal LM with its KV cache, for `kiln generate` (default for a model "
-        "directory: from its config's architectures)",
+        help="text-generation: a causal LM with its KV cache; text2text-generation: an encoder-decoder as "
+        "encoder + decoder with its cache; both for `kiln generate` (default for a model directory: from "
+        "its config's architectures)",
     )
     parser.add_argument(
         "--passes",
@@ -134,6 +136,13 @@ def run(args: argparse.Namespace) -> int:
     )
     compiled.save(args.output)
     if not args.quiet:
-        print(compiled.report.to_json() if args.json else compiled.report.table())
+        if isinstance(compiled, CompiledEncoderDecoder):  # two artifacts, two reports
+            parts = {"encoder": compiled.encoder.report, "decoder": compiled.decoder.report}
+            if args.json:
+                print(json.dumps({part: report.to_dict() for part, report in parts.items()}, indent=2, default=str))
+            else:
+                print("\n".join(f"{part}: {report.table()}" for part, report in parts.items()))
+        else:
+            print(compiled.report.to_json() if args.json else compiled.report.table())
         print(f"kiln: wrote {args.output}", file=sys.stderr)
     return 0

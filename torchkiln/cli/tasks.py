@@ -2,7 +2,9 @@
 
 A directory written by ``save_pretrained`` is loaded with transformers' Auto classes from local
 files only and never with ``trust_remote_code`` (loading executes no code from the directory).
-``text-generation`` compiles a causal LM with its KV cache (:mod:`torchkiln.compiler.causal_lm`).
+``text-generation`` compiles a causal LM with its KV cache (:mod:`torchkiln.compiler.causal_lm`),
+``text2text-generation`` an encoder-decoder as an encoder and a decoder with its cache
+(:mod:`torchkiln.compiler.seq2seq`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchkiln.compiler import causal_lm
+from torchkiln.compiler import causal_lm, seq2seq
 from torchkiln.errors import ConfigError, InputError
 
 TASKS = ("text-generation", "text2text-generation")
@@ -75,9 +77,11 @@ def task_inputs(
 ) -> dict[str, torch.Tensor]:
     """Example inputs for ``task``: the given ones, else a prompt of :data:`EXAMPLE_TOKENS` random
     ordinary tokens with its attention mask. A text-generation model must be a causal LM with a cache."""
-    if task == "text-generation" and not causal_lm.wants_cache(model, {"input_ids": None}):
+    fits = (causal_lm if task == "text-generation" else seq2seq).wants_cache(model, {"input_ids": None})
+    if not fits:
+        kind = "a causal LM" if task == "text-generation" else "an encoder-decoder LM"
         raise ConfigError(
-            f"{type(model).__name__} is not a causal LM with a KV cache: --task text-generation does not apply",
+            f"{type(model).__name__} is not {kind} with a KV cache: --task {task} does not apply",
             hint="drop --task to compile its forward as it is",
         )
     if given:

@@ -21,18 +21,18 @@ from torch.utils import _pytree as pytree
 from torchkiln.backends import Artifact, BackendOptions, get_backend
 from torchkiln.backends import backend_options as backend_options_for
 from torchkiln.compiler import cache as cache_module
-from torchkiln.compiler import causal_lm
+from torchkiln.compiler import causal_lm, seq2seq
 from torchkiln.compiler import graph as G
 from torchkiln.compiler.cache import Cache
 from torchkiln.compiler.calibration import CalibrationData, hold_back, no_progress, tqdm_progress
-from torchkiln.compiler.compiled import CompiledModel, versions
+from torchkiln.compiler.compiled import CompiledEncoderDecoder, CompiledModel, versions
 from torchkiln.compiler.manager import PassManager, default_instruments
 from torchkiln.compiler.passes import Pass, PassItem, parse_pipeline
 from torchkiln.compiler.program import Check, Program, deterministic, fresh
 from torchkiln.compiler.report import ArtifactRecord, Report
 from torchkiln.compiler.trace import DynamicAxes, private_copy, trace
 from torchkiln.compiler.verify import FP32, ErrorStats, Tolerance, compare
-from torchkiln.errors import ArtifactError, BackendError, KilnError, VerificationError
+from torchkiln.errors import ArtifactError, BackendError, ConfigError, KilnError, VerificationError
 
 DEFAULT_PASSES = ("cleanup", "fold_batchnorm")
 
@@ -82,7 +82,29 @@ def compile(  # noqa: A001 - the public name users expect
     # Eager runs (checks, latency, the distillation teacher) use this copy, never the user's module;
     # trace makes its own full copy to rewrite.
     model = private_copy(model, share_parameters=True)
-    generation = None
+    if seq2seq.wants_cache(model, example_inputs):  # an encoder and a decoder with its cache
+        if any(d is not None for d in (calibration_data, train_data, val_data)):
+            raise ConfigError(
+                "calibration / training data for an encoder-decoder compiled with its cache is not supported yet",
+                hint="use passes that need no data (cleanup, quantize mode=dynamic / weight_only / fp16)",
+            )
+        pair_settings = seq2seq.settings(model)
+        (encoder, encoder_inputs, encoder_axes), (decoder, decoder_inputs, decoder_axes) = seq2seq.split(
+            model, example_inputs
+        )
+        common: dict[str, Any] = dict(
+            passes=passes, backend=backend, backend_options=backend_options, verify=verify, tolerance=tolerance,
+            frontend=frontend, leaf_modules=leaf_modules, latency_runs=latency_runs, cache=cache,
+        )  # fmt: skip
+        parts = []
+        for part, module, inputs, axes in (
+            ("encoder", encoder, encoder_inputs, encoder_axes), ("decoder", decoder, decoder_inputs, decoder_axes)
+        ):  # fmt: skip
+            say(f"{part}:")
+            label = f"{name} {part}" if name else None
+            parts.append(compile(module, inputs, dynamic_axes=axes, name=label, progress=progress, **common))
+        return CompiledEncoderDecoder(parts[0], parts[1], pair_settings)
+    generation: dict[str, int | None] | None = None
     if causal_lm.wants_cache(model, example_inputs):  # the KV cache as tensors in and out
         generation = causal_lm.generation_settings(model)
         model, example_inputs, dynamic_axes = causal_lm.with_cache(model, example_inputs)

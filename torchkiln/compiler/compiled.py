@@ -7,6 +7,7 @@ that a truncated or edited artifact is refused on load instead of giving wrong a
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -126,6 +127,41 @@ class CompiledModel:
         return files
 
 
+ENCODER_DECODER = "encoder-decoder"
+PARTS = ("encoder", "decoder")
+
+
+class CompiledEncoderDecoder(CompiledModel):
+    """An encoder-decoder LM compiled with its cache (:mod:`torchkiln.compiler.seq2seq`): ``encoder``
+    (prompt → cross-attention cache) and ``decoder`` (one step over the caches). As a
+    :class:`CompiledModel` it is the decoder (its inputs, outputs, report, call); ``generate`` runs
+    both. Saved as one directory: a manifest naming the two parts, each a complete artifact in its
+    own subdirectory whose manifest's SHA-256 the top manifest holds."""
+
+    def __init__(self, encoder: CompiledModel, decoder: CompiledModel, generation: dict[str, int | None] | None):
+        super().__init__(
+            decoder.artifact, decoder.inputs, decoder.outputs, decoder.out_spec, decoder.report, decoder.options,
+            decoder.passes, decoder.constants, generation,
+        )  # fmt: skip
+        self.encoder, self.decoder = encoder, decoder
+
+    def __repr__(self) -> str:
+        return f"<CompiledEncoderDecoder {self.encoder!r} {self.decoder!r}>"
+
+    def write(self, staging: Path, extra: dict[str, Any] | None = None) -> list[str]:
+        parts = {}
+        for part in PARTS:
+            (staging / part).mkdir()
+            getattr(self, part).write(staging / part)
+            parts[part] = sha256(staging / part / MANIFEST)
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "kind": ENCODER_DECODER,
+            "model": self.report.model, "parts": parts, "generation": self.generation, **(extra or {}),
+        }  # fmt: skip
+        write_text_atomic(staging / MANIFEST, json.dumps(manifest, indent=2, default=str))
+        return [f"{part}/{MANIFEST}" for part in PARTS]
+
+
 def portable_spec(spec: pytree.TreeSpec) -> str:
     """Serialize the output structure. A NamedTuple class that pytree cannot name is saved as a
     plain tuple (a loaded artifact then returns tuples there); other custom nodes must be
@@ -212,6 +248,9 @@ def _load_once(path: Path) -> CompiledModel:
         with open_directory(source) as fd:
             try:
                 manifest = _read_manifest(fd, source)
+                if manifest.get("kind") == ENCODER_DECODER:
+                    shutil.rmtree(private, ignore_errors=True)
+                    return _load_pair(fd, source, manifest)
                 for name, digest in manifest["files"].items():
                     try:
                         copy_verified(fd, name, digest, private / name, str(source / name))
@@ -231,6 +270,37 @@ def _load_once(path: Path) -> CompiledModel:
         raise
     weakref.finalize(compiled.artifact, shutil.rmtree, private, True)
     return compiled
+
+
+def _load_pair(fd: int, source: Path, manifest: dict[str, Any]) -> CompiledEncoderDecoder:
+    """Both parts, each checked against the digest of its manifest in ``manifest``."""
+    where = str(source / MANIFEST)
+    parts = manifest.get("parts")
+    if not isinstance(parts, dict) or sorted(parts) != sorted(PARTS):
+        raise ArtifactError(f"{MANIFEST}: 'parts' must name {' and '.join(PARTS)}", where=f"{where}:parts")
+    loaded = {}
+    for part in PARTS:
+        try:
+            part_fd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+        except OSError:
+            raise ArtifactError(
+                f"the {part} part is missing or not a plain directory", where=str(source / part), hint="rebuild the artifact"
+            ) from None
+        try:
+            if hashlib.sha256(read_member(part_fd, MANIFEST, str(source / part / MANIFEST))).hexdigest() != parts[part]:
+                raise ArtifactError(
+                    f"{part}/{MANIFEST} does not match its checksum in {MANIFEST} (modified or replaced)",
+                    where=str(source / part / MANIFEST),
+                    hint="rebuild the artifact",
+                )
+        finally:
+            os.close(part_fd)
+        loaded[part] = _load_once(source / part)
+    try:
+        generation = _generation(manifest.get("generation"))
+    except ValueError as exc:
+        raise ArtifactError(f"{MANIFEST} is invalid: {exc}", where=where) from exc
+    return CompiledEncoderDecoder(loaded["encoder"], loaded["decoder"], generation)
 
 
 def _from_manifest(manifest: dict[str, Any], private: Path, source: Path) -> CompiledModel:
@@ -306,6 +376,8 @@ def _read_manifest(fd: int, path: Path) -> dict[str, Any]:
             where=where,
             hint="rebuild the artifact with this torchkiln version",
         )
+    if manifest.get("kind") == ENCODER_DECODER:  # two artifacts: checked by _load_pair
+        return manifest
     missing = [k for k in _SCHEMA if k not in manifest]
     if missing:
         raise ArtifactError(f"{MANIFEST} lacks {', '.join(missing)}", where=where, hint="rebuild the artifact")

@@ -50,10 +50,10 @@ def generate(
     seed: int | None = None,
     on_token: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
-    """The prompt followed by up to ``max_new_tokens`` generated tokens, [batch, prompt + new]."""
+    """The prompt followed by up to ``max_new_tokens`` generated tokens, [batch, prompt + new]; for
+    an encoder-decoder the decoder's sequence, [batch, 1 + new] (its start token first)."""
     specs = {spec.name: spec for spec in model.inputs}
-    past_names = [name for name in specs if name.startswith(PAST)]
-    if not past_names:
+    if not any(name.startswith(PAST) for name in specs):
         raise InputError(
             "this artifact was compiled without the KV cache: it cannot generate",
             hint="compile the causal LM with its cache on: torchkiln.compile(lm, {'input_ids': ids}) "
@@ -68,35 +68,35 @@ def generate(
     if pad_token_id is FROM_MODEL:
         pad_token_id = settings.get("pad_token_id")
         pad_token_id = eos_token_id if pad_token_id is None else pad_token_id
-    limit = settings.get("max_positions")
-    if limit is not None and input_ids.shape[1] + max_new_tokens > limit:
-        raise InputError(
-            f"a prompt of {input_ids.shape[1]} tokens plus max_new_tokens={max_new_tokens} exceeds "
-            f"the model's {limit} positions",
-            where="input_ids" if input_ids.shape[1] >= limit else "max_new_tokens",
-            hint=f"keep prompt + max_new_tokens <= {limit} (shorten the prompt or ask for fewer tokens)",
-        )
-    batch = input_ids.shape[0]
+    encoder = getattr(model, "encoder", None)
+    _check_positions(input_ids.shape[1], max_new_tokens, encoder is not None, settings)
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     if not isinstance(mask, torch.Tensor) or mask.shape != input_ids.shape:
-        raise InputError(
-            f"attention_mask must have input_ids' shape {list(input_ids.shape)}", where="attention_mask"
-        )
-    if "position_ids" not in specs and not bool((mask != 0).all()):
+        raise InputError(f"attention_mask must have input_ids' shape {list(input_ids.shape)}", where="attention_mask")
+    if encoder is None and "position_ids" not in specs and not bool((mask != 0).all()):
         raise InputError(
             "this artifact has no position_ids input: padded prompts would get the wrong positions",
             where="attention_mask",
             hint="compile with an attention_mask in the example inputs, or generate each prompt in its own call",
         )
-    past = empty_past(model, batch)
+    batch = input_ids.shape[0]
+    if encoder is None:
+        session: _Session = _CausalSession(model, mask)
+        first = input_ids
+    else:
+        session = _DecoderSession(model, encoder(input_ids=input_ids, attention_mask=mask), mask)
+        first = torch.full((batch, 1), int(settings["decoder_start_token_id"]), dtype=input_ids.dtype)
+    forced = {0: settings.get("forced_bos_token_id") if encoder else None}
+    forced[max_new_tokens - 1] = settings.get("forced_eos_token_id")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     done = torch.zeros(batch, dtype=torch.bool)
-    tokens, step = [input_ids], input_ids
+    tokens, step = [first], first
     for index in range(max_new_tokens):
-        out = model(**step_inputs(model, step, mask, past))
-        logits = out["logits"][:, -1].float()
+        logits = session(step)
         if eos_token_id is not None and index < min_new_tokens:
             logits[:, eos_token_id] = -float("inf")
+        if forced.get(index) is not None:  # the model's generation config forces this token here
+            logits = torch.full_like(logits, -float("inf")).index_fill_(1, torch.tensor([forced[index]]), 0.0)
         step = _pick(logits, do_sample, temperature, top_k, top_p, generator).unsqueeze(1)
         if pad_token_id is not None:
             step = torch.where(done.unsqueeze(1), torch.full_like(step, pad_token_id), step)
@@ -107,9 +107,62 @@ def generate(
             on_token(step.squeeze(1))
         if bool(done.all()):
             break
-        past = {name: out["present_" + name[len(PAST) :]] for name in past_names}
-        mask = torch.cat([mask, torch.ones_like(step)], 1)
     return torch.cat(tokens, 1)
+
+
+def _check_positions(prompt: int, new: int, encoder_decoder: bool, settings: dict[str, Any]) -> None:
+    """A causal LM's prompt and new tokens share its positions; an encoder-decoder's prompt and
+    its decoder's sequence (start token + new tokens) each have them."""
+    limit = settings.get("max_positions")
+    if limit is None or (max(prompt, 1 + new) if encoder_decoder else prompt + new) <= limit:
+        return
+    what = f"1 + max_new_tokens={new} decoder tokens" if encoder_decoder else f"plus max_new_tokens={new}"
+    raise InputError(
+        f"a prompt of {prompt} tokens {'or ' if encoder_decoder else ''}{what} exceeds the model's {limit} positions",
+        where="input_ids" if prompt >= limit else "max_new_tokens",
+        hint=f"keep within {limit} positions (shorten the prompt or ask for fewer tokens)",
+    )
+
+
+class _Session:
+    """Runs one step over its own cache: tokens [batch, n] → the last position's logits [batch, vocab]."""
+
+    def __init__(self, model: Any, past: dict[str, torch.Tensor]):
+        self.model, self.past = model, past
+
+    def run(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = self.model(**inputs, **self.past)
+        self.past = {name: out["present_" + name[len(PAST) :]] for name in self.past}
+        return out["logits"][:, -1].float()
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _CausalSession(_Session):
+    """A causal LM: the mask grows by each step's tokens (the prompt's is given)."""
+
+    def __init__(self, model: Any, mask: torch.Tensor):
+        super().__init__(model, empty_past(model, len(mask)))
+        self.mask, self.started = mask, False
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.started:
+            self.mask = torch.cat([self.mask, torch.ones_like(tokens)], 1)
+        self.started = True
+        inputs = step_inputs(self.model, tokens, self.mask, {})
+        return self.run(inputs)
+
+
+class _DecoderSession(_Session):
+    """An encoder-decoder's decoder: the encoder's mask and cross cache stay for every step."""
+
+    def __init__(self, model: Any, cross: dict[str, torch.Tensor], mask: torch.Tensor):
+        super().__init__(model, empty_past(model, len(mask)))
+        self.fixed = {"encoder_attention_mask": mask, **cross}
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.run({"decoder_input_ids": tokens, **self.fixed})
 
 
 def empty_past(model: Any, batch: int) -> dict[str, torch.Tensor]:

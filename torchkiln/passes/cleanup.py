@@ -255,9 +255,20 @@ def _nbytes(value: Any) -> int:
     return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
 
 
+_ATTENTION = (aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention)
+
+
+def _impure(node: fx.Node) -> bool:
+    """FX's impurity, except attention without dropout: torch tags SDPA nondeterministic for its
+    ``dropout_p``, which would keep an unused attention (and all that feeds it) alive."""
+    if node.op == "call_function" and node.target in _ATTENTION and _arg(node, 4, "dropout_p", 0.0) == 0:
+        return False
+    return node.is_impure()
+
+
 def remove_dead_code(gm: fx.GraphModule) -> int:
     before = len(gm.graph.nodes)
-    gm.graph.eliminate_dead_code()
+    gm.graph.eliminate_dead_code(is_impure_node=_impure)
     removed = before - len(gm.graph.nodes)
     G.drop_unused_attributes(gm)
     return removed
