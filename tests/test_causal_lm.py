@@ -1,8 +1,9 @@
 """Decoder LMs compiled with their KV cache (torchkiln.compiler.causal_lm): one artifact serves the
 prompt (an empty past) and every next token; greedy decoding with it equals transformers' generate.
 
-Random-init toy configs (no hub access): GPT-2 (learned positions) and Llama with grouped-query
-attention (2 KV heads for 4 query heads) and rotary positions."""
+Random-init toy configs (no hub access): GPT-2 (learned positions), Llama with grouped-query
+attention (2 KV heads for 4 query heads) and rotary positions, Qwen2, Phi-3, and Mistral with a
+sliding window shorter than the sequences."""
 
 from __future__ import annotations
 
@@ -41,6 +42,10 @@ def _qwen2():
     return transformers.Qwen2ForCausalLM(config)
 
 
+def _mistral_sliding():  # a window of 5: every prompt + new tokens below goes past it
+    return transformers.MistralForCausalLM(transformers.MistralConfig(**_LLAMA_SIZES, sliding_window=5))
+
+
 def _phi3():
     config = transformers.Phi3Config(**_LLAMA_SIZES)
     return transformers.Phi3ForCausalLM(config)
@@ -66,8 +71,11 @@ def gpt2():
         pytest.param(_gpt2, "torch", id="gpt2-torch", marks=pytest.mark.slow),
         pytest.param(_llama, "onnxruntime", id="llama-gqa-onnxruntime"),
         pytest.param(_llama, "torch", id="llama-gqa-torch", marks=pytest.mark.slow),
-        pytest.param(_qwen2, "onnxruntime", id="qwen2-onnxruntime"),
+        pytest.param(_qwen2, "onnxruntime", id="qwen2-onnxruntime", marks=pytest.mark.slow),
+        pytest.param(_qwen2, "torch", id="qwen2-torch", marks=pytest.mark.slow),
+        pytest.param(_mistral_sliding, "onnxruntime", id="mistral-sliding-window-onnxruntime"),
         pytest.param(_phi3, "onnxruntime", id="phi3-onnxruntime", marks=pytest.mark.slow),
+        pytest.param(_phi3, "torch", id="phi3-torch", marks=pytest.mark.slow),
     ],
 )
 def test_greedy_generate_equals_transformers(build, backend):

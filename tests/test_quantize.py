@@ -139,6 +139,24 @@ def test_weight_only_runs_as_matmul_nbits(bits):
     assert compiled.report.artifact.cosine >= (0.999 if bits == 8 else 0.99)
 
 
+def test_matmul_nbits_accuracy_level_is_a_backend_option():
+    """accuracy_level 4 (int8 activations per block) is written on every MatMulNBits only when asked;
+    the measured error stays within the int4 promise on the zoo MLP."""
+    entry = models.get("mlp")
+    passes = "fold_batchnorm,quantize:mode=weight_only,bits=4,block_size=32"
+    levels = {}
+    for level in (0, 4):
+        compiled = compile_quietly(
+            entry.build(), entry.example_inputs(2), passes=passes, backend_options={"nbits_accuracy_level": level}
+        )
+        nodes = [n for n in onnx.load(str(compiled.artifact.model_path)).graph.node if n.op_type == "MatMulNBits"]
+        levels[level] = {next((a.i for a in n.attribute if a.name == "accuracy_level"), 0) for n in nodes}
+        assert len(nodes) == 3 and compiled.report.artifact.cosine >= 0.99
+    assert levels == {0: {0}, 4: {4}}
+    with pytest.raises(torchkiln.ConfigError, match="is not one of 0, 1, 2, 3, 4"):
+        compile_quietly(entry.build(), entry.example_inputs(2), passes=passes, backend_options={"nbits_accuracy_level": 5})
+
+
 # --- every zoo model, static and dynamic --------------------------------------------------------
 
 

@@ -5,7 +5,9 @@ quantize/dequantize ops need none (the exporter maps them to QuantizeLinear/Dequ
 
 * ``dynamic_linear`` → DynamicQuantizeLinear, MatMulInteger, Cast, Mul (and Add for the bias):
   the operator form ONNX Runtime fuses into its DynamicQuantizeMatMul kernel.
-* ``weight_only_linear`` → ``com.microsoft.MatMulNBits`` (ONNX Runtime's int4/int8 weight GEMM).
+* ``weight_only_linear`` → ``com.microsoft.MatMulNBits`` (ONNX Runtime's int4/int8 weight GEMM),
+  with ``accuracy_level`` when one is asked for (4: activations quantized to int8 per block, the
+  integer kernels of CPUs with VNNI / AMX; 0: ONNX Runtime's default, float compute).
   onnx has no schema for contrib ops, and the exporter's op builder needs one, so a minimal schema
   (inputs, attributes, types) is registered once.
 """
@@ -21,7 +23,7 @@ MSFT_DOMAIN = "com.microsoft"
 
 
 @functools.cache
-def translation_table() -> dict[Any, Any]:
+def translation_table(nbits_accuracy_level: int = 0) -> dict[Any, Any]:
     import onnxscript
     from onnxscript import opset18 as op
 
@@ -39,7 +41,8 @@ def translation_table() -> dict[Any, Any]:
     def weight_only_linear(x: Any, packed: Any, scales: Any, bias: Any, bits: int, block_size: int) -> Any:
         n, blocks, _ = packed.shape
         in_features = x.shape[-1]
-        y = msft.MatMulNBits(x, packed, scales, K=int(in_features), N=int(n), bits=bits, block_size=block_size)
+        level = {"accuracy_level": nbits_accuracy_level} if nbits_accuracy_level else {}
+        y = msft.MatMulNBits(x, packed, scales, K=int(in_features), N=int(n), bits=bits, block_size=block_size, **level)
         return y if _static_size(bias) == 0 else op.Add(y, bias)
 
     ops = torch.ops.torchkiln
@@ -68,6 +71,9 @@ def _register_matmul_nbits_schema() -> None:
         inputs=[formal("A", "T1"), formal("B", "T2"), formal("scales", "T1")],
         outputs=[formal("Y", "T1")],
         type_constraints=[("T1", ["tensor(float)", "tensor(float16)"], ""), ("T2", ["tensor(uint8)"], "")],
-        attributes=[attribute(name, kind.INT, "") for name in ("K", "N", "bits", "block_size")],
+        attributes=[
+            *(attribute(name, kind.INT, "") for name in ("K", "N", "bits", "block_size")),
+            attribute("accuracy_level", kind.INT, "", required=False),
+        ],
     )
     onnx.defs.register_schema(schema)

@@ -160,8 +160,10 @@ class CausalLMWithCache(nn.Module):
         import transformers
 
         pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.layers)]
-        config: Any = self.model.config
-        cache = transformers.DynamicCache(ddp_cache_data=pairs, config=config)
+        # Full-length layers even where the config has a sliding window: a cropped cache would count
+        # its positions from its kept length, misplacing a padded batch's mask; the model's
+        # sliding-window mask applies the window to the full cache instead (same tokens attended).
+        cache = transformers.DynamicCache(ddp_cache_data=pairs)
         keyword = _cache_keyword(self.model)
         out = self.model(**inputs, use_cache=True, **{keyword: cache})
         result = {"logits": out.logits}

@@ -1,0 +1,220 @@
+"""Generation speed: prefill latency and decode tokens/s of decoder LMs, side by side in one process.
+
+For a GPT-2-small-sized model (124M) and a Llama-style model of similar size (random init: speed
+does not depend on the weights' values), with a prompt of ``--prompt`` tokens and ``--new`` new
+tokens (EOS masked so that every run makes all of them), at batch 1 and 8:
+
+* HF eager: ``transformers``' ``generate(do_sample=False)``;
+* torchkiln fp32 / dynamic int8 / int4 weight-only (block 32; float compute, and int8 compute:
+  ``nbits_accuracy_level=4``) artifacts on ONNX Runtime, through ``CompiledModel.generate``;
+* ONNX Runtime GenAI (``onnxruntime-genai``), its model builder run on a ``save_pretrained``
+  directory of the same model (fp32 and int4; it has no GPT-2 builder).
+
+Prefill is one forward over the prompt with an empty cache (median of 3); decode is the time of a
+generation of ``--new`` tokens less that of one token, per token after the first, reported as
+tokens/s over the batch. Variants
+are measured in alternating rounds and compared as ratios within this run only.
+
+    python bench/bench_generate.py                      # both models, batch 1 and 8 (~15 min)
+    python bench/bench_generate.py --size tiny --new 16 # a smoke run in a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import logging
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import torchkiln
+from torchkiln.benchmark import machine_line
+from torchkiln.compiler.generate import prompt_logits
+from torchkiln.models import stdlib_lm
+
+INT4 = "cleanup,quantize:mode=weight_only,bits=4,block_size=32"
+PASSES = {  # row -> (passes, ONNX Runtime backend options)
+    "torchkiln fp32": ("cleanup", {}),
+    "torchkiln int8 (dynamic)": ("cleanup,quantize:mode=dynamic", {}),
+    "torchkiln int4 (block 32)": (INT4, {}),
+    "torchkiln int4 (block 32 + int8 compute)": (INT4, {"nbits_accuracy_level": 4}),
+}
+SIZES = {  # (gpt2 config, llama config) keyword arguments
+    "small": (
+        dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024, vocab_size=50257),
+        dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+             num_key_value_heads=4, vocab_size=32000, max_position_embeddings=1024),
+    ),
+    "tiny": (
+        dict(n_embd=64, n_layer=2, n_head=4, n_positions=512, vocab_size=1024),
+        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=1024, max_position_embeddings=512),
+    ),
+}  # fmt: skip
+
+
+def build(name: str, size: str) -> torch.nn.Module:
+    import transformers
+
+    gpt2, llama = SIZES[size]
+    special = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    if name == "gpt2":
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(**gpt2, **special)).eval()
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**llama, **special)).eval()
+
+
+class Variant:
+    """prefill(ids) and generate(ids, new) of one runtime."""
+
+    def __init__(self, prefill: Callable[[torch.Tensor], Any], generate: Callable[[torch.Tensor, int], Any]):
+        self.prefill, self.generate = prefill, generate
+
+
+def eager(model: Any) -> Variant:
+    def generate(ids: torch.Tensor, new: int) -> Any:
+        mask = torch.ones_like(ids)
+        return model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+
+    return Variant(lambda ids: model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True), generate)
+
+
+def ours(compiled: Any) -> Variant:
+    return Variant(
+        lambda ids: prompt_logits(compiled, ids),
+        lambda ids, new: compiled.generate(ids, max_new_tokens=new, min_new_tokens=new),
+    )
+
+
+def genai(directory: Path) -> Variant:
+    import onnxruntime_genai as og
+
+    model = og.Model(str(directory))
+
+    def generator(ids: torch.Tensor, new: int) -> Any:
+        params = og.GeneratorParams(model)
+        length = ids.shape[1] + new
+        params.set_search_options(max_length=length, min_length=length, do_sample=False, batch_size=ids.shape[0])
+        made = og.Generator(model, params)
+        made.append_tokens(ids.numpy().astype(np.int32))  # runs the prompt
+        return made
+
+    def generate(ids: torch.Tensor, new: int) -> Any:
+        made = generator(ids, new)
+        while not made.is_done():
+            made.generate_next_token()
+        return made
+
+    return Variant(lambda ids: generator(ids, 1), generate)
+
+
+def build_genai(model: Any, precision: str, root: Path) -> Path:
+    """Run ONNX Runtime GenAI's model builder on a save_pretrained directory of ``model``."""
+    source = root / "hf"
+    if not source.exists():
+        model.save_pretrained(source)
+        text = stdlib_lm.corpus()[:200_000]  # the builder copies a tokenizer; any will do for token ids
+        stdlib_lm.train_tokenizer(text, source, vocab_size=512)
+    out = root / f"genai-{precision}"
+    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(out),
+               "-p", precision, "-e", "cpu", "-c", str(root / "cache")]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True)
+    return out
+
+
+def timed(call: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    with torch.no_grad():
+        call()
+    return time.perf_counter() - start
+
+
+def measure(variants: dict[str, Variant], batch: int, prompt: int, new: int, repeats: int, vocab: int) -> dict[str, tuple[float, float]]:
+    """name -> (prefill ms, decode tokens/s), medians over ``repeats`` alternating rounds."""
+    ids = torch.randint(3, vocab, (batch, prompt), generator=torch.Generator().manual_seed(batch))
+    for variant in variants.values():  # warm up: first runs allocate and pick kernels
+        timed(lambda v=variant: v.generate(ids, 2))
+    prefill: dict[str, list[float]] = {name: [] for name in variants}
+    decode: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, variant in variants.items():
+            first = statistics.median(timed(lambda v=variant: v.prefill(ids)) for _ in range(3))
+            one = statistics.median(timed(lambda v=variant: v.generate(ids, 1)) for _ in range(3))
+            whole = timed(lambda v=variant: v.generate(ids, new))
+            prefill[name].append(first * 1e3)
+            decode[name].append(batch * (new - 1) / (whole - one))  # the first new token comes with the prompt
+            print(f"  batch {batch} {name}: prefill {first * 1e3:.1f} ms, decode {decode[name][-1]:.1f} tokens/s", file=sys.stderr)
+    return {name: (statistics.median(prefill[name]), statistics.median(decode[name])) for name in variants}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="gpt2,llama")
+    parser.add_argument("--rows", help="comma-separated runtimes to keep (default: all), e.g. 'HF eager,ORT GenAI int4'")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--size", choices=sorted(SIZES), default="small")
+    args = parser.parse_args(argv)
+    logging.getLogger("torch").setLevel(logging.ERROR)
+    print(machine_line())
+    print(f"torch {torch.__version__}, prompt {args.prompt}, {args.new} new tokens, {args.size} models\n")
+    keep = None if args.rows is None else {r.strip() for r in args.rows.split(",")}
+
+    def wanted(label: str) -> bool:
+        return keep is None or label in keep
+
+    rows = []
+    for name in args.models.split(","):
+        model = build(name, args.size)
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        variants = {"HF eager": eager(model)} if wanted("HF eager") else {}
+        example = torch.randint(3, 100, (1, 8))
+        with tempfile.TemporaryDirectory() as scratch:
+            for label, (passes, options) in PASSES.items():
+                if not wanted(label):
+                    continue
+                print(f"{name}: compiling {label}", file=sys.stderr)
+                with contextlib.redirect_stdout(io.StringIO()):
+                    compiled = torchkiln.compile(
+                        model, {"input_ids": example, "attention_mask": torch.ones_like(example)}, passes=passes, latency_runs=0,
+                        backend_options=options,
+                        verify=False,  # random weights: int4 misses its cosine promise; accuracy is the perplexity table's
+                    )
+                variants[label] = ours(compiled)
+            if name == "llama":
+                for precision in [p for p in ("fp32", "int4") if wanted(f"ORT GenAI {p}")]:
+                    print(f"{name}: building ONNX Runtime GenAI {precision}", file=sys.stderr)
+                    variants[f"ORT GenAI {precision}"] = genai(build_genai(model, precision, Path(scratch)))
+            vocab = model.config.vocab_size
+            for batch in (int(b) for b in args.batches.split(",")):
+                for label, (prefill, rate) in measure(variants, batch, args.prompt, args.new, args.repeats, vocab).items():
+                    rows.append((f"{name} ({params:.0f}M)", batch, label, prefill, rate))
+    print(table(rows))
+    return 0
+
+
+def table(rows: list[tuple[str, int, str, float, float]]) -> str:
+    """Markdown, with each row's decode rate relative to HF eager and to torchkiln fp32 of its model and batch."""
+    base = {(m, b): r for m, b, label, _, r in rows if label == "HF eager"}
+    fp32 = {(m, b): r for m, b, label, _, r in rows if label == "torchkiln fp32"}
+    lines = ["| model | batch | runtime | prefill ms | decode tokens/s | vs HF eager | vs torchkiln fp32 |", "|---|---|---|---|---|---|---|"]
+    for model, batch, label, prefill, rate in rows:
+        ratios = [f"{rate / ref[model, batch]:.2f}x" if (model, batch) in ref else "-" for ref in (base, fp32)]
+        lines.append(f"| {model} | {batch} | {label} | {prefill:.1f} | {rate:.1f} | {' | '.join(ratios)} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
