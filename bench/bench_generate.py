@@ -132,6 +132,14 @@ def build_genai(model: Any, precision: str, root: Path) -> Path:
     return out
 
 
+def _has_genai() -> bool:
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def timed(call: Callable[[], Any]) -> float:
     start = time.perf_counter()
     with torch.no_grad():
@@ -193,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
                         verify=False,  # random weights: int4 misses its cosine promise; accuracy is the perplexity table's
                     )
                 variants[label] = ours(compiled)
-            if name == "llama":
+            if name == "llama" and not _has_genai():
+                print("ORT GenAI rows skipped: pip install onnxruntime-genai (or torchkiln[bench])", file=sys.stderr)
+            elif name == "llama":
                 for precision in [p for p in ("fp32", "int4") if wanted(f"ORT GenAI {p}")]:
                     print(f"{name}: building ONNX Runtime GenAI {precision}", file=sys.stderr)
                     variants[f"ORT GenAI {precision}"] = genai(build_genai(model, precision, Path(scratch)))

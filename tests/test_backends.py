@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx
 import pytest
 import torch
-from conftest import SMALL_ZOO, compile_quietly
+from conftest import SWEEP_ZOO, compile_quietly
 from torch import nn
 
 from torchkiln import models
@@ -23,7 +23,7 @@ def other_sizes(entry: models.ZooEntry) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
-@pytest.mark.parametrize("name", SMALL_ZOO)
+@pytest.mark.parametrize("name", SWEEP_ZOO)
 def test_zoo_model_matches_eager_at_other_batch_sizes(name, backend):
     entry = models.get(name)
     model = entry.build()

@@ -159,7 +159,7 @@ def test_a_prompt_longer_than_the_positions_is_an_input_error(gpt2):
 def test_without_a_mask_in_the_example_there_are_no_positions_and_padding_is_refused():
     torch.manual_seed(0)
     lm = _gpt2().eval()
-    compiled = compile_quietly(lm, {"input_ids": torch.randint(3, VOCAB, (1, 4))})
+    compiled = compile_quietly(lm, {"input_ids": torch.randint(3, VOCAB, (1, 4))}, backend="torch")
     assert [spec.name for spec in compiled.inputs][:2] == ["input_ids", "past_key_0"]
     prompt = torch.randint(3, VOCAB, (1, 5))
     with torch.no_grad():
@@ -191,7 +191,8 @@ def test_dynamic_int8_reaches_every_projection_of_the_cached_graph():
     lm = _gpt2().eval()
     ids = torch.randint(3, VOCAB, (1, 4))
     compiled = compile_quietly(
-        lm, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, passes="cleanup,quantize:mode=dynamic"
+        lm, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, passes="cleanup,quantize:mode=dynamic",
+        backend="torch",
     )
     (record,) = [p for p in compiled.report.passes if p.name == "quantize"]
     # 4 projections per block (c_attn, c_proj, mlp.c_fc, mlp.c_proj) + lm_head; wte/wpe lookups stay float

@@ -154,6 +154,26 @@ def test_dead_code_is_removed():
 
 
 @pytest.mark.parametrize("frontend", FLAVOURS)
+def test_an_unused_attention_without_dropout_is_dead_code(frontend):
+    """torch tags scaled_dot_product_attention nondeterministic (for its dropout_p), which kept an
+    unused one — and every projection feeding it — alive (an encoder-decoder's encoder graph)."""
+
+    class UnusedAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.out = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            q, k = self.q(x), self.k(x)
+            nn.functional.scaled_dot_product_attention(q, k, k)  # result unused
+            return self.out(x) + k
+
+    program, record = run_cleanup(UnusedAttention(), torch.randn(1, 3, 8), frontend=frontend)
+    assert not hasattr(program.graph_module, "q") and record.stats["dead_nodes_removed"] >= 2
+    assert hasattr(program.graph_module, "k")  # still used by the output
+
+
+@pytest.mark.parametrize("frontend", FLAVOURS)
 @pytest.mark.parametrize("name", SMALL_ZOO)
 def test_every_zoo_model_then_second_run_is_a_no_op(name, frontend):
     entry = models.get(name)

@@ -130,6 +130,7 @@ def test_bad_settings_and_data_are_clear_errors(bart):
         compile_quietly(model, {"input_ids": ids, "token_type_ids": ids})
 
 
+@pytest.mark.slow
 def test_dynamic_int8_quantizes_both_parts():
     model, compiled = _compiled(_bart, passes="cleanup,quantize:mode=dynamic")
     (encoder,) = [p for p in compiled.encoder.report.passes if p.name == "quantize"]

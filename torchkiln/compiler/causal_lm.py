@@ -121,7 +121,7 @@ def _cache_shapes(model: nn.Module, ids: torch.Tensor) -> list[tuple[tuple[int, 
     """(heads, head dim) of every layer's keys and values, from one eager call with the cache."""
     with torch.no_grad():
         out = model(input_ids=ids[:1, :1], use_cache=True)
-    cache = _returned_cache(out)
+    cache = returned_cache(out)
     layers = getattr(cache, "layers", None)
     if not layers:
         raise InputError(
@@ -140,12 +140,12 @@ def _cache_shapes(model: nn.Module, ids: torch.Tensor) -> list[tuple[tuple[int, 
     return shapes
 
 
-def _cache_keyword(model: nn.Module) -> str:
+def cache_keyword(model: nn.Module) -> str:
     """transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns until 5.40)."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def _returned_cache(output: Any) -> Any:
+def returned_cache(output: Any) -> Any:
     return output["cache"] if "cache" in output else getattr(output, "past_key_values", None)
 
 
@@ -164,10 +164,10 @@ class CausalLMWithCache(nn.Module):
         # its positions from its kept length, misplacing a padded batch's mask; the model's
         # sliding-window mask applies the window to the full cache instead (same tokens attended).
         cache = transformers.DynamicCache(ddp_cache_data=pairs)
-        keyword = _cache_keyword(self.model)
+        keyword = cache_keyword(self.model)
         out = self.model(**inputs, use_cache=True, **{keyword: cache})
         result = {"logits": out.logits}
-        for i, layer in enumerate(_returned_cache(out).layers):
+        for i, layer in enumerate(returned_cache(out).layers):
             result[f"present_key_{i}"], result[f"present_value_{i}"] = layer.keys, layer.values
         return result
 

@@ -25,7 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchkiln.compiler.causal_lm import EXAMPLE_PAST, generation_settings, past_names
+from torchkiln.compiler.causal_lm import (
+    EXAMPLE_PAST,
+    cache_keyword,
+    generation_settings,
+    past_names,
+    returned_cache,
+)
 from torchkiln.errors import InputError
 
 
@@ -104,20 +110,12 @@ def split(
     return encoder_part, (_decoder(model, [*inputs], layers), inputs, axes)
 
 
-def _cache_keyword(model: nn.Module) -> str:
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _returned(output: Any) -> Any:
-    return output["cache"] if "cache" in output else output["past_key_values"]
-
-
 def _self_cache_shapes(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> list[tuple[int, int]]:
     with torch.no_grad():
         start = torch.zeros_like(ids[:1, :1])
         out = model(input_ids=ids[:1], attention_mask=mask[:1], decoder_input_ids=start, use_cache=True)
     shapes = []
-    for layer in _returned(out).self_attention_cache.layers:
+    for layer in returned_cache(out).self_attention_cache.layers:
         shapes += [(layer.keys.shape[1], layer.keys.shape[3]), (layer.values.shape[1], layer.values.shape[3])]
     return shapes
 
@@ -135,7 +133,7 @@ class EncoderWithCrossCache(nn.Module):
         start = torch.zeros_like(input_ids[:, :1])  # any token: the cross cache does not depend on it
         out = model(encoder_outputs=encoded, attention_mask=attention_mask, decoder_input_ids=start, use_cache=True)
         result = {}
-        for i, layer in enumerate(_returned(out).cross_attention_cache.layers):
+        for i, layer in enumerate(returned_cache(out).cross_attention_cache.layers):
             result[f"cross_key_{i}"], result[f"cross_value_{i}"] = layer.keys, layer.values
         return result
 
@@ -163,10 +161,10 @@ class DecoderWithCache(nn.Module):
         states = cross[0].new_zeros(cross[0].shape[0], cross[0].shape[2], hidden)  # a shape only: the cache is read
         out = model(
             encoder_outputs=(states,), attention_mask=mask, decoder_input_ids=tokens, use_cache=True,
-            **{_cache_keyword(model): cache},
+            **{cache_keyword(model): cache},
         )  # fmt: skip
         result = {"logits": out.logits}
-        for i, layer in enumerate(_returned(out).self_attention_cache.layers):
+        for i, layer in enumerate(returned_cache(out).self_attention_cache.layers):
             result[f"present_key_{i}"], result[f"present_value_{i}"] = layer.keys, layer.values
         return result
 
