@@ -1,7 +1,7 @@
 """Differential fuzzing: random valid models through the lossless passes to every backend, and
 through static int8 quantization (ONNX Runtime vs the quantized IR vs eager, cosine floors).
 
-The default run checks FUZZ_EXAMPLES models (40, about 1 minute) and QUANT_EXAMPLES (20) quantized;
+The default run checks FUZZ_EXAMPLES models (30, under a minute) and QUANT_EXAMPLES (15) quantized;
 set TORCHKILN_FUZZ_EXAMPLES=1000 / TORCHKILN_FUZZ_QUANT_EXAMPLES (and optionally
 TORCHKILN_FUZZ_SEED) for the long run. A failing case is shrunk by hypothesis and
 written to tests/fuzz/regressions/new-failure.json (quantized: quant-new-failure.json); rename it
@@ -21,8 +21,8 @@ from fuzz.strategies import model_specs
 from hypothesis import HealthCheck, given, seed, settings
 
 REGRESSIONS = Path(__file__).parent / "fuzz" / "regressions"
-EXAMPLES = int(os.environ.get("TORCHKILN_FUZZ_EXAMPLES", "40"))
-QUANT_EXAMPLES = int(os.environ.get("TORCHKILN_FUZZ_QUANT_EXAMPLES", "20"))
+EXAMPLES = int(os.environ.get("TORCHKILN_FUZZ_EXAMPLES", "30"))
+QUANT_EXAMPLES = int(os.environ.get("TORCHKILN_FUZZ_QUANT_EXAMPLES", "15"))
 SEED = int(os.environ.get("TORCHKILN_FUZZ_SEED", "20261122"))
 
 
