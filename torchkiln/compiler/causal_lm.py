@@ -100,8 +100,12 @@ def past_names(layers: int) -> list[str]:
 _POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_positions")
 
 
-def generation_settings(model: nn.Module) -> dict[str, int | None]:
-    """Special tokens and the number of positions (``None`` where the config has none)."""
+SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def generation_settings(model: nn.Module, tokens: tuple[str, ...] = SPECIAL_TOKENS) -> dict[str, int | None]:
+    """``tokens`` (from the generation config, else the config; the first of a list) and the number
+    of positions, ``None`` where the model has none."""
     config = getattr(model, "config", None)
     generation = getattr(model, "generation_config", None)
 
@@ -113,8 +117,7 @@ def generation_settings(model: nn.Module) -> dict[str, int | None]:
         return int(value) if isinstance(value, int) else None
 
     limit = next((getattr(config, f) for f in _POSITION_FIELDS if isinstance(getattr(config, f, None), int)), None)
-    settings = {name: token(name) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    return settings | {"max_positions": limit}
+    return {name: token(name) for name in tokens} | {"max_positions": limit}
 
 
 def _cache_shapes(model: nn.Module, ids: torch.Tensor) -> list[tuple[tuple[int, int], tuple[int, int]]]:
@@ -172,16 +175,25 @@ class CausalLMWithCache(nn.Module):
         return result
 
 
-def _wrapper(model: nn.Module, names: list[str], layers: int) -> nn.Module:
-    cached = past_names(layers)
+def with_signature(cls: type[nn.Module], name: str, names: list[str], run: Any) -> type[nn.Module]:
+    """A subclass of ``cls`` named ``name`` whose ``forward`` takes ``names`` (positional or by
+    keyword, as capture binds them) and calls ``run(self, {name: tensor})``."""
 
-    def forward(self: CausalLMWithCache, *args: torch.Tensor, **kwargs: torch.Tensor) -> dict[str, torch.Tensor]:
-        bound = dict(zip(names, args)) | kwargs
-        return self.run({n: bound[n] for n in names if n not in cached}, [bound[n] for n in cached])
+    def forward(self: nn.Module, *args: torch.Tensor, **kwargs: torch.Tensor) -> dict[str, torch.Tensor]:
+        return run(self, dict(zip(names, args)) | kwargs)
 
     positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
     forward.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
         [inspect.Parameter("self", positional), *(inspect.Parameter(n, positional) for n in names)]
     )
-    cls = type(f"{type(model).__name__}WithCache", (CausalLMWithCache,), {"forward": forward})
+    return type(name, (cls,), {"forward": forward})
+
+
+def _wrapper(model: nn.Module, names: list[str], layers: int) -> nn.Module:
+    cached = past_names(layers)
+
+    def run(self: CausalLMWithCache, bound: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.run({n: bound[n] for n in names if n not in cached}, [bound[n] for n in cached])
+
+    cls = with_signature(CausalLMWithCache, f"{type(model).__name__}WithCache", names, run)
     return cls(model, layers).eval()

@@ -18,7 +18,6 @@ Batch, source, sequence and past are dynamic axes. Layer shapes come from one ea
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,10 +26,12 @@ from torch import nn
 
 from torchkiln.compiler.causal_lm import (
     EXAMPLE_PAST,
+    SPECIAL_TOKENS,
     cache_keyword,
     generation_settings,
     past_names,
     returned_cache,
+    with_signature,
 )
 from torchkiln.errors import InputError
 
@@ -55,19 +56,14 @@ def cross_names(layers: int) -> list[str]:
 def settings(model: nn.Module) -> dict[str, int | None]:
     """:func:`~torchkiln.compiler.causal_lm.generation_settings` plus the decoder's start token
     and the tokens the model's generation config forces first and last."""
-    config = getattr(model, "generation_config", None) or model.config
-    extra = {}
-    for name in ("decoder_start_token_id", "forced_bos_token_id", "forced_eos_token_id"):
-        value = getattr(config, name, None)
-        value = getattr(model.config, name, None) if value is None else value
-        value = value[0] if isinstance(value, list) and value else value
-        extra[name] = value if isinstance(value, int) else None
-    if extra["decoder_start_token_id"] is None:
+    extra = ("decoder_start_token_id", "forced_bos_token_id", "forced_eos_token_id")
+    found = generation_settings(model, SPECIAL_TOKENS + extra)
+    if found["decoder_start_token_id"] is None:
         raise InputError(
             f"{type(model).__name__}'s config has no decoder_start_token_id: generation cannot start",
             hint="set model.config.decoder_start_token_id (often the pad or EOS token)",
         )
-    return generation_settings(model) | extra
+    return found
 
 
 def split(
@@ -172,15 +168,9 @@ class DecoderWithCache(nn.Module):
 def _decoder(model: nn.Module, names: list[str], layers: int) -> nn.Module:
     past, cross = past_names(layers), cross_names(layers)
 
-    def forward(self: DecoderWithCache, *args: torch.Tensor, **kwargs: torch.Tensor) -> dict[str, torch.Tensor]:
-        bound = dict(zip(names, args)) | kwargs
-        return self.run(
-            bound["decoder_input_ids"], bound["encoder_attention_mask"], [bound[n] for n in past], [bound[n] for n in cross]
-        )
+    def run(self: DecoderWithCache, bound: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        tokens, mask = bound["decoder_input_ids"], bound["encoder_attention_mask"]
+        return self.run(tokens, mask, [bound[n] for n in past], [bound[n] for n in cross])
 
-    positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
-    forward.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-        [inspect.Parameter("self", positional), *(inspect.Parameter(n, positional) for n in names)]
-    )
-    cls = type(f"{type(model).__name__}DecoderWithCache", (DecoderWithCache,), {"forward": forward})
+    cls = with_signature(DecoderWithCache, f"{type(model).__name__}DecoderWithCache", names, run)
     return cls(model, layers).eval()
