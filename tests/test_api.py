@@ -62,7 +62,7 @@ def test_manifest_records_specs_versions_and_checksums(tmp_path):
                                    "range": [0, 1000], "range_source": "embedding 'embed' (1000 rows)"}]  # fmt: skip
     assert {"python", "torch", "onnx", "onnxruntime"} <= set(manifest["versions"])
     assert set(manifest["files"]) == {"model.onnx"} and len(manifest["files"]["model.onnx"]) == 64
-    assert manifest["backend_options"]["opset"] == 18
+    assert manifest["backend_options"]["opset"] == 23
 
 
 def test_user_model_is_unchanged_by_compile():

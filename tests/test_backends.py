@@ -59,7 +59,7 @@ def test_onnx_dynamic_axes_carry_their_names(resnet_onnx):
     _, model = resnet_onnx
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     assert model.graph.output[0].type.tensor_type.shape.dim[0].dim_param == "batch"
-    assert model.opset_import[0].version == 18
+    assert model.opset_import[0].version == 23
 
 
 def test_onnx_opset_option(tmp_path):

@@ -7,6 +7,9 @@ sliding window shorter than the sequences."""
 
 from __future__ import annotations
 
+import collections
+
+import onnx
 import pytest
 import torch
 from conftest import compile_quietly
@@ -89,6 +92,12 @@ def test_greedy_generate_equals_transformers(build, backend):
     if build is not _gpt2:  # grouped-query attention: the cache holds the 2 KV heads, not the 4 query heads
         assert {(spec.shape[1], spec.shape[3]) for spec in compiled.inputs[3:]} == {(2, 8)}
     assert compiled.generation == {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "max_positions": 64}
+    (cleanup,) = [p for p in compiled.report.passes if p.name == "cleanup"]
+    # transformers repeats the KV heads for the query heads; the attention reads them ungrouped instead
+    assert cleanup.stats["repeated_kv_removed"] == (0 if build is _gpt2 else layers)
+    if backend == "onnxruntime":  # opset 23: one Attention op per layer, no decomposed softmax(q @ kᵀ)
+        ops = collections.Counter(node.op_type for node in onnx.load(str(compiled.artifact.model_path)).graph.node)
+        assert ops["Attention"] == layers and ops["Softmax"] == 0
     padded = torch.randint(3, VOCAB, (2, 7))
     padded[1, :3] = 0
     padded_mask = (torch.arange(7) >= torch.tensor([[0], [3]])).long()

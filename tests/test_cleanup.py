@@ -185,3 +185,46 @@ def test_every_zoo_model_then_second_run_is_a_no_op(name, frontend):
     second = manager.run(program)[0]
     assert second.modified is False and not any(second.stats.values())
     assert program.graph_module.graph.python_code("self").src == graph_before
+
+
+class GroupedQueryAttention(nn.Module):
+    """4 query heads over 2 key/value heads, the keys and values repeated as transformers' repeat_kv
+    does (``tile=False``: query head i reads kv head i // 2) or tiled (``tile=True``: i % 2)."""
+
+    def __init__(self, tile: bool = False):
+        super().__init__()
+        self.q, self.kv, self.tile = nn.Linear(16, 16), nn.Linear(16, 16), tile
+
+    def forward(self, x, mask):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, 4, 4).transpose(1, 2)
+        k, v = self.kv(x).view(b, t, 2, 8).transpose(1, 2).split(4, dim=-1)
+        if self.tile:
+            k, v = (h[:, None].expand(b, 2, 2, t, 4).reshape(b, 4, t, 4) for h in (k, v))
+        else:
+            k, v = (h[:, :, None, :, :].expand(b, 2, 2, t, 4).reshape(b, 4, t, 4) for h in (k, v))
+        out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :].bool())
+        return out.transpose(1, 2).reshape(b, t, 16)
+
+
+def _gqa_inputs():
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, :2] = 0
+    return {"x": torch.randn(2, 6, 16), "mask": mask}
+
+
+def test_repeated_key_value_heads_feed_attention_directly():
+    axes = {"x": {0: "batch", 1: "sequence"}, "mask": {0: "batch", 1: "sequence"}}
+    program, record = run_cleanup(GroupedQueryAttention(), _gqa_inputs(), frontend="export", dynamic_axes=axes)
+    assert record.stats["repeated_kv_removed"] == 1  # and the manager checked the outputs at fp32
+    assert op_count(program.graph_module, "aten.expand") == 0
+    (attention,) = [n for n in program.graph_module.graph.nodes if "scaled_dot" in str(n.target)]
+    assert attention.kwargs["enable_gqa"] is True
+    assert [tuple(a.meta["tensor_meta"].shape) for a in attention.args[1:3]] == [(2, 2, 6, 4)] * 2
+
+
+def test_tiled_key_value_heads_are_not_grouped_attention():
+    """Heads tiled (i % 2) are not grouped-query heads (i // 2): rewriting them would change the result."""
+    program, record = run_cleanup(GroupedQueryAttention(tile=True), _gqa_inputs(), frontend="export")
+    assert record.stats["repeated_kv_removed"] == 0
+    assert op_count(program.graph_module, "aten.expand") == 2

@@ -102,5 +102,5 @@ def test_export_help_lists_backend_options(capsys):
     with pytest.raises(SystemExit):
         main(["export", "--help"])
     out = capsys.readouterr().out
-    assert "opset (int, default 18)" in out and "providers (list of str" in out
+    assert "opset (int, default 23)" in out and "opset (int, default 18)" in out and "providers (list of str" in out
     assert "device (str, default 'cpu')" in out and "  tensorrt:" in out and "precision (list of str" in out

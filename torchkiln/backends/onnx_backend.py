@@ -6,6 +6,12 @@ it keeps dynamic axes as symbolic dims, and it records for every ONNX node the m
 node it came from (``pkg.torch.onnx.name_scopes``); we rename nodes to ``<module path>/<OpType>``
 so profiles and errors read in the user's terms. It costs ~1-3 s per export, which we accept.
 
+Opset 23 by default: the exporter then writes ``scaled_dot_product_attention`` as ONNX's
+``Attention`` op (grouped-query heads natively, the mask as given), which ONNX Runtime runs as one
+kernel; at opset 18 it is decomposed into transposes, matmuls and a softmax that copy every key
+(a decode step of a 125M Llama at batch 8, past 256: 92 ms at opset 18, 35 ms at 23 with cleanup's
+grouped attention). TensorRT's backend keeps 18 (its ONNX parser lags).
+
 The model is written to a staging directory as soon as it is built (``model.onnx``, plus
 ``model.onnx.data`` when weights go to external data: always above 2 GB) and checked with
 ``onnx.checker``. Running it uses ONNX Runtime on the CPU; the ``onnxruntime`` backend adds
@@ -44,7 +50,9 @@ MIN_OPSET = 18
 
 @dataclasses.dataclass(frozen=True)
 class OnnxOptions(BackendOptions):
-    opset: int = option(18, "ONNX opset to emit (18 or newer)")
+    opset: int = option(
+        23, "ONNX opset to emit (18 or newer; 23 and up turn attention into one Attention op)"
+    )
     optimize: bool = option(True, "run the exporter's ONNX optimizer (constant folding, fusions)")
     external_data: Literal["auto", "always", "never"] = option(
         "auto", "store weights in model.onnx.data: auto = only when the model is over 2 GB"

@@ -52,6 +52,7 @@ PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 @dataclasses.dataclass(frozen=True)
 class TensorRTOptions(OnnxOptions):
+    opset: int = option(18, "ONNX opset of the model TensorRT parses (its ONNX parser lags the newest opsets)")
     precision: tuple[str, ...] = option(
         ("fp16",),
         "allowed precisions ('|'-separated: fp32, fp16, bf16, int8; int8 comes from the graph's Q/DQ)",

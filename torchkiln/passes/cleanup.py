@@ -1,6 +1,6 @@
 """``cleanup``: remove what computes nothing.
 
-Four rewrites, in order, on both graph flavours (module calls and ATen calls):
+Five rewrites, in order, on both graph flavours (module calls and ATen calls; the fifth on ATen):
 
 1. **No-ops in eval mode** — ``Dropout`` (module not training, or ``training=False``), ``Identity``,
    ``x.contiguous()``, and arithmetic identities ``x * 1``, ``1 * x``, ``x + 0``, ``0 + x``,
@@ -13,13 +13,19 @@ Four rewrites, in order, on both graph flavours (module calls and ATen calls):
 3. **Constant folding** — a node whose inputs are all parameters, buffers or constants (and that
    is neither random nor side-effecting) is evaluated once and replaced by a buffer, unless the
    result is larger than both its inputs and ``max_constant_bytes``.
-4. **Dead code** — nodes whose results are unused, then the parameters/submodules nobody reads.
+4. **Repeated key/value heads** — grouped-query attention written as transformers' ``repeat_kv``
+   (``unsqueeze(kv, 2).expand(b, h, n, t, d).reshape(b, h * n, t, d)``) feeding
+   ``scaled_dot_product_attention``: the attention reads the ``h`` heads themselves with
+   ``enable_gqa=True`` (query head i uses key/value head i // n, exactly what the copy did). The
+   copy of the whole cache per layer and step goes; ONNX opset 23 emits one ``Attention`` op.
+5. **Dead code** — nodes whose results are unused, then the parameters/submodules nobody reads.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import operator
+import sys
 from collections.abc import Container
 from typing import Any
 
@@ -81,6 +87,9 @@ class CleanupConfig(PassConfig):
     )
     simplify_reshapes: bool = option(True, "collapse reshape chains and drop reshapes to the same shape")
     fold_constants: bool = option(True, "evaluate subgraphs that depend only on parameters/constants")
+    group_attention: bool = option(
+        True, "attention over key/value heads repeated for grouped-query attention reads the heads themselves"
+    )
     max_constant_bytes: int = option(
         1 << 16, "a folded constant may exceed its inputs' size up to this many bytes"
     )
@@ -107,6 +116,8 @@ class Cleanup(Pass):
             stats["reshapes_removed"] = simplify_reshapes(program)
         if config.fold_constants:
             stats["constants_folded"] = fold_constants(gm, config.max_constant_bytes)
+        if config.group_attention:
+            stats["repeated_kv_removed"] = group_attention(gm)
         stats["dead_nodes_removed"] = remove_dead_code(gm)
         return PassResult(modified=any(stats.values()), stats=stats)
 
@@ -264,6 +275,62 @@ def _impure(node: fx.Node) -> bool:
     if node.op == "call_function" and node.target in _ATTENTION and _arg(node, 4, "dropout_p", 0.0) == 0:
         return False
     return node.is_impure()
+
+
+def group_attention(gm: fx.GraphModule) -> int:
+    """Attention nodes whose keys and values were repeated from fewer heads, now reading those."""
+    changed = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not aten.scaled_dot_product_attention.default:
+            continue
+        if node.kwargs.get("enable_gqa", False) or len(node.args) < 3:
+            continue
+        key, value = _repeated_heads(node.args[1]), _repeated_heads(node.args[2])
+        if key is None or value is None or key[1] != value[1]:
+            continue
+        node.update_arg(1, key[0])
+        node.update_arg(2, value[0])
+        node.update_kwarg("enable_gqa", True)
+        changed += 1
+    return changed
+
+
+def _repeated_heads(node: Any) -> tuple[fx.Node, int] | None:
+    """(x, n) when ``node`` is ``reshape(expand(unsqueeze(x, 2), [b, h, n, t, d]), [b, h * n, t, d])``
+    (full slices in between pass through), from the traced shapes."""
+    if not _is_reshape(node, {aten.reshape.default, aten.view.default, aten._unsafe_view.default}):
+        return None
+    expanded = _through_full_slices(node.args[0])
+    if not (isinstance(expanded, fx.Node) and expanded.target is aten.expand.default):
+        return None
+    unsqueezed = _through_full_slices(expanded.args[0])
+    if not (isinstance(unsqueezed, fx.Node) and unsqueezed.target is aten.unsqueeze.default):
+        return None
+    source = unsqueezed.args[0]
+    if unsqueezed.args[1] != 2 or not isinstance(source, fx.Node):
+        return None
+    shapes = G.shape_of(source), G.shape_of(expanded), G.shape_of(node)
+    if any(s is None for s in shapes):
+        return None
+    kv, repeated, out = shapes
+    assert kv is not None and repeated is not None and out is not None
+    if len(kv) != 4 or len(repeated) != 5 or repeated[:2] != kv[:2] or repeated[3:] != kv[2:]:
+        return None
+    b, h, t, d = kv
+    n = repeated[2]
+    return (source, n) if out == (b, h * n, t, d) else None
+
+
+def _through_full_slices(node: Any) -> Any:
+    """``x`` for ``x[..., 0:, ...]`` chains (``aten.slice(x, dim, 0, <max>)``), else ``node``."""
+    while (
+        isinstance(node, fx.Node)
+        and node.target is aten.slice.Tensor
+        and tuple(node.args[2:]) in ((), (0,), (0, sys.maxsize), (None, None), (0, None), (0, sys.maxsize, 1))
+        and not node.kwargs
+    ):
+        node = node.args[0]
+    return node
 
 
 def remove_dead_code(gm: fx.GraphModule) -> int:
