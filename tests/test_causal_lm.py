@@ -119,6 +119,27 @@ def test_greedy_generate_equals_transformers(build, backend):
     assert alone[0, 4:].tolist() == ours[1, 7:].tolist()
 
 
+def test_onnx_runtime_generation_runs_torch_bookkeeping_on_one_thread(gpt2, monkeypatch):
+    """torch's spinning OpenMP workers would compete with ONNX Runtime for the cores between steps;
+    the torch backend keeps its threads, and the count is restored afterwards (also on an error)."""
+    _, compiled = gpt2
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    counts = []
+    monkeypatch.setattr(torch, "set_num_threads", counts.append)
+    compiled.generate(torch.randint(3, VOCAB, (1, 3)), max_new_tokens=2)
+    assert counts == [1, 4]
+
+    def fail(token):
+        raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        compiled.generate(torch.randint(3, VOCAB, (1, 3)), max_new_tokens=2, on_token=fail)
+    assert counts == [1, 4, 1, 4]
+    monkeypatch.setattr(compiled.artifact, "backend", "torch")
+    compiled.generate(torch.randint(3, VOCAB, (1, 3)), max_new_tokens=2)
+    assert counts == [1, 4, 1, 4]
+
+
 def test_generation_stops_at_eos_samples_reproducibly_and_survives_save_load(gpt2, tmp_path):
     _, compiled = gpt2
     prompt = torch.randint(3, VOCAB, (2, 5))
