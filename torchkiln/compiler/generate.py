@@ -91,8 +91,25 @@ def generate(
     forced[max_new_tokens - 1] = settings.get("forced_eos_token_id")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     with _bookkeeping_threads(model):
-        return _loop(session, first, max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
-                     eos_token_id, pad_token_id, forced, generator, on_token)  # fmt: skip
+        done = torch.zeros(batch, dtype=torch.bool)
+        tokens, step = [first], first
+        for index in range(max_new_tokens):
+            logits = session(step)
+            if eos_token_id is not None and index < min_new_tokens:
+                logits[:, eos_token_id] = -float("inf")
+            if forced.get(index) is not None:  # the model's generation config forces this token here
+                logits = torch.full_like(logits, -float("inf")).index_fill_(1, torch.tensor([forced[index]]), 0.0)
+            step = _pick(logits, do_sample, temperature, top_k, top_p, generator).unsqueeze(1)
+            if pad_token_id is not None:
+                step = torch.where(done.unsqueeze(1), torch.full_like(step, pad_token_id), step)
+            if eos_token_id is not None:
+                done |= step.squeeze(1) == eos_token_id
+            tokens.append(step)
+            if on_token is not None:
+                on_token(step.squeeze(1))
+            if bool(done.all()):
+                break
+    return torch.cat(tokens, 1)
 
 
 @contextlib.contextmanager
@@ -110,43 +127,6 @@ def _bookkeeping_threads(model: Any) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-def _loop(
-    session: _Session,
-    first: torch.Tensor,
-    max_new_tokens: int,
-    min_new_tokens: int,
-    do_sample: bool,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    eos_token_id: int | None,
-    pad_token_id: int | None,
-    forced: dict[int, int | None],
-    generator: torch.Generator | None,
-    on_token: Callable[[torch.Tensor], None] | None,
-) -> torch.Tensor:
-    batch = len(first)
-    done = torch.zeros(batch, dtype=torch.bool)
-    tokens, step = [first], first
-    for index in range(max_new_tokens):
-        logits = session(step)
-        if eos_token_id is not None and index < min_new_tokens:
-            logits[:, eos_token_id] = -float("inf")
-        if forced.get(index) is not None:  # the model's generation config forces this token here
-            logits = torch.full_like(logits, -float("inf")).index_fill_(1, torch.tensor([forced[index]]), 0.0)
-        step = _pick(logits, do_sample, temperature, top_k, top_p, generator).unsqueeze(1)
-        if pad_token_id is not None:
-            step = torch.where(done.unsqueeze(1), torch.full_like(step, pad_token_id), step)
-        if eos_token_id is not None:
-            done |= step.squeeze(1) == eos_token_id
-        tokens.append(step)
-        if on_token is not None:
-            on_token(step.squeeze(1))
-        if bool(done.all()):
-            break
-    return torch.cat(tokens, 1)
 
 
 def _check_positions(prompt: int, new: int, encoder_decoder: bool, settings: dict[str, Any]) -> None:

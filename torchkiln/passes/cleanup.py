@@ -1,6 +1,6 @@
 """``cleanup``: remove what computes nothing.
 
-Five rewrites, in order, on both graph flavours (module calls and ATen calls; the fifth on ATen):
+Five rewrites, in order, on both graph flavours (module calls and ATen calls; the fourth on ATen only):
 
 1. **No-ops in eval mode** — ``Dropout`` (module not training, or ``training=False``), ``Identity``,
    ``x.contiguous()``, and arithmetic identities ``x * 1``, ``1 * x``, ``x + 0``, ``0 + x``,
