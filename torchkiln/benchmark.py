@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import platform
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -24,6 +23,8 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import torch
+
+from torchkiln.machine import KERNEL_FLAGS, cpu_flags, cpu_model
 
 K = TypeVar("K")
 
@@ -45,27 +46,12 @@ class Latency:
         return cls(at(0.5), at(0.9), at(0.99), len(ordered))
 
 
-#: the instruction-set flags that decide which kernels are fast (int8: VNNI / AMX; bf16: AMX / avx512_bf16)
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
-
-
 def machine_line() -> str:
-    """``CPU: <model>, <n> cores used; flags: ...`` for a benchmark's header (Linux /proc/cpuinfo;
-    the platform's processor string elsewhere)."""
-    model, flags = platform.processor() or "unknown", set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and model in ("unknown", platform.processor()):
-                    model = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-                    break
-    except OSError:
-        pass
-    present = [f for f in CPU_FLAGS if f in flags] if flags else ["(unknown)"]
-    return f"CPU: {model}, {torch.get_num_threads()} threads; flags: {' '.join(present) or 'none of ' + ' '.join(CPU_FLAGS)}"
+    """``CPU: <model>, <n> threads; flags: ...`` for a benchmark's header."""
+    flags = cpu_flags()
+    present = [f for f in KERNEL_FLAGS if f in flags] if flags is not None else ["(unknown)"]
+    listed = " ".join(present) or "none of " + " ".join(KERNEL_FLAGS)
+    return f"CPU: {cpu_model()}, {torch.get_num_threads()} threads; flags: {listed}"
 
 
 def interleaved_times(
