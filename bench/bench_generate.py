@@ -39,7 +39,7 @@ import torch
 
 import torchkiln
 from torchkiln.benchmark import machine_line
-from torchkiln.compiler.generate import prompt_logits
+from torchkiln.driver.generate import prompt_logits
 from torchkiln.models import stdlib_lm
 
 INT4 = "cleanup,quantize:mode=weight_only,bits=4,block_size=32"

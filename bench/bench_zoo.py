@@ -22,8 +22,8 @@ import torch
 
 import torchkiln
 from torchkiln import models
-from torchkiln.compiler.api import median_ms
 from torchkiln.compiler.export import quiet
+from torchkiln.driver.api import median_ms
 
 
 def seconds(fn, builds: int) -> float:

@@ -11,8 +11,8 @@ from torch import nn
 
 from tests.conftest import SMALL_ZOO, compile_quietly
 from torchkiln import models
-from torchkiln.compiler import cache
 from torchkiln.compiler.trace import trace
+from torchkiln.driver import cache
 
 
 @pytest.mark.parametrize("frontend", ["fx", "export"])

@@ -163,3 +163,34 @@ def test_tensorrt_int8_from_qdq_matches_eager():
                                backend_options={"precision": "fp16|int8"})  # fmt: skip
     assert compiled.report.artifact.cosine >= 0.99
     assert any("int8" in note for note in compiled.report.artifact.notes)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize(("name", "dtype"), [("resnet", "bfloat16"), ("text_encoder", "float32")])
+def test_inductor_on_cuda_matches_eager_and_reloads(tmp_path, name, dtype):
+    entry = models.get(name)
+    model, inputs = entry.build().eval(), entry.example_inputs()
+    compiled = compile_quietly(model, inputs, backend="inductor", dynamic_axes="batch",
+                               backend_options={"device": "cuda", "dtype": dtype},
+                               tolerance=torchkiln.Tolerance(min_cosine=0.999) if dtype != "float32" else None)  # fmt: skip
+    batched = {k: torch.cat([v] * 3) for k, v in inputs.items()}
+    got, want = compiled(**batched), model(**batched)
+    assert got.device.type == "cpu" and got.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) >= 0.999
+    directory = compiled.save(tmp_path / "package")
+    record = (directory / "inductor.json").read_text()
+    assert '"cuda_capability"' in record
+    torch.testing.assert_close(torchkiln.load(directory)(**inputs), compiled(**inputs))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_auto_on_a_gpu_machine_lists_the_cuda_candidates():
+    entry = models.get("resnet")
+    model, inputs = entry.build().eval(), entry.example_inputs()
+    compiled = compile_quietly(model, inputs, backend="auto", tolerance=torchkiln.Tolerance(min_cosine=0.999),
+                               backend_options={"candidates": "onnxruntime,torch-cuda-fp16,inductor-cuda", "runs": 20})  # fmt: skip
+    verdicts = {c.label: c.verdict for c in compiled.report.candidates}
+    assert set(verdicts) == {"onnxruntime", "torch-cuda-fp16", "inductor-cuda"}
+    assert list(verdicts.values()).count("chosen") == 1

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import compile_quietly
 
-from torchkiln.compiler.generate import prompt_logits
+from torchkiln.driver.generate import prompt_logits
 
 pytest.importorskip("transformers", reason="transformers is not installed (pip install 'torchkiln[hf]')")
 stdlib_lm = pytest.importorskip("torchkiln.models.stdlib_lm")

@@ -12,8 +12,8 @@ import torch
 from conftest import compile_quietly
 
 import torchkiln
-from torchkiln.compiler.compiled import CompiledEncoderDecoder
 from torchkiln.compiler.seq2seq import cross_names
+from torchkiln.driver.compiled import CompiledEncoderDecoder
 from torchkiln.errors import ArtifactError, ConfigError, InputError
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install 'torchkiln[hf]')")

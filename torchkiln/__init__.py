@@ -8,12 +8,12 @@ torchkiln.compare_artifact(model, "out/", {"x": x}).summary()   # first module t
 """
 
 from torchkiln.compare import compare_artifact
-from torchkiln.compiler.api import compile
-from torchkiln.compiler.compiled import CompiledModel, load
 from torchkiln.compiler.passes import Pass, PassConfig, PassResult, register_pass, registered_passes
 from torchkiln.compiler.program import Program, TensorSpec
 from torchkiln.compiler.trace import trace
 from torchkiln.compiler.verify import Tolerance
+from torchkiln.driver.api import compile
+from torchkiln.driver.compiled import CompiledModel, load
 from torchkiln.errors import (
     ArtifactError,
     BackendError,

@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchkiln.compiler.compiled import CompiledModel, load
 from torchkiln.compiler.program import bind_inputs, fresh
 from torchkiln.compiler.trace import private_copy
 from torchkiln.compiler.verify import FP32, ErrorStats, Tolerance, compare
+from torchkiln.driver.compiled import CompiledModel, load
 from torchkiln.errors import BackendError, ConfigError, InputError
 
 

@@ -15,6 +15,7 @@ _MODULES = {
     "onnx": "torchkiln.backends.onnx_backend",
     "onnxruntime": "torchkiln.backends.onnxruntime_backend",
     "tensorrt": "torchkiln.backends.tensorrt_backend",
+    "inductor": "torchkiln.backends.inductor_backend",
 }
 
 BACKEND_NAMES = tuple(_MODULES)

@@ -51,6 +51,8 @@ class Artifact(abc.ABC):
 class Backend(abc.ABC):
     name: ClassVar[str]
     Options: ClassVar[type[BackendOptions]] = BackendOptions
+    #: its artifacts are native code (loading runs it): ``torchkiln.load`` needs ``allow_native_code``
+    runs_native_code: ClassVar[bool] = False
 
     @abc.abstractmethod
     def lower(self, program: Program, options: BackendOptions) -> Artifact:

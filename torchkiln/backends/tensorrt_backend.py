@@ -239,7 +239,7 @@ class TensorRTBackend(Backend):
 def _timing_cache(options: TensorRTOptions) -> Path:
     if options.timing_cache:
         return Path(os.path.expanduser(options.timing_cache))
-    from torchkiln.compiler.cache import default_directory
+    from torchkiln.compiler.files import default_directory
 
     return default_directory() / "tensorrt.timing"
 

@@ -31,19 +31,22 @@ import torchkiln
 from torchkiln.benchmark import Latency, PeakMemory, interleaved_times
 from torchkiln.cli.common import (
     add_model_arguments,
+    add_native_code_argument,
     calibration_batches,
     example_inputs,
     load_model,
     stage_printer,
 )
 from torchkiln.cli.plots import latency_plot
-from torchkiln.compiler.compiled import CompiledModel, load
 from torchkiln.compiler.graph import parameter_stats
+from torchkiln.driver.compiled import CompiledModel, load
 from torchkiln.errors import ConfigError, InputError
 
 CPU_RUNTIMES = ("eager", "torch.compile", "ort-fp32", "ort-int8")
 GPU_RUNTIMES = ("eager-cuda", "torch-cuda-fp16", "tensorrt-fp16", "tensorrt-int8")
-MODEL_RUNTIMES = CPU_RUNTIMES + GPU_RUNTIMES
+# Asked for by name only: each is an AOTInductor C++ build (20-60 s on 2 cores), or, for auto, several.
+ON_REQUEST = ("inductor-fp32", "inductor-bf16", "inductor-int8", "inductor-cuda-bf16", "auto")
+MODEL_RUNTIMES = CPU_RUNTIMES + GPU_RUNTIMES + ON_REQUEST
 #: what a builder returns: run(inputs) on the runtime's device, file size in MB, that device
 Built = tuple[Callable[[dict[str, torch.Tensor]], Any], float | None, str]
 
@@ -74,7 +77,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--runtimes",
-        help=f"for a MODEL, any of {','.join(MODEL_RUNTIMES)} (default: the CPU ones, plus the GPU ones with CUDA)",
+        help=f"for a MODEL, any of {','.join(MODEL_RUNTIMES)} (default: the CPU ones, plus the GPU ones with CUDA; "
+        f"{', '.join(ON_REQUEST)} only when named: each compiles C++ for up to a minute)",
     )
     parser.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes (default: 1)")
     parser.add_argument(
@@ -86,6 +90,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--plot", metavar="FILE.png", help="write throughput over batch sizes as a PNG")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    add_native_code_argument(parser)
     parser.set_defaults(run=run)
 
 
@@ -144,7 +149,8 @@ def _model_runtimes(
     example = example_inputs(args, entry)
     axes = {name: {0: "batch"} for name in example} if len(batches) > 1 else None
     # Read up front: a bad --calibration is the user's error (exit 2), not a runtime that failed to build.
-    calibration = _calibration(args, entry, example) if {"ort-int8", "tensorrt-int8"} & set(wanted) else None
+    needs_data = {"ort-int8", "tensorrt-int8", "inductor-int8", "auto"}
+    calibration = _calibration(args, entry, example) if needs_data & set(wanted) else None
     builders = _builders(model, example, axes, calibration)
     calls: dict[Any, Callable[[], Any]] = {}
     rows: list[Row] = []
@@ -197,6 +203,8 @@ def _builders(
             tolerance=torchkiln.Tolerance(min_cosine=0.999) if half else None,
         )  # fmt: skip
         device = "cuda" if backend == "tensorrt" or options.get("device") == "cuda" else "cpu"
+        if backend == "auto":
+            device = "cuda" if result.options.to_dict().get("device", "cpu") != "cpu" or result.backend == "tensorrt" else "cpu"
         return (lambda x: result(**x)), (result.report.artifact.file_bytes or 0) / 1e6 or None, device  # type: ignore[union-attr]
 
     def on_cuda() -> Built:
@@ -212,6 +220,11 @@ def _builders(
         "torch-cuda-fp16": lambda: compiled("cleanup,fold_batchnorm", "torch", device="cuda", dtype="float16", cuda_graphs=True),
         "tensorrt-fp16": lambda: compiled("cleanup,fold_batchnorm", "tensorrt", precision="fp16"),
         "tensorrt-int8": lambda: compiled("cleanup,fold_batchnorm,quantize:target=tensorrt", "tensorrt", precision="fp16|int8"),
+        "inductor-fp32": lambda: compiled("cleanup,fold_batchnorm", "inductor"),
+        "inductor-bf16": lambda: compiled("cleanup,fold_batchnorm", "inductor", dtype="bfloat16"),
+        "inductor-int8": lambda: compiled("cleanup,fold_batchnorm,quantize", "inductor"),
+        "inductor-cuda-bf16": lambda: compiled("cleanup,fold_batchnorm", "inductor", device="cuda", dtype="bfloat16"),
+        "auto": lambda: compiled("cleanup,fold_batchnorm,quantize", "auto"),
     }  # fmt: skip
 
 
@@ -234,7 +247,7 @@ def _artifact_runtimes(
     say(f"loading {args.model}")
     peak = PeakMemory()
     with peak.measure():
-        compiled = load(args.model)
+        compiled = load(args.model, allow_native_code=args.allow_native_code)
     example = _inputs_from_specs(compiled, args.seed)
     calls: dict[Any, Callable[[], Any]] = {}
     rows: list[Row] = []

@@ -6,7 +6,7 @@ evaluation and gate results), ``report.json``, ``report.md`` and ``accuracy.png`
 and latency, with matplotlib and an [evaluation]). When the build fails or a gate is missed, DIR
 is left as it was and the exit code is 1 (2 for a malformed recipe).
 
-Stages are cached (see ``torchkiln.compiler.cache``): an unchanged rebuild reuses the artifact, a
+Stages are cached (see ``torchkiln.driver.cache``): an unchanged rebuild reuses the artifact, a
 change of backend options reuses the traced, calibrated graph; the report's ``cache`` line says
 which stages were hits.
 """
@@ -27,13 +27,13 @@ from torch import nn
 import torchkiln
 from torchkiln.cli.common import load_callable, load_model, stage_printer
 from torchkiln.cli.plots import accuracy_plot
-from torchkiln.compiler.cache import Hasher, default_directory, model_fingerprint
-from torchkiln.compiler.compiled import is_artifact
 from torchkiln.compiler.files import atomic_directory, check_destination, sha256, write_text_atomic
 from torchkiln.compiler.graph import parameter_stats
 from torchkiln.compiler.program import dtype_from_name
 from torchkiln.compiler.verify import Tolerance
 from torchkiln.data import load_batches
+from torchkiln.driver.cache import Hasher, default_directory, model_fingerprint
+from torchkiln.driver.compiled import is_artifact
 from torchkiln.errors import ConfigError, GateError
 from torchkiln.passes.distill import first_output, split_batch
 from torchkiln.recipe import Recipe, load_recipe

@@ -45,6 +45,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed for the random example inputs (default: 0)")
 
 
+def add_native_code_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-native-code",
+        action="store_true",
+        help="load an artifact that is native code (an inductor package's shared library runs when loaded); "
+        "only for artifacts you trust",
+    )
+
+
 def tolerance_from_flags(atol: float | None, rtol: float | None) -> Tolerance | None:
     """``--atol`` / ``--rtol``, either alone (the other keeps its default); None when neither is
     given (the pipeline's promise applies). Tolerance itself refuses NaN and negative values."""

@@ -12,10 +12,16 @@ import json
 
 import torch
 
-from torchkiln.cli.common import add_model_arguments, example_inputs, load_model, tolerance_from_flags
+from torchkiln.cli.common import (
+    add_model_arguments,
+    add_native_code_argument,
+    example_inputs,
+    load_model,
+    tolerance_from_flags,
+)
 from torchkiln.compare import compare_artifact
-from torchkiln.compiler.compiled import load
 from torchkiln.compiler.verify import Tolerance
+from torchkiln.driver.compiled import load
 from torchkiln.errors import ConfigError
 
 
@@ -34,6 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--no-optimize", action="store_true", help="run ONNX Runtime without graph optimizations"
     )
     parser.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    add_native_code_argument(parser)
     parser.set_defaults(run=run)
 
 
@@ -46,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(
                 f"cannot load weights {args.weights}: {type(exc).__name__}: {exc}", where=args.weights
             ) from None
-    compiled = load(args.artifact)
+    compiled = load(args.artifact, allow_native_code=args.allow_native_code)
     inputs = example_inputs(args, entry)
     comparison = compare_artifact(
         model.eval(), compiled, inputs, _tolerance(args), optimize=not args.no_optimize

@@ -18,10 +18,11 @@ from torchkiln.cli.common import (
     stage_printer,
     tolerance_from_flags,
 )
-from torchkiln.compiler.api import DEFAULT_PASSES
-from torchkiln.compiler.compiled import CompiledEncoderDecoder, is_artifact
 from torchkiln.compiler.files import check_destination
 from torchkiln.compiler.verify import Tolerance
+from torchkiln.driver.api import DEFAULT_PASSES
+from torchkiln.driver.auto import AutoOptions
+from torchkiln.driver.compiled import CompiledEncoderDecoder, is_artifact
 from torchkiln.errors import ConfigError
 
 
@@ -46,7 +47,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=",".join(DEFAULT_PASSES),
         help="pass pipeline, e.g. cleanup,fold_batchnorm (see `kiln passes`); '' for none",
     )
-    parser.add_argument("--backend", choices=BACKEND_NAMES, default="onnxruntime")
+    parser.add_argument("--backend", choices=(*BACKEND_NAMES, "auto"), default="onnxruntime")
     parser.add_argument(
         "--backend-option",
         action="append",
@@ -90,8 +91,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _backend_options_help() -> str:
     """--backend-option keys per backend, from the options' own declarations."""
     lines = ["backend options (--backend-option KEY=VALUE):"]
-    for name in BACKEND_NAMES:
-        rows = get_backend(name).Options.describe()
+    for name in (*BACKEND_NAMES, "auto"):
+        rows = (AutoOptions if name == "auto" else get_backend(name).Options).describe()
         lines.append(f"  {name}:" + ("" if rows else " none"))
         lines += [f"    {key} ({type_}, default {default}): {doc}" for key, type_, default, doc in rows]
     return "\n".join(lines)

@@ -13,6 +13,7 @@ from torch.utils import _pytree as pytree
 
 import torchkiln
 from torchkiln.cli import tasks
+from torchkiln.cli.common import add_native_code_argument
 from torchkiln.errors import InputError
 
 
@@ -34,6 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, help="seed for sampling (reproducible output)")
+    add_native_code_argument(parser)
     parser.set_defaults(run=run)
 
 
@@ -43,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
             "--prompt needs --tokenizer DIR", where="--prompt", hint="or give --prompt-ids 1,2,3"
         )
     tokenizer = tasks.load_tokenizer(args.tokenizer) if args.tokenizer else None
-    compiled = torchkiln.load(args.artifact)
+    compiled = torchkiln.load(args.artifact, allow_native_code=args.allow_native_code)
     vocab = _vocabulary(compiled)
     if tokenizer is not None and vocab is not None and len(tokenizer) > vocab:
         raise InputError(

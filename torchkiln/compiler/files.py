@@ -366,3 +366,12 @@ def _open_member(directory_fd: int, name: str, where: str) -> Iterator[BinaryIO]
 def private_directory(prefix: str) -> Path:
     """A fresh directory only this user can read (``tempfile.mkdtemp``: mode 0700)."""
     return Path(tempfile.mkdtemp(prefix=prefix))
+
+
+def default_directory() -> Path:
+    """``$TORCHKILN_CACHE_DIR``, else ``$XDG_CACHE_HOME/torchkiln``, else ``~/.cache/torchkiln``."""
+    explicit = os.environ.get("TORCHKILN_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "torchkiln"

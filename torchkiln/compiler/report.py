@@ -56,6 +56,21 @@ class ArtifactRecord:
 
 
 @dataclasses.dataclass
+class CandidateRecord:
+    """One runtime ``backend="auto"`` built, verified and timed; ``verdict`` says how it fared."""
+
+    label: str
+    backend: str
+    options: dict[str, Any]
+    verdict: str  # "chosen", "slower", "outside tolerance" or "failed"
+    reason: str = ""
+    seconds: float = 0.0  # to build
+    latency_ms: float | None = None  # median of the side-by-side timing
+    max_abs_error: float | None = None
+    cosine: float | None = None
+
+
+@dataclasses.dataclass
 class Report:
     model: str
     flavour: str
@@ -67,6 +82,8 @@ class Report:
     notes: list[str] = dataclasses.field(default_factory=list)
     #: stage -> "hit <key>" / "miss <key>" / "not cacheable: why", when compiled with a cache
     cache: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: what ``backend="auto"`` tried, the chosen one first
+    candidates: list[CandidateRecord] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -85,7 +102,10 @@ class Report:
             raw = {k: v for k, v in raw.items() if k != "op_delta"}
             passes.append(PassRecord(**raw))
         artifact = data.pop("artifact", None)
-        return cls(**data, passes=passes, artifact=ArtifactRecord(**artifact) if artifact else None)
+        candidates = [CandidateRecord(**c) for c in data.pop("candidates", [])]
+        return cls(
+            **data, passes=passes, artifact=ArtifactRecord(**artifact) if artifact else None, candidates=candidates
+        )
 
     def table(self) -> str:
         lines = [f"torchkiln report: {self.model} (captured with {self.flavour}, {self.trace_seconds:.2f} s)"]
@@ -115,7 +135,19 @@ class Report:
         if self.artifact:
             lines.append(_artifact_line(self.artifact, self.params, self.param_bytes))
             lines.extend(f"  note ({self.artifact.backend}): {n}" for n in self.artifact.notes)
+        lines.extend(_candidate_line(c) for c in self.candidates)
         return "\n".join(lines)
+
+
+def _candidate_line(c: CandidateRecord) -> str:
+    measured = []
+    if c.latency_ms is not None:
+        measured.append(f"{c.latency_ms:.3f} ms")
+    if c.max_abs_error is not None:
+        cosine = f", cosine {c.cosine:.5f}" if c.cosine is not None else ""
+        measured.append(f"max abs err {c.max_abs_error:.2e}{cosine}")
+    detail = f" ({'; '.join(measured)})" if measured else ""
+    return f"  auto candidate {c.label}: {c.verdict}{detail}{': ' + c.reason if c.reason else ''}"
 
 
 def _params_cell(p: PassRecord) -> str:

@@ -20,18 +20,19 @@ from torch.utils import _pytree as pytree
 
 from torchkiln.backends import Artifact, BackendOptions, get_backend
 from torchkiln.backends import backend_options as backend_options_for
-from torchkiln.compiler import cache as cache_module
 from torchkiln.compiler import causal_lm, seq2seq
 from torchkiln.compiler import graph as G
-from torchkiln.compiler.cache import Cache
 from torchkiln.compiler.calibration import CalibrationData, hold_back, no_progress, tqdm_progress
-from torchkiln.compiler.compiled import CompiledEncoderDecoder, CompiledModel, versions
 from torchkiln.compiler.manager import PassManager, default_instruments
 from torchkiln.compiler.passes import Pass, PassItem, parse_pipeline
 from torchkiln.compiler.program import Check, Program, deterministic, fresh
 from torchkiln.compiler.report import ArtifactRecord, Report
 from torchkiln.compiler.trace import DynamicAxes, private_copy, trace
 from torchkiln.compiler.verify import FP32, ErrorStats, Tolerance, compare
+from torchkiln.driver import auto
+from torchkiln.driver import cache as cache_module
+from torchkiln.driver.cache import Cache
+from torchkiln.driver.compiled import CompiledEncoderDecoder, CompiledModel, versions
 from torchkiln.errors import ArtifactError, BackendError, ConfigError, KilnError, VerificationError
 
 DEFAULT_PASSES = ("cleanup", "fold_batchnorm")
@@ -74,7 +75,7 @@ def compile(  # noqa: A001 - the public name users expect
     it, long loops inside passes (calibration) show a progress bar on stderr.
 
     ``cache`` is a directory in which the two stages — optimize (trace + passes) and lower (the
-    backend) — keep their outputs under a content hash of their inputs (:mod:`torchkiln.compiler.cache`);
+    backend) — keep their outputs under a content hash of their inputs (:mod:`torchkiln.driver.cache`);
     the report's ``cache`` says which stages were hits. Data iterables are read into lists first.
     """
     say = progress or (lambda _: None)
@@ -108,7 +109,8 @@ def compile(  # noqa: A001 - the public name users expect
     if causal_lm.wants_cache(model, example_inputs):  # the KV cache as tensors in and out
         generation = causal_lm.generation_settings(model)
         model, example_inputs, dynamic_axes = causal_lm.with_cache(model, example_inputs)
-    options = backend_options_for(backend, backend_options)
+    auto_options = auto.AutoOptions.parse(backend_options) if backend == "auto" else None
+    options = backend_options_for(backend, backend_options) if auto_options is None else None
     store = Cache(cache) if cache is not None else None
     if store is not None:  # hashing reads the data; a one-shot iterator must survive it
         calibration_data, train_data, val_data = (
@@ -119,25 +121,46 @@ def compile(  # noqa: A001 - the public name users expect
         verify, tolerance, frontend, tuple(leaf_modules), name,
     )  # fmt: skip
     program, report = _optimize_cached(stage, store, say, progress)
-    say(f"lowering to {backend}")
-    start = time.perf_counter()
-    artifact = _lower_cached(program, report, backend, options, store, stage.key)
-    record = ArtifactRecord(backend, seconds=time.perf_counter() - start, file_bytes=artifact.file_bytes())
-    report.artifact = record
-    say("verifying against the eager model")
-    artifact_tolerance = tolerance or pipeline_tolerance(pipeline)
-    if artifact_tolerance is None:  # a lossy pass promised nothing about eager: check the lowering
-        _verify_lowering(program, artifact, record, lowering_tolerance(pipeline), strict=verify)
+    build = Build(program, report, store, stage.key, tolerance or pipeline_tolerance(pipeline), pipeline, say)
+    if auto_options is not None:
+        artifact, options, record = auto.choose(build, auto_options, strict=verify)
     else:
-        _verify(program, artifact, record, artifact_tolerance, strict=verify)
+        assert options is not None
+        artifact, record = build(backend, options, strict=verify)
+    report.artifact = record
     if latency_runs > 0:
         _measure_latency(model, program, artifact, record, latency_runs)
-    record.notes = artifact.notes()
     names = [p.spec for p in pipeline]
     return CompiledModel(
         artifact, program.inputs, program.outputs, program.out_spec, report, options, names, program.constants,
         generation,
     )  # fmt: skip
+
+
+@dataclasses.dataclass
+class Build:
+    """The lower stage for one backend: lower (or load from the cache) and verify against eager."""
+
+    program: Program
+    report: Report
+    store: Cache | None
+    key: str | None
+    tolerance: Tolerance | None  # None: a lossy pass promised nothing; the lowering is checked instead
+    pipeline: list[Pass]
+    say: Callable[[str], None]
+
+    def __call__(self, backend: str, options: BackendOptions, strict: bool) -> tuple[Artifact, ArtifactRecord]:
+        self.say(f"lowering to {backend}")
+        start = time.perf_counter()
+        artifact = _lower_cached(self.program, self.report, backend, options, self.store, self.key)
+        record = ArtifactRecord(backend, seconds=time.perf_counter() - start, file_bytes=artifact.file_bytes())
+        self.say("verifying against the eager model")
+        if self.tolerance is None:
+            _verify_lowering(self.program, artifact, record, lowering_tolerance(self.pipeline), strict=strict)
+        else:
+            _verify(self.program, artifact, record, self.tolerance, strict=strict)
+        record.notes = artifact.notes()
+        return artifact, record
 
 
 @dataclasses.dataclass

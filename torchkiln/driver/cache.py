@@ -42,21 +42,12 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from torchkiln.compiler.files import atomic_directory
+from torchkiln.compiler.files import atomic_directory, default_directory  # noqa: F401 - re-exported: where the cache lives
 from torchkiln.compiler.program import Check, Program, TensorSpec
 
 PROGRAM_FILE = "program.pt"
 STAGES = ("optimize", "lower")
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]
-
-
-def default_directory() -> Path:
-    """``$TORCHKILN_CACHE_DIR``, else ``$XDG_CACHE_HOME/torchkiln``, else ``~/.cache/torchkiln``."""
-    explicit = os.environ.get("TORCHKILN_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "torchkiln"
 
 
 class Hasher:

@@ -84,8 +84,8 @@ class CompiledModel:
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **settings: Any
     ) -> torch.Tensor:
         """Prompt + generated tokens, for an artifact compiled with its KV cache: greedy, or
-        sampled with ``do_sample``; settings as :func:`torchkiln.compiler.generate.generate`."""
-        from torchkiln.compiler.generate import generate
+        sampled with ``do_sample``; settings as :func:`torchkiln.driver.generate.generate`."""
+        from torchkiln.driver.generate import generate
 
         return generate(self, input_ids, attention_mask, **settings)
 
@@ -215,17 +215,19 @@ def is_artifact(path: Path) -> bool:
     return isinstance(manifest, dict) and manifest.get("format") == FORMAT
 
 
-def load(directory: str | os.PathLike[str]) -> CompiledModel:
+def load(directory: str | os.PathLike[str], allow_native_code: bool = False) -> CompiledModel:
     """Load a directory written by :meth:`CompiledModel.save`.
 
-    Nothing in the directory is executed or written. Every file the manifest lists must be a plain
+    Nothing in the directory is executed or written — unless ``allow_native_code`` is set and the
+    artifact is native code by nature (an ``inductor`` package: its kernels are a shared library
+    that loading ``dlopen``s); without it such an artifact is an ``ArtifactError`` saying so. Every file the manifest lists must be a plain
     file of the directory; it is copied into a private directory while its SHA-256 is checked, and
     the backend reads only those copies (an unlisted file is never read). A directory replaced by a
     concurrent save while it is read is read again."""
     path = Path(directory)
     for attempt in range(20):
         try:
-            return _load_once(path)
+            return _load_once(path, allow_native_code)
         except _Replaced:
             time.sleep(0.01 * attempt)
     raise ArtifactError(
@@ -237,7 +239,7 @@ class _Replaced(Exception):
     """The directory was swapped for another while it was read."""
 
 
-def _load_once(path: Path) -> CompiledModel:
+def _load_once(path: Path, allow_native_code: bool) -> CompiledModel:
     source = resolve_interrupted(path)
     if not source.is_dir():
         raise ArtifactError(
@@ -250,7 +252,7 @@ def _load_once(path: Path) -> CompiledModel:
                 manifest = _read_manifest(fd, source)
                 if manifest.get("kind") == ENCODER_DECODER:
                     shutil.rmtree(private, ignore_errors=True)
-                    return _load_pair(fd, source, manifest)
+                    return _load_pair(fd, source, manifest, allow_native_code)
                 for name, digest in manifest["files"].items():
                     try:
                         copy_verified(fd, name, digest, private / name, str(source / name))
@@ -264,7 +266,7 @@ def _load_once(path: Path) -> CompiledModel:
                 if not same_file(fd, source):  # a concurrent save swapped it (and removed the old one)
                     raise _Replaced() from None
                 raise
-        compiled = _from_manifest(manifest, private, source)
+        compiled = _from_manifest(manifest, private, source, allow_native_code)
     except BaseException:
         shutil.rmtree(private, ignore_errors=True)
         raise
@@ -272,7 +274,7 @@ def _load_once(path: Path) -> CompiledModel:
     return compiled
 
 
-def _load_pair(fd: int, source: Path, manifest: dict[str, Any]) -> CompiledEncoderDecoder:
+def _load_pair(fd: int, source: Path, manifest: dict[str, Any], allow_native_code: bool) -> CompiledEncoderDecoder:
     """Both parts, each checked against the digest of its manifest in ``manifest``."""
     where = str(source / MANIFEST)
     parts = manifest.get("parts")
@@ -295,7 +297,7 @@ def _load_pair(fd: int, source: Path, manifest: dict[str, Any]) -> CompiledEncod
                 )
         finally:
             os.close(part_fd)
-        loaded[part] = _load_once(source / part)
+        loaded[part] = _load_once(source / part, allow_native_code)
     try:
         generation = _generation(manifest.get("generation"))
     except ValueError as exc:
@@ -303,7 +305,7 @@ def _load_pair(fd: int, source: Path, manifest: dict[str, Any]) -> CompiledEncod
     return CompiledEncoderDecoder(loaded["encoder"], loaded["decoder"], generation)
 
 
-def _from_manifest(manifest: dict[str, Any], private: Path, source: Path) -> CompiledModel:
+def _from_manifest(manifest: dict[str, Any], private: Path, source: Path, allow_native_code: bool) -> CompiledModel:
     where = str(source / MANIFEST)
     try:
         options = backend_options(manifest["backend"], manifest["backend_options"])
@@ -317,8 +319,17 @@ def _from_manifest(manifest: dict[str, Any], private: Path, source: Path) -> Com
         raise ArtifactError(f"{MANIFEST} is invalid: {exc.message}", where=where) from exc
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ArtifactError(f"{MANIFEST} is invalid: {type(exc).__name__}: {exc}", where=where) from exc
+    backend = get_backend(manifest["backend"])
+    if backend.runs_native_code and not allow_native_code:
+        raise ArtifactError(
+            f"{source} is a {backend.name} artifact: loading it runs the native code it contains (compiled "
+            "kernels in a shared library), so torchkiln loads it only when asked to",
+            where=str(source),
+            hint="if you trust where it came from: torchkiln.load(path, allow_native_code=True) "
+            "(kiln: --allow-native-code)",
+        )
     try:
-        artifact = get_backend(manifest["backend"]).load(private, options)
+        artifact = backend.load(private, options)
     except ArtifactError as exc:  # name the user's file, not the private copy
         exc.where = exc.where and exc.where.replace(str(private), str(source))
         raise

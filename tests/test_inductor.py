@@ -1,0 +1,208 @@
+"""The inductor backend (AOTInductor packages) on CPU, and backend="auto".
+
+Each AOTInductor build compiles C++ (20-60 s on 2 cores), so CI builds three packages — resnet
+fp32, resnet int8, text_encoder bf16 — and the tests share them through module fixtures and the
+stage cache; the rest of the zoo sweep is `slow`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import SMALL_ZOO, compile_quietly
+
+import torchkiln
+from torchkiln import models
+from torchkiln.backends import inductor_backend
+from torchkiln.cli import main
+from torchkiln.errors import ArtifactError, BackendError, ConfigError, VerificationError
+
+pytestmark = [
+    pytest.mark.skipif(shutil.which("g++") is None, reason="AOTInductor needs a C++ compiler (g++)"),
+    pytest.mark.xdist_group("inductor"),  # one worker builds the shared packages once (make test: --dist loadgroup)
+]
+
+PROMISES = {"fp32": None, "bf16": torchkiln.Tolerance(min_cosine=0.999), "int8": None, "dynamic": None}
+
+
+def _compile(name: str, precision: str, cache, **kwargs):
+    entry = models.get(name)
+    passes = "cleanup,fold_batchnorm" + {"int8": ",quantize", "dynamic": ",quantize:mode=dynamic"}.get(precision, "")
+    calibration = [entry.example_inputs(batch=4, seed=s) for s in range(8)] if precision == "int8" else None
+    options = {"dtype": "bfloat16"} if precision == "bf16" else {}
+    return compile_quietly(
+        entry.build(), entry.example_inputs(), passes=passes, backend="inductor", backend_options=options,
+        calibration_data=calibration, tolerance=PROMISES[precision], dynamic_axes="batch", cache=cache, **kwargs,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def stage_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("stage-cache")
+
+
+@pytest.fixture(scope="module")
+def resnet_fp32(stage_cache):
+    return _compile("resnet", "fp32", stage_cache)
+
+
+@pytest.fixture(scope="module")
+def text_encoder_bf16(stage_cache):
+    return _compile("text_encoder", "bf16", stage_cache)
+
+
+def _check_against_eager(compiled, name: str, tolerance: torchkiln.Tolerance, batch: int) -> None:
+    entry = models.get(name)
+    inputs = entry.example_inputs(batch=batch, seed=7)
+    expected = entry.build()(**inputs)
+    stats = torchkiln.compiler.verify.compare([compiled(**inputs)], [expected], tolerance)
+    assert stats.within(), stats
+
+
+def test_fp32_package_matches_eager_at_other_batch_sizes(resnet_fp32):
+    assert resnet_fp32.backend == "inductor"
+    record = resnet_fp32.report.artifact
+    assert record.max_abs_error is not None and record.max_abs_error < 1e-4
+    for batch in (1, 5):
+        _check_against_eager(resnet_fp32, "resnet", torchkiln.Tolerance(atol=1e-5, rtol=1e-4), batch)
+
+
+def test_bf16_package_keeps_its_promise_and_returns_float32(text_encoder_bf16):
+    record = text_encoder_bf16.report.artifact
+    assert record.cosine is not None and record.cosine >= 0.999
+    entry = models.get("text_encoder")
+    out = text_encoder_bf16(**entry.example_inputs(batch=3))
+    assert out.dtype == torch.float32 and out.shape[0] == 3
+    _check_against_eager(text_encoder_bf16, "text_encoder", torchkiln.Tolerance(min_cosine=0.999), 3)
+
+
+def test_static_int8_runs_integer_kernels_within_its_promise(stage_cache):
+    compiled = _compile("resnet", "int8", stage_cache)
+    record = compiled.report.artifact
+    assert record.cosine is not None and record.cosine >= 0.99
+    integer = [n for n in record.notes if n.startswith("integer kernels:")]
+    assert integer, record.notes
+    used, of = (int(v) for v in integer[0].split(":")[1].split("int8")[0].split(" of "))
+    assert used == of > 0, integer  # every int8 conv and the classifier in oneDNN integer kernels
+    _check_against_eager(compiled, "resnet", torchkiln.Tolerance(min_cosine=0.99), 6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8", "dynamic"])
+@pytest.mark.parametrize("name", SMALL_ZOO)
+def test_zoo_on_inductor_within_each_promise(name, precision, tmp_path):
+    compiled = _compile(name, precision, None)
+    tolerance = PROMISES[precision] or (
+        torchkiln.Tolerance(min_cosine=0.99) if precision in ("int8", "dynamic") else torchkiln.Tolerance(atol=1e-5, rtol=1e-4)
+    )
+    _check_against_eager(compiled, name, tolerance, 3)
+    compiled.save(tmp_path / "artifact")
+    again = torchkiln.load(tmp_path / "artifact", allow_native_code=True)
+    inputs = models.get(name).example_inputs(batch=2)
+    torch.testing.assert_close(again(**inputs), compiled(**inputs))
+
+
+def test_saved_package_loads_in_a_fresh_process_without_the_model_source(resnet_fp32, tmp_path):
+    directory = tmp_path / "resnet-inductor"
+    resnet_fp32.save(directory)
+    assert {"model.pt2", "inductor.json"} <= {p.name for p in directory.iterdir()}
+    inputs = models.get("resnet").example_inputs(batch=2, seed=3)
+    torch.save(inputs["x"], tmp_path / "x.pt")
+    expected = resnet_fp32(**inputs)
+    # No torchkiln.models import, no model class: only the directory and torchkiln's loader.
+    script = textwrap.dedent(f"""
+        import sys, torch, torchkiln
+        assert "torchkiln.models" not in sys.modules
+        compiled = torchkiln.load({str(directory)!r}, allow_native_code=True)
+        y = compiled(x=torch.load({str(tmp_path / "x.pt")!r}))
+        torch.save(y, {str(tmp_path / "y.pt")!r})
+        print(compiled.backend)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "inductor"
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), expected)
+
+
+def test_a_cpu_lacking_a_recorded_feature_is_refused(resnet_fp32, tmp_path, monkeypatch):
+    directory = tmp_path / "artifact"
+    resnet_fp32.save(directory)
+    record = json.loads((directory / "inductor.json").read_text())
+    assert record["cpu_flags"], record  # the kernels were built for named instruction sets
+    missing = record["cpu_flags"][0]
+    here = inductor_backend.cpu_flags() or frozenset(record["cpu_flags"])
+    monkeypatch.setattr(inductor_backend, "cpu_flags", lambda: frozenset(here - {missing}))
+    with pytest.raises(ArtifactError, match=f"compiled for a CPU with {missing}"):
+        torchkiln.load(directory, allow_native_code=True)
+
+
+def test_loading_a_package_runs_native_code_so_it_needs_consent(resnet_fp32, tmp_path, capsys):
+    directory = resnet_fp32.save(tmp_path / "artifact")
+    with pytest.raises(ArtifactError, match="runs the native code it contains") as refused:
+        torchkiln.load(directory)
+    assert "allow_native_code=True" in str(refused.value)
+    assert main(["bench", str(directory), "--runs", "3", "--quiet"]) == 1
+    assert "--allow-native-code" in capsys.readouterr().err
+    assert main(["bench", str(directory), "--runs", "3", "--quiet", "--allow-native-code"]) == 0
+    assert "inductor" in capsys.readouterr().out
+
+
+def test_a_cuda_package_is_refused_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ArtifactError, match="no CUDA device"):
+        inductor_backend.refuse_foreign_machine({"device": "cuda", "cuda_capability": "9.0"}, "inductor.json")
+
+
+def test_bf16_of_a_quantized_program_and_cuda_without_a_gpu_are_clear_errors(monkeypatch):
+    entry = models.get("mlp")
+    with pytest.raises(ConfigError, match="device"):
+        compile_quietly(entry.build(), entry.example_inputs(), backend="inductor", backend_options={"device": "tpu"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(BackendError, match="no CUDA device"):
+        compile_quietly(entry.build(), entry.example_inputs(), backend="inductor", backend_options={"device": "cuda"})
+    with pytest.raises(BackendError, match="quantized layers"):
+        compile_quietly(
+            entry.build(), entry.example_inputs(), passes="quantize:mode=dynamic", backend="inductor",
+            backend_options={"dtype": "bfloat16"},
+        )  # fmt: skip
+
+
+def test_auto_builds_verifies_and_times_every_candidate(text_encoder_bf16, stage_cache):
+    """fp32 tolerance: the bf16 package (a cache hit here) is outside it; one of the others wins."""
+    entry = models.get("text_encoder")
+    compiled = compile_quietly(
+        entry.build(), entry.example_inputs(), backend="auto", dynamic_axes="batch", cache=stage_cache,
+        backend_options={"candidates": "onnxruntime,inductor-bf16,torch", "runs": 10},
+    )  # fmt: skip
+    by_label = {c.label: c for c in compiled.report.candidates}
+    assert set(by_label) == {"onnxruntime", "inductor-bf16", "torch"}
+    assert compiled.report.candidates[0].verdict == "chosen"
+    chosen = compiled.report.candidates[0]
+    assert compiled.backend == chosen.backend and chosen.label in ("onnxruntime", "torch")
+    assert by_label["inductor-bf16"].verdict == "outside tolerance"
+    assert "cosine" in by_label["inductor-bf16"].reason or "max abs error" in by_label["inductor-bf16"].reason
+    loser = by_label[({"onnxruntime", "torch"} - {chosen.label}).pop()]
+    assert loser.verdict == "slower" and loser.latency_ms is not None and loser.latency_ms >= chosen.latency_ms
+    assert "auto candidate inductor-bf16: outside tolerance" in compiled.report.table()
+    _check_against_eager(compiled, "text_encoder", torchkiln.Tolerance(atol=1e-5, rtol=1e-4), 2)
+
+
+def test_auto_with_no_candidate_within_the_tolerance_says_why_each_lost(text_encoder_bf16, stage_cache):
+    entry = models.get("text_encoder")
+    with pytest.raises(VerificationError, match="inductor-bf16: outside tolerance"):
+        compile_quietly(
+            entry.build(), entry.example_inputs(), backend="auto", dynamic_axes="batch", cache=stage_cache,
+            backend_options={"candidates": "inductor-bf16"},
+        )  # fmt: skip
+
+
+def test_auto_rejects_unknown_candidates():
+    entry = models.get("mlp")
+    with pytest.raises(ConfigError, match="unknown candidate"):
+        compile_quietly(entry.build(), entry.example_inputs(), backend="auto", backend_options={"candidates": "tvm"})

@@ -1,0 +1,184 @@
+"""``backend="auto"``: build every runtime this machine and this program allow, verify each
+against the compile's promise, time the ones that pass side by side, and keep the fastest.
+
+Candidates (labels, as ``backend_options={"candidates": "..."}`` names them):
+
+* ``onnxruntime`` — the program in ONNX (QDQ for int8) on ONNX Runtime's CPU provider;
+* ``inductor`` — AOTInductor, float32 (a quantized program's int8 layers in integer kernels);
+* ``inductor-bf16`` — AOTInductor in bfloat16, for a float program on a CPU with bf16 instructions
+  (``avx512_bf16`` / ``amx_bf16``); lossy, so it wins only under a tolerance that allows it;
+* ``torch`` — the rewritten graph in PyTorch (the reference and fallback);
+* with a CUDA device: ``torch-cuda-fp16`` (CUDA graphs), ``inductor-cuda`` (bfloat16 for a float
+  program), and ``tensorrt`` when it is importable.
+
+Each is built through the lower stage (so the stage cache serves a rebuild), verified like a single
+backend, and timed with the interleaved timer (:func:`torchkiln.benchmark.interleaved_times`) on
+the example inputs. The report lists every candidate: its latency, error and why it lost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import torch
+
+from torchkiln.backends import Artifact, BackendOptions
+from torchkiln.backends import backend_options as backend_options_for
+from torchkiln.benchmark import interleaved_times
+from torchkiln.compiler import quant_ops
+from torchkiln.compiler.options import Options, option
+from torchkiln.compiler.program import Program, fresh
+from torchkiln.compiler.report import ArtifactRecord, CandidateRecord, Report
+from torchkiln.errors import BackendError, ConfigError, KilnError, VerificationError
+from torchkiln.machine import cpu_flags
+
+#: label -> (backend, options); which of them apply is decided by :func:`candidates`
+CANDIDATES: dict[str, tuple[str, dict[str, Any]]] = {
+    "onnxruntime": ("onnxruntime", {}),
+    "inductor": ("inductor", {}),
+    "inductor-bf16": ("inductor", {"dtype": "bfloat16"}),
+    "torch": ("torch", {}),
+    "torch-cuda-fp16": ("torch", {"device": "cuda", "dtype": "float16", "cuda_graphs": True}),
+    "inductor-cuda": ("inductor", {"device": "cuda"}),
+    "tensorrt": ("tensorrt", {}),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoOptions(Options):
+    owner = "backend auto"
+    candidates: str = option("", "comma-separated candidate labels to try (empty: every one this machine allows)")
+    runs: int = option(40, "timed calls of each candidate, in alternating blocks")
+
+    def validate(self) -> None:
+        unknown = [c for c in self.labels if c not in CANDIDATES]
+        if unknown:
+            self.fail("candidates", f"names unknown candidate(s) {', '.join(unknown)}; choose from {', '.join(CANDIDATES)}")
+        if self.runs < 1:
+            self.fail("runs", f"must be >= 1, got {self.runs}")
+
+    @property
+    def labels(self) -> list[str]:
+        return [c.strip() for c in self.candidates.split(",") if c.strip()]
+
+    @classmethod
+    def parse(cls, options: Mapping[str, Any] | BackendOptions | None) -> AutoOptions:
+        if options is not None and not isinstance(options, Mapping):
+            raise ConfigError(
+                "backend auto takes its options as a mapping (candidates, runs)",
+                where="backend_options",
+                hint='e.g. backend_options={"candidates": "onnxruntime,inductor"}',
+            )
+        parsed = cls.from_mapping(options or {}, owner=cls.owner)
+        assert isinstance(parsed, AutoOptions)
+        return parsed
+
+
+class Build(Protocol):
+    report: Report
+    program: Program
+
+    def __call__(self, backend: str, options: BackendOptions, strict: bool) -> tuple[Artifact, ArtifactRecord]: ...
+
+
+def candidates(program: Program, chosen: list[str]) -> dict[str, str]:
+    """label -> "" for the candidates to build, or -> the reason a requested one does not apply."""
+    quantized = any(
+        n.op == "call_function" and getattr(n.target, "namespace", None) in ("quantized_decomposed", "torchkiln")
+        for n in program.graph_module.graph.nodes
+    )
+    flags = cpu_flags() or frozenset()
+    cuda = torch.cuda.is_available()
+    why_not = {
+        "inductor-bf16": "the program is quantized" if quantized
+        else "" if flags & {"avx512_bf16", "amx_bf16"} else "this CPU has no bf16 instructions (avx512_bf16 / amx_bf16)",
+        "torch-cuda-fp16": "" if cuda else "no CUDA device",
+        "inductor-cuda": "" if cuda else "no CUDA device",
+        "tensorrt": "" if cuda and importlib.util.find_spec("tensorrt") else "needs a CUDA device and tensorrt",
+    }  # fmt: skip
+    if chosen:
+        return {label: why_not.get(label, "") for label in chosen}
+    return {label: why for label, why in ((lb, why_not.get(lb, "")) for lb in CANDIDATES) if not why}
+
+
+def _options(label: str, quantized: bool) -> tuple[str, BackendOptions]:
+    backend, values = CANDIDATES[label]
+    if label == "inductor-cuda" and not quantized:
+        values = {**values, "dtype": "bfloat16"}
+    return backend, backend_options_for(backend, values)
+
+
+def choose(build: Build, options: AutoOptions, strict: bool) -> tuple[Artifact, BackendOptions, ArtifactRecord]:
+    """Build, verify and time the candidates; the fastest that meets the promise, its options and
+    record. The report's ``candidates`` lists every one, the chosen first. With ``strict`` False
+    (``verify=False``) a candidate outside the tolerance is timed too, its error reported."""
+    quantized = sum(1 for n in build.program.graph_module.graph.nodes if n.target == quant_ops.DEQUANTIZE_CHANNEL) > 0
+    records: list[CandidateRecord] = []
+    built: dict[str, tuple[Artifact, BackendOptions, ArtifactRecord]] = {}
+    for label, why_not in candidates(build.program, options.labels).items():
+        backend, backend_options = _options(label, quantized)
+        record = CandidateRecord(label, backend, backend_options.to_dict(), "failed", why_not)
+        records.append(record)
+        if why_not:
+            record.verdict = "not applicable"
+            continue
+        try:
+            artifact, artifact_record = build(backend, backend_options, strict=strict)
+        except VerificationError as exc:
+            record.verdict, record.reason = "outside tolerance", exc.message
+            continue
+        except KilnError as exc:
+            record.reason = exc.message.splitlines()[0]
+            continue
+        _move_cache_state(build.report, label)
+        record.seconds = artifact_record.seconds
+        record.max_abs_error, record.cosine = artifact_record.max_abs_error, artifact_record.cosine
+        built[label] = (artifact, backend_options, artifact_record)
+    if not built:
+        raise _nothing_passed(records)
+    best = _time(build.program, built, records, options.runs)
+    artifact, backend_options, artifact_record = built[best]
+    tried = len([r for r in records if r.verdict != "not applicable"])
+    artifact_record.notes.append(f"chosen by backend=auto from {tried} candidate(s) built here (see the candidates)")
+    build.report.candidates = sorted(records, key=lambda r: r.verdict != "chosen")
+    return artifact, backend_options, artifact_record
+
+
+def _time(
+    program: Program, built: Mapping[str, tuple[Artifact, BackendOptions, ArtifactRecord]],
+    records: list[CandidateRecord], runs: int,
+) -> str:  # fmt: skip
+    inputs = fresh(program.example_inputs)
+    calls: dict[str, Callable[[], Any]] = {
+        label: functools.partial(artifact.run, inputs) for label, (artifact, _, _) in built.items()
+    }
+    times = interleaved_times(calls, runs)
+    medians = {label: sorted(t)[len(t) // 2] for label, t in times.items()}
+    best = min(medians, key=medians.__getitem__)
+    for record in records:
+        if record.label in medians:
+            record.latency_ms = medians[record.label]
+            ratio = medians[record.label] / medians[best]
+            record.verdict, record.reason = (
+                ("chosen", "fastest within the tolerance") if record.label == best
+                else ("slower", f"{ratio:.2f}x the latency of {best}")
+            )  # fmt: skip
+    return best
+
+
+def _move_cache_state(report: Report, label: str) -> None:
+    if "lower" in report.cache:
+        report.cache[f"lower {label}"] = report.cache.pop("lower")
+
+
+def _nothing_passed(records: list[CandidateRecord]) -> BackendError | VerificationError:
+    lines = "; ".join(f"{r.label}: {r.verdict}{' (' + r.reason + ')' if r.reason else ''}" for r in records)
+    error = VerificationError if any(r.verdict == "outside tolerance" for r in records) else BackendError
+    return error(
+        f"backend auto: no candidate built and met the tolerance — {lines}",
+        hint="loosen `tolerance`, or name a backend that builds here",
+    )
