@@ -18,12 +18,12 @@ status=0
     "onnx", onnx.__version__, "onnxruntime", ort.__version__)'
   grep -m1 "model name" /proc/cpuinfo; } 2>&1 | tee "$LOG/env.txt"
 echo "== GPU-marked tests"
-timeout 240 "$PY" -m pytest -p no:cacheprovider -m gpu -rs tests 2>&1 | tee "$LOG/gpu-tests.txt"
+timeout 150 "$PY" -m pytest -p no:cacheprovider -m gpu -rs tests 2>&1 | tee "$LOG/gpu-tests.txt"
 tests_rc=${PIPESTATUS[0]}; [ "$tests_rc" = 0 ] || status=1
 echo "== torch backend on CUDA: save/load round trip in a fresh process"
-timeout 60 "$PY" bench/gpu_roundtrip.py 2>&1 | tee "$LOG/roundtrip.txt" || status=1
+timeout 45 "$PY" bench/gpu_roundtrip.py 2>&1 | tee "$LOG/roundtrip.txt" || status=1
 echo "== GPU bench: ResNet-50 and BERT-base, batch 1 and 32"
-timeout 200 "$PY" bench/gpu_bench.py --json "$LOG/gpu-bench.json" 2>&1 | tee "$LOG/gpu-bench.txt"
+timeout 270 "$PY" bench/gpu_bench.py --json "$LOG/gpu-bench.json" 2>&1 | tee "$LOG/gpu-bench.txt"
 bench_rc=${PIPESTATUS[0]}; [ "$bench_rc" = 0 ] || status=1
 "$PY" - "$LOG" "$tests_rc" "$bench_rc" <<'PYEOF'
 import json, pathlib, sys

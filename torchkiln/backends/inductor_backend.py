@@ -31,6 +31,7 @@ like any cache directory of yours, reloads its own entries).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import re
@@ -275,8 +276,6 @@ def cast_program(gm: fx.GraphModule, dtype: torch.dtype) -> fx.GraphModule:
     cast to it on entry and floating outputs cast back to float32."""
     if dtype == torch.float32:
         return gm
-    import copy
-
     cast = copy.deepcopy(gm).to(dtype)
     graph = cast.graph
     for node in list(graph.nodes):

@@ -74,6 +74,10 @@ def compile(  # noqa: A001 - the public name users expect
     eager vs artifact latency (median) to the report. ``progress`` receives a line per stage; with
     it, long loops inside passes (calibration) show a progress bar on stderr.
 
+    ``backend="auto"`` builds every runtime the program and machine allow, verifies each, times them
+    side by side and keeps the fastest within the tolerance (:mod:`torchkiln.driver.auto`; its
+    ``backend_options`` are ``candidates`` and ``runs``); the report lists every candidate.
+
     ``cache`` is a directory in which the two stages — optimize (trace + passes) and lower (the
     backend) — keep their outputs under a content hash of their inputs (:mod:`torchkiln.driver.cache`);
     the report's ``cache`` says which stages were hits. Data iterables are read into lists first.

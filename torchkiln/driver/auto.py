@@ -29,7 +29,6 @@ import torch
 from torchkiln.backends import Artifact, BackendOptions
 from torchkiln.backends import backend_options as backend_options_for
 from torchkiln.benchmark import interleaved_times
-from torchkiln.compiler import quant_ops
 from torchkiln.compiler.options import Options, option
 from torchkiln.compiler.program import Program, fresh
 from torchkiln.compiler.report import ArtifactRecord, CandidateRecord, Report
@@ -85,12 +84,17 @@ class Build(Protocol):
     def __call__(self, backend: str, options: BackendOptions, strict: bool) -> tuple[Artifact, ArtifactRecord]: ...
 
 
-def candidates(program: Program, chosen: list[str]) -> dict[str, str]:
-    """label -> "" for the candidates to build, or -> the reason a requested one does not apply."""
-    quantized = any(
+def is_quantized(program: Program) -> bool:
+    """Does the program hold quantized ops (static Q/DQ or torchkiln's dynamic / weight-only)?"""
+    return any(
         n.op == "call_function" and getattr(n.target, "namespace", None) in ("quantized_decomposed", "torchkiln")
         for n in program.graph_module.graph.nodes
     )
+
+
+def candidates(program: Program, chosen: list[str]) -> dict[str, str]:
+    """label -> "" for the candidates to build, or -> the reason a requested one does not apply."""
+    quantized = is_quantized(program)
     flags = cpu_flags() or frozenset()
     cuda = torch.cuda.is_available()
     why_not = {
@@ -116,7 +120,7 @@ def choose(build: Build, options: AutoOptions, strict: bool) -> tuple[Artifact, 
     """Build, verify and time the candidates; the fastest that meets the promise, its options and
     record. The report's ``candidates`` lists every one, the chosen first. With ``strict`` False
     (``verify=False``) a candidate outside the tolerance is timed too, its error reported."""
-    quantized = sum(1 for n in build.program.graph_module.graph.nodes if n.target == quant_ops.DEQUANTIZE_CHANNEL) > 0
+    quantized = is_quantized(build.program)
     records: list[CandidateRecord] = []
     built: dict[str, tuple[Artifact, BackendOptions, ArtifactRecord]] = {}
     for label, why_not in candidates(build.program, options.labels).items():
