@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
@@ -35,6 +34,7 @@ from torchkiln.compiler.calibration import ProgressBar, no_progress, tqdm_progre
 from torchkiln.compiler.options import option
 from torchkiln.compiler.passes import Pass, PassConfig, PassResult, register_pass
 from torchkiln.compiler.program import Program, bind_inputs, fresh
+from torchkiln.compiler.ranks import join_process_group
 from torchkiln.errors import ConfigError, InputError
 
 
@@ -135,7 +135,7 @@ class Trainer:
         batches = list(train_data)
         if not batches:
             raise InputError("training data for distillation is empty", hint="pass at least one batch")
-        rank, world = _join_process_group()
+        rank, world = join_process_group()
         for p in student.parameters():
             if p.is_floating_point():
                 p.requires_grad_(True)
@@ -228,17 +228,6 @@ def _lr_factor(cfg: DistillConfig, step: int, total: int) -> float:
         return 1.0
     progress = (step - cfg.warmup_steps) / max(total - cfg.warmup_steps, 1)
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def _join_process_group() -> tuple[int, int]:
-    """(rank, world size); joins the torchrun process group when there is one."""
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size()
 
 
 def _wrap(student: nn.Module, world: int) -> nn.Module:

@@ -34,6 +34,7 @@ from torchkiln.compiler.calibration import no_progress
 from torchkiln.compiler.options import option
 from torchkiln.compiler.passes import Pass, PassConfig, PassResult, register_pass
 from torchkiln.compiler.program import Program
+from torchkiln.compiler.ranks import join_process_group
 from torchkiln.compiler.verify import Tolerance
 from torchkiln.errors import InputError
 from torchkiln.passes.layers import Layer, find_layers, find_layers_and_skips, ignored, weight_ops
@@ -180,7 +181,7 @@ class Quantize(Pass):
         observed = static.plan(gm, chosen)
         # every planned tensor, not just scale sources: a subset of layers (mixed precision) can
         # leave a pass-through op without its source and then it needs its own range
-        histograms = static.calibrate(gm, set(observed), batches)
+        histograms = static.calibrate(gm, set(observed), batches, *join_process_group())
         qparams = static.qparams_for(histograms, self.config.calibrator, self.config.percentile, signed)
 
         def quantize(graph: fx.GraphModule, layers: Sequence[Layer]) -> None:

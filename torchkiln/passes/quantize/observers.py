@@ -71,11 +71,16 @@ class Histogram:
         return self.min > self.max
 
     def update(self, values: torch.Tensor) -> None:
-        x = values.detach().float().flatten()
-        x = x[torch.isfinite(x)]
+        x = finite_values(values)
         if x.numel() == 0:
             return
-        lo, hi = float(x.min()), float(x.max())
+        self.extend(float(x.min()), float(x.max()))
+        self.add(x)
+
+    def extend(self, lo: float, hi: float) -> None:
+        """Grow the range (by doubling) to hold ``[lo, hi]``; the first range also holds zero."""
+        if lo > hi:  # nothing finite was seen
+            return
         if self.empty:
             self.low, self.high = min(lo, 0.0), max(hi, 0.0)
             if self.high - self.low < 1e-12:
@@ -83,6 +88,9 @@ class Histogram:
         self.min, self.max = min(self.min, lo), max(self.max, hi)
         while lo < self.low or hi > self.high:
             self._double(downward=lo < self.low)
+
+    def add(self, x: torch.Tensor) -> None:
+        """Bin finite values already inside the range (:meth:`extend` first)."""
         self.counts += torch.histc(x, self.bins, self.low, self.high).double()
         self.zeros += float((x == 0).sum())
 
@@ -103,6 +111,11 @@ class Histogram:
     def centers(self) -> torch.Tensor:
         step = (self.high - self.low) / self.bins
         return self.low + step * (torch.arange(self.bins, dtype=torch.float64) + 0.5)
+
+
+def finite_values(values: torch.Tensor) -> torch.Tensor:
+    x = values.detach().float().flatten()
+    return x[torch.isfinite(x)]
 
 
 def choose_range(hist: Histogram, method: str, percentile: float = 99.99, signed: bool = False) -> tuple[float, float]:

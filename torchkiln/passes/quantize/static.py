@@ -23,6 +23,7 @@ Weights become int8 buffers (per output channel, symmetric, zero point 0) behind
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -33,7 +34,7 @@ from torch import fx, nn
 from torchkiln.compiler import graph as G
 from torchkiln.compiler.quant_ops import DEQUANTIZE, DEQUANTIZE_CHANNEL, QUANTIZE, quantize_weight_per_channel
 from torchkiln.passes.layers import Layer
-from torchkiln.passes.quantize.observers import Histogram, QParams, choose_range
+from torchkiln.passes.quantize.observers import Histogram, QParams, choose_range, finite_values
 
 aten = torch.ops.aten
 F = nn.functional
@@ -117,15 +118,94 @@ class _Recorder(fx.Interpreter):
 
 
 def calibrate(
-    gm: fx.GraphModule, tensors: Iterable[fx.Node], batches: Iterable[tuple[torch.Tensor, ...]]
+    gm: fx.GraphModule,
+    tensors: Iterable[fx.Node],
+    batches: Iterable[tuple[torch.Tensor, ...]],
+    rank: int = 0,
+    world: int = 1,
 ) -> dict[str, Histogram]:
-    """One pass over ``batches``; a histogram per tensor in ``tensors``."""
+    """One pass over ``batches``; a histogram per tensor in ``tensors``. With ``world`` > 1 (a
+    torchrun group) rank r runs batches r, r + world, …, and the histograms come out equal to one
+    process's on all the batches (:func:`_calibrate_shards`)."""
     observers = {node.name: Histogram() for node in tensors}
+    if world > 1:
+        _calibrate_shards(gm, observers, batches, rank, world)
+        return observers
     recorder = _Recorder(gm, observers)
     with torch.no_grad():
         for batch in batches:
             recorder.run(*batch)
     return observers
+
+
+class _Collector(fx.Interpreter):
+    """Runs the float graph and keeps the finite values of the observed tensors of one batch."""
+
+    def __init__(self, gm: fx.GraphModule, names: set[str]):
+        super().__init__(gm)
+        self.names = names
+        self.values: dict[str, torch.Tensor] = {}
+
+    def collect(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        self.values = {}
+        with torch.no_grad():
+            self.run(*batch)
+        return self.values
+
+    def run_node(self, n: fx.Node) -> Any:
+        value = super().run_node(n)
+        if n.name in self.names and isinstance(value, torch.Tensor):
+            self.values[n.name] = finite_values(value)
+        return value
+
+
+def _calibrate_shards(
+    gm: fx.GraphModule, observers: dict[str, Histogram], batches: Iterable[tuple[torch.Tensor, ...]],
+    rank: int, world: int,
+) -> None:  # fmt: skip
+    """Batches in steps of ``world``; in each, rank j's batch is global batch ``step * world + j``.
+    Every rank applies every batch's range, in global order (one all-gather of (min, max) per
+    step), so all ranks' histograms have the same range at every moment — the single-process
+    sequence — and each bins its own batches; summing the counts (exact in float64) then gives the
+    single-process histogram."""
+    import torch.distributed as dist
+
+    names = sorted(observers)
+    collector = _Collector(gm, set(names))
+    step: list[dict[str, torch.Tensor] | None] = []
+    for index, batch in enumerate(batches):
+        step.append(collector.collect(batch) if index % world == rank else None)
+        if len(step) == world:
+            _apply_step(observers, names, step[rank], rank, world)
+            step = []
+    if step:  # the last, partial step: ranks past its end have no batch
+        _apply_step(observers, names, step[rank] if rank < len(step) else None, rank, world)
+    totals = torch.stack([torch.cat([observers[n].counts, torch.tensor([observers[n].zeros], dtype=torch.float64)])
+                          for n in names])  # fmt: skip
+    dist.all_reduce(totals)
+    for name, row in zip(names, totals):
+        observers[name].counts, observers[name].zeros = row[:-1].clone(), float(row[-1])
+
+
+def _apply_step(
+    observers: dict[str, Histogram], names: list[str], mine: dict[str, torch.Tensor] | None, rank: int, world: int
+) -> None:
+    import torch.distributed as dist
+
+    ranges = torch.full((len(names), 2), math.inf, dtype=torch.float64)
+    ranges[:, 1] = -math.inf
+    for row, name in enumerate(names):
+        values = (mine or {}).get(name)
+        if values is not None and values.numel():
+            ranges[row, 0], ranges[row, 1] = float(values.min()), float(values.max())
+    gathered = [torch.empty_like(ranges) for _ in range(world)]
+    dist.all_gather(gathered, ranges)
+    for j, rows in enumerate(gathered):
+        for row, name in enumerate(names):
+            observers[name].extend(float(rows[row, 0]), float(rows[row, 1]))
+            values = (mine or {}).get(name) if j == rank else None
+            if values is not None and values.numel():
+                observers[name].add(values)
 
 
 def qparams_for(
