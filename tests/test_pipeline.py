@@ -1,0 +1,150 @@
+"""Partitions into pipeline stages, and the pipeline runtime under torchrun (2 local processes, gloo)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import compile_quietly
+from torch import nn
+
+import torchkiln
+from torchkiln import models
+from torchkiln.cli import main
+from torchkiln.errors import ArtifactError, ConfigError
+
+pytestmark = pytest.mark.xdist_group("pipeline")  # the torchrun cases share the two cores' ports and time
+
+
+def _partition(name: str, balance: str = "params", **kwargs):
+    entry = models.get(name)
+    return entry, torchkiln.partition(entry.build(), entry.example_inputs(batch=2), stages=2, balance=balance, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["resnet", "text_encoder"])
+def test_two_stages_compose_to_the_whole_program_and_balance_parameters(name):
+    entry, part = _partition(name)
+    assert len(part.stages) == 2 and part.max_abs_error is not None and part.max_abs_error <= 1e-5
+    first, second = part.records
+    assert first.boundary and all(b.bytes > 0 and b.shape[0] == 2 for b in first.boundary)
+    assert second.inputs == [b.name for b in first.boundary]  # what crosses is exactly what is sent
+    costs = [r.cost for r in part.records]
+    assert max(costs) <= 1.25 * (sum(costs) / len(costs))  # parameters split evenly
+    inputs = entry.example_inputs(batch=3, seed=4)
+    torch.testing.assert_close(part(**inputs)[0], entry.build()(**inputs), atol=1e-5, rtol=1e-4)
+    assert "stage" in part.table() and "sends" in part.table()
+
+
+class SizeUsedAtTheEnd(nn.Module):
+    """``x.size(0)`` is live from the first node to the last: no cut can avoid crossing it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        n = x.size(0)
+        return self.b(torch.relu(self.a(x))).reshape(n, 2, 4)
+
+
+def test_a_cut_never_crosses_python_state():
+    with pytest.raises(ConfigError, match="non-tensor value"):
+        torchkiln.partition(SizeUsedAtTheEnd().eval(), {"x": torch.randn(2, 8)}, stages=2, passes=())
+
+
+def test_bad_settings_are_clear_errors():
+    entry = models.get("mlp")
+    with pytest.raises(ConfigError, match="balance"):
+        torchkiln.partition(entry.build(), entry.example_inputs(), balance="flops")
+    with pytest.raises(ConfigError, match="stages"):
+        torchkiln.partition(entry.build(), entry.example_inputs(), stages=500)
+
+
+def test_save_load_and_refusing_a_directory_that_is_not_ours(tmp_path):
+    entry, part = _partition("resnet", balance="memory")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(ArtifactError):
+        part.save(mine)
+    assert (mine / "notes.txt").read_text() == "keep"
+    saved = part.save(tmp_path / "part")
+    again = torchkiln.load_partition(saved)
+    inputs = entry.example_inputs(batch=2, seed=9)
+    torch.testing.assert_close(again(**inputs)[0], part(**inputs)[0])
+    assert json.loads((saved / "partition.json").read_text())["balance"] == "memory"
+
+
+def _torchrun(tmp_path, directory, inputs, timeout_s=60, microbatches=4):
+    np.savez(tmp_path / "in.npz", **{k: v.numpy() for k, v in inputs.items()})
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "torchkiln.pipeline", str(directory), "--inputs", str(tmp_path / "in.npz"),
+               "--microbatches", str(microbatches), "-o", str(tmp_path / "out.npz"), "--timeout", str(timeout_s)]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("name", ["resnet", "text_encoder"])
+def test_the_pipeline_over_two_ranks_returns_the_single_artifacts_outputs(tmp_path, name):
+    entry, part = _partition(name, balance="latency")
+    directory = part.save(tmp_path / "part")
+    inputs = entry.example_inputs(batch=8, seed=11)
+    done = _torchrun(tmp_path, directory, inputs)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "[rank 1] micro-batch 4/4" in done.stderr and "[rank 0] micro-batch 4/4" in done.stderr
+    single = compile_quietly(entry.build(), entry.example_inputs(batch=2), backend="torch", dynamic_axes="batch")
+    got = torch.from_numpy(np.load(tmp_path / "out.npz")["output_0"])
+    torch.testing.assert_close(got, single(**inputs), atol=1e-5, rtol=1e-4)
+
+
+def test_a_rank_that_fails_ends_the_run_with_its_error(tmp_path):
+    entry, part = _partition("resnet")
+    directory = part.save(tmp_path / "part")
+    (directory / "stage1" / "manifest.json").write_text("{ not json")  # rank 1 cannot load its stage
+    start = time.monotonic()
+    done = _torchrun(tmp_path, directory, entry.example_inputs(batch=8), timeout_s=20)
+    assert done.returncode != 0
+    assert "[rank 1] error:" in done.stderr and "manifest.json" in done.stderr
+    assert time.monotonic() - start < 120  # no hang: the failing rank's exit stops the group
+    assert not (tmp_path / "out.npz").exists()
+
+
+def test_kiln_partition_writes_the_stages(tmp_path, capsys):
+    assert main(["partition", "resnet", "--stages", "2", "--balance", "params", "-o", str(tmp_path / "p")]) == 0
+    assert (tmp_path / "p" / "partition.json").exists() and (tmp_path / "p" / "stage1" / "manifest.json").exists()
+    assert "balance=params" in capsys.readouterr().out
+
+
+CALIBRATE = """
+import sys, torch, torchkiln
+from torchkiln import models
+from torchkiln.compiler.quant_ops import QUANTIZE
+entry = models.get("resnet")
+batches = [entry.example_inputs(batch=2, seed=100 + i) for i in range(7)]  # odd: a partial last step
+compiled = torchkiln.compile(entry.build(), entry.example_inputs(batch=2), backend="torch", latency_runs=0,
+                             passes="cleanup,fold_batchnorm,quantize:calibrator=" + sys.argv[2], calibration_data=batches)
+params = [(n.name, float(n.args[1]), int(n.args[2])) for n in compiled.artifact.module.graph.nodes if n.target == QUANTIZE]
+rank = int(__import__("os").environ.get("RANK", "0"))
+torch.save(params, sys.argv[1] + f"/params{rank}.pt")
+"""
+
+
+@pytest.mark.parametrize("calibrator", ["minmax", "entropy"])
+def test_two_rank_calibration_gives_exactly_the_single_process_parameters(tmp_path, calibrator):
+    script = tmp_path / "calibrate.py"
+    script.write_text(CALIBRATE)
+    single = subprocess.run([sys.executable, str(script), str(tmp_path), calibrator], capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    expected = torch.load(tmp_path / "params0.pt")
+    (tmp_path / "params0.pt").unlink()
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               str(tmp_path), calibrator]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"params{r}.pt") for r in (0, 1)]
+    assert len(expected) > 10
+    assert ranks[0] == expected and ranks[1] == expected  # bit for bit: scales and zero points
