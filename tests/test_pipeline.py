@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,3 +149,20 @@ def test_two_rank_calibration_gives_exactly_the_single_process_parameters(tmp_pa
     ranks = [torch.load(tmp_path / f"params{r}.pt") for r in (0, 1)]
     assert len(expected) > 10
     assert ranks[0] == expected and ranks[1] == expected  # bit for bit: scales and zero points
+
+
+def test_a_recipe_built_by_two_ranks_evaluates_like_one_process_and_rank_0_writes(tmp_path):
+    """kiln build under torchrun: data-parallel calibration and evaluation, one artifact written."""
+    recipe = Path(__file__).resolve().parents[1] / "examples" / "digits" / "kiln.toml"
+    single = subprocess.run([sys.executable, "-m", "torchkiln.cli", "build", str(recipe), "-o", str(tmp_path / "one"),
+                             "--no-cache", "--quiet"], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert single.returncode == 0, single.stderr[-3000:]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+               "torchkiln.cli", "build", str(recipe), "-o", str(tmp_path / "two"), "--no-cache"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "kiln [rank 1]: " in done.stderr and "kiln [rank 0]: " in done.stderr
+    one, two = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
+    assert two["evaluation"] == one["evaluation"]  # eager and artifact accuracy, batch count: identical
+    assert [p["stats"] for p in two["passes"]] == [p["stats"] for p in one["passes"]]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("two")) == ["two"]  # no second write

@@ -30,6 +30,7 @@ from torchkiln.cli.plots import accuracy_plot
 from torchkiln.compiler.files import atomic_directory, check_destination, sha256, write_text_atomic
 from torchkiln.compiler.graph import parameter_stats
 from torchkiln.compiler.program import dtype_from_name
+from torchkiln.compiler.ranks import join_process_group
 from torchkiln.compiler.verify import Tolerance
 from torchkiln.data import load_batches
 from torchkiln.driver.cache import Hasher, default_directory, model_fingerprint
@@ -83,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
             where=str(recipe.path),
             hint=f"{output} was not changed",
         )
+    if join_process_group()[0] != 0:  # under torchrun every rank built and checked; rank 0 writes
+        return 0
     extra = {"recipe": recipe.raw, "input_hashes": _input_hashes(recipe, model, calibration),
              "evaluation": evaluation, "gates": gates}  # fmt: skip
     with atomic_directory(output, replaceable=is_artifact) as staging:
@@ -225,8 +228,13 @@ def _metric(name: str) -> Callable[[torch.Tensor, torch.Tensor], float]:
 
 
 def _score(predict: Callable[[Any], Any], batches: list[Any], metric: Callable[..., float]) -> float:
+    """The metric over ``batches``, weighted by batch size. Under torchrun rank r scores batches r,
+    r + W, … and the sums are all-reduced: every rank gets the single-process figure."""
+    rank, world = join_process_group()
     total = count = 0.0
-    for item in batches:
+    for index, item in enumerate(batches):
+        if index % world != rank:
+            continue
         inputs, labels = split_batch(item)
         if labels is None:
             raise ConfigError(
@@ -234,6 +242,12 @@ def _score(predict: Callable[[Any], Any], batches: list[Any], metric: Callable[.
             )
         total += metric(first_output(predict(inputs)), labels) * len(labels)
         count += len(labels)
+    if world > 1:
+        import torch.distributed as dist
+
+        sums = torch.tensor([total, count], dtype=torch.float64)
+        dist.all_reduce(sums)
+        total, count = float(sums[0]), float(sums[1])
     return total / count if count else float("nan")
 
 

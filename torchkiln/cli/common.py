@@ -7,6 +7,7 @@ import hashlib
 import importlib
 import importlib.util
 import math
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -64,10 +65,12 @@ def tolerance_from_flags(atol: float | None, rtol: float | None) -> Tolerance | 
 
 
 def stage_printer(quiet: bool) -> Callable[[str], None] | None:
-    """``kiln: <stage>`` lines on stderr (stdout stays for the report), or None with --quiet."""
+    """``kiln: <stage>`` lines on stderr (stdout stays for the report), or None with --quiet; under
+    torchrun (``WORLD_SIZE`` > 1) ``kiln [rank r]: <stage>``."""
     if quiet:
         return None
-    return lambda stage: print(f"kiln: {stage}", file=sys.stderr, flush=True)
+    prefix = f"kiln [rank {os.environ.get('RANK', '0')}]" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "kiln"
+    return lambda stage: print(f"{prefix}: {stage}", file=sys.stderr, flush=True)
 
 
 def load_model(spec: str, task: str | None = None) -> tuple[nn.Module, models.ZooEntry | None]:
