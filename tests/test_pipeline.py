@@ -166,3 +166,16 @@ def test_a_recipe_built_by_two_ranks_evaluates_like_one_process_and_rank_0_write
     assert two["evaluation"] == one["evaluation"]  # eager and artifact accuracy, batch count: identical
     assert [p["stats"] for p in two["passes"]] == [p["stats"] for p in one["passes"]]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("two")) == ["two"]  # no second write
+
+
+def test_a_recipe_partition_table_writes_the_stages_beside_the_build(tmp_path, capsys):
+    recipe = tmp_path / "kiln.toml"
+    recipe.write_text('[model]\nsource = "resnet"\n\n[[passes]]\nname = "fold_batchnorm"\n\n[backend]\nname = "torch"\n\n'
+                      '[partition]\nstages = 2\nbalance = "params"\n')  # fmt: skip
+    assert main(["build", str(recipe), "-o", str(tmp_path / "build"), "--no-cache", "--quiet"]) == 0
+    data = json.loads((tmp_path / "build.partition" / "partition.json").read_text())
+    assert len(data["stages"]) == 2 and data["balance"] == "params"
+    assert (tmp_path / "build.partition" / "stage1" / "manifest.json").exists()
+    recipe.write_text(recipe.read_text().replace("stages = 2", "stages = 0"))
+    assert main(["build", str(recipe), "-o", str(tmp_path / "build"), "--no-cache", "--quiet"]) == 2
+    assert "partition" in capsys.readouterr().err

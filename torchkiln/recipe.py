@@ -57,6 +57,7 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
     "calibration": {"source": (str, True), "batches": (int, False)},
     "evaluation": {"source": (str, True), "metric": (str, False)},
     "backend": {"name": (str, True), "options": (dict, False)},
+    "partition": {"stages": (int, True), "balance": (str, False), "backend": (str, False)},
     "verify": {"atol": ((int, float), False), "rtol": ((int, float), False), "min_cosine": ((int, float), False)},
     "gate": {
         "max_accuracy_drop": ((int, float), False),
@@ -98,6 +99,7 @@ class Recipe:
     verify: Mapping[str, float]
     gate: Mapping[str, float]
     raw: Mapping[str, Any]  # the parsed file, for the manifest
+    partition: Mapping[str, Any] | None = None
 
     def resolve(self, relative: str) -> Path:
         """A path in the recipe, relative to the recipe's directory."""
@@ -135,6 +137,11 @@ def load_recipe(path: str | Path) -> Recipe:
     verify = checker.numbers("verify", checker.table(data, "verify") or {})
     if "min_cosine" in verify and ("atol" in verify or "rtol" in verify):
         checker.fail("verify", "min_cosine", "give min_cosine or atol/rtol, not both")
+    partition = checker.table(data, "partition")
+    if partition is not None and partition["stages"] < 1:
+        checker.fail("partition", "stages", f"must be >= 1, got {partition['stages']}")
+    if partition is not None and partition.get("balance", "latency") not in ("latency", "memory", "params"):
+        checker.fail("partition", "balance", f"must be latency, memory or params, got '{partition['balance']}'")
     calibration = checker.table(data, "calibration")
     if calibration is not None and calibration.get("batches", 1) < 1:
         checker.fail("calibration", "batches", f"must be >= 1, got {calibration['batches']}")
@@ -151,6 +158,7 @@ def load_recipe(path: str | Path) -> Recipe:
         verify=verify,
         gate=checker.numbers("gate", checker.table(data, "gate") or {}),
         raw=data,
+        partition=partition,
     )
 
 

@@ -35,6 +35,7 @@ from torchkiln.compiler.verify import Tolerance
 from torchkiln.data import load_batches
 from torchkiln.driver.cache import Hasher, default_directory, model_fingerprint
 from torchkiln.driver.compiled import is_artifact
+from torchkiln.driver.partition import partition
 from torchkiln.errors import ConfigError, GateError
 from torchkiln.passes.distill import first_output, split_batch
 from torchkiln.recipe import Recipe, load_recipe
@@ -94,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
         report = {**compiled.report.to_dict(), "evaluation": evaluation, "gates": gates, "plot": plot}
         write_text_atomic(staging / "report.json", json.dumps(report, indent=2, default=str))
         write_text_atomic(staging / "report.md", _markdown(recipe, compiled, evaluation, gates, plot))
+    if recipe.partition is not None:
+        _partition(recipe, model, inputs, axes, calibration, output, say)
     if not args.quiet:
         if args.json:
             print(json.dumps(report, indent=2, default=str))
@@ -101,6 +104,27 @@ def run(args: argparse.Namespace) -> int:
             print("\n".join([compiled.report.table(), *_summary(evaluation, gates)]))
         print(f"kiln: wrote {output}", file=sys.stderr)
     return 0
+
+
+def _partition(
+    recipe: Recipe, model: nn.Module, inputs: dict[str, torch.Tensor], axes: Any, calibration: Any, output: Path,
+    say: Callable[[str], None] | None,
+) -> None:  # fmt: skip
+    """``[partition]``: the recipe's model and passes cut into stages, written beside the build as
+    ``<build>.partition/`` (replacing only a partition)."""
+    table = recipe.partition or {}
+    if say:
+        say(f"partitioning into {table['stages']} stages")
+    lossy = any(name == "quantize" for name, _ in recipe.passes)
+    part = partition(
+        model, inputs, stages=int(table["stages"]), balance=table.get("balance", "latency"),
+        backend=table.get("backend", recipe.backend), passes=[(n, dict(o)) for n, o in recipe.passes],
+        dynamic_axes=axes, calibration_data=calibration,
+        tolerance=Tolerance(min_cosine=0.99) if lossy else _tolerance(recipe),
+    )  # fmt: skip
+    target = part.save(output.parent / f"{output.name}.partition")
+    if say:
+        say(f"wrote {target}")
 
 
 def _input_hashes(recipe: Recipe, model: nn.Module, calibration: list[Any] | None) -> dict[str, str]:

@@ -139,9 +139,13 @@ def partition(
     passes: Any = ("cleanup", "fold_batchnorm"),
     dynamic_axes: Any = "batch",
     tolerance: Tolerance | None = None,
+    calibration_data: Any = None,
 ) -> Partition:
-    """Optimize ``model`` (``passes``; a ``CompiledModel`` of the torch backend is used as it is),
-    cut it into ``stages`` stages balanced by ``balance`` and compile each stage with ``backend``."""
+    """Optimize ``model`` (``passes``, calibrated on ``calibration_data``; a ``CompiledModel`` of the
+    torch backend is used as it is), cut it into ``stages`` stages balanced by ``balance`` and
+    compile each stage with ``backend``. ``tolerance`` holds each stage artifact to its stage graph
+    and the composition to the whole program (default fp32; an int8 program on ONNX Runtime needs
+    a cosine floor, its kernels round differently from the IR)."""
     from torchkiln.driver.api import compile as compile_model
 
     if stages < 1:
@@ -151,7 +155,8 @@ def partition(
     if not isinstance(example_inputs, Mapping):
         raise ConfigError("partition takes example inputs by name (a dict)", where="example_inputs")
     whole = model if isinstance(model, CompiledModel) else compile_model(
-        model, dict(example_inputs), passes=passes, backend="torch", dynamic_axes=dynamic_axes, latency_runs=0
+        model, dict(example_inputs), passes=passes, backend="torch", dynamic_axes=dynamic_axes, latency_runs=0,
+        calibration_data=calibration_data,
     )  # fmt: skip
     gm = getattr(whole.artifact, "module", None)
     if not isinstance(gm, fx.GraphModule):
@@ -164,11 +169,13 @@ def partition(
     cuts = choose_cuts(gm, order, costs, values, stages)
     modules, records = _stages(gm, order, cuts, costs, values)
     compiled, stage_inputs = [], dict(zip(names, flat))
+    # boundary tensors are named by graph nodes: stages keep a dynamic batch (axis 0), nothing else
+    stage_axes = "batch" if dynamic_axes else None
     for module, record in zip(modules, records):
         inputs = {n: stage_inputs[n] if n in stage_inputs else values[n] for n in record.inputs}
         part = compile_model(
             module, inputs, passes=(), backend=backend, backend_options=backend_options, latency_runs=0,
-            dynamic_axes=dynamic_axes, tolerance=tolerance, name=f"stage {record.index}",
+            dynamic_axes=stage_axes, tolerance=tolerance, name=f"stage {record.index}",
         )  # fmt: skip
         record.backend = part.backend
         compiled.append(part)
