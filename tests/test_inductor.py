@@ -206,3 +206,19 @@ def test_auto_rejects_unknown_candidates():
     entry = models.get("mlp")
     with pytest.raises(ConfigError, match="unknown candidate"):
         compile_quietly(entry.build(), entry.example_inputs(), backend="auto", backend_options={"candidates": "tvm"})
+
+
+def test_kiln_export_and_a_recipe_take_backend_auto(tmp_path, capsys):
+    out = tmp_path / "fastest"
+    assert main(["export", "mlp", "--backend", "auto", "--backend-option", "candidates=onnxruntime,torch",
+                 "--backend-option", "runs=5", "-o", str(out)]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "auto candidate onnxruntime:" in printed and "auto candidate torch:" in printed
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["backend"] in ("onnxruntime", "torch")  # the winner's own backend, loadable as such
+    assert torchkiln.load(out).backend == manifest["backend"]
+    recipe = tmp_path / "kiln.toml"
+    recipe.write_text('[model]\nsource = "mlp"\n\n[backend]\nname = "auto"\noptions = { candidates = "onnxruntime,torch", runs = 5 }\n')
+    assert main(["build", str(recipe), "-o", str(tmp_path / "build"), "--no-cache", "--quiet"]) == 0
+    report = json.loads((tmp_path / "build" / "report.json").read_text())
+    assert {c["label"] for c in report["candidates"]} == {"onnxruntime", "torch"}
