@@ -179,3 +179,13 @@ def test_a_recipe_partition_table_writes_the_stages_beside_the_build(tmp_path, c
     recipe.write_text(recipe.read_text().replace("stages = 2", "stages = 0"))
     assert main(["build", str(recipe), "-o", str(tmp_path / "build"), "--no-cache", "--quiet"]) == 2
     assert "partition" in capsys.readouterr().err
+
+
+def test_progress_bars_name_the_rank_under_torchrun(monkeypatch):
+    from torchkiln.compiler.calibration import rank_prefixed
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert rank_prefixed("calibrating") == "calibrating"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert rank_prefixed("calibrating") == "[rank 1] calibrating"

@@ -8,6 +8,7 @@ memory; the error for a bad batch names its index and the input at fault.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -25,10 +26,15 @@ def no_progress(items: Iterable[Any], total: int | None, description: str) -> It
 
 
 def tqdm_progress(items: Iterable[Any], total: int | None, description: str) -> Iterable[Any]:
-    """A tqdm bar on stderr (hidden when stderr is not a terminal)."""
+    """A tqdm bar on stderr (hidden when stderr is not a terminal); ``[rank r]`` first under torchrun."""
     from tqdm.auto import tqdm
 
-    return tqdm(items, total=total, desc=description, unit="batch", disable=None, leave=False)
+    return tqdm(items, total=total, desc=rank_prefixed(description), unit="batch", disable=None, leave=False)
+
+
+def rank_prefixed(line: str) -> str:
+    """``[rank r] line`` under torchrun (``WORLD_SIZE`` > 1), else ``line``."""
+    return f"[rank {os.environ.get('RANK', '0')}] {line}" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else line
 
 
 MAX_HELD_BACK = 4
