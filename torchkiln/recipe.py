@@ -58,6 +58,8 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
     "evaluation": {"source": (str, True), "metric": (str, False)},
     "backend": {"name": (str, True), "options": (dict, False)},
     "partition": {"stages": (int, True), "balance": (str, False), "backend": (str, False)},
+    "tune": {"trials": (int, True), "space": (dict, True), "objectives": (list, False), "sampler": (str, False),
+             "seed": (int, False)},
     "verify": {"atol": ((int, float), False), "rtol": ((int, float), False), "min_cosine": ((int, float), False)},
     "gate": {
         "max_accuracy_drop": ((int, float), False),
@@ -100,6 +102,7 @@ class Recipe:
     gate: Mapping[str, float]
     raw: Mapping[str, Any]  # the parsed file, for the manifest
     partition: Mapping[str, Any] | None = None
+    tune: Mapping[str, Any] | None = None  # checked in full by torchkiln.tuning
 
     def resolve(self, relative: str) -> Path:
         """A path in the recipe, relative to the recipe's directory."""
@@ -159,6 +162,7 @@ def load_recipe(path: str | Path) -> Recipe:
         gate=checker.numbers("gate", checker.table(data, "gate") or {}),
         raw=data,
         partition=partition,
+        tune=checker.table(data, "tune"),
     )
 
 

@@ -13,7 +13,18 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
 def build_parser() -> argparse.ArgumentParser:
     from torchkiln import __version__
-    from torchkiln.cli import bench, build, compare, export, generate, inspect, models, partition, passes
+    from torchkiln.cli import (
+        bench,
+        build,
+        compare,
+        export,
+        generate,
+        inspect,
+        models,
+        partition,
+        passes,
+        tune,
+    )
 
     parser = argparse.ArgumentParser(
         prog="kiln", description="torchkiln: compile PyTorch models to verified deployable artifacts"
@@ -21,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"torchkiln {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for command in (build, export, partition, generate, bench, compare, inspect, passes, models):
+    for command in (build, tune, export, partition, generate, bench, compare, inspect, passes, models):
         command.add_parser(sub)
     return parser
 

@@ -64,19 +64,10 @@ def run(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else recipe.path.parent / "build"
     check_destination(output, replaceable=is_artifact)  # before the work, not after it
     say = stage_printer(args.quiet)
-    model, inputs, axes = _model_and_inputs(recipe)
-    calibration = _batches(recipe, recipe.calibration, inputs)
-    if calibration:  # verify on real data: random inputs can lie far outside calibrated ranges
-        inputs = _as_inputs(calibration[0], list(inputs))
-    compiled = torchkiln.compile(
-        model, inputs, passes=[(name, dict(options)) for name, options in recipe.passes],
-        backend=recipe.backend, backend_options=recipe.backend_options, dynamic_axes=axes,
-        calibration_data=calibration, tolerance=_tolerance(recipe),
-        name=Path(recipe.model).stem, progress=say, latency_runs=50,
-        cache=None if args.no_cache else (args.cache_dir or default_directory()),
+    model, inputs, axes, calibration = prepare(recipe)
+    compiled, evaluation, gates = build_and_check(
+        recipe, model, inputs, axes, calibration, None if args.no_cache else (args.cache_dir or default_directory()), say
     )  # fmt: skip
-    evaluation = _evaluate(recipe, model, compiled, inputs)
-    gates = _gates(recipe, compiled, evaluation)
     missed = [g for g in gates if not g["passed"]]
     if missed:
         summary = "; ".join(f"{g['gate']}: {g['value']:.4g} (limit {g['limit']:.4g})" for g in missed)
@@ -104,6 +95,30 @@ def run(args: argparse.Namespace) -> int:
             print("\n".join([compiled.report.table(), *_summary(evaluation, gates)]))
         print(f"kiln: wrote {output}", file=sys.stderr)
     return 0
+
+
+def prepare(recipe: Recipe) -> tuple[nn.Module, dict[str, torch.Tensor], Any, list[Any] | None]:
+    """The recipe's model (weights loaded), example inputs, dynamic axes and calibration batches."""
+    model, inputs, axes = _model_and_inputs(recipe)
+    calibration = _batches(recipe, recipe.calibration, inputs)
+    if calibration:  # verify on real data: random inputs can lie far outside calibrated ranges
+        inputs = _as_inputs(calibration[0], list(inputs))
+    return model, inputs, axes, calibration
+
+
+def build_and_check(
+    recipe: Recipe, model: nn.Module, inputs: dict[str, torch.Tensor], axes: Any, calibration: list[Any] | None,
+    cache: Any, say: Callable[[str], None] | None,
+) -> tuple[Any, dict[str, Any], list[dict[str, Any]]]:  # fmt: skip
+    """Compile the recipe's passes and backend, evaluate, measure the gates (nothing is written)."""
+    compiled = torchkiln.compile(
+        model, inputs, passes=[(name, dict(options)) for name, options in recipe.passes],
+        backend=recipe.backend, backend_options=recipe.backend_options, dynamic_axes=axes,
+        calibration_data=calibration, tolerance=_tolerance(recipe),
+        name=Path(recipe.model).stem, progress=say, latency_runs=50, cache=cache,
+    )  # fmt: skip
+    evaluation = _evaluate(recipe, model, compiled, inputs)
+    return compiled, evaluation, _gates(recipe, compiled, evaluation)
 
 
 def _partition(

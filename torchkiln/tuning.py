@@ -1,0 +1,353 @@
+"""``kiln tune``: search a recipe's ``[tune]`` space for the fastest, smallest artifact that keeps its
+accuracy, with Optuna; resumable, and shared by workers through one study storage.
+
+The ``[tune]`` table::
+
+    [tune]
+    trials = 16                                   # the budget, over all workers and runs
+    objectives = ["accuracy_drop", "size_mb"]     # minimized; also "latency_ms" (default without
+                                                  # an [evaluation]: size_mb, latency_ms)
+    sampler = "tpe"                               # tpe | nsga2 | random
+    seed = 0
+    space = { "prune" = "optional", "prune.ratio" = [0.0, 0.7],
+              "quantize.calibrator" = ["minmax", "percentile"], "backend" = ["onnxruntime", "torch"] }
+
+A space key is ``<pass>.<option>`` (a pass of the recipe's ``[[passes]]``, an option it declares):
+``[low, high]`` numbers are a range (integers if both are), a list of strings or booleans a
+choice; ``<pass> = "optional"`` lets the search drop that pass; ``backend`` chooses the backend.
+The recipe's ``[gate]`` values are constraints: a trial that misses one is infeasible (Optuna's
+constrained TPE / NSGA-II sample away from it). A trial whose build fails is recorded as failed
+with its error.
+
+Each trial builds the recipe with its sampled options (``kiln build``'s compile, evaluation and
+gates; the stage cache shared, nothing written) and records accuracy drop, latency, size. The
+study lives in ``tune.db`` (SQLite) next to the recipe unless ``--storage`` names an Optuna RDB URL;
+rerunning resumes it — finished trials are never redone — and another ``kiln tune`` on the same
+storage joins it, each worker stopping when the study holds the budget. Output, atomically in
+``tune/``: ``trials.json`` / ``trials.csv``, ``pareto.png`` (with matplotlib) and ``best.toml``, the
+recipe with the chosen trial's options: among feasible trials on the Pareto front, the lowest
+first objective (ties: the next).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from torchkiln.backends import BACKEND_NAMES
+from torchkiln.compiler.passes import get_pass
+from torchkiln.errors import ConfigError, KilnError
+from torchkiln.recipe import Recipe
+
+OBJECTIVES = ("accuracy_drop", "latency_ms", "size_mb")
+SAMPLERS = ("tpe", "nsga2", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class Dimension:
+    key: str
+    kind: str  # "range", "choice" or "optional"
+    low: float = 0.0
+    high: float = 0.0
+    integer: bool = False
+    choices: tuple[Any, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneSettings:
+    trials: int
+    objectives: tuple[str, ...]
+    sampler: str
+    seed: int
+    space: tuple[Dimension, ...]
+
+
+def settings(recipe: Recipe) -> TuneSettings:
+    """The checked ``[tune]`` table; a ConfigError names the key at fault."""
+    table = recipe.tune
+    if table is None:
+        raise ConfigError(f"{recipe.path} has no [tune] table", where="tune", hint="see `kiln tune --help`")
+    if table["trials"] < 1:
+        raise ConfigError(f"[tune] trials must be >= 1, got {table['trials']}", where="tune.trials")
+    default = ["accuracy_drop", "size_mb"] if recipe.evaluation is not None else ["size_mb", "latency_ms"]
+    objectives = tuple(table.get("objectives", default))
+    bad = [o for o in objectives if o not in OBJECTIVES]
+    if bad or not objectives:
+        raise ConfigError(f"[tune] objectives: unknown {bad or '(none)'}", where="tune.objectives",
+                          hint=f"choose from {', '.join(OBJECTIVES)}")  # fmt: skip
+    if "accuracy_drop" in objectives and recipe.evaluation is None:
+        raise ConfigError("[tune] objective accuracy_drop needs an [evaluation] table", where="tune.objectives")
+    sampler = table.get("sampler", "tpe")
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"[tune] sampler '{sampler}'", where="tune.sampler", hint=f"one of {', '.join(SAMPLERS)}")
+    space = tuple(_dimension(recipe, key, value) for key, value in table["space"].items())
+    if not space:
+        raise ConfigError("[tune] space is empty", where="tune.space", hint='e.g. space = { "prune.ratio" = [0.0, 0.7] }')
+    return TuneSettings(table["trials"], objectives, sampler, int(table.get("seed", 0)), space)
+
+
+def _dimension(recipe: Recipe, key: str, value: Any) -> Dimension:
+    where = f"tune.space.{key}"
+    names = [name for name, _ in recipe.passes]
+    pass_name, _, option = key.partition(".")
+    if key == "backend":
+        choices = value if isinstance(value, list) else []
+        bad = [c for c in choices if c not in (*BACKEND_NAMES, "auto")]
+        if not choices or bad:
+            raise ConfigError(f"[tune] space.backend must list backends, got {value!r}", where=where,
+                              hint=f"from {', '.join(BACKEND_NAMES)}, auto")  # fmt: skip
+        return Dimension(key, "choice", choices=tuple(choices))
+    if pass_name not in names:
+        raise ConfigError(f"[tune] space key '{key}': no pass '{pass_name}' in the recipe's [[passes]]", where=where,
+                          hint=f"passes: {', '.join(names)}")  # fmt: skip
+    if not option:
+        if value != "optional":
+            raise ConfigError(f"[tune] space key '{key}' must be \"optional\" (the pass may be dropped)", where=where)
+        return Dimension(key, "optional")
+    declared = {f.name for f in dataclasses.fields(get_pass(pass_name).Config)}
+    if option not in declared:
+        raise ConfigError(f"[tune] space key '{key}': pass {pass_name} has no option '{option}'", where=where,
+                          hint=f"its options: {', '.join(sorted(declared))}")  # fmt: skip
+    if isinstance(value, list) and len(value) == 2 and all(_number(v) for v in value):
+        low, high = value
+        if not low < high:
+            raise ConfigError(f"[tune] space key '{key}': range [{low}, {high}] is empty", where=where)
+        return Dimension(key, "range", float(low), float(high), all(isinstance(v, int) for v in value))
+    if isinstance(value, list) and value and all(isinstance(v, (str, bool)) for v in value):
+        return Dimension(key, "choice", choices=tuple(value))
+    raise ConfigError(f"[tune] space key '{key}': give [low, high] or a list of choices, got {value!r}", where=where)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def sample(trial: Any, space: tuple[Dimension, ...]) -> dict[str, Any]:
+    """The trial's options: whether optional passes run first, then only the options of the passes
+    that do (a dropped pass's options are not sampled, so they do not dilute the search)."""
+    params: dict[str, Any] = {}
+    for dim in space:
+        if dim.kind == "optional":
+            params[dim.key] = trial.suggest_categorical(dim.key, [True, False])
+    for dim in space:
+        if dim.kind == "optional" or params.get(dim.key.partition(".")[0]) is False:
+            continue
+        if dim.kind == "range":
+            suggest = trial.suggest_int if dim.integer else trial.suggest_float
+            params[dim.key] = suggest(dim.key, int(dim.low) if dim.integer else dim.low,
+                                      int(dim.high) if dim.integer else dim.high)  # fmt: skip
+        else:
+            params[dim.key] = trial.suggest_categorical(dim.key, list(dim.choices))
+    return params
+
+
+def variant(recipe: Recipe, params: Mapping[str, Any]) -> Recipe:
+    """The recipe with ``params`` applied (passes dropped or given options, the backend)."""
+    passes = []
+    for name, options in recipe.passes:
+        if params.get(name) is False:
+            continue
+        chosen = {k.partition(".")[2]: v for k, v in params.items() if k.startswith(name + ".")}
+        passes.append((name, {**dict(options), **chosen}))
+    raw = copy.deepcopy(dict(recipe.raw))
+    raw.pop("tune", None)
+    raw["passes"] = [{"name": n, **({"options": o} if o else {})} for n, o in passes]
+    backend = params.get("backend", recipe.backend)
+    raw.setdefault("backend", {})["name"] = backend
+    if backend != recipe.backend:
+        raw["backend"].pop("options", None)
+    return dataclasses.replace(recipe, passes=tuple(passes), backend=backend,
+                               backend_options={} if backend != recipe.backend else recipe.backend_options,
+                               raw=raw, tune=None)  # fmt: skip
+
+
+def study_name(recipe: Recipe) -> str:
+    """The same recipe and search give the same study, so a rerun resumes it — also with a larger
+    ``trials`` budget, which is not part of the name."""
+    raw = copy.deepcopy(dict(recipe.raw))
+    raw.get("tune", {}).pop("trials", None)
+    return "kiln-tune-" + hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def storage_url(recipe: Recipe, given: str | None) -> str:
+    return given or f"sqlite:///{(recipe.path.parent / 'tune.db').resolve()}"
+
+
+def _optuna() -> Any:
+    try:
+        import optuna
+    except ImportError:
+        raise ConfigError("kiln tune needs Optuna", hint="pip install 'torchkiln[tune]'") from None
+    return optuna
+
+
+def run_study(
+    recipe: Recipe, tune: TuneSettings, storage: str, evaluate: Callable[[Recipe], dict[str, Any]],
+    say: Callable[[str], None],
+) -> Any:  # fmt: skip
+    """Trials until the study holds ``tune.trials`` finished or running ones; the study."""
+    optuna = _optuna()
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is reported below, with its error
+    rdb = _storage(storage)
+    seed = tune.seed + (os.getpid() if os.environ.get("TORCHKILN_TUNE_WORKER") else 0)
+    sampler = {  # constraints (the gates) come from trial.set_constraint, which these samplers read
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, n_startup_trials=4),
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+    }[tune.sampler]()
+    study = optuna.create_study(study_name=study_name(recipe), storage=rdb, load_if_exists=True, sampler=sampler,
+                                directions=["minimize"] * len(tune.objectives))  # fmt: skip
+    counted = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.RUNNING,
+               optuna.trial.TrialState.PRUNED)  # fmt: skip
+
+    def objective(trial: Any) -> tuple[float, ...]:
+        params = sample(trial, tune.space)
+        say(f"trial {trial.number}: {json.dumps(params, sort_keys=True)}")
+        same = _same_options(study, trial)
+        if same is not None:  # the sampler proposed finished options again: reuse, never rebuild
+            metrics = {**same.user_attrs["metrics"], "constraints": same.user_attrs["constraints"]}
+            trial.set_user_attr("same_as", same.number)
+        else:
+            try:
+                metrics = evaluate(variant(recipe, params))
+            except KilnError as exc:
+                trial.set_user_attr("metrics", {"error": exc.message.splitlines()[0]})
+                raise
+        trial.set_user_attr("metrics", {k: v for k, v in metrics.items() if k != "constraints"})
+        trial.set_user_attr("constraints", dict(metrics["constraints"]))
+        for gate, excess in metrics["constraints"].items():
+            trial.set_constraint(gate, float(excess))
+        say(f"trial {trial.number}: " + ", ".join(f"{o} {metrics[o]:.4g}" for o in tune.objectives))
+        return tuple(float(metrics[o]) for o in tune.objectives)
+
+    while len(study.get_trials(deepcopy=False, states=counted)) < tune.trials:
+        study.optimize(objective, n_trials=1, catch=(Exception,))
+        last = study.get_trials(deepcopy=False)[-1]
+        if last.state == optuna.trial.TrialState.FAIL:
+            say(f"trial {last.number}: failed: {last.user_attrs.get('metrics', {}).get('error', 'see trials.csv')}")
+    return study
+
+
+def _same_options(study: Any, trial: Any) -> Any:
+    """A finished trial with this trial's options, waiting for one another worker is running
+    (so two workers never build the same options), or None."""
+    import optuna
+
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
+    while True:
+        twins = [t for t in study.get_trials(deepcopy=False, states=states)
+                 if t.number != trial.number and t.params == trial.params]  # fmt: skip
+        done = [t for t in twins if t.state == optuna.trial.TrialState.COMPLETE and "constraints" in t.user_attrs]
+        if done:
+            return done[0]
+        if not any(t.number < trial.number for t in twins):  # the earlier one builds; a later twin waits for us
+            return None
+        time.sleep(0.5)
+
+
+def _storage(url: str) -> Any:
+    """The RDB storage; workers starting together on a new SQLite file race to create its tables,
+    so a loser retries. A heartbeat marks a killed worker's running trials failed after 30 s."""
+    import warnings
+
+    import optuna
+    import sqlalchemy.exc
+
+    for attempt in range(10):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, heartbeat_interval=10, grace_period=30)
+        except sqlalchemy.exc.OperationalError:
+            if attempt == 9:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def rows(study: Any, tune: TuneSettings) -> list[dict[str, Any]]:
+    """Every trial: number, state, params, metrics, feasible."""
+    out = []
+    for trial in study.get_trials(deepcopy=False):
+        metrics = trial.user_attrs.get("metrics", {})
+        out.append({"number": trial.number, "state": trial.state.name, "params": trial.params,
+                    **{k: metrics.get(k) for k in OBJECTIVES}, "error": metrics.get("error"),
+                    "same_as": trial.user_attrs.get("same_as"),
+                    "feasible": "constraints" in trial.user_attrs
+                    and all(v <= 0 for v in trial.user_attrs["constraints"].values())})  # fmt: skip
+    return out
+
+
+def best(study: Any, tune: TuneSettings, table: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Among feasible complete trials on the Pareto front: the lowest first objective, then the next."""
+    front = {t.number for t in study.best_trials}
+    feasible = [r for r in table if r["state"] == "COMPLETE" and r["feasible"]]
+    pareto = [r for r in feasible if r["number"] in front] or feasible
+    if not pareto:
+        return None
+    return min(pareto, key=lambda r: tuple(r[o] for o in tune.objectives))
+
+
+def csv_text(table: list[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["number", "state", "feasible", *OBJECTIVES, "params", "error"])
+    for r in table:
+        writer.writerow([r["number"], r["state"], r["feasible"], *(r[k] for k in OBJECTIVES),
+                         json.dumps(r["params"], sort_keys=True), r["error"] or ""])  # fmt: skip
+    return buffer.getvalue()
+
+
+def toml_text(data: Mapping[str, Any]) -> str:
+    """TOML for a recipe dict (tables, arrays of tables, inline tables, scalars and arrays)."""
+    lines: list[str] = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            lines += ["", f"[{key}]"] + [f"{k} = {_toml_value(v)}" for k, v in value.items()]
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            for item in value:
+                lines += ["", f"[[{key}]]"] + [f"{k} = {_toml_value(v)}" for k, v in item.items()]
+        else:
+            lines.insert(0, f"{key} = {_toml_value(value)}")
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    raise ConfigError(f"cannot write {type(value).__name__} to TOML", where="best.toml")
+
+
+def relocated(raw: Mapping[str, Any], recipe_dir: Path, target_dir: Path) -> dict[str, Any]:
+    """``raw`` with the recipe's relative file references rewritten for a file in ``target_dir``."""
+    data = copy.deepcopy(dict(raw))
+
+    def move(text: str) -> str:
+        path, sep, rest = text.partition(":") if ".py:" in text else (text, "", "")
+        candidate = recipe_dir / path
+        if Path(path).is_absolute() or not candidate.exists():
+            return text
+        return os.path.relpath(candidate, target_dir) + sep + rest
+
+    for table, key in (("model", "source"), ("model", "weights"), ("calibration", "source"), ("evaluation", "source")):
+        if isinstance(data.get(table), dict) and isinstance(data[table].get(key), str):
+            data[table][key] = move(data[table][key])
+    return data
