@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(BIN)/kiln export resnet --dynamic-batch -o out/resnet
 
 # Two pytest-xdist workers (one per core on CI's 2-core machines): the suite is mostly small models,
-# whose single calls do not keep two cores busy; 17 min -> 9 min there.
+# whose single calls do not keep two cores busy (17 min serial -> 8.5 min for the same tests there).
 test: lint
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -m "not slow"
 

@@ -1,7 +1,7 @@
 """Differential fuzzing: random valid models through the lossless passes to every backend, and
 through static int8 quantization (ONNX Runtime vs the quantized IR vs eager, cosine floors).
 
-The default run checks FUZZ_EXAMPLES models (30, under a minute) and QUANT_EXAMPLES (15) quantized;
+The default run checks FUZZ_EXAMPLES models (20, ~40 s) and QUANT_EXAMPLES (10) quantized;
 set TORCHKILN_FUZZ_EXAMPLES=1000 / TORCHKILN_FUZZ_QUANT_EXAMPLES (and optionally
 TORCHKILN_FUZZ_SEED) for the long run. A failing case is shrunk by hypothesis and
 written to tests/fuzz/regressions/new-failure.json (quantized: quant-new-failure.json); rename it
@@ -21,8 +21,8 @@ from fuzz.strategies import model_specs
 from hypothesis import HealthCheck, given, seed, settings
 
 REGRESSIONS = Path(__file__).parent / "fuzz" / "regressions"
-EXAMPLES = int(os.environ.get("TORCHKILN_FUZZ_EXAMPLES", "30"))
-QUANT_EXAMPLES = int(os.environ.get("TORCHKILN_FUZZ_QUANT_EXAMPLES", "15"))
+EXAMPLES = int(os.environ.get("TORCHKILN_FUZZ_EXAMPLES", "20"))
+QUANT_EXAMPLES = int(os.environ.get("TORCHKILN_FUZZ_QUANT_EXAMPLES", "10"))
 SEED = int(os.environ.get("TORCHKILN_FUZZ_SEED", "20261122"))
 
 

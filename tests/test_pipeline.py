@@ -89,7 +89,7 @@ def _torchrun(tmp_path, directory, inputs, timeout_s=60, microbatches=4):
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("name", ["resnet", "text_encoder"])
+@pytest.mark.parametrize("name", ["resnet", pytest.param("text_encoder", marks=pytest.mark.slow)])
 def test_the_pipeline_over_two_ranks_returns_the_single_artifacts_outputs(tmp_path, name):
     entry, part = _partition(name, balance="latency")
     directory = part.save(tmp_path / "part")
@@ -134,7 +134,7 @@ torch.save(params, sys.argv[1] + f"/params{rank}.pt")
 """
 
 
-@pytest.mark.parametrize("calibrator", ["minmax", "entropy"])
+@pytest.mark.parametrize("calibrator", ["entropy", pytest.param("minmax", marks=pytest.mark.slow)])
 def test_two_rank_calibration_gives_exactly_the_single_process_parameters(tmp_path, calibrator):
     script = tmp_path / "calibrate.py"
     script.write_text(CALIBRATE)
@@ -151,6 +151,7 @@ def test_two_rank_calibration_gives_exactly_the_single_process_parameters(tmp_pa
     assert ranks[0] == expected and ranks[1] == expected  # bit for bit: scales and zero points
 
 
+@pytest.mark.slow  # ~40 s: the digits CNN trained and built three times
 def test_a_recipe_built_by_two_ranks_evaluates_like_one_process_and_rank_0_writes(tmp_path):
     """kiln build under torchrun: data-parallel calibration and evaluation, one artifact written."""
     recipe = Path(__file__).resolve().parents[1] / "examples" / "digits" / "kiln.toml"

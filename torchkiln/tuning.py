@@ -268,7 +268,7 @@ def _storage(url: str) -> Any:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return optuna.storages.RDBStorage(url, heartbeat_interval=10, grace_period=30)
-        except sqlalchemy.exc.OperationalError:
+        except sqlalchemy.exc.DBAPIError:  # "table exists", a duplicate schema-version row: another worker won
             if attempt == 9:
                 raise
             time.sleep(0.2 * (attempt + 1))
