@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -17,6 +18,7 @@ import torch
 
 from torchkiln.compiler.options import Options
 from torchkiln.compiler.program import Program
+from torchkiln.errors import BackendError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,3 +63,19 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def load(self, directory: Path, options: BackendOptions) -> Artifact:
         """Load an artifact this backend saved."""
+
+
+def check_device(options: Options, device: str) -> None:
+    """``device`` must be cpu, cuda or cuda:N (an option check: ConfigError)."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        options.fail("device", f"must be cpu, cuda or cuda:N, got '{device}'")
+
+
+def require_cuda(device: str, backend: str) -> None:
+    """BackendError when ``device`` is a CUDA device and torch sees none."""
+    if device != "cpu" and not torch.cuda.is_available():
+        raise BackendError(
+            f"backend option device={device}, but torch sees no CUDA device",
+            where=f"backend {backend}.device",
+            hint="use device=cpu, or a machine with an NVIDIA GPU and a CUDA build of torch",
+        )

@@ -34,7 +34,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import re
 import shutil
 import tempfile
 import weakref
@@ -45,7 +44,7 @@ from typing import Any, Literal
 import torch
 from torch import fx
 
-from torchkiln.backends.base import Artifact, Backend, BackendOptions
+from torchkiln.backends.base import Artifact, Backend, BackendOptions, check_device, require_cuda
 from torchkiln.compiler import quant_ops
 from torchkiln.compiler.export import export_graph, quiet
 from torchkiln.compiler.options import option
@@ -74,8 +73,7 @@ class InductorOptions(BackendOptions):
     max_autotune: bool = option(False, "benchmark kernel choices while compiling (slower build, maybe faster kernels)")
 
     def validate(self) -> None:
-        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
-            self.fail("device", f"must be cpu, cuda or cuda:N, got '{self.device}'")
+        check_device(self, self.device)
 
 
 class InductorArtifact(Artifact):
@@ -172,12 +170,7 @@ class InductorBackend(Backend):
 
     def lower(self, program: Program, options: BackendOptions) -> InductorArtifact:
         assert isinstance(options, InductorOptions)
-        if options.device != "cpu" and not torch.cuda.is_available():
-            raise BackendError(
-                f"backend option device={options.device}, but torch sees no CUDA device",
-                where="backend inductor.device",
-                hint="use device=cpu, or a machine with an NVIDIA GPU and a CUDA build of torch",
-            )
+        require_cuda(options.device, "inductor")
         quantized = quantized_layers(program.graph_module)
         total = sum(quantized.values())
         if options.dtype != "float32" and total:

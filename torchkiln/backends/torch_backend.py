@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -26,7 +25,7 @@ import torch
 from torch import fx
 
 from torchkiln.backends import torch_format
-from torchkiln.backends.base import Artifact, Backend, BackendOptions
+from torchkiln.backends.base import Artifact, Backend, BackendOptions, check_device, require_cuda
 from torchkiln.compiler import graph as G
 from torchkiln.compiler.export import export_graph
 from torchkiln.compiler.options import option
@@ -47,8 +46,7 @@ class TorchOptions(BackendOptions):
     cuda_graphs: bool = option(False, "capture and replay a CUDA graph per input shape (device cuda only)")
 
     def validate(self) -> None:
-        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
-            self.fail("device", f"must be cpu, cuda or cuda:N, got '{self.device}'")
+        check_device(self, self.device)
         if self.cuda_graphs and self.device == "cpu":
             self.fail("cuda_graphs", "needs device=cuda")
 
@@ -150,12 +148,7 @@ class TorchBackend(Backend):
 
 
 def require_device(options: TorchOptions) -> None:
-    if options.device != "cpu" and not torch.cuda.is_available():
-        raise BackendError(
-            f"backend option device={options.device}, but torch sees no CUDA device",
-            where="backend torch.device",
-            hint="use device=cpu, or a machine with an NVIDIA GPU and a CUDA build of torch",
-        )
+    require_cuda(options.device, "torch")
 
 
 def _refuse_quantized(gm: fx.GraphModule, dtype: str) -> None:
