@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -36,6 +37,8 @@ def _recipe(tmp_path: Path, text: str) -> Path:
         ('trials = 4\nspace = { "quantize" = "maybe" }', "optional"),
         ('trials = 4\nspace = { "backend" = ["tvm"] }', "backend"),
         ('trials = 4\nbudget = 3\nspace = { "quantize" = "optional" }', "budget"),
+        ('trials = 4\npruner = "median"\nspace = { "quantize" = "optional" }', "pruner"),
+        ('trials = 4\nspace = { "backend.opset" = [17, 19] }', "has an option 'opset'"),
     ],
 )
 def test_a_malformed_tune_table_is_a_clear_error(tmp_path, capsys, tune, named):
@@ -54,43 +57,153 @@ def _trials(recipe: Path) -> list[dict]:
     return json.loads((recipe.parent / "tune" / "trials.json").read_text())
 
 
-def test_a_stopped_study_resumes_without_redoing_finished_trials(tmp_path):
-    text = MLP + '\n[tune]\ntrials = 2\nobjectives = ["size_mb"]\nsampler = "random"\nspace = { "quantize" = "optional", "quantize.mode" = ["dynamic", "weight_only"] }\n'
+def _study(recipe: Path):
+    import optuna
+
+    from torchkiln import tuning
+    from torchkiln.recipe import load_recipe
+
+    loaded = load_recipe(recipe)
+    return optuna.load_study(study_name=tuning.study_name(loaded), storage=tuning.storage_url(loaded, None))
+
+
+def test_a_killed_tune_resumes_without_redoing_finished_trials(tmp_path):
+    text = MLP + '\n[tune]\ntrials = 3\nobjectives = ["size_mb"]\nsampler = "random"\nspace = { "quantize" = "optional", "quantize.mode" = ["dynamic", "weight_only"], "quantize.min_macs" = [0, 4096] }\n'
     recipe = _recipe(tmp_path, text)
-    assert main(["tune", str(recipe), "--no-cache", "--quiet"]) in (0, 1)
-    first = _trials(recipe)
-    assert [t["number"] for t in first] == [0, 1]
-    recipe.write_text(text.replace("trials = 2", "trials = 4"))  # a larger budget: the same study
-    done = _tune(recipe)
-    _, err = done.communicate(timeout=600)
-    assert done.returncode in (0, 1), err[-2000:]
-    again = _trials(recipe)
-    assert [t["number"] for t in again] == [0, 1, 2, 3]
-    assert again[:2] == first  # unchanged, not redone
-    assert "trial 0:" not in err and "trial 1:" not in err and "trial 2:" in err
+    run = _tune(recipe, "--grace-period", "2")
+    finished = 0
+    for line in run.stderr:  # kill -9 once two trials have finished: the third is running or about to
+        finished += " [" in line and "/3]: " in line
+        if finished == 2:
+            run.kill()
+            break
+    run.wait(timeout=60)
+    assert finished == 2, run.stderr.read()[-2000:]
+    before = {t.number: (t.params, t.values) for t in _study(recipe).trials if t.state.name == "COMPLETE"}
+    assert len(before) == 2
+    resumed = _tune(recipe, "--grace-period", "2", "--trials", "4")  # and a larger budget: the same study
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode in (0, 1), err[-2000:]
+    trials = _trials(recipe)
+    after = {t["number"]: t for t in trials}
+    for number, (params, values) in before.items():  # kept as they were, not rebuilt
+        assert after[number]["params"] == params and after[number]["size_mb"] == values[0]
+        assert f"trial {number}:" not in err
+    counted = [t for t in trials if t["state"] == "COMPLETE"]
+    lost = [t for t in trials if t["state"] == "FAIL"]
+    assert len(counted) == 4  # the budget, finished: the killed run's trial is not counted
+    assert all(t["error"] is None for t in lost) and len(lost) <= 1  # at most the one it was running
 
 
-def test_two_workers_share_one_sqlite_study_and_its_budget(tmp_path):
+def test_workers_share_one_sqlite_study_and_its_budget(tmp_path):
     recipe = _recipe(tmp_path, MLP + '\n[tune]\ntrials = 6\nobjectives = ["size_mb", "latency_ms"]\nspace = { "quantize" = "optional", "quantize.mode" = ["dynamic", "weight_only"], "quantize.min_macs" = [0, 4096] }\n')
-    workers = [_tune(recipe, "--quiet", env={"TORCHKILN_TUNE_WORKER": "1"}) for _ in range(2)]
-    for worker in workers:
-        _, err = worker.communicate(timeout=600)
-        assert worker.returncode in (0, 1), err[-2000:]
+    run = _tune(recipe, "--workers", "2")
+    _, err = run.communicate(timeout=600)
+    assert run.returncode in (0, 1), err[-2000:]
+    assert "[worker 1] trial" in err  # the second worker ran trials
     trials = _trials(recipe)
     assert 6 <= len(trials) <= 7  # the budget, overshot at most by the other worker's last trial
-    evaluated = [json.dumps(t["params"], sort_keys=True) for t in trials if t["same_as"] is None and t["state"] == "COMPLETE"]
+    assert all(t["state"] == "COMPLETE" for t in trials)  # the output waited for every worker's trials
+    evaluated = [json.dumps(t["params"], sort_keys=True) for t in trials if t["same_as"] is None]
     assert len(evaluated) == len(set(evaluated))  # no options built twice
 
 
-@pytest.mark.slow  # ~2-4 min: three builds of the search, then best.toml built twice, each training the CNN
+TOY = """import torch
+
+def model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10)).eval()
+
+def validation():  # the eager model's own labels: its accuracy is 100
+    x = torch.randn(256, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return [(x, model()(x).argmax(-1))]
+"""
+TOY_RECIPE = """[model]
+source = "toy.py:model"
+inputs = [{ name = "input", shape = [8, 16], dynamic = { 0 = "batch" } }]
+
+[[passes]]
+name = "prune"
+options = { ratio = 0.5 }
+
+[[passes]]
+name = "quantize"
+options = { mode = "dynamic" }
+
+[evaluation]
+source = "toy.py:validation"
+
+[backend]
+name = "onnxruntime"
+
+[gate]
+max_accuracy_drop = 20.0
+"""
+
+
+def test_a_trial_whose_cheap_proxy_misses_the_accuracy_gate_is_pruned_before_its_build(tmp_path):
+    (tmp_path / "toy.py").write_text(TOY)
+    recipe = _recipe(tmp_path, TOY_RECIPE + '\n[tune]\ntrials = 4\nsampler = "random"\nseed = 3\n'
+                     'space = { "prune.ratio" = [0.05, 0.9] }\n')  # fmt: skip
+    assert main(["tune", str(recipe), "--no-cache", "--quiet"]) in (0, 1)
+    trials = _trials(recipe)
+    pruned = [t for t in trials if t["state"] == "PRUNED"]
+    built = [t for t in trials if t["state"] == "COMPLETE"]
+    assert pruned and built, trials  # seed 3 draws ratios on both sides of the gate
+    for t in pruned:  # the proxy (prune alone, torch backend) missed the gate; no artifact was measured
+        assert t["proxy_accuracy_drop"] > 20.0 and t["size_mb"] is None and "misses the gate 20" in t["pruned"]
+    for t in built:  # the proxy kept the gate and the full build ran
+        assert t["proxy_accuracy_drop"] <= 20.0 and t["accuracy_drop"] is not None and t["size_mb"] > 0
+    assert max(t["params"]["prune.ratio"] for t in built) < min(t["params"]["prune.ratio"] for t in pruned)
+
+
+def test_the_proxy_is_the_passes_up_to_the_first_lossy_one_unless_distill_follows(tmp_path):
+    from torchkiln import tuning
+    from torchkiln.recipe import load_recipe
+
+    (tmp_path / "toy.py").write_text(TOY)
+    recipe = load_recipe(_recipe(tmp_path, TOY_RECIPE.replace('name = "prune"', 'name = "cleanup"\n\n[[passes]]\nname = "prune"')))
+    cheap = tuning.proxy(recipe)
+    assert cheap is not None and [n for n, _ in cheap.passes] == ["cleanup", "prune"] and cheap.backend == "torch"
+    assert dict(cheap.gate) == {"max_accuracy_drop": 20.0}
+    assert tuning.proxy(tuning.variant(recipe, {"prune": False, "backend": "torch"})) is None  # the whole build
+    assert tuning.proxy(tuning.variant(recipe, {"prune": False})) is not None  # quantize, then onnxruntime
+    with_distill = dataclasses.replace(recipe, passes=(*recipe.passes[:2], ("distill", {}), recipe.passes[2]))
+    assert tuning.proxy(with_distill) is None  # distill may win the accuracy back
+
+
+def test_backend_options_are_sampled_only_for_a_backend_that_declares_them(tmp_path):
+    import optuna
+
+    from torchkiln import tuning
+    from torchkiln.recipe import load_recipe
+
+    text = MLP + '\n[tune]\ntrials = 4\nspace = { "backend" = ["onnxruntime", "inductor"], "backend.dtype" = ["float32", "bfloat16"] }\n'
+    recipe = load_recipe(_recipe(tmp_path, text))
+    space = tuning.settings(recipe).space
+    assert space[1].backends == ("inductor",)
+    chosen = tuning.sample(optuna.trial.FixedTrial({"backend": "inductor", "backend.dtype": "bfloat16"}), space, "torch")
+    assert chosen == {"backend": "inductor", "backend.dtype": "bfloat16"}
+    built = tuning.variant(recipe, chosen)
+    assert built.backend == "inductor" and dict(built.backend_options) == {"dtype": "bfloat16"}
+    assert built.raw["backend"] == {"name": "inductor", "options": {"dtype": "bfloat16"}}
+    ort = tuning.sample(optuna.trial.FixedTrial({"backend": "onnxruntime"}), space, "torch")
+    assert ort == {"backend": "onnxruntime"}  # no dtype sampled: onnxruntime has no such option
+    assert tuning.variant(recipe, ort).backend_options == {}
+
+
+@pytest.mark.slow  # ~4-6 min: 16 trials, then best.toml built twice, each training the CNN
 def test_the_digits_search_meets_the_gates_and_best_toml_rebuilds_it(tmp_path):
     shutil.copy(DIGITS / "digits.py", tmp_path / "digits.py")
-    text = (DIGITS / "kiln.toml").read_text()
-    recipe = _recipe(tmp_path, text + '\n[tune]\ntrials = 8\nobjectives = ["accuracy_drop", "size_mb"]\n'
-                     'space = { "quantize" = "optional", "quantize.calibrator" = ["minmax", "percentile"] }\n')  # fmt: skip
+    text = (DIGITS / "kiln.toml").read_text().replace('[[passes]]\nname = "quantize"',
+                                                        '[[passes]]\nname = "prune"\n\n[[passes]]\nname = "quantize"')
+    recipe = _recipe(tmp_path, text + '\n[tune]\ntrials = 16\nobjectives = ["accuracy_drop", "size_mb"]\n'
+                     'space = { "prune" = "optional", "prune.ratio" = [0.1, 0.9], "quantize" = "optional", '
+                     '"quantize.calibrator" = ["minmax", "percentile"] }\n')  # fmt: skip
     assert main(["tune", str(recipe), "--no-cache", "--quiet"]) == 0
     trials = _trials(recipe)
-    assert len(trials) == 8
+    assert len(trials) == 16
     best = tmp_path / "tune" / "best.toml"
     assert best.exists() and (tmp_path / "tune" / "trials.csv").exists()
     chosen = min((t for t in trials if t["feasible"]), key=lambda t: (t["accuracy_drop"], t["size_mb"]))

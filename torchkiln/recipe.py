@@ -59,7 +59,7 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
     "backend": {"name": (str, True), "options": (dict, False)},
     "partition": {"stages": (int, True), "balance": (str, False), "backend": (str, False)},
     "tune": {"trials": (int, True), "space": (dict, True), "objectives": (list, False), "sampler": (str, False),
-             "seed": (int, False)},
+             "seed": (int, False), "pruner": (str, False)},
     "verify": {"atol": ((int, float), False), "rtol": ((int, float), False), "min_cosine": ((int, float), False)},
     "gate": {
         "max_accuracy_drop": ((int, float), False),

@@ -9,15 +9,24 @@ The ``[tune]`` table::
                                                   # an [evaluation]: size_mb, latency_ms)
     sampler = "tpe"                               # tpe | nsga2 | random
     seed = 0
+    pruner = "gate"                               # gate (default) | none
     space = { "prune" = "optional", "prune.ratio" = [0.0, 0.7],
               "quantize.calibrator" = ["minmax", "percentile"], "backend" = ["onnxruntime", "torch"] }
 
 A space key is ``<pass>.<option>`` (a pass of the recipe's ``[[passes]]``, an option it declares):
 ``[low, high]`` numbers are a range (integers if both are), a list of strings or booleans a
-choice; ``<pass> = "optional"`` lets the search drop that pass; ``backend`` chooses the backend.
-The recipe's ``[gate]`` values are constraints: a trial that misses one is infeasible (Optuna's
-constrained TPE / NSGA-II sample away from it). A trial whose build fails is recorded as failed
-with its error.
+choice; ``<pass> = "optional"`` lets the search drop that pass; ``backend`` chooses the backend
+and ``backend.<option>`` an option of it (e.g. ``"backend.dtype" = ["float32", "bfloat16"]`` for
+inductor), sampled only when the trial's backend declares it. The recipe's ``[gate]`` values are
+constraints: a trial that misses one is infeasible (Optuna's constrained TPE / NSGA-II sample away
+from it). A trial whose build fails is recorded as failed with its error.
+
+Pruning (``pruner = "gate"``, the default with a ``max_accuracy_drop`` gate): before the full build,
+a trial builds its passes up to the first lossy one on the torch backend — the cheap proxy — and
+is pruned when that accuracy drop already misses the gate (later passes only lose more accuracy,
+so a trial with ``distill`` after that pass is never pruned). Optuna's own pruners read
+intermediate values, which Optuna supports for single-objective studies only; this check works for
+any number of objectives and leaves a PRUNED trial in the study like theirs.
 
 Each trial builds the recipe with its sampled options (``kiln build``'s compile, evaluation and
 gates; the stage cache shared, nothing written) and records accuracy drop, latency, size. The
@@ -52,6 +61,9 @@ OBJECTIVES = ("accuracy_drop", "latency_ms", "size_mb")
 SAMPLERS = ("tpe", "nsga2", "random")
 
 
+PRUNERS = ("gate", "none")
+
+
 @dataclasses.dataclass(frozen=True)
 class Dimension:
     key: str
@@ -60,6 +72,7 @@ class Dimension:
     high: float = 0.0
     integer: bool = False
     choices: tuple[Any, ...] = ()
+    backends: tuple[str, ...] = ()  # for backend.<option>: the backends that declare it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +82,7 @@ class TuneSettings:
     sampler: str
     seed: int
     space: tuple[Dimension, ...]
+    pruner: str = "gate"
 
 
 def settings(recipe: Recipe) -> TuneSettings:
@@ -89,10 +103,13 @@ def settings(recipe: Recipe) -> TuneSettings:
     sampler = table.get("sampler", "tpe")
     if sampler not in SAMPLERS:
         raise ConfigError(f"[tune] sampler '{sampler}'", where="tune.sampler", hint=f"one of {', '.join(SAMPLERS)}")
+    pruner = table.get("pruner", "gate")
+    if pruner not in PRUNERS:
+        raise ConfigError(f"[tune] pruner '{pruner}'", where="tune.pruner", hint=f"one of {', '.join(PRUNERS)}")
     space = tuple(_dimension(recipe, key, value) for key, value in table["space"].items())
     if not space:
         raise ConfigError("[tune] space is empty", where="tune.space", hint='e.g. space = { "prune.ratio" = [0.0, 0.7] }')
-    return TuneSettings(table["trials"], objectives, sampler, int(table.get("seed", 0)), space)
+    return TuneSettings(table["trials"], objectives, sampler, int(table.get("seed", 0)), space, pruner)
 
 
 def _dimension(recipe: Recipe, key: str, value: Any) -> Dimension:
@@ -106,6 +123,8 @@ def _dimension(recipe: Recipe, key: str, value: Any) -> Dimension:
             raise ConfigError(f"[tune] space.backend must list backends, got {value!r}", where=where,
                               hint=f"from {', '.join(BACKEND_NAMES)}, auto")  # fmt: skip
         return Dimension(key, "choice", choices=tuple(choices))
+    if pass_name == "backend":
+        return _backend_option(recipe, key, option, value)
     if pass_name not in names:
         raise ConfigError(f"[tune] space key '{key}': no pass '{pass_name}' in the recipe's [[passes]]", where=where,
                           hint=f"passes: {', '.join(names)}")  # fmt: skip
@@ -117,29 +136,51 @@ def _dimension(recipe: Recipe, key: str, value: Any) -> Dimension:
     if option not in declared:
         raise ConfigError(f"[tune] space key '{key}': pass {pass_name} has no option '{option}'", where=where,
                           hint=f"its options: {', '.join(sorted(declared))}")  # fmt: skip
+    return _values(key, value)
+
+
+def _values(key: str, value: Any, backends: tuple[str, ...] = ()) -> Dimension:
+    where = f"tune.space.{key}"
     if isinstance(value, list) and len(value) == 2 and all(_number(v) for v in value):
         low, high = value
         if not low < high:
             raise ConfigError(f"[tune] space key '{key}': range [{low}, {high}] is empty", where=where)
-        return Dimension(key, "range", float(low), float(high), all(isinstance(v, int) for v in value))
+        return Dimension(key, "range", float(low), float(high), all(isinstance(v, int) for v in value), backends=backends)
     if isinstance(value, list) and value and all(isinstance(v, (str, bool)) for v in value):
-        return Dimension(key, "choice", choices=tuple(value))
+        return Dimension(key, "choice", choices=tuple(value), backends=backends)
     raise ConfigError(f"[tune] space key '{key}': give [low, high] or a list of choices, got {value!r}", where=where)
+
+
+def _backend_option(recipe: Recipe, key: str, option: str, value: Any) -> Dimension:
+    """``backend.<option>``: an option of the backends the search may pick (``auto`` declares none)."""
+    from torchkiln.backends import get_backend
+
+    chosen = (recipe.tune or {}).get("space", {}).get("backend")
+    candidates = [b for b in (chosen if isinstance(chosen, list) else [recipe.backend]) if b in BACKEND_NAMES]
+    declaring = tuple(b for b in candidates if option in {f.name for f in dataclasses.fields(get_backend(b).Options)})
+    if not declaring:
+        raise ConfigError(f"[tune] space key '{key}': no backend the search may pick ({', '.join(candidates) or 'none'})"
+                          f" has an option '{option}'", where=f"tune.space.{key}",
+                          hint="see `kiln export --help` for each backend's options")  # fmt: skip
+    return _values(key, value, declaring)
 
 
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def sample(trial: Any, space: tuple[Dimension, ...]) -> dict[str, Any]:
-    """The trial's options: whether optional passes run first, then only the options of the passes
-    that do (a dropped pass's options are not sampled, so they do not dilute the search)."""
+def sample(trial: Any, space: tuple[Dimension, ...], backend: str) -> dict[str, Any]:
+    """The trial's options: whether optional passes run and the backend first, then only the options
+    of the passes that run and of the chosen backend (``backend`` when the space does not vary it);
+    options that do not apply are not sampled, so they do not dilute the search."""
     params: dict[str, Any] = {}
     for dim in space:
-        if dim.kind == "optional":
-            params[dim.key] = trial.suggest_categorical(dim.key, [True, False])
+        if dim.kind == "optional" or dim.key == "backend":
+            params[dim.key] = trial.suggest_categorical(dim.key, [True, False] if dim.kind == "optional" else list(dim.choices))
     for dim in space:
-        if dim.kind == "optional" or params.get(dim.key.partition(".")[0]) is False:
+        if dim.key in params or params.get(dim.key.partition(".")[0]) is False:
+            continue
+        if dim.backends and params.get("backend", backend) not in dim.backends:
             continue
         if dim.kind == "range":
             suggest = trial.suggest_int if dim.integer else trial.suggest_float
@@ -162,12 +203,29 @@ def variant(recipe: Recipe, params: Mapping[str, Any]) -> Recipe:
     raw.pop("tune", None)
     raw["passes"] = [{"name": n, **({"options": o} if o else {})} for n, o in passes]
     backend = params.get("backend", recipe.backend)
-    raw.setdefault("backend", {})["name"] = backend
-    if backend != recipe.backend:
-        raw["backend"].pop("options", None)
-    return dataclasses.replace(recipe, passes=tuple(passes), backend=backend,
-                               backend_options={} if backend != recipe.backend else recipe.backend_options,
-                               raw=raw, tune=None)  # fmt: skip
+    options = {**(dict(recipe.backend_options) if backend == recipe.backend else {}),
+               **{k.partition(".")[2]: v for k, v in params.items() if k.startswith("backend.")}}  # fmt: skip
+    raw["backend"] = {"name": backend, **({"options": options} if options else {})}
+    return dataclasses.replace(recipe, passes=tuple(passes), backend=backend, backend_options=options, raw=raw,
+                               tune=None)  # fmt: skip
+
+
+def proxy(recipe: Recipe) -> Recipe | None:
+    """The cheap proxy of a trial's recipe: its passes up to the first lossy one, on the torch
+    backend; None when it would be the whole build, when no pass is lossy, or when ``distill``
+    follows that pass (and may win accuracy back, so the proxy bounds nothing)."""
+    names = [name for name, _ in recipe.passes]
+    lossy = [i for i, name in enumerate(names) if not get_pass(name).lossless]
+    if not lossy or "distill" in names[lossy[0] + 1 :]:
+        return None
+    cut = lossy[0] + 1
+    if cut == len(names) and recipe.backend == "torch":
+        return None
+    raw = copy.deepcopy(dict(recipe.raw))
+    raw["passes"] = raw["passes"][:cut]
+    raw["backend"] = {"name": "torch"}
+    return dataclasses.replace(recipe, passes=recipe.passes[:cut], backend="torch", backend_options={}, raw=raw,
+                               gate={k: v for k, v in recipe.gate.items() if k == "max_accuracy_drop"})  # fmt: skip
 
 
 def study_name(recipe: Recipe) -> str:
@@ -192,13 +250,16 @@ def _optuna() -> Any:
 
 def run_study(
     recipe: Recipe, tune: TuneSettings, storage: str, evaluate: Callable[[Recipe], dict[str, Any]],
-    say: Callable[[str], None],
+    say: Callable[[str], None], timeout: float | None = None, tick: Callable[[int], None] | None = None,
+    grace_period: int = 30,
 ) -> Any:  # fmt: skip
-    """Trials until the study holds ``tune.trials`` finished or running ones; the study."""
+    """Trials until the study holds ``tune.trials`` counted ones (finished, pruned, running, or
+    failed with an error — not the running trials of a killed worker, which Optuna's heartbeat
+    fails) or ``timeout`` seconds have passed; the study. ``tick(n)`` hears the count after each trial."""
     optuna = _optuna()
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is reported below, with its error
-    rdb = _storage(storage)
+    rdb = _storage(storage, grace_period)
     seed = tune.seed + (os.getpid() if os.environ.get("TORCHKILN_TUNE_WORKER") else 0)
     sampler = {  # constraints (the gates) come from trial.set_constraint, which these samplers read
         "tpe": lambda: optuna.samplers.TPESampler(seed=seed, n_startup_trials=4),
@@ -207,57 +268,107 @@ def run_study(
     }[tune.sampler]()
     study = optuna.create_study(study_name=study_name(recipe), storage=rdb, load_if_exists=True, sampler=sampler,
                                 directions=["minimize"] * len(tune.objectives))  # fmt: skip
-    counted = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.RUNNING,
-               optuna.trial.TrialState.PRUNED)  # fmt: skip
+    gate = recipe.gate.get("max_accuracy_drop") if tune.pruner == "gate" else None
 
     def objective(trial: Any) -> tuple[float, ...]:
-        params = sample(trial, tune.space)
+        trial.set_user_attr("worker", _WORKER)
+        params = sample(trial, tune.space, recipe.backend)
         say(f"trial {trial.number}: {json.dumps(params, sort_keys=True)}")
         same = _same_options(study, trial)
         if same is not None:  # the sampler proposed finished options again: reuse, never rebuild
-            metrics = {**same.user_attrs["metrics"], "constraints": same.user_attrs["constraints"]}
             trial.set_user_attr("same_as", same.number)
+            for key in ("metrics", "constraints", "proxy"):
+                if key in same.user_attrs:
+                    trial.set_user_attr(key, same.user_attrs[key])
+            if same.state == optuna.trial.TrialState.PRUNED:
+                raise optuna.TrialPruned(same.user_attrs["metrics"]["pruned"])
+            metrics = {**same.user_attrs["metrics"], "constraints": same.user_attrs["constraints"]}
         else:
+            candidate = variant(recipe, params)
             try:
-                metrics = evaluate(variant(recipe, params))
+                cheap = proxy(candidate) if gate is not None else None
+                if cheap is not None:
+                    drop = evaluate(cheap)["accuracy_drop"]
+                    trial.set_user_attr("proxy", {"passes": [n for n, _ in cheap.passes], "accuracy_drop": drop})
+                    if drop > gate:
+                        why = f"pruned: accuracy drop {drop:.4g} after {cheap.passes[-1][0]} already misses the gate {gate:g}"
+                        trial.set_user_attr("metrics", {"pruned": why})
+                        raise optuna.TrialPruned(why)
+                metrics = evaluate(candidate)
             except KilnError as exc:
                 trial.set_user_attr("metrics", {"error": exc.message.splitlines()[0]})
                 raise
         trial.set_user_attr("metrics", {k: v for k, v in metrics.items() if k != "constraints"})
         trial.set_user_attr("constraints", dict(metrics["constraints"]))
-        for gate, excess in metrics["constraints"].items():
-            trial.set_constraint(gate, float(excess))
-        say(f"trial {trial.number}: " + ", ".join(f"{o} {metrics[o]:.4g}" for o in tune.objectives))
+        for name, excess in metrics["constraints"].items():
+            trial.set_constraint(name, float(excess))
         return tuple(float(metrics[o]) for o in tune.objectives)
 
-    while len(study.get_trials(deepcopy=False, states=counted)) < tune.trials:
-        study.optimize(objective, n_trials=1, catch=(Exception,))
-        last = study.get_trials(deepcopy=False)[-1]
-        if last.state == optuna.trial.TrialState.FAIL:
-            say(f"trial {last.number}: failed: {last.user_attrs.get('metrics', {}).get('error', 'see trials.csv')}")
+    started = time.monotonic()
+    while True:
+        if timeout is not None and time.monotonic() - started >= timeout:
+            say(f"stopping: --timeout {timeout:g} s reached with {_counted(study)} of {tune.trials} trials")
+            break
+        if _counted(study) < tune.trials:
+            study.optimize(objective, n_trials=1, catch=(Exception,))
+            mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("worker") == _WORKER]
+            say(f"trial {mine[-1].number} [{_counted(study)}/{tune.trials}]: " + _outcome(mine[-1], tune))
+            if tick is not None:
+                tick(_counted(study))
+        elif study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            time.sleep(0.5)  # the budget is spoken for: wait for the other workers' trials (a killed
+            optuna.storages.fail_stale_trials(study)  # worker's fail after the grace period and are redone)
+        else:
+            break
     return study
 
 
+_WORKER = f"{os.uname().nodename}:{os.getpid()}"
+
+
+def _counted(study: Any) -> int:
+    """Trials the budget counts: complete, pruned, running, or failed with an error of their own
+    (a killed worker's trial, failed by the heartbeat, has none and is not counted)."""
+    from optuna.trial import TrialState
+
+    return sum(1 for t in study.get_trials(deepcopy=False)
+               if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+               or (t.state == TrialState.FAIL and "error" in t.user_attrs.get("metrics", {})))  # fmt: skip
+
+
+def _outcome(trial: Any, tune: TuneSettings) -> str:
+    metrics = trial.user_attrs.get("metrics", {})
+    if trial.state.name == "COMPLETE":
+        met = all(v <= 0 for v in trial.user_attrs.get("constraints", {}).values())
+        return ", ".join(f"{o} {metrics[o]:.4g}" for o in tune.objectives) + ("" if met else " (misses a gate)")
+    if trial.state.name == "PRUNED":
+        return metrics.get("pruned", "pruned")
+    return "failed: " + metrics.get("error", "see trials.csv")
+
+
 def _same_options(study: Any, trial: Any) -> Any:
-    """A finished trial with this trial's options, waiting for one another worker is running
-    (so two workers never build the same options), or None."""
+    """A finished (or pruned) trial with this trial's options, waiting for one another worker is
+    running (so two workers never build the same options), or None."""
     import optuna
 
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
     while True:
         twins = [t for t in study.get_trials(deepcopy=False, states=states)
                  if t.number != trial.number and t.params == trial.params]  # fmt: skip
-        done = [t for t in twins if t.state == optuna.trial.TrialState.COMPLETE and "constraints" in t.user_attrs]
+        done = [t for t in twins if (t.state == optuna.trial.TrialState.COMPLETE and "constraints" in t.user_attrs)
+                or (t.state == optuna.trial.TrialState.PRUNED and "pruned" in t.user_attrs.get("metrics", {}))]  # fmt: skip
         if done:
             return done[0]
-        if not any(t.number < trial.number for t in twins):  # the earlier one builds; a later twin waits for us
-            return None
+        if not any(t.number < trial.number and t.state == optuna.trial.TrialState.RUNNING for t in twins):
+            return None  # the earlier one builds; a later twin waits for us
         time.sleep(0.5)
+        optuna.storages.fail_stale_trials(study)  # the earlier twin's worker may have been killed
 
 
-def _storage(url: str) -> Any:
+def _storage(url: str, grace_period: int = 30) -> Any:
     """The RDB storage; workers starting together on a new SQLite file race to create its tables,
-    so a loser retries. A heartbeat marks a killed worker's running trials failed after 30 s."""
+    so a loser retries. A heartbeat marks a killed worker's running trials failed after
+    ``grace_period`` seconds without one."""
     import warnings
 
     import optuna
@@ -267,7 +378,8 @@ def _storage(url: str) -> Any:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(url, heartbeat_interval=10, grace_period=30)
+                return optuna.storages.RDBStorage(url, heartbeat_interval=max(1, grace_period // 3),
+                                                  grace_period=grace_period)
         except sqlalchemy.exc.DBAPIError:  # "table exists", a duplicate schema-version row: another worker won
             if attempt == 9:
                 raise
@@ -281,7 +393,8 @@ def rows(study: Any, tune: TuneSettings) -> list[dict[str, Any]]:
     for trial in study.get_trials(deepcopy=False):
         metrics = trial.user_attrs.get("metrics", {})
         out.append({"number": trial.number, "state": trial.state.name, "params": trial.params,
-                    **{k: metrics.get(k) for k in OBJECTIVES}, "error": metrics.get("error"),
+                    **{k: metrics.get(k) for k in OBJECTIVES}, "error": metrics.get("error"), "pruned": metrics.get("pruned"),
+                    "proxy_accuracy_drop": trial.user_attrs.get("proxy", {}).get("accuracy_drop"),
                     "same_as": trial.user_attrs.get("same_as"),
                     "feasible": "constraints" in trial.user_attrs
                     and all(v <= 0 for v in trial.user_attrs["constraints"].values())})  # fmt: skip
@@ -301,10 +414,10 @@ def best(study: Any, tune: TuneSettings, table: list[dict[str, Any]]) -> dict[st
 def csv_text(table: list[dict[str, Any]]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["number", "state", "feasible", *OBJECTIVES, "params", "error"])
+    writer.writerow(["number", "state", "feasible", *OBJECTIVES, "proxy_accuracy_drop", "params", "error", "pruned"])
     for r in table:
-        writer.writerow([r["number"], r["state"], r["feasible"], *(r[k] for k in OBJECTIVES),
-                         json.dumps(r["params"], sort_keys=True), r["error"] or ""])  # fmt: skip
+        writer.writerow([r["number"], r["state"], r["feasible"], *(r[k] for k in OBJECTIVES), r["proxy_accuracy_drop"],
+                         json.dumps(r["params"], sort_keys=True), r["error"] or "", r["pruned"] or ""])  # fmt: skip
     return buffer.getvalue()
 
 
