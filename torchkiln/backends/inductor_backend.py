@@ -179,7 +179,9 @@ class InductorBackend(Backend):
                 where="backend inductor.dtype",
                 hint="use dtype=float32 for a quantized program (its int8 layers run integer kernels)",
             )
-        module = cast_program(program.graph_module, DTYPES[options.dtype]).to(options.device)
+        module = cast_program(program.graph_module, DTYPES[options.dtype])
+        module, floated = float_single_channel_convs(module) if program.dynamic_axes else (module, 0)
+        module = module.to(options.device)
         names = [s.name for s in program.inputs]
         example = [t.to(options.device) for t in program.example_inputs]
         try:
@@ -192,7 +194,9 @@ class InductorBackend(Backend):
         record = {
             "format": FORMAT, "inputs": names, "device": "cpu" if options.device == "cpu" else "cuda",
             "dtype": options.dtype, "torch": torch.__version__, **_target(options),
-            "notes": _kernel_notes(quantized, counts),
+            "notes": _kernel_notes(quantized, counts) + ([
+                f"{floated} int8 convolution(s) with one input channel run a float kernel on their dequantized "
+                "weights: AOTInductor's int8 kernel for them is wrong with dynamic shapes (torch 2.13)"] if floated else []),
         }  # fmt: skip
         return InductorArtifact(package, record, options)
 
@@ -283,6 +287,45 @@ def cast_program(gm: fx.GraphModule, dtype: torch.dtype) -> fx.GraphModule:
     graph.lint()
     cast.recompile()
     return cast
+
+
+def float_single_channel_convs(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
+    """A copy of ``gm`` whose static-int8 convolutions with one input channel (``groups=1``) take
+    their weight dequantized ahead of time, as a float constant, and how many. Numerically the
+    same program — the weight was dequantized at run time anyway — but Inductor then matches no
+    integer pattern for them: its AOT int8 convolution over one input channel returns wrong values
+    once a dimension is dynamic (torch 2.13: cosine 0.01 against eager on a lone 1→8 conv; two or
+    more input channels, and static shapes, are right)."""
+    convs = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (torch.ops.aten.conv2d.default,
+             torch.ops.aten.conv1d.default) and len(n.args) > 1 and getattr(n.args[1], "target", None)
+             == quant_ops.DEQUANTIZE_CHANNEL and n.args[1].args[0].op == "get_attr"]  # fmt: skip
+    single = [n for n in convs if (n.args[6] if len(n.args) > 6 else n.kwargs.get("groups", 1)) == 1
+              and _constant(gm, n.args[1].args[0]).shape[1] == 1]  # fmt: skip
+    if not single:
+        return gm, 0
+    copied = copy.deepcopy(gm)
+    nodes = {n.name: n for n in copied.graph.nodes}
+    for index, conv in enumerate(single):
+        dequantize = nodes[conv.args[1].name]
+        weight = dequantize.target(*(_constant(copied, a) if isinstance(a, fx.Node) else a for a in dequantize.args))
+        name = f"_torchkiln_float_weight_{index}"
+        copied.register_buffer(name, weight)
+        with copied.graph.inserting_before(dequantize):
+            constant = copied.graph.get_attr(name)
+        constant.meta = dict(dequantize.meta)
+        dequantize.replace_all_uses_with(constant)
+        copied.graph.erase_node(dequantize)
+    copied.graph.eliminate_dead_code()
+    copied.graph.lint()
+    copied.recompile()
+    return copied, len(single)
+
+
+def _constant(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+    value: Any = gm
+    for part in str(node.target).split("."):
+        value = getattr(value, part)
+    return value  # type: ignore[no-any-return]
 
 
 def _floating(node: Any) -> bool:
