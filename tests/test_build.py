@@ -198,3 +198,30 @@ def test_a_missed_accuracy_gate_exits_1_with_a_summary(tmp_path, capsys):
     assert main(["build", str(recipe), "-o", str(tmp_path / "out"), "--quiet"]) == 1
     err = capsys.readouterr().err
     assert "gate(s) missed: max_accuracy_drop:" in err and not (tmp_path / "out").exists()
+
+
+TRAINING = """import torch
+
+def batches():  # (inputs, labels) for the zoo MLP (64 features, 10 classes)
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(16, 64, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(4)]
+"""
+
+
+def test_a_training_table_feeds_distill_and_its_batches_are_hashed(tmp_path):
+    (tmp_path / "data.py").write_text(TRAINING)
+    text = MLP.replace('[backend]', '[[passes]]\nname = "prune"\noptions = { structured = true, ratio = 0.5 }\n\n'
+                       '[[passes]]\nname = "distill"\noptions = { epochs = 1 }\n\n'
+                       '[training]\nsource = "data.py:batches"\nvalidation = "data.py:batches"\n\n[backend]')  # fmt: skip
+    assert main(["build", str(write(tmp_path, text)), "-o", str(tmp_path / "out"), "--no-cache", "--quiet"]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    distill = [p for p in report["passes"] if p["name"] == "distill"]
+    assert distill and distill[0]["modified"]
+    hashes = json.loads((tmp_path / "out" / "manifest.json").read_text())["input_hashes"]
+    assert {"training", "validation"} <= set(hashes)
+
+
+def test_distill_without_a_training_table_is_a_recipe_error(tmp_path):
+    text = MLP.replace('[backend]', '[[passes]]\nname = "distill"\n\n[backend]')
+    with pytest.raises(ConfigError, match=r"\[training\].*distill pass trains"):
+        load_recipe(write(tmp_path, text))

@@ -183,12 +183,12 @@ def test_backend_options_are_sampled_only_for_a_backend_that_declares_them(tmp_p
     recipe = load_recipe(_recipe(tmp_path, text))
     space = tuning.settings(recipe).space
     assert space[1].backends == ("inductor",)
-    chosen = tuning.sample(optuna.trial.FixedTrial({"backend": "inductor", "backend.dtype": "bfloat16"}), space, "torch")
+    chosen = tuning.sample(optuna.trial.FixedTrial({"backend": "inductor", "backend.dtype": "bfloat16"}), space, recipe)
     assert chosen == {"backend": "inductor", "backend.dtype": "bfloat16"}
     built = tuning.variant(recipe, chosen)
     assert built.backend == "inductor" and dict(built.backend_options) == {"dtype": "bfloat16"}
     assert built.raw["backend"] == {"name": "inductor", "options": {"dtype": "bfloat16"}}
-    ort = tuning.sample(optuna.trial.FixedTrial({"backend": "onnxruntime"}), space, "torch")
+    ort = tuning.sample(optuna.trial.FixedTrial({"backend": "onnxruntime"}), space, recipe)
     assert ort == {"backend": "onnxruntime"}  # no dtype sampled: onnxruntime has no such option
     assert tuning.variant(recipe, ort).backend_options == {}
 
@@ -215,3 +215,18 @@ def test_the_digits_search_meets_the_gates_and_best_toml_rebuilds_it(tmp_path):
     assert report["evaluation"]["drop"] == pytest.approx(chosen["accuracy_drop"])
     first, second = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("b1", "b2"))
     assert first["files"] == second["files"]  # the artifact's files, byte for byte (by SHA-256)
+
+
+def test_an_option_that_does_not_apply_beside_the_ones_before_it_is_not_sampled(tmp_path):
+    import optuna
+
+    from torchkiln import tuning
+    from torchkiln.recipe import load_recipe
+
+    text = MLP + '\n[tune]\ntrials = 4\nspace = { "quantize.mode" = ["int8", "fp16"], "quantize.calibrator" = ["minmax", "percentile"] }\n'
+    recipe = load_recipe(_recipe(tmp_path, text.replace('options = { mode = "dynamic" }\n', "")))
+    space = tuning.settings(recipe).space
+    half = tuning.sample(optuna.trial.FixedTrial({"quantize.mode": "fp16"}), space, recipe)
+    assert half == {"quantize.mode": "fp16"}  # the calibrator applies to int8 only
+    int8 = tuning.sample(optuna.trial.FixedTrial({"quantize.mode": "int8", "quantize.calibrator": "percentile"}), space, recipe)
+    assert int8 == {"quantize.mode": "int8", "quantize.calibrator": "percentile"}

@@ -55,6 +55,7 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
     "model": {"source": (str, True), "weights": (str, False), "inputs": (list, False)},
     "passes": {"name": (str, True), "options": (dict, False)},
     "calibration": {"source": (str, True), "batches": (int, False)},
+    "training": {"source": (str, True), "batches": (int, False), "validation": (str, False)},
     "evaluation": {"source": (str, True), "metric": (str, False)},
     "backend": {"name": (str, True), "options": (dict, False)},
     "partition": {"stages": (int, True), "balance": (str, False), "backend": (str, False)},
@@ -103,6 +104,7 @@ class Recipe:
     raw: Mapping[str, Any]  # the parsed file, for the manifest
     partition: Mapping[str, Any] | None = None
     tune: Mapping[str, Any] | None = None  # checked in full by torchkiln.tuning
+    training: Mapping[str, Any] | None = None  # batches for distill (train_data / val_data)
 
     def resolve(self, relative: str) -> Path:
         """A path in the recipe, relative to the recipe's directory."""
@@ -148,6 +150,12 @@ def load_recipe(path: str | Path) -> Recipe:
     calibration = checker.table(data, "calibration")
     if calibration is not None and calibration.get("batches", 1) < 1:
         checker.fail("calibration", "batches", f"must be >= 1, got {calibration['batches']}")
+    training = checker.table(data, "training")
+    if training is not None and training.get("batches", 1) < 1:
+        checker.fail("training", "batches", f"must be >= 1, got {training['batches']}")
+    if training is None and any(isinstance(p, dict) and p.get("name") == "distill" for p in passes):
+        checker.fail("training", None, "the distill pass trains: add a [training] table with source = "
+                     '"file.py:function" returning its batches of inputs or (inputs, labels)')  # fmt: skip
     return Recipe(
         path=path,
         model=model["source"],
@@ -163,6 +171,7 @@ def load_recipe(path: str | Path) -> Recipe:
         raw=data,
         partition=partition,
         tune=checker.table(data, "tune"),
+        training=training,
     )
 
 

@@ -169,19 +169,27 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def sample(trial: Any, space: tuple[Dimension, ...], backend: str) -> dict[str, Any]:
-    """The trial's options: whether optional passes run and the backend first, then only the options
-    of the passes that run and of the chosen backend (``backend`` when the space does not vary it);
-    options that do not apply are not sampled, so they do not dilute the search."""
+def sample(trial: Any, space: tuple[Dimension, ...], recipe: Recipe) -> dict[str, Any]:
+    """The trial's options: whether optional passes run and the backend first, then, in the order
+    the space lists them, only the options that apply — of a pass that runs, of the chosen backend,
+    and valid with the pass's options so far (``quantize.calibrator`` is not sampled once
+    ``quantize.mode`` is fp16); options that do not apply are not sampled, so they do not dilute
+    the search."""
     params: dict[str, Any] = {}
     for dim in space:
         if dim.kind == "optional" or dim.key == "backend":
             params[dim.key] = trial.suggest_categorical(dim.key, [True, False] if dim.kind == "optional" else list(dim.choices))
+    base = {name: dict(options) for name, options in recipe.passes}
     for dim in space:
-        if dim.key in params or params.get(dim.key.partition(".")[0]) is False:
+        owner, _, option = dim.key.partition(".")
+        if dim.key in params or params.get(owner) is False:
             continue
-        if dim.backends and params.get("backend", backend) not in dim.backends:
+        if dim.backends and params.get("backend", recipe.backend) not in dim.backends:
             continue
+        if owner != "backend":
+            so_far = {**base[owner], **{k.partition(".")[2]: v for k, v in params.items() if k.startswith(owner + ".")}}
+            if not _applies(owner, so_far, option, dim):
+                continue
         if dim.kind == "range":
             suggest = trial.suggest_int if dim.integer else trial.suggest_float
             params[dim.key] = suggest(dim.key, int(dim.low) if dim.integer else dim.low,
@@ -189,6 +197,18 @@ def sample(trial: Any, space: tuple[Dimension, ...], backend: str) -> dict[str, 
         else:
             params[dim.key] = trial.suggest_categorical(dim.key, list(dim.choices))
     return params
+
+
+def _applies(pass_name: str, options: Mapping[str, Any], option: str, dim: Dimension) -> bool:
+    """Whether every value ``dim`` may take is valid for the pass beside ``options``."""
+    values = dim.choices if dim.kind == "choice" else (dim.low, dim.high)
+    config = get_pass(pass_name).Config
+    for value in values:
+        try:
+            config.from_mapping({**options, option: int(value) if dim.integer else value}, owner=pass_name)
+        except ConfigError:
+            return False
+    return True
 
 
 def variant(recipe: Recipe, params: Mapping[str, Any]) -> Recipe:
@@ -272,7 +292,7 @@ def run_study(
 
     def objective(trial: Any) -> tuple[float, ...]:
         trial.set_user_attr("worker", _WORKER)
-        params = sample(trial, tune.space, recipe.backend)
+        params = sample(trial, tune.space, recipe)
         say(f"trial {trial.number}: {json.dumps(params, sort_keys=True)}")
         same = _same_options(study, trial)
         if same is not None:  # the sampler proposed finished options again: reuse, never rebuild
@@ -460,7 +480,8 @@ def relocated(raw: Mapping[str, Any], recipe_dir: Path, target_dir: Path) -> dic
             return text
         return os.path.relpath(candidate, target_dir) + sep + rest
 
-    for table, key in (("model", "source"), ("model", "weights"), ("calibration", "source"), ("evaluation", "source")):
+    for table, key in (("model", "source"), ("model", "weights"), ("calibration", "source"), ("evaluation", "source"),
+                       ("training", "source"), ("training", "validation")):  # fmt: skip
         if isinstance(data.get(table), dict) and isinstance(data[table].get(key), str):
             data[table][key] = move(data[table][key])
     return data

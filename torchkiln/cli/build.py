@@ -14,6 +14,7 @@ which stages were hits.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import sys
@@ -64,9 +65,10 @@ def run(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else recipe.path.parent / "build"
     check_destination(output, replaceable=is_artifact)  # before the work, not after it
     say = stage_printer(args.quiet)
-    model, inputs, axes, calibration = prepare(recipe)
+    data = prepare(recipe)
+    model, inputs, axes, calibration = data.model, data.inputs, data.axes, data.calibration
     compiled, evaluation, gates = build_and_check(
-        recipe, model, inputs, axes, calibration, None if args.no_cache else (args.cache_dir or default_directory()), say
+        recipe, data, None if args.no_cache else (args.cache_dir or default_directory()), say
     )  # fmt: skip
     missed = [g for g in gates if not g["passed"]]
     if missed:
@@ -78,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if join_process_group()[0] != 0:  # under torchrun every rank built and checked; rank 0 writes
         return 0
-    extra = {"recipe": recipe.raw, "input_hashes": _input_hashes(recipe, model, calibration),
+    extra = {"recipe": recipe.raw, "input_hashes": _input_hashes(recipe, data),
              "evaluation": evaluation, "gates": gates}  # fmt: skip
     with atomic_directory(output, replaceable=is_artifact) as staging:
         compiled.write(staging, extra)
@@ -97,27 +99,41 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def prepare(recipe: Recipe) -> tuple[nn.Module, dict[str, torch.Tensor], Any, list[Any] | None]:
-    """The recipe's model (weights loaded), example inputs, dynamic axes and calibration batches."""
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """What a recipe's build reads once: the model (weights loaded), example inputs, dynamic axes,
+    calibration batches and the ``[training]`` batches (distill's train_data / val_data)."""
+
+    model: nn.Module
+    inputs: dict[str, torch.Tensor]
+    axes: Any
+    calibration: list[Any] | None
+    training: list[Any] | None = None
+    validation: list[Any] | None = None
+
+
+def prepare(recipe: Recipe) -> Prepared:
     model, inputs, axes = _model_and_inputs(recipe)
     calibration = _batches(recipe, recipe.calibration, inputs)
     if calibration:  # verify on real data: random inputs can lie far outside calibrated ranges
         inputs = _as_inputs(calibration[0], list(inputs))
-    return model, inputs, axes, calibration
+    training = _batches(recipe, recipe.training, inputs)
+    validation = recipe.training.get("validation") if recipe.training else None
+    held_out = _batches(recipe, {"source": validation}, inputs) if validation else None
+    return Prepared(model, inputs, axes, calibration, training, held_out)
 
 
 def build_and_check(
-    recipe: Recipe, model: nn.Module, inputs: dict[str, torch.Tensor], axes: Any, calibration: list[Any] | None,
-    cache: Any, say: Callable[[str], None] | None,
-) -> tuple[Any, dict[str, Any], list[dict[str, Any]]]:  # fmt: skip
+    recipe: Recipe, data: Prepared, cache: Any, say: Callable[[str], None] | None
+) -> tuple[Any, dict[str, Any], list[dict[str, Any]]]:
     """Compile the recipe's passes and backend, evaluate, measure the gates (nothing is written)."""
     compiled = torchkiln.compile(
-        model, inputs, passes=[(name, dict(options)) for name, options in recipe.passes],
-        backend=recipe.backend, backend_options=recipe.backend_options, dynamic_axes=axes,
-        calibration_data=calibration, tolerance=_tolerance(recipe),
-        name=Path(recipe.model).stem, progress=say, latency_runs=50, cache=cache,
+        data.model, data.inputs, passes=[(name, dict(options)) for name, options in recipe.passes],
+        backend=recipe.backend, backend_options=recipe.backend_options, dynamic_axes=data.axes,
+        calibration_data=data.calibration, train_data=data.training, val_data=data.validation,
+        tolerance=_tolerance(recipe), name=Path(recipe.model).stem, progress=say, latency_runs=50, cache=cache,
     )  # fmt: skip
-    evaluation = _evaluate(recipe, model, compiled, inputs)
+    evaluation = _evaluate(recipe, data.model, compiled, data.inputs)
     return compiled, evaluation, _gates(recipe, compiled, evaluation)
 
 
@@ -142,17 +158,18 @@ def _partition(
         say(f"wrote {target}")
 
 
-def _input_hashes(recipe: Recipe, model: nn.Module, calibration: list[Any] | None) -> dict[str, str]:
+def _input_hashes(recipe: Recipe, data: Prepared) -> dict[str, str]:
     """SHA-256 of what the build read: the recipe file, the model (weights and module sources),
-    the weights file and the calibration batches."""
+    the weights file, the calibration and training batches."""
     hashes = {
         "recipe": hashlib.sha256(recipe.path.read_bytes()).hexdigest(),
-        "model": model_fingerprint(model).hexdigest(),
+        "model": model_fingerprint(data.model).hexdigest(),
     }
     if recipe.weights is not None:
         hashes["weights"] = sha256(recipe.resolve(str(recipe.weights)))
-    if calibration:
-        hashes["calibration"] = Hasher().add_tensors("calibration", calibration).hexdigest()
+    for name in ("calibration", "training", "validation"):
+        if batches := getattr(data, name):
+            hashes[name] = Hasher().add_tensors(name, batches).hexdigest()
     return hashes
 
 

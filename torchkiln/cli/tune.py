@@ -86,11 +86,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _search(recipe: Recipe, tune: tuning.TuneSettings, storage: str, args: argparse.Namespace,
             say: Callable[[str], None], bar: Any) -> Any:  # fmt: skip
-    model, inputs, axes, calibration = prepare(recipe)
+    data = prepare(recipe)
     cache = None if args.no_cache else (args.cache_dir or default_directory())
 
     def evaluate(candidate: Recipe) -> dict[str, Any]:
-        compiled, evaluation, gates = build_and_check(candidate, model, inputs, axes, calibration, cache, None)
+        compiled, evaluation, gates = build_and_check(candidate, data, cache, None)
         artifact = compiled.report.artifact
         return {"accuracy_drop": evaluation.get("drop", math.nan), "latency_ms": artifact.artifact_ms,
                 "size_mb": (artifact.file_bytes or 0) / 1e6, "backend": compiled.backend,
