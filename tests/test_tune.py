@@ -230,3 +230,17 @@ def test_an_option_that_does_not_apply_beside_the_ones_before_it_is_not_sampled(
     assert half == {"quantize.mode": "fp16"}  # the calibrator applies to int8 only
     int8 = tuning.sample(optuna.trial.FixedTrial({"quantize.mode": "int8", "quantize.calibrator": "percentile"}), space, recipe)
     assert int8 == {"quantize.mode": "int8", "quantize.calibrator": "percentile"}
+
+
+def test_a_trial_that_raises_anything_is_a_failed_trial_with_its_error_and_counts(tmp_path):
+    from torchkiln import tuning
+    from torchkiln.recipe import load_recipe
+
+    recipe = load_recipe(_recipe(tmp_path, MLP + '\n[tune]\ntrials = 2\nsampler = "random"\nspace = { "quantize" = "optional" }\n'))
+
+    def evaluate(_):
+        raise RuntimeError("boom")
+
+    study = tuning.run_study(recipe, tuning.settings(recipe), tuning.storage_url(recipe, None), evaluate, lambda _: None)
+    rows = tuning.rows(study, tuning.settings(recipe))
+    assert [(r["state"], r["error"]) for r in rows] == [("FAIL", "RuntimeError: boom")] * 2  # and the loop ended

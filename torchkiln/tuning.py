@@ -315,8 +315,11 @@ def run_study(
                         trial.set_user_attr("metrics", {"pruned": why})
                         raise optuna.TrialPruned(why)
                 metrics = evaluate(candidate)
-            except KilnError as exc:
-                trial.set_user_attr("metrics", {"error": exc.message.splitlines()[0]})
+            except optuna.TrialPruned:
+                raise
+            except Exception as exc:  # a failed trial, counted against the budget with its error
+                message = exc.message if isinstance(exc, KilnError) else f"{type(exc).__name__}: {exc}"
+                trial.set_user_attr("metrics", {"error": (message.strip() or type(exc).__name__).splitlines()[0]})
                 raise
         trial.set_user_attr("metrics", {k: v for k, v in metrics.items() if k != "constraints"})
         trial.set_user_attr("constraints", dict(metrics["constraints"]))
