@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_quant.py
 	$(BIN)/python bench/bench_compress.py
 	$(BIN)/python bench/bench_inductor.py
+	$(BIN)/python bench/bench_tune.py
 
 fuzz-long: $(STAMP)
 	TORCHKILN_FUZZ_EXAMPLES=1000 $(BIN)/python -m pytest tests/test_fuzz.py -k random_models
