@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import copy
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -18,6 +21,37 @@ def _seed() -> None:
 def _private_cache(tmp_path_factory, monkeypatch) -> None:
     """kiln build caches by default; tests must not read or fill the user's ~/.cache."""
     monkeypatch.setenv("TORCHKILN_CACHE_DIR", str(tmp_path_factory.mktemp("kiln-cache")))
+
+
+@pytest.fixture(scope="session")
+def _trained_digits_cnn(tmp_path_factory):
+    """The reference digits CNN (seed 0), trained once per test run: the first pytest-xdist worker
+    to get here trains it and saves its weights where the others of this run look (a lock between)."""
+    from filelock import FileLock
+
+    from torchkiln.models.digits import DigitsCNN, load_digits_split, train_digits
+
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root  # this run's, shared by its workers
+    path = root / "digits_cnn.pt"
+    data = load_digits_split()
+    with FileLock(f"{path}.lock"):
+        torch.manual_seed(0)
+        model = DigitsCNN()
+        if path.exists():
+            model.load_state_dict(torch.load(path, weights_only=True))
+            model.eval()
+        else:
+            model = train_digits(model, data)
+            torch.save(model.state_dict(), path)
+    return model, data
+
+
+@pytest.fixture
+def trained_digits_cnn(_trained_digits_cnn):
+    """``(model, data)``: a private copy of the run's trained digits CNN and the digits split."""
+    model, data = _trained_digits_cnn
+    return copy.deepcopy(model), data
 
 
 def compile_quietly(model: nn.Module, inputs, **kwargs) -> torchkiln.CompiledModel:

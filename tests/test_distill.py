@@ -14,14 +14,12 @@ from torch import nn
 
 import torchkiln
 from torchkiln.errors import ConfigError, PassError
-from torchkiln.models.digits import DigitsCNN, accuracy, load_digits_split, train_digits
+from torchkiln.models.digits import accuracy
 
 
-@pytest.fixture(scope="module")
-def digits():
-    data = load_digits_split()
-    torch.manual_seed(0)
-    teacher = train_digits(DigitsCNN(), data)
+@pytest.fixture
+def digits(trained_digits_cnn):
+    teacher, data = trained_digits_cnn
     # early stopping looks at a validation split of the training data, never at the test split
     n = len(data.x_train) - 200
     train = [(data.x_train[i : min(i + 64, n)], data.y_train[i : min(i + 64, n)]) for i in range(0, n, 64)]

@@ -18,7 +18,7 @@ from torchkiln import models
 from torchkiln.compiler.quant_ops import QUANTIZE, pack_blocks, unpack_blocks
 from torchkiln.compiler.verify import cosine_similarity
 from torchkiln.errors import PassError
-from torchkiln.models.digits import DigitsCNN, accuracy, load_digits_split, train_digits
+from torchkiln.models.digits import accuracy
 from torchkiln.passes.quantize.observers import Histogram, QParams, choose_range
 
 COSINE_FLOOR = 0.99
@@ -43,11 +43,9 @@ def fresh_cosine(model: nn.Module, compiled: torchkiln.CompiledModel, inputs: di
 # --- real data: a CNN trained on scikit-learn's digits -------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def digits():
-    data = load_digits_split()
-    torch.manual_seed(0)
-    return train_digits(DigitsCNN(), data), data
+@pytest.fixture
+def digits(trained_digits_cnn):
+    return trained_digits_cnn
 
 
 def test_int8_on_digits_keeps_accuracy_and_shrinks_the_file(digits):
