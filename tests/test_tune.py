@@ -44,7 +44,8 @@ def _recipe(tmp_path: Path, text: str) -> Path:
 def test_a_malformed_tune_table_is_a_clear_error(tmp_path, capsys, tune, named):
     recipe = _recipe(tmp_path, MLP + "\n[tune]\n" + tune + "\n")
     assert main(["tune", str(recipe), "--no-cache", "--quiet"]) == 2
-    assert named in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert named in err and "kiln.toml:" in err  # the file and line at fault
 
 
 def _tune(recipe: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -244,3 +245,22 @@ def test_a_trial_that_raises_anything_is_a_failed_trial_with_its_error_and_count
     study = tuning.run_study(recipe, tuning.settings(recipe), tuning.storage_url(recipe, None), evaluate, lambda _: None)
     rows = tuning.rows(study, tuning.settings(recipe))
     assert [(r["state"], r["error"]) for r in rows] == [("FAIL", "RuntimeError: boom")] * 2  # and the loop ended
+
+
+def test_the_readme_tune_example_is_a_valid_table_and_unquoted_dotted_keys_are_named(tmp_path, capsys):
+    import re
+
+    from torchkiln import tuning
+    from torchkiln.recipe import load_recipe
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = re.search(r"```toml\n(\[tune\]\n.*?)```", readme, re.S).group(1)
+    (tmp_path / "data.py").write_text("def batches():\n    return []\n")
+    base = MLP.replace('[backend]', '[[passes]]\nname = "prune"\n\n[[passes]]\nname = "distill"\n\n'
+                       '[training]\nsource = "data.py:batches"\n\n[evaluation]\nsource = "data.py:batches"\n\n[backend]')  # fmt: skip
+    tune = tuning.settings(load_recipe(_recipe(tmp_path, base + "\n" + example)))
+    assert {d.key for d in tune.space} >= {"prune.ratio", "distill.epochs", "backend.dtype", "quantize"}
+    recipe = _recipe(tmp_path, MLP + '\n[tune]\ntrials = 4\n\n[tune.space]\nquantize.mode = ["int8", "dynamic"]\n')
+    assert main(["tune", str(recipe), "--no-cache", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "kiln.toml:18: [tune] space key 'quantize' is a table" in err and '"quantize.mode" = ...' in err

@@ -10,8 +10,12 @@ The ``[tune]`` table::
     sampler = "tpe"                               # tpe | nsga2 | random
     seed = 0
     pruner = "gate"                               # gate (default) | none
-    space = { "prune" = "optional", "prune.ratio" = [0.0, 0.7],
-              "quantize.calibrator" = ["minmax", "percentile"], "backend" = ["onnxruntime", "torch"] }
+
+    [tune.space]                                  # or one line: space = { "prune.ratio" = [0.0, 0.7] }
+    prune = "optional"
+    "prune.ratio" = [0.0, 0.7]
+    "quantize.calibrator" = ["minmax", "percentile"]
+    backend = ["onnxruntime", "torch"]
 
 A space key is ``<pass>.<option>`` (a pass of the recipe's ``[[passes]]``, an option it declares):
 ``[low, high]`` numbers are a range (integers if both are), a list of strings or booleans a
@@ -47,6 +51,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -86,7 +91,37 @@ class TuneSettings:
 
 
 def settings(recipe: Recipe) -> TuneSettings:
-    """The checked ``[tune]`` table; a ConfigError names the key at fault."""
+    """The checked ``[tune]`` table; a ConfigError names the file:line and the key at fault."""
+    try:
+        return _settings(recipe)
+    except ConfigError as exc:
+        line = _line(recipe, exc.where or "")
+        if line is None:
+            raise
+        raise ConfigError(f"{recipe.path}:{line}: {exc.message}", where=exc.where, hint=exc.hint) from None
+
+
+def _line(recipe: Recipe, where: str) -> int | None:
+    """The line of ``tune.<key>`` (or of ``"<key>"`` for ``tune.space.<key>``) inside ``[tune]``."""
+    if not where.startswith("tune."):
+        return None
+    key = where.removeprefix("tune.")
+    name = re.escape(key.removeprefix("space."))  # quoted exactly, or bare (where TOML splits a dotted key)
+    pattern = re.compile(rf"""["']{name}["']\s*=|(^|[\s{{,]){name}\s*[=.]""" if key.startswith("space.") else rf"^\s*{name}\s*=")
+    try:
+        lines = recipe.path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return None
+    inside = False
+    for number, text in enumerate(lines, 1):
+        if re.match(r"^\s*\[", text):
+            inside = re.match(r"^\s*\[\s*tune\s*(\.\s*space\s*)?\]", text) is not None
+        elif inside and pattern.search(text):
+            return number
+    return None
+
+
+def _settings(recipe: Recipe) -> TuneSettings:
     table = recipe.tune
     if table is None:
         raise ConfigError(f"{recipe.path} has no [tune] table", where="tune", hint="see `kiln tune --help`")
@@ -114,6 +149,10 @@ def settings(recipe: Recipe) -> TuneSettings:
 
 def _dimension(recipe: Recipe, key: str, value: Any) -> Dimension:
     where = f"tune.space.{key}"
+    if isinstance(value, dict):
+        first = next(iter(value), "option")
+        raise ConfigError(f"[tune] space key '{key}' is a table: TOML split an unquoted dotted key", where=where,
+                          hint=f'quote it: "{key}.{first}" = ...')  # fmt: skip
     names = [name for name, _ in recipe.passes]
     pass_name, _, option = key.partition(".")
     if key == "backend":
