@@ -264,3 +264,13 @@ def test_the_readme_tune_example_is_a_valid_table_and_unquoted_dotted_keys_are_n
     assert main(["tune", str(recipe), "--no-cache", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "kiln.toml:18: [tune] space key 'quantize' is a table" in err and '"quantize.mode" = ...' in err
+
+
+def test_timeout_starts_no_trial_after_it_and_bad_flags_are_errors(tmp_path, capsys):
+    recipe = _recipe(tmp_path, MLP + '\n[tune]\ntrials = 4\nspace = { "quantize" = "optional" }\n')
+    assert main(["tune", str(recipe), "--no-cache", "--timeout", "0"]) == 1  # no trial: none feasible
+    err = capsys.readouterr().err
+    assert "stopping: --timeout 0 s reached with 0 of 4 trials" in err and _trials(recipe) == []
+    for flag in ("--trials", "--workers", "--grace-period"):
+        assert main(["tune", str(recipe), "--no-cache", flag, "0"]) == 2
+        assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
