@@ -374,7 +374,8 @@ def run_study(
         if _counted(study) < tune.trials:
             study.optimize(objective, n_trials=1, catch=(Exception,))
             mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("worker") == _WORKER]
-            say(f"trial {mine[-1].number} [{_counted(study)}/{tune.trials}]: " + _outcome(mine[-1], tune))
+            if mine:
+                say(f"trial {mine[-1].number} [{_counted(study)}/{tune.trials}]: " + _outcome(mine[-1], tune))
             if tick is not None:
                 tick(_counted(study))
         elif study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
