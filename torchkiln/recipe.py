@@ -175,13 +175,26 @@ def load_recipe(path: str | Path) -> Recipe:
     )
 
 
+def line_in(path: Path, table: str, key: str | None) -> int | None:
+    """The line of ``key`` inside ``[table]`` (or a sub-table of it) in the recipe at ``path``;
+    None when it is not found or the file cannot be read."""
+    try:
+        return _Checker(path, path.read_text(encoding="utf-8")).line_of(table, key)
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 class _Checker:
     def __init__(self, path: Path, text: str):
         self.path, self.lines = path, text.splitlines()
 
     def line_of(self, table: str, key: str | None) -> int | None:
-        """The line of ``key`` inside ``[table]`` (or of the table header), by a plain scan."""
-        header = re.compile(rf"^\s*\[\[?\s*{re.escape(table)}\s*\]\]?\s*$")
+        """The line of ``key`` inside ``[table]`` or a sub-table of it (or of the table header), by a
+        plain scan: ``key =``, ``"key" =`` (a quoted dotted key) or ``key.x =`` (a bare dotted one),
+        also inside an inline table."""
+        header = re.compile(rf"^\s*\[\[?\s*{re.escape(table)}\s*(\.[^\]]*)?\]\]?\s*$")
+        name = re.escape(key or "")
+        entry = re.compile(rf"""(^|[\s{{,])(["']{name}["']|{name})\s*[=.]""")
         inside = False
         for number, line in enumerate(self.lines, 1):
             if header.match(line):
@@ -190,7 +203,7 @@ class _Checker:
                 inside = True
             elif re.match(r"^\s*\[", line):
                 inside = False
-            elif inside and key is not None and re.match(rf"^\s*{re.escape(key)}\s*=", line):
+            elif inside and key is not None and entry.search(line):
                 return number
         return None
 

@@ -51,7 +51,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -60,7 +59,7 @@ from typing import Any
 from torchkiln.backends import BACKEND_NAMES
 from torchkiln.compiler.passes import get_pass
 from torchkiln.errors import ConfigError, KilnError
-from torchkiln.recipe import Recipe
+from torchkiln.recipe import Recipe, line_in
 
 OBJECTIVES = ("accuracy_drop", "latency_ms", "size_mb")
 SAMPLERS = ("tpe", "nsga2", "random")
@@ -102,23 +101,10 @@ def settings(recipe: Recipe) -> TuneSettings:
 
 
 def _line(recipe: Recipe, where: str) -> int | None:
-    """The line of ``tune.<key>`` (or of ``"<key>"`` for ``tune.space.<key>``) inside ``[tune]``."""
+    """The line of ``tune.<key>`` or ``tune.space.<key>`` in the recipe."""
     if not where.startswith("tune."):
         return None
-    key = where.removeprefix("tune.")
-    name = re.escape(key.removeprefix("space."))  # quoted exactly, or bare (where TOML splits a dotted key)
-    pattern = re.compile(rf"""["']{name}["']\s*=|(^|[\s{{,]){name}\s*[=.]""" if key.startswith("space.") else rf"^\s*{name}\s*=")
-    try:
-        lines = recipe.path.read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return None
-    inside = False
-    for number, text in enumerate(lines, 1):
-        if re.match(r"^\s*\[", text):
-            inside = re.match(r"^\s*\[\s*tune\s*(\.\s*space\s*)?\]", text) is not None
-        elif inside and pattern.search(text):
-            return number
-    return None
+    return line_in(recipe.path, "tune", where.removeprefix("tune.").removeprefix("space."))
 
 
 def _settings(recipe: Recipe) -> TuneSettings:

@@ -47,6 +47,7 @@ from torch import fx
 from torchkiln.backends.base import Artifact, Backend, BackendOptions, check_device, require_cuda
 from torchkiln.compiler import quant_ops
 from torchkiln.compiler.export import export_graph, quiet
+from torchkiln.compiler.graph import add_attribute, drop_unused_attributes, get_attr_value
 from torchkiln.compiler.options import option
 from torchkiln.compiler.program import Program
 from torchkiln.errors import ArtifactError, BackendError, ExportError
@@ -300,32 +301,25 @@ def float_single_channel_convs(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]
              torch.ops.aten.conv1d.default) and len(n.args) > 1 and getattr(n.args[1], "target", None)
              == quant_ops.DEQUANTIZE_CHANNEL and n.args[1].args[0].op == "get_attr"]  # fmt: skip
     single = [n for n in convs if (n.args[6] if len(n.args) > 6 else n.kwargs.get("groups", 1)) == 1
-              and _constant(gm, n.args[1].args[0]).shape[1] == 1]  # fmt: skip
+              and get_attr_value(gm, str(n.args[1].args[0].target)).shape[1] == 1]  # fmt: skip
     if not single:
         return gm, 0
     copied = copy.deepcopy(gm)
     nodes = {n.name: n for n in copied.graph.nodes}
-    for index, conv in enumerate(single):
+    for conv in single:
         dequantize = nodes[conv.args[1].name]
-        weight = dequantize.target(*(_constant(copied, a) if isinstance(a, fx.Node) else a for a in dequantize.args))
-        name = f"_torchkiln_float_weight_{index}"
-        copied.register_buffer(name, weight)
+        weight = dequantize.target(*(get_attr_value(copied, str(a.target)) if isinstance(a, fx.Node) else a
+                                     for a in dequantize.args))  # fmt: skip
         with copied.graph.inserting_before(dequantize):
-            constant = copied.graph.get_attr(name)
+            constant = copied.graph.get_attr(add_attribute(copied, f"{conv.name}_float_weight", weight, parameter=False))
         constant.meta = dict(dequantize.meta)
         dequantize.replace_all_uses_with(constant)
         copied.graph.erase_node(dequantize)
     copied.graph.eliminate_dead_code()
+    drop_unused_attributes(copied)  # the int8 weight, scales and zero points those convs no longer read
     copied.graph.lint()
     copied.recompile()
     return copied, len(single)
-
-
-def _constant(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
-    value: Any = gm
-    for part in str(node.target).split("."):
-        value = getattr(value, part)
-    return value  # type: ignore[no-any-return]
 
 
 def _floating(node: Any) -> bool:
