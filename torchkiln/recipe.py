@@ -175,6 +175,11 @@ def load_recipe(path: str | Path) -> Recipe:
     )
 
 
+#: (table, key) of the values that name files relative to the recipe (``file.py:function`` or data)
+PATH_KEYS = (("model", "source"), ("model", "weights"), ("calibration", "source"), ("evaluation", "source"),
+             ("training", "source"), ("training", "validation"))  # fmt: skip
+
+
 def line_in(path: Path, table: str, key: str | None) -> int | None:
     """The line of ``key`` inside ``[table]`` (or a sub-table of it) in the recipe at ``path``;
     None when it is not found or the file cannot be read."""

@@ -59,7 +59,7 @@ from typing import Any
 from torchkiln.backends import BACKEND_NAMES
 from torchkiln.compiler.passes import get_pass
 from torchkiln.errors import ConfigError, KilnError
-from torchkiln.recipe import Recipe, line_in
+from torchkiln.recipe import PATH_KEYS, Recipe, line_in
 
 OBJECTIVES = ("accuracy_drop", "latency_ms", "size_mb")
 SAMPLERS = ("tpe", "nsga2", "random")
@@ -509,8 +509,7 @@ def relocated(raw: Mapping[str, Any], recipe_dir: Path, target_dir: Path) -> dic
             return text
         return os.path.relpath(candidate, target_dir) + sep + rest
 
-    for table, key in (("model", "source"), ("model", "weights"), ("calibration", "source"), ("evaluation", "source"),
-                       ("training", "source"), ("training", "validation")):  # fmt: skip
+    for table, key in PATH_KEYS:
         if isinstance(data.get(table), dict) and isinstance(data[table].get(key), str):
             data[table][key] = move(data[table][key])
     return data
