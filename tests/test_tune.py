@@ -274,3 +274,16 @@ def test_timeout_starts_no_trial_after_it_and_bad_flags_are_errors(tmp_path, cap
     for flag in ("--trials", "--workers", "--grace-period"):
         assert main(["tune", str(recipe), "--no-cache", flag, "0"]) == 2
         assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_best_toml_paths_are_rewritten_for_its_directory(tmp_path):
+    from torchkiln.tuning import relocated
+
+    for name in ("toy.py", "weights.pt"):
+        (tmp_path / name).write_text("")
+    raw = {"model": {"source": "toy.py:model", "weights": "weights.pt"}, "training": {"source": "toy.py:batches"},
+           "evaluation": {"source": "toy.py:validation", "metric": "top1"}, "backend": {"name": "torch"}}  # fmt: skip
+    moved = relocated(raw, tmp_path, tmp_path / "tune")
+    assert moved["model"] == {"source": "../toy.py:model", "weights": "../weights.pt"}
+    assert moved["training"]["source"] == "../toy.py:batches" and moved["evaluation"]["metric"] == "top1"
+    assert raw["model"]["source"] == "toy.py:model"  # the recipe's own table is untouched
