@@ -287,3 +287,20 @@ def test_best_toml_paths_are_rewritten_for_its_directory(tmp_path):
     assert moved["model"] == {"source": "../toy.py:model", "weights": "../weights.pt"}
     assert moved["training"]["source"] == "../toy.py:batches" and moved["evaluation"]["metric"] == "top1"
     assert raw["model"]["source"] == "toy.py:model"  # the recipe's own table is untouched
+
+
+def test_local_workers_sample_with_their_own_seeds_and_a_worker_is_reproducible(tmp_path):
+    from torchkiln import tuning
+    from torchkiln.recipe import load_recipe
+
+    def first_options(directory: Path, worker: int) -> dict:
+        directory.mkdir()
+        recipe = load_recipe(_recipe(directory, MLP + '\n[tune]\ntrials = 1\nobjectives = ["size_mb"]\nsampler = "random"\n'
+                                     'space = { "quantize.min_macs" = [0, 100000] }\n'))  # fmt: skip
+        metrics = {"size_mb": 1.0, "constraints": {}}
+        study = tuning.run_study(recipe, tuning.settings(recipe), tuning.storage_url(recipe, None),
+                                 lambda _: metrics, lambda _: None, worker=worker)  # fmt: skip
+        return study.trials[0].params
+
+    assert first_options(tmp_path / "a", 0) == first_options(tmp_path / "b", 0)
+    assert first_options(tmp_path / "c", 0) != first_options(tmp_path / "d", 1)

@@ -52,6 +52,7 @@ import io
 import json
 import os
 import time
+import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -296,23 +297,28 @@ def _optuna() -> Any:
 def run_study(
     recipe: Recipe, tune: TuneSettings, storage: str, evaluate: Callable[[Recipe], dict[str, Any]],
     say: Callable[[str], None], timeout: float | None = None, tick: Callable[[int], None] | None = None,
-    grace_period: int = 30,
+    grace_period: int = 30, worker: int = 0,
 ) -> Any:  # fmt: skip
     """Trials until the study holds ``tune.trials`` counted ones (finished, pruned, running, or
     failed with an error — not the running trials of a killed worker, which Optuna's heartbeat
-    fails) or ``timeout`` seconds have passed; the study. ``tick(n)`` hears the count after each trial."""
+    fails) or ``timeout`` seconds have passed; the study. ``tick(n)`` hears the count after each trial.
+
+    The sampler's seed is the recipe's plus ``worker`` (a ``--workers`` child's index), so local
+    workers propose different options; a first worker joining a study that other processes are
+    running (another machine) offsets it by its host and process instead."""
     optuna = _optuna()
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is reported below, with its error
     rdb = _storage(storage, grace_period)
-    seed = tune.seed + (os.getpid() if os.environ.get("TORCHKILN_TUNE_WORKER") else 0)
-    sampler = {  # constraints (the gates) come from trial.set_constraint, which these samplers read
+    study = optuna.create_study(study_name=study_name(recipe), storage=rdb, load_if_exists=True,
+                                directions=["minimize"] * len(tune.objectives))  # fmt: skip
+    joining = worker == 0 and bool(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
+    seed = tune.seed + (zlib.crc32(_WORKER.encode()) if joining else worker)
+    study.sampler = {  # constraints (the gates) come from trial.set_constraint, which these samplers read
         "tpe": lambda: optuna.samplers.TPESampler(seed=seed, n_startup_trials=4),
         "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
     }[tune.sampler]()
-    study = optuna.create_study(study_name=study_name(recipe), storage=rdb, load_if_exists=True, sampler=sampler,
-                                directions=["minimize"] * len(tune.objectives))  # fmt: skip
     gate = recipe.gate.get("max_accuracy_drop") if tune.pruner == "gate" else None
 
     def objective(trial: Any) -> tuple[float, ...]:

@@ -98,7 +98,7 @@ def _search(recipe: Recipe, tune: tuning.TuneSettings, storage: str, args: argpa
 
     tick = (lambda n: bar.update(n - bar.n)) if bar is not None else None
     return tuning.run_study(recipe, tune, storage, evaluate, say, timeout=args.timeout, tick=tick,
-                            grace_period=args.grace_period)  # fmt: skip
+                            grace_period=args.grace_period, worker=int(os.environ.get("TORCHKILN_TUNE_WORKER_ID", 0)))  # fmt: skip
 
 
 def _write(study: Any, recipe: Recipe, tune: tuning.TuneSettings, output: Path, quiet: bool) -> int:
@@ -148,7 +148,7 @@ def _spawn(args: argparse.Namespace, storage: str, k: int) -> subprocess.Popen[b
         if value is not None:
             command += [flag, str(value)]
     command += ["--no-cache"] * args.no_cache + ["--quiet"] * args.quiet
-    return subprocess.Popen(command, env=os.environ | {"TORCHKILN_TUNE_WORKER": "1", "TORCHKILN_TUNE_WORKER_ID": str(k)})
+    return subprocess.Popen(command, env=os.environ | {"TORCHKILN_TUNE_WORKER_ID": str(k)})
 
 
 def _plot(path: Path, table: list[dict[str, Any]], tune: tuning.TuneSettings) -> None:
