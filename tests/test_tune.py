@@ -304,3 +304,17 @@ def test_local_workers_sample_with_their_own_seeds_and_a_worker_is_reproducible(
 
     assert first_options(tmp_path / "a", 0) == first_options(tmp_path / "b", 0)
     assert first_options(tmp_path / "c", 0) != first_options(tmp_path / "d", 1)
+
+
+def test_an_unmeasured_objective_is_a_failed_trial_not_an_endless_search(tmp_path):
+    from torchkiln import tuning
+    from torchkiln.recipe import load_recipe
+
+    recipe = load_recipe(_recipe(tmp_path, MLP + '\n[tune]\ntrials = 2\nsampler = "random"\nobjectives = ["size_mb", "latency_ms"]\n'
+                                 'space = { "quantize" = "optional" }\n'))  # fmt: skip
+    metrics = {"size_mb": 1.0, "latency_ms": float("nan"), "constraints": {}}
+    study = tuning.run_study(recipe, tuning.settings(recipe), tuning.storage_url(recipe, None), lambda _: metrics,
+                             lambda _: None)  # fmt: skip
+    rows = tuning.rows(study, tuning.settings(recipe))
+    assert [r["state"] for r in rows] == ["FAIL", "FAIL"] and all("latency_ms was not measured" in r["error"] for r in rows)
+    assert tuning.best(study, tuning.settings(recipe), rows) is None  # nothing reported as best

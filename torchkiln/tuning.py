@@ -50,6 +50,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 import os
 import time
 import zlib
@@ -356,7 +357,13 @@ def run_study(
         trial.set_user_attr("constraints", dict(metrics["constraints"]))
         for name, excess in metrics["constraints"].items():
             trial.set_constraint(name, float(excess))
-        return tuple(float(metrics[o]) for o in tune.objectives)
+        values = tuple(float(metrics[o]) if metrics[o] is not None else math.nan for o in tune.objectives)
+        unmeasured = [o for o, v in zip(tune.objectives, values) if not math.isfinite(v)]
+        if unmeasured:  # Optuna would fail the trial without a word, and the budget would not count it
+            error = f"objective {', '.join(unmeasured)} was not measured (not a finite number)"
+            trial.set_user_attr("metrics", {**trial.user_attrs["metrics"], "error": error})
+            raise KilnError(error)
+        return values
 
     started = time.monotonic()
     while True:
