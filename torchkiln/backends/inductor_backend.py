@@ -47,7 +47,7 @@ from torch import fx
 from torchkiln.backends.base import Artifact, Backend, BackendOptions, check_device, require_cuda
 from torchkiln.compiler import quant_ops
 from torchkiln.compiler.export import export_graph, quiet
-from torchkiln.compiler.graph import add_attribute, drop_unused_attributes, get_attr_value
+from torchkiln.compiler.graph import add_attribute, drop_unused_attributes, get_attr_value, module_path
 from torchkiln.compiler.options import option
 from torchkiln.compiler.program import Program
 from torchkiln.errors import ArtifactError, BackendError, ExportError
@@ -181,7 +181,7 @@ class InductorBackend(Backend):
                 hint="use dtype=float32 for a quantized program (its int8 layers run integer kernels)",
             )
         module = cast_program(program.graph_module, DTYPES[options.dtype])
-        module, floated = float_single_channel_convs(module) if program.dynamic_axes else (module, 0)
+        module, floated = float_single_channel_convs(module) if program.dynamic_axes else (module, [])
         module = module.to(options.device)
         names = [s.name for s in program.inputs]
         example = [t.to(options.device) for t in program.example_inputs]
@@ -196,8 +196,9 @@ class InductorBackend(Backend):
             "format": FORMAT, "inputs": names, "device": "cpu" if options.device == "cpu" else "cuda",
             "dtype": options.dtype, "torch": torch.__version__, **_target(options),
             "notes": _kernel_notes(quantized, counts) + ([
-                f"{floated} int8 convolution(s) with one input channel run a float kernel on their dequantized "
-                "weights: AOTInductor's int8 kernel for them is wrong with dynamic shapes (torch 2.13)"] if floated else []),
+                f"{len(floated)} int8 convolution(s) with one input channel run a float kernel on their dequantized "
+                f"weights ({', '.join(floated)}): AOTInductor's int8 kernel for them is wrong with dynamic shapes "
+                "(torch 2.13)"] if floated else []),
         }  # fmt: skip
         return InductorArtifact(package, record, options)
 
@@ -290,9 +291,9 @@ def cast_program(gm: fx.GraphModule, dtype: torch.dtype) -> fx.GraphModule:
     return cast
 
 
-def float_single_channel_convs(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
+def float_single_channel_convs(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str]]:
     """A copy of ``gm`` whose static-int8 convolutions with one input channel (``groups=1``) take
-    their weight dequantized ahead of time, as a float constant, and how many. Numerically the
+    their weight dequantized ahead of time, as a float constant, and their module paths. Numerically the
     same program — the weight was dequantized at run time anyway — but Inductor then matches no
     integer pattern for them: its AOT int8 convolution over one input channel returns wrong values
     once a dimension is dynamic (torch 2.13: cosine 0.01 against eager on a lone 1→8 conv; two or
@@ -303,7 +304,7 @@ def float_single_channel_convs(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]
     single = [n for n in convs if (n.args[6] if len(n.args) > 6 else n.kwargs.get("groups", 1)) == 1
               and get_attr_value(gm, str(n.args[1].args[0].target)).shape[1] == 1]  # fmt: skip
     if not single:
-        return gm, 0
+        return gm, []
     copied = copy.deepcopy(gm)
     nodes = {n.name: n for n in copied.graph.nodes}
     for conv in single:
@@ -319,7 +320,7 @@ def float_single_channel_convs(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]
     drop_unused_attributes(copied)  # the int8 weight, scales and zero points those convs no longer read
     copied.graph.lint()
     copied.recompile()
-    return copied, len(single)
+    return copied, [module_path(n) for n in single]
 
 
 def _floating(node: Any) -> bool:
