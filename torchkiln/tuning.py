@@ -321,6 +321,11 @@ def run_study(
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
     }[tune.sampler]()
     gate = recipe.gate.get("max_accuracy_drop") if tune.pruner == "gate" else None
+    import sqlalchemy.engine
+
+    shown = sqlalchemy.engine.make_url(storage).render_as_string(hide_password=True)  # logs never carry it
+    say(f"study {study.study_name} in {shown}: {_counted(study)} of {tune.trials} trials"
+        + (", joining the workers running it" if joining else ""))  # fmt: skip
 
     def objective(trial: Any) -> tuple[float, ...]:
         trial.set_user_attr("worker", _WORKER)
@@ -379,7 +384,7 @@ def run_study(
                 tick(_counted(study))
         elif study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             time.sleep(0.5)  # the budget is spoken for: wait for the other workers' trials (a killed
-            optuna.storages.fail_stale_trials(study)  # worker's fail after the grace period and are redone)
+            _fail_stale(study)  # worker's fail after the grace period and are redone)
         else:
             break
     return study
@@ -424,7 +429,18 @@ def _same_options(study: Any, trial: Any) -> Any:
         if not any(t.number < trial.number and t.state == optuna.trial.TrialState.RUNNING for t in twins):
             return None  # the earlier one builds; a later twin waits for us
         time.sleep(0.5)
-        optuna.storages.fail_stale_trials(study)  # the earlier twin's worker may have been killed
+        _fail_stale(study)  # the earlier twin's worker may have been killed
+
+
+def _fail_stale(study: Any) -> None:
+    """Optuna's heartbeat check: running trials without a beat for the grace period become FAIL."""
+    import warnings
+
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
 
 
 def _storage(url: str, grace_period: int = 30) -> Any:
