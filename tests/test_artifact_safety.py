@@ -161,7 +161,35 @@ TORCH_GRAPH_CASES = [
     ("unknown-argument", lambda p: _first_call(p).update(args={"tuple": [{"eval": "1+1"}]}), "argument"),
     ("dangling-node", lambda p: _first_call(p).update(args={"tuple": [{"node": "nope"}]}), "before it is defined"),
     ("not-a-graph", lambda p: p.update(format="pickle"), "format/version"),
+    # operators that exist in aten but do more than compute (the allow-list refuses them)
+    ("reads-a-file", lambda p: _insert(p, "op:aten::from_file.default", ["/etc/hostname"],
+                                       [["shared", False], ["size", 4], ["dtype", {"dtype": "uint8"}]]), "allow-list"),
+    ("prints", lambda p: _insert(p, "op:aten::_print.default", ["pwned"]), "allow-list"),
+    ("writes-into-its-input", lambda p: _insert(p, "op:aten::add_.Tensor", [{"node": "input_1"}, {"node": "input_1"}]),
+     "allow-list"),
+    ("draws-random-numbers", lambda p: _insert(p, "op:aten::rand.default", [{"list": [2, 2]}]), "allow-list"),
+    ("fills-a-tensor-in-place", lambda p: _insert(p, "op:aten::copy_.default", [{"node": "_0_weight"}, {"node": "_0_bias"}]),
+     "allow-list"),
+    ("nested-arguments", lambda p: _insert(p, "op:aten::relu.default", [_nested(40)]), "nested deeper"),
+    ("overlapping-tensors", lambda p: p["tensors"][1].update(offset=100), "overlap"),
+    ("renamed-input", lambda p: next(n for n in p["nodes"] if n["op"] == "placeholder").update(target="other"),
+     "manifest declares inputs"),
+    ("returns-a-number", lambda p: p["nodes"][-1].update(args={"tuple": [{"tuple": [5]}]}), "not a tensor"),
+    ("returns-two-values", lambda p: p["nodes"][-1].update(args={"tuple": [{"tuple": [{"node": "relu"},
+                                                                                     {"node": "linear_1"}]}]}),
+     "returns 2 values"),
 ]  # fmt: skip
+
+
+def _insert(program: dict, target: str, args: list, kwargs: list | None = None) -> None:
+    """A call of ``target`` placed before the output node, as an attacker editing program.json would."""
+    node = {"op": "call_function", "name": "planted", "target": target, "args": {"tuple": args},
+            "kwargs": {"dict": kwargs or []}}  # fmt: skip
+    program["nodes"].insert(len(program["nodes"]) - 1, node)
+
+
+def _nested(depth: int):
+    return {"list": [_nested(depth - 1)]} if depth else 1
 
 
 @pytest.mark.parametrize("case", TORCH_GRAPH_CASES, ids=[c[0] for c in TORCH_GRAPH_CASES])
@@ -171,6 +199,39 @@ def test_a_tampered_torch_graph_is_refused(copy_of, case):
     _graph_edit(directory, edit)
     with pytest.raises(ArtifactError, match=message):
         torchkiln.load(directory)
+
+
+def test_a_graph_that_returns_another_dtype_than_declared_is_refused_at_the_call(copy_of):
+    directory = copy_of("torch")
+
+    def edit(program: dict) -> None:
+        _insert(program, "op:aten::to.dtype", [{"node": "linear_1"}, {"dtype": "float64"}])
+        program["nodes"][-1]["args"] = {"tuple": [{"tuple": [{"node": "planted"}]}]}
+
+    _graph_edit(directory, edit)
+    loaded = torchkiln.load(directory)
+    with pytest.raises(ArtifactError, match="output .* is float64.*manifest declares float32"):
+        loaded(torch.randn(3, 4))
+
+
+def test_tensor_entries_over_one_byte_range_share_one_copy(copy_of):
+    """A thousand entries naming the same megabyte load as one copy (memory stays bounded by the
+    blob's size; each entry was copied before: a gigabyte here)."""
+    import tracemalloc
+
+    directory = copy_of("torch")
+    blob = (directory / "program.bin").read_bytes()
+    plant(directory, "program.bin", blob + bytes(1 << 20))
+    big = {"name": "big", "dtype": "uint8", "shape": [1 << 20], "offset": len(blob), "kind": "buffer"}
+    _graph_edit(directory, lambda p: p["tensors"].extend({**big, "name": f"alias{i}"} for i in range(1000)))
+    tracemalloc.start()
+    try:
+        loaded = torchkiln.load(directory)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, f"loading held {peak / 1e6:.0f} MB"
+    assert loaded(torch.randn(3, 4)).shape == (3, 2)
 
 
 def _outside_secret(directory: Path) -> str:
@@ -469,6 +530,6 @@ def test_a_writer_waits_for_the_lock_then_reports_a_typed_error(old_and_new, tmp
     dest = tmp_path / "artifact"
     with files._locked(dest, timeout=1):
         with pytest.raises(ArtifactError, match="another process has been writing"):
-            with files.atomic_directory(dest, lock_timeout=0.2):
+            with files.atomic_directory(dest, "artifact", lock_timeout=0.2):
                 pass
     assert_clean(tmp_path)

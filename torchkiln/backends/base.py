@@ -46,6 +46,11 @@ class Artifact(abc.ABC):
         """Size of the deployable file(s), if the artifact has any."""
         return None
 
+    def check_signature(self, inputs: list[str], outputs: int) -> None:
+        """Hold a loaded artifact to its manifest before its first call: a backend whose files hold
+        a graph checks that it takes ``inputs`` (by name, in order) and returns ``outputs`` tensors."""
+        return None
+
     def notes(self) -> list[str]:
         return []
 

@@ -86,8 +86,11 @@ class TorchArtifact(Artifact):
             names = [s.name for s in program.inputs]
             try:
                 exported = export_graph(self.module, names, program.example_inputs, program.dynamic_axes)
-                flat = G.flat_graph_module(exported.module(), training=False)
-                files = torch_format.dump(flat)
+                try:
+                    files = torch_format.dump(functional(G.flat_graph_module(exported.module(), training=False)))
+                except torch_format.NotAllowed:  # core ATen, which the allow-list holds whole
+                    decomposed = exported.run_decompositions()
+                    files = torch_format.dump(functional(G.flat_graph_module(decomposed.module(), training=False)))
             except torch_format.UnsupportedGraph as exc:
                 raise ArtifactError(f"cannot save the torch artifact: {exc}", hint="use the onnx backend") from exc
             except Exception as exc:
@@ -102,6 +105,9 @@ class TorchArtifact(Artifact):
         for name, data in zip(FILES, self.saved_form()):
             (directory / name).write_bytes(data)
         return list(FILES)
+
+    def check_signature(self, inputs: list[str], outputs: int) -> None:
+        torch_format.check_signature(self.module, inputs, outputs)
 
     @classmethod
     def load(cls, directory: Path, options: dict[str, Any]) -> TorchArtifact:
@@ -118,6 +124,32 @@ class TorchArtifact(Artifact):
         require_device(parsed)  # type: ignore[arg-type]
         module.training = False
         return cls(module, files=files, options=parsed)  # type: ignore[arg-type]
+
+
+def functional(gm: fx.GraphModule) -> fx.GraphModule:
+    """Each in-place operator (``relu_``, ``add_``: what ``torch.export`` keeps of an in-place
+    module) replaced by its functional twin, and the later uses of the value it wrote redirected to
+    the twin's result — the saved graph never writes into a tensor. The result is checked against
+    the compiled graph like every saved form."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for node in list(gm.graph.nodes):
+        target = node.target
+        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+            continue
+        written = [a for a in target._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+        if not written:
+            continue
+        name = target._schema.name.split("::")[-1]
+        twin = getattr(getattr(getattr(torch.ops, target.namespace), name[:-1], None), target._overloadname, None)
+        if not name.endswith("_") or twin is None or [a.name for a in written] != [target._schema.arguments[0].name]:
+            raise torch_format.UnsupportedGraph(f"node '{node.name}' calls {target}, which writes into its input")
+        source = node.args[0]
+        node.target = twin
+        for user in list(source.users) if isinstance(source, fx.Node) else []:
+            if user is not node and order[user] > order[node]:
+                user.replace_input_with(source, node)
+    gm.recompile()
+    return gm
 
 
 def _check_saved_form(saved: fx.GraphModule, program: Program) -> None:

@@ -5,13 +5,20 @@ Why not ``torch.export.save``'s ``.pt2``: loading one unpickles (its loader fall
 unrestricted ``torch.load`` when the safe one fails, and pickles constants), and its graph JSON
 carries symbolic-shape expressions that are parsed with ``sympy.sympify`` — an ``eval``. Here:
 
-- a node is ``placeholder``, ``get_attr``, ``call_function`` or ``output``; a function is an ATen
-  or torchkiln IR operator looked up by name in ``torch.ops`` (namespaces :data:`NAMESPACES`) or one
-  of the few Python functions symbolic shapes use (:data:`PYTHON_FUNCTIONS`) — nothing is imported;
+- a node is ``placeholder``, ``get_attr``, ``call_function`` or ``output``; a function is an
+  operator on the allow-list of :mod:`torch_operators` (no operator that reads or writes files,
+  prints, mutates or draws randomness: checked when writing and when loading) looked up by name in
+  ``torch.ops``, or one of the few Python functions symbolic shapes use (:data:`PYTHON_FUNCTIONS`)
+  — nothing is imported;
 - arguments are JSON values, node references, dtypes, devices, layouts and memory formats, each
   rebuilt from a fixed table;
 - tensors are ``{name, dtype, shape, offset, kind}`` entries over one raw little-endian blob, of the
-  dtypes in :data:`DTYPES`, bounds-checked against the blob.
+  dtypes in :data:`DTYPES`, bounds-checked against the blob; entries over the same byte range share
+  one copy, and ranges that overlap otherwise are refused, so loading never holds more than the
+  blob's size in tensors;
+- at most :data:`MAX_NODES` nodes, arguments nested at most :data:`MAX_DEPTH` deep;
+- :func:`check_signature` holds the graph to its manifest before the first call: its placeholders
+  are the declared inputs in order, its outputs as many tensors as declared.
 
 Symbolic sizes are not stored: the graph computes them at run time (``aten.sym_size``).
 """
@@ -26,10 +33,14 @@ from typing import Any
 
 import torch
 from torch import fx
+from torch.utils import _pytree as pytree
 
+from torchkiln.backends.torch_operators import call_refusal, qualified_name, why_not_allowed
 from torchkiln.errors import ArtifactError
 
 FORMAT = "torchkiln-torch-graph"
+MAX_NODES = 1_000_000
+MAX_DEPTH = 8
 VERSION = 1
 NAMESPACES = ("aten", "prims", "quantized_decomposed", "torchkiln")
 PYTHON_FUNCTIONS: dict[str, Any] = {
@@ -55,6 +66,10 @@ _MEMORY_FORMATS = {
 
 class UnsupportedGraph(Exception):
     """The graph holds something this format cannot store (the message names the node)."""
+
+
+class NotAllowed(UnsupportedGraph):
+    """The graph calls an operator outside the allow-list (its core-ATen decomposition may not)."""
 
 
 # --- writing -------------------------------------------------------------------------------------
@@ -85,11 +100,10 @@ def dump(gm: fx.GraphModule) -> tuple[bytes, bytes]:
 def _function_name(node: fx.Node) -> str:
     target = node.target
     if isinstance(target, torch._ops.OpOverload):
-        if target.namespace not in NAMESPACES:
-            raise UnsupportedGraph(
-                f"node '{node.name}' calls {target}, outside the operator namespaces {', '.join(NAMESPACES)}"
-            )
-        return f"op:{target.namespace}::{target._schema.name.split('::')[-1]}.{target._overloadname}"
+        reason = why_not_allowed(target) or call_refusal(target, node.args, dict(node.kwargs))
+        if reason is not None:
+            raise NotAllowed(f"node '{node.name}' calls {target}: {reason}")
+        return f"op:{qualified_name(target)}"
     name = _FUNCTION_NAMES.get(id(target))
     if name is None:
         raise UnsupportedGraph(f"node '{node.name}' calls {target!r}, which is not an ATen operator")
@@ -149,8 +163,11 @@ def load(program_json: bytes, blob: bytes, where: str) -> fx.GraphModule:
         program = json.loads(program_json)
         if not isinstance(program, dict) or program.get("format") != FORMAT or program.get("version") != VERSION:
             raise _Bad("not a torchkiln torch graph (format/version)")
-        tensors = {t["name"]: _load_tensor(t, blob) for t in _list(program, "tensors")}
-        return _build(_list(program, "nodes"), tensors)
+        tensors = _load_tensors(_list(program, "tensors"), blob)
+        nodes = _list(program, "nodes")
+        if len(nodes) > MAX_NODES:
+            raise _Bad(f"{len(nodes)} nodes (at most {MAX_NODES})")
+        return _build(nodes, tensors)
     except _Bad as exc:
         raise ArtifactError(f"the saved graph is invalid: {exc}", where=where, hint="rebuild the artifact") from None
     except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as exc:
@@ -170,24 +187,44 @@ def _list(program: dict[str, Any], key: str) -> list[Any]:
     return value
 
 
-def _load_tensor(entry: dict[str, Any], blob: bytes) -> tuple[torch.Tensor, str]:
-    dtype = DTYPES.get(entry["dtype"])
+def _load_tensors(entries: list[Any], blob: bytes) -> dict[str, tuple[torch.Tensor, str]]:
+    """Every entry's tensor; one copy per byte range however many entries share it."""
+    copies: dict[tuple[int, int], bytearray] = {}
+    tensors = {}
+    for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise _Bad(f"tensor entry {entry!r}")
+        tensors[entry["name"]] = _load_tensor(entry, blob, copies)
+    ranges = sorted(copies)
+    for (start, size), (next_start, _) in zip(ranges, ranges[1:]):
+        if start + size > next_start:
+            raise _Bad(f"tensors overlap in program.bin at bytes {next_start}..{start + size}")
+    return tensors
+
+
+def _load_tensor(
+    entry: dict[str, Any], blob: bytes, copies: dict[tuple[int, int], bytearray]
+) -> tuple[torch.Tensor, str]:
+    dtype = DTYPES.get(entry["dtype"]) if isinstance(entry.get("dtype"), str) else None
     shape = entry["shape"]
-    if dtype is None or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+    if dtype is None or not isinstance(shape, list) or len(shape) > MAX_DEPTH * 4 or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
         raise _Bad(f"tensor {entry.get('name')!r}: dtype {entry['dtype']!r} / shape {shape!r}")
     count = math.prod(shape)
-    size = count * torch.empty((), dtype=dtype).element_size()
+    width = torch.empty((), dtype=dtype).element_size()
+    size = count * width
     offset = entry["offset"]
-    if not isinstance(offset, int) or offset < 0 or offset + size > len(blob):
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0 or offset + size > len(blob):
         raise _Bad(f"tensor {entry['name']!r} lies outside program.bin")
     if entry["kind"] not in ("parameter", "buffer"):
         raise _Bad(f"tensor {entry['name']!r} has kind {entry['kind']!r}")
     if count == 0:
         return torch.empty(shape, dtype=dtype), entry["kind"]
-    data = bytearray(blob[offset : offset + size])
-    if sys.byteorder != "little":
-        data = bytearray(_swap(bytes(data), size // count))
-    return torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(shape), entry["kind"]
+    if (offset, size) not in copies:
+        data = blob[offset : offset + size]
+        copies[offset, size] = bytearray(data if sys.byteorder == "little" else _swap(data, width))
+    return torch.frombuffer(copies[offset, size], dtype=torch.uint8).view(dtype).reshape(shape), entry["kind"]
 
 
 def _build(nodes: list[dict[str, Any]], tensors: dict[str, tuple[torch.Tensor, str]]) -> fx.GraphModule:
@@ -204,6 +241,9 @@ def _build(nodes: list[dict[str, Any]], tensors: dict[str, tuple[torch.Tensor, s
         target: Any = entry.get("target")
         if op == "call_function":
             target = _find_function(target)
+            reason = call_refusal(target, args, kwargs) if isinstance(target, torch._ops.OpOverload) else None
+            if reason is not None:
+                raise _Bad(f"node {name!r}: {reason}")
         elif op == "get_attr":
             if target not in tensors:
                 raise _Bad(f"node {name!r} reads tensor {target!r}, which program.bin does not hold")
@@ -214,6 +254,40 @@ def _build(nodes: list[dict[str, Any]], tensors: dict[str, tuple[torch.Tensor, s
         env[name] = graph.create_node(op, target if op != "output" else "output", args, kwargs, name=name)
     graph.lint()
     return fx.GraphModule(attributes, graph)
+
+
+def check_signature(gm: fx.GraphModule, inputs: list[str], outputs: int) -> None:
+    """The loaded graph against its manifest: placeholders are ``inputs`` in order, and the output
+    is ``outputs`` values, each computed by a node (an operator returning a tensor, or a tensor
+    constant or input) — never a Python value standing in for a tensor."""
+    placeholders = [str(n.target) for n in gm.graph.nodes if n.op == "placeholder"]
+    if placeholders != inputs:
+        raise ArtifactError(f"the saved graph takes {placeholders}, but the manifest declares inputs {inputs}",
+                            hint="rebuild the artifact")  # fmt: skip
+    (result,) = [n.args[0] for n in gm.graph.nodes if n.op == "output"] or [None]
+    leaves = pytree.tree_leaves(result)
+    if len(leaves) != outputs:
+        raise ArtifactError(f"the saved graph returns {len(leaves)} values, but the manifest declares {outputs}",
+                            hint="rebuild the artifact")  # fmt: skip
+    for leaf in leaves:
+        if not isinstance(leaf, fx.Node) or not _returns_tensor(leaf):
+            raise ArtifactError(f"the saved graph returns {leaf!r}, which is not a tensor", hint="rebuild the artifact")
+
+
+def _returns_tensor(node: fx.Node) -> bool:
+    if node.op in ("placeholder", "get_attr"):
+        return True
+    if node.target is operator.getitem:
+        source = node.args[0]
+        return isinstance(source, fx.Node) and isinstance(source.target, torch._ops.OpOverload) and all(
+            isinstance(r.type, torch.TensorType)
+            or (isinstance(r.type, torch.ListType) and isinstance(r.type.getElementType(), torch.TensorType))
+            for r in source.target._schema.returns
+        )
+    target = node.target
+    return isinstance(target, torch._ops.OpOverload) and [type(r.type) for r in target._schema.returns] == [
+        torch.TensorType
+    ]
 
 
 def _find_function(name: Any) -> Any:
@@ -232,14 +306,17 @@ def _find_function(name: Any) -> Any:
         found = getattr(getattr(getattr(torch.ops, namespace), op_name), overload)
     except (AttributeError, RuntimeError):
         raise _Bad(f"operator {qualified} does not exist in this torch") from None
-    if not isinstance(found, torch._ops.OpOverload):
-        raise _Bad(f"{qualified} is not an operator overload")
+    reason = why_not_allowed(found)
+    if reason is not None:
+        raise _Bad(f"function {name!r}: {reason}")
     return found
 
 
-def _decode(value: Any, env: dict[str, fx.Node]) -> Any:
+def _decode(value: Any, env: dict[str, fx.Node], depth: int = 0) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if depth > MAX_DEPTH:
+        raise _Bad(f"arguments nested deeper than {MAX_DEPTH}")
     if isinstance(value, list):
         raise _Bad("bare JSON list in arguments")
     if not isinstance(value, dict) or len(value) != 1:
@@ -250,10 +327,10 @@ def _decode(value: Any, env: dict[str, fx.Node]) -> Any:
             raise _Bad(f"argument refers to node {payload!r} before it is defined")
         return env[payload]
     if kind in ("list", "tuple") and isinstance(payload, list):
-        items = [_decode(v, env) for v in payload]
+        items = [_decode(v, env, depth + 1) for v in payload]
         return tuple(items) if kind == "tuple" else items
     if kind == "dict" and isinstance(payload, list):
-        return {str(k): _decode(v, env) for k, v in payload}
+        return {str(k): _decode(v, env, depth + 1) for k, v in payload}
     if kind == "float" and payload in ("nan", "inf", "-inf"):
         return float(payload)
     tables: dict[str, dict[str, Any]] = {"dtype": DTYPES, "layout": _LAYOUTS, "memory_format": _MEMORY_FORMATS}
