@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -17,7 +18,9 @@ from torch import nn
 import torchkiln
 from torchkiln import models
 from torchkiln.cli import main
-from torchkiln.errors import ArtifactError, ConfigError
+from torchkiln.driver.partition import Boundary
+from torchkiln.errors import ArtifactError, ConfigError, PipelineError
+from torchkiln.pipeline import check_boundary
 
 pytestmark = pytest.mark.xdist_group("pipeline")  # the torchrun cases share the two cores' ports and time
 
@@ -190,3 +193,71 @@ def test_progress_bars_name_the_rank_under_torchrun(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     assert rank_prefixed("calibrating") == "[rank 1] calibrating"
+
+
+def _swap_in(source: Path, target: Path) -> None:
+    shutil.rmtree(target)
+    shutil.copytree(source, target)
+
+
+BINDING_CASES = {
+    "stage-from-another-partition": lambda d, other: _swap_in(other / "stage1", d / "stage1"),
+    "stage-is-a-link": lambda d, other: (shutil.rmtree(d / "stage1"), (d / "stage1").symlink_to(other / "stage1")),
+    "stage-missing": lambda d, other: shutil.rmtree(d / "stage0"),
+    "stage-manifest-edited": lambda d, other: (d / "stage0" / "manifest.json").write_text(
+        (d / "stage0" / "manifest.json").read_text().replace('"model"', '"model" ', 1)),
+    "old-format": lambda d, other: (d / "partition.json").write_text(
+        json.dumps({**json.loads((d / "partition.json").read_text()), "format": 1})),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(BINDING_CASES))
+def test_a_changed_swapped_linked_or_missing_stage_is_refused(tmp_path, case):
+    """partition.json binds each stage's manifest digest: another model's stage (it ran and reported
+    the stored error before), a link or a missing stage is an ArtifactError."""
+    _, part = _partition("mlp")
+    directory = part.save(tmp_path / "part")
+    other = torchkiln.partition(models.build("mlp", seed=3), models.get("mlp").example_inputs(batch=2), stages=2,
+                                balance="params").save(tmp_path / "other")  # fmt: skip
+    BINDING_CASES[case](directory, other)
+    with pytest.raises(ArtifactError, match="stage|partition"):
+        torchkiln.load_partition(directory)
+
+
+def test_the_boundary_check_names_the_tensor_and_the_schema():
+    spec = Boundary("relu", [2, 16], "float32", 128)
+    check_boundary(spec, 2, [7, 16], "float32", "to send")  # another batch: fine
+    for ndim, sizes, dtype in ((3, [2, 16, 1], "float32"), (2, [2, 17], "float32"), (2, [2, 16], "float64")):
+        with pytest.raises(PipelineError, match="'relu' to send .* binds float32\\[batch, 16\\]"):
+            check_boundary(spec, ndim, sizes, dtype, "to send")
+    with pytest.raises(PipelineError, match="GiB"):
+        check_boundary(spec, 2, [1 << 40, 16], "float32", "from rank 0")
+
+
+def test_a_boundary_that_breaks_the_schema_ends_every_rank_with_a_typed_error(tmp_path):
+    """A rank sends a tensor of another rank than partition.json binds for it: the sender refuses
+    it and tells rank 1 (gloo aborted rank 1 with SIGABRT before)."""
+    entry, part = _partition("resnet")
+    directory = part.save(tmp_path / "part")
+    data = json.loads((directory / "partition.json").read_text())
+    data["stages"][0]["boundary"][0]["shape"].append(1)
+    (directory / "partition.json").write_text(json.dumps(data))
+    done = _torchrun(tmp_path, directory, entry.example_inputs(batch=8), timeout_s=20)
+    assert done.returncode != 0 and "SIGABRT" not in done.stderr and "EnforceNotMet" not in done.stderr
+    assert "[rank 0] error: boundary tensor" in done.stderr, done.stderr[-2000:]
+    assert "[rank 1] error: rank 0 failed" in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "out.npz").exists()
+
+
+def test_pipeline_inputs_are_checked_against_the_partition_before_they_are_read(tmp_path):
+    entry, part = _partition("resnet")
+    directory = part.save(tmp_path / "part")
+    inputs = entry.example_inputs(batch=4)
+    wrong = {"x": inputs["x"][:, :, :16]}  # another image size
+    done = _torchrun(tmp_path, directory, wrong, timeout_s=20)
+    assert done.returncode != 0 and "[rank 0] error:" in done.stderr and "the partition takes float32" in done.stderr
+    mine = tmp_path / "out.npz"
+    np.savez(mine, keep=np.ones(1))
+    done = _torchrun(tmp_path, directory, inputs, timeout_s=20)
+    assert done.returncode != 0 and "did not write" in done.stderr
+    assert list(np.load(mine)) == ["keep"]

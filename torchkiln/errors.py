@@ -60,3 +60,7 @@ class ArtifactError(KilnError):
 
 class GateError(KilnError):
     """A build met none of its failures but missed a quality gate (accuracy, latency, size)."""
+
+
+class PipelineError(KilnError):
+    """A rank of the pipeline failed, or sent what the partition's boundary schema does not allow."""

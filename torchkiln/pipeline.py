@@ -9,6 +9,14 @@ point-to-point (``isend``: a shape header, then the data), so while rank 1 works
 rank 0 already computes i + 1 (a GPipe forward schedule). The last rank concatenates the outputs
 in input order and writes them (``output_0``, ``output_1``, … in ``-o``, atomically).
 
+What crosses between ranks is checked on both sides against the boundary schema ``partition.json``
+binds (rank, dtype, every size but the batch's, a byte budget): the sender before sending, the
+receiver from a fixed-size header before it allocates or receives data. A rank that fails — a
+wrong tensor, its stage raising — sends an error header downstream instead, so every later rank
+ends with a typed error naming the failed rank, not a transport abort or a hang. The ``.npz``
+inputs must hold the partition's inputs with their dtypes and non-batch sizes; their declared sizes
+are checked against ``--max-input-mb`` before any array is read into memory.
+
 Process group: gloo on CPU, NCCL when every rank has a CUDA device (each rank then uses its local
 device, ``LOCAL_RANK``); every collective has ``--timeout`` seconds. Progress lines go to stderr
 prefixed ``[rank r]``; a rank that fails prints ``[rank r] error: …`` and exits 1, and ``torchrun``
@@ -19,9 +27,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import sys
 import time
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,11 +41,17 @@ import torch
 import torch.distributed as dist
 from torch.utils import _pytree as pytree
 
-from torchkiln.compiler.program import dtype_from_name
+from torchkiln.compiler.files import atomic_file, check_file_destination, mark_npz
+from torchkiln.compiler.program import dtype_from_name, dtype_name
 from torchkiln.driver.partition import Boundary, load_partition
-from torchkiln.errors import ConfigError, KilnError
+from torchkiln.errors import ConfigError, InputError, KilnError, PipelineError
 
 DEFAULT_TIMEOUT_S = 300
+MAX_RANK = 8  # a header holds [status, ndim, size_0 .. size_7]
+HEADER = 2 + MAX_RANK
+OK, FAILED = 0, 1
+MAX_BOUNDARY_BYTES = 1 << 32  # what one received tensor may allocate
+DEFAULT_MAX_INPUT_MB = 4096
 
 
 def join_group(timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, int]:
@@ -72,17 +88,23 @@ def run_pipeline(
     assert stage is not None
     device = torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
     chunks = _microbatches(inputs, record.inputs, microbatches) if rank == 0 else [None] * microbatches
-    pending, outputs = [], []
+    pending: list[tuple[Any, torch.Tensor]] = []
+    outputs = []
     for index, chunk in enumerate(chunks):
-        values = chunk if rank == 0 else _receive(rank - 1, part.records[rank - 1].boundary, device)
-        assert values is not None
-        start = time.perf_counter()
-        result = [t for t in pytree.tree_leaves(stage(**values)) if isinstance(t, torch.Tensor)]
-        if stage_seconds is not None:
-            stage_seconds.append(time.perf_counter() - start)
-        if rank < world - 1:
-            pending += _send(rank + 1, result, device)
-        else:
+        try:
+            values = chunk if rank == 0 else _receive(rank - 1, part.records[rank - 1].boundary, device)
+            assert values is not None
+            start = time.perf_counter()
+            result = [t for t in pytree.tree_leaves(stage(**values)) if isinstance(t, torch.Tensor)]
+            if stage_seconds is not None:
+                stage_seconds.append(time.perf_counter() - start)
+            if rank < world - 1:
+                pending += _send(rank + 1, result, record.boundary, device)
+        except Exception:
+            if rank < world - 1:  # tell the next rank, which would otherwise wait for data that never comes
+                _send_failure(rank + 1, len(record.boundary), device)
+            raise
+        if rank == world - 1:
             outputs.append(result)
         say(f"micro-batch {index + 1}/{microbatches}")
     for work, _ in pending:
@@ -107,22 +129,59 @@ def _microbatches(
     return [{n: split[n][i].contiguous() for n in names} for i in range(count)]
 
 
-def _send(destination: int, tensors: list[torch.Tensor], device: torch.device) -> list[tuple[Any, torch.Tensor]]:
-    """Start sending; each (work, tensor) pair keeps its tensor alive until ``work.wait()``."""
+def check_boundary(spec: Boundary, ndim: int, sizes: list[int], dtype: str, side: str) -> None:
+    """A tensor crossing a cut must be what ``partition.json`` binds: the rank, the dtype, every size
+    but the batch's, and within :data:`MAX_BOUNDARY_BYTES`."""
+    wanted = f"{spec.dtype}[batch, {', '.join(map(str, spec.shape[1:]))}]"
+    fits = ndim == len(spec.shape) and dtype == spec.dtype and sizes[1:] == spec.shape[1:] and sizes[0] >= 0
+    if not fits:
+        raise PipelineError(f"boundary tensor '{spec.name}' {side} is {dtype}{sizes}; the partition binds {wanted}",
+                            where=spec.name, hint="rebuild the partition, and give inputs of the sizes it was built for")  # fmt: skip
+    if math.prod(sizes) * dtype_from_name(dtype).itemsize > MAX_BOUNDARY_BYTES:
+        raise PipelineError(f"boundary tensor '{spec.name}' {side} would take over {MAX_BOUNDARY_BYTES >> 30} GiB",
+                            where=spec.name, hint="use more micro-batches")  # fmt: skip
+
+
+def _send(
+    destination: int, tensors: list[torch.Tensor], boundary: list[Boundary], device: torch.device
+) -> list[tuple[Any, torch.Tensor]]:
+    """Check every tensor against the schema, then start sending; each (work, tensor) pair keeps its
+    tensor alive until ``work.wait()``."""
+    if len(tensors) != len(boundary):
+        raise PipelineError(f"the stage returned {len(tensors)} tensors; the partition binds {len(boundary)}",
+                            hint="rebuild the partition")  # fmt: skip
+    for tensor, spec in zip(tensors, boundary):
+        check_boundary(spec, tensor.dim(), list(tensor.shape), dtype_name(tensor.dtype), "to send")
     works = []
     for tensor in tensors:
         data = tensor.detach().to(device).contiguous()
-        shape = torch.tensor(data.shape, dtype=torch.int64, device=device)
-        works += [(dist.isend(shape, destination), shape), (dist.isend(data, destination), data)]
+        header = torch.tensor([OK, data.dim(), *data.shape, *[0] * (MAX_RANK - data.dim())], dtype=torch.int64, device=device)
+        works += [(dist.isend(header, destination), header), (dist.isend(data, destination), data)]
     return works
+
+
+def _send_failure(destination: int, count: int, device: torch.device) -> None:
+    """An error header in place of the next tensor: the receiving rank stops with a typed error."""
+    header = torch.tensor([FAILED] + [0] * (HEADER - 1), dtype=torch.int64, device=device)
+    try:
+        dist.send(header, destination)
+    except Exception:  # noqa: BLE001 - the peer may be gone already; the original error is what counts
+        pass
 
 
 def _receive(source: int, boundary: list[Boundary], device: torch.device) -> dict[str, torch.Tensor]:
     values = {}
     for spec in boundary:
-        shape = torch.empty(len(spec.shape), dtype=torch.int64, device=device)
-        dist.recv(shape, source)
-        data = torch.empty(tuple(shape.tolist()), dtype=dtype_from_name(spec.dtype), device=device)
+        header = torch.empty(HEADER, dtype=torch.int64, device=device)
+        dist.recv(header, source)
+        status, ndim, *sizes = header.tolist()
+        if status != OK:
+            raise PipelineError(f"rank {source} failed (its error is above); nothing more to compute",
+                                where=f"rank {source}")  # fmt: skip
+        if not 0 < ndim <= MAX_RANK:
+            raise PipelineError(f"rank {source} sent a header of rank {ndim} for '{spec.name}'", where=spec.name)
+        check_boundary(spec, ndim, sizes[:ndim], spec.dtype, f"from rank {source}")
+        data = torch.empty(tuple(sizes[:ndim]), dtype=dtype_from_name(spec.dtype), device=device)
         dist.recv(data, source)
         values[spec.name] = data if device.type == "cpu" else data.cpu()
     return values
@@ -137,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-o", "--output", required=True, help=".npz the last rank writes")
     parser.add_argument("--threads", type=int, help="torch threads per rank (default: torch's)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds any collective may wait")
+    parser.add_argument("--max-input-mb", type=float, default=DEFAULT_MAX_INPUT_MB,
+                        help=f"refuse --inputs whose arrays declare more than this (default {DEFAULT_MAX_INPUT_MB})")  # fmt: skip
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
 
@@ -146,8 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.threads:
             torch.set_num_threads(args.threads)
+        check_file_destination(args.output, "npz")  # every rank, before any work: all stop alike
         join_group(args.timeout)
-        inputs = _read_inputs(Path(args.inputs)) if rank == 0 else None
+        inputs = _read_inputs(Path(args.inputs), args.directory, args.max_input_mb) if rank == 0 else None
         outputs = run_pipeline(args.directory, inputs, args.microbatches, say)
         if outputs is not None:
             _write_outputs(Path(args.output), outputs)
@@ -161,19 +223,58 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _read_inputs(path: Path) -> dict[str, torch.Tensor]:
+def _read_inputs(path: Path, directory: str, max_mb: float) -> dict[str, torch.Tensor]:
+    """The ``.npz`` arrays named like the partition's inputs: members, dtypes and non-batch sizes
+    checked against the first stage's specs, and declared sizes against ``max_mb``, before reading."""
+    if path.suffix != ".npz":
+        raise InputError(f"{path}: the pipeline reads .npz inputs", where=str(path), hint="np.savez(path, name=array, ...)")
+    specs = {s.name: s for s in _first_stage_specs(directory)}
     try:
         with np.load(path, allow_pickle=False) as data:
-            return {k: torch.from_numpy(np.array(data[k])) for k in data.files}
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read {path}: {exc}", where=str(path)) from exc
+            headers = {k: _npz_header(data, k) for k in data.files}
+            _check_inputs(headers, specs, path, max_mb)
+            return {k: torch.from_numpy(np.array(data[k])) for k in specs}
+    except (OSError, ValueError, zipfile.BadZipFile, KeyError) as exc:
+        raise InputError(f"cannot read {path}: {type(exc).__name__}: {exc}", where=str(path)) from exc
+
+
+def _first_stage_specs(directory: str) -> list[Any]:
+    stage = load_partition(directory, stages=[0]).stages[0]
+    assert stage is not None
+    return list(stage.inputs)
+
+
+def _npz_header(data: Any, key: str) -> tuple[tuple[int, ...], np.dtype]:
+    """An array's shape and dtype from its ``.npy`` header, without reading its data."""
+    with data.zip.open(f"{key}.npy") as member:
+        read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        version = np.lib.format.read_magic(member)
+        if version not in read:
+            raise ValueError(f"array {key!r} has .npy format version {version}")
+        shape, _, dtype = read[version](member)
+    return tuple(shape), dtype
+
+
+def _check_inputs(headers: dict[str, tuple[tuple[int, ...], np.dtype]], specs: dict[str, Any], path: Path, max_mb: float) -> None:
+    missing = [n for n in specs if n not in headers]
+    if missing:
+        raise InputError(f"{path} lacks {', '.join(missing)}", where=str(path), hint=f"give arrays named {list(specs)}")
+    total = 0
+    for name, spec in specs.items():
+        shape, dtype = headers[name]
+        fits = len(shape) == len(spec.shape) and all(isinstance(w, str) or w == g for w, g in zip(spec.shape[1:], shape[1:]))
+        if str(dtype) != spec.dtype or not fits:
+            raise InputError(f"{path}: '{name}' is {dtype}{list(shape)}; the partition takes {spec.dtype}{spec.pretty_shape()}",
+                             where=f"{path}:{name}")  # fmt: skip
+        total += math.prod(shape) * dtype.itemsize
+    if total > max_mb * 1e6:
+        raise InputError(f"{path} declares {total / 1e6:.0f} MB of inputs, over --max-input-mb {max_mb:g}",
+                         where=str(path), hint="raise --max-input-mb if the machine has the memory")  # fmt: skip
 
 
 def _write_outputs(path: Path, outputs: tuple[torch.Tensor, ...]) -> None:
-    partial = path.with_name(path.name + ".partial.npz")
-    arrays: dict[str, Any] = {f"output_{i}": o.numpy() for i, o in enumerate(outputs)}
-    np.savez(partial, **arrays)
-    os.replace(partial, path)
+    with atomic_file(path, "npz") as partial:
+        np.savez(partial, **mark_npz({f"output_{i}": o.numpy() for i, o in enumerate(outputs)}))
 
 
 if __name__ == "__main__":

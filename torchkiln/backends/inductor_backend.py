@@ -34,7 +34,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import shutil
 import tempfile
 import weakref
 from collections.abc import Sequence
@@ -47,6 +46,7 @@ from torch import fx
 from torchkiln.backends.base import Artifact, Backend, BackendOptions, check_device, require_cuda
 from torchkiln.compiler import quant_ops
 from torchkiln.compiler.export import export_graph, quiet
+from torchkiln.compiler.files import remove_private
 from torchkiln.compiler.graph import add_attribute, drop_unused_attributes, get_attr_value, module_path
 from torchkiln.compiler.options import option
 from torchkiln.compiler.program import Program
@@ -86,7 +86,7 @@ class InductorArtifact(Artifact):
         self.options = options
         self._names = list(record["inputs"])
         self._dir = Path(tempfile.mkdtemp(prefix="torchkiln-inductor-"))
-        weakref.finalize(self, shutil.rmtree, self._dir, True)
+        weakref.finalize(self, remove_private, self._dir)
         path = self._dir / FILES[0]
         path.write_bytes(package)
         try:

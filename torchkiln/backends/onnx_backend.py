@@ -38,6 +38,7 @@ from torchkiln.backends.base import Artifact, Backend, BackendOptions
 from torchkiln.backends.onnx_lowering import translation_table
 from torchkiln.compiler import graph as G
 from torchkiln.compiler.export import export_graph, quiet
+from torchkiln.compiler.files import remove_private
 from torchkiln.compiler.options import option
 from torchkiln.compiler.program import Program
 from torchkiln.errors import ArtifactError, BackendError, ExportError
@@ -100,7 +101,7 @@ class OnnxArtifact(Artifact):
         self._session: Any = None
         self.loading = False  # while loading a saved artifact, which must not be written to
         if owns_directory:
-            weakref.finalize(self, shutil.rmtree, directory, True)
+            weakref.finalize(self, remove_private, directory)
 
     @property
     def model_path(self) -> Path:
@@ -366,7 +367,7 @@ class OnnxBackend(Backend):
         try:
             export_onnx(program, options, directory)
         except BaseException:
-            shutil.rmtree(directory, ignore_errors=True)
+            remove_private(directory)
             raise
         return self.artifact_class(directory, options, owns_directory=True)
 

@@ -41,6 +41,7 @@ from torchkiln.backends.tensorrt_profiles import (
     parse_ranges,
     profile_shapes,
 )
+from torchkiln.compiler.files import remove_private
 from torchkiln.compiler.options import option
 from torchkiln.compiler.program import Program
 from torchkiln.errors import ArtifactError, BackendError, InputError
@@ -128,7 +129,7 @@ class TensorRTArtifact(Artifact):
         self.context = self.engine.create_execution_context()
         self._trt = trt
         if owns_directory:
-            weakref.finalize(self, shutil.rmtree, directory, True)
+            weakref.finalize(self, remove_private, directory)
 
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         trt, engine, context = self._trt, self.engine, self.context
@@ -229,7 +230,7 @@ class TensorRTBackend(Backend):
             (directory / INFO_FILE).write_text(json.dumps(info, indent=2))
             return TensorRTArtifact(directory, options, json.loads(json.dumps(info)), owns_directory=True)
         except BaseException:
-            shutil.rmtree(directory, ignore_errors=True)
+            remove_private(directory)
             raise
 
     def load(self, directory: Path, options: BackendOptions) -> TensorRTArtifact:

@@ -8,11 +8,11 @@ flags, sparse weights, workspace, optimization level, profiles, timing cache loa
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from torchkiln.backends.onnx_intermediates import scope_names, scopes
+from torchkiln.compiler.files import write_atomic
 from torchkiln.errors import BackendError, ExportError
 
 _FLAGS = {"fp16": "FP16", "bf16": "BF16", "int8": "INT8"}
@@ -94,6 +94,4 @@ def layer_precisions(trt: Any, logger: Any, engine_bytes: bytes) -> list[dict[st
 
 def _save_timing_cache(cache: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    partial.write_bytes(bytes(cache.serialize()))
-    os.replace(partial, path)
+    write_atomic(path, bytes(cache.serialize()))

@@ -38,6 +38,7 @@ from torchkiln.cli.common import (
     stage_printer,
 )
 from torchkiln.cli.plots import latency_plot
+from torchkiln.compiler.files import check_file_destination
 from torchkiln.compiler.graph import parameter_stats
 from torchkiln.driver.compiled import CompiledModel, load
 from torchkiln.errors import ConfigError, InputError
@@ -98,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
     batches = _batch_sizes(args.batch_sizes)
     if args.runs < 1:
         raise ConfigError(f"--runs must be at least 1, got {args.runs}", where="--runs")
+    if args.plot:
+        check_file_destination(args.plot, "png")  # before the timing, not after it
     say = stage_printer(args.quiet) or (lambda _: None)
     is_artifact = Path(args.model).is_dir()  # a directory is an artifact; load() says what is wrong with it
     calls, rows = (_artifact_runtimes if is_artifact else _model_runtimes)(args, batches, say)

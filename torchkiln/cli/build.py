@@ -14,6 +14,7 @@ which stages were hits.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -28,15 +29,14 @@ from torch import nn
 import torchkiln
 from torchkiln.cli.common import load_callable, load_model, stage_printer
 from torchkiln.cli.plots import accuracy_plot
-from torchkiln.compiler.files import atomic_directory, check_destination, sha256, write_text_atomic
+from torchkiln.compiler.files import atomic_directory, check_destination, sha256, write_atomic
 from torchkiln.compiler.graph import parameter_stats
 from torchkiln.compiler.program import dtype_from_name
 from torchkiln.compiler.ranks import join_process_group
 from torchkiln.compiler.verify import Tolerance
 from torchkiln.data import load_batches
 from torchkiln.driver.cache import Hasher, default_directory, model_fingerprint
-from torchkiln.driver.compiled import is_artifact
-from torchkiln.driver.partition import partition
+from torchkiln.driver.partition import Partition, partition
 from torchkiln.errors import ConfigError, GateError
 from torchkiln.passes.distill import first_output, split_batch
 from torchkiln.recipe import Recipe, load_recipe
@@ -63,7 +63,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     output = Path(args.output) if args.output else recipe.path.parent / "build"
-    check_destination(output, replaceable=is_artifact)  # before the work, not after it
+    stages_to = output.parent / f"{output.name}.partition" if recipe.partition is not None else None
+    check_destination(output, "artifact")  # every destination before the work, not after it
+    if stages_to is not None:
+        check_destination(stages_to, "partition")
     say = stage_printer(args.quiet)
     data = prepare(recipe)
     model, inputs, axes, calibration = data.model, data.inputs, data.axes, data.calibration
@@ -78,18 +81,23 @@ def run(args: argparse.Namespace) -> int:
             where=str(recipe.path),
             hint=f"{output} was not changed",
         )
-    if join_process_group()[0] != 0:  # under torchrun every rank built and checked; rank 0 writes
+    # every rank takes part in the partition's data-parallel calibration; then rank 0 writes
+    part = _partition(recipe, model, inputs, axes, calibration, say) if stages_to is not None else None
+    if join_process_group()[0] != 0:
         return 0
     extra = {"recipe": recipe.raw, "input_hashes": _input_hashes(recipe, data),
              "evaluation": evaluation, "gates": gates}  # fmt: skip
-    with atomic_directory(output, replaceable=is_artifact) as staging:
+    with contextlib.ExitStack() as writes:  # both written in full before either is swapped in
+        staging = writes.enter_context(atomic_directory(output, "artifact"))
         compiled.write(staging, extra)
         plot = _plot(staging / PLOT_FILE, model, compiled, evaluation)
         report = {**compiled.report.to_dict(), "evaluation": evaluation, "gates": gates, "plot": plot}
-        write_text_atomic(staging / "report.json", json.dumps(report, indent=2, default=str))
-        write_text_atomic(staging / "report.md", _markdown(recipe, compiled, evaluation, gates, plot))
-    if recipe.partition is not None:
-        _partition(recipe, model, inputs, axes, calibration, output, say)
+        write_atomic(staging / "report.json", json.dumps(report, indent=2, default=str))
+        write_atomic(staging / "report.md", _markdown(recipe, compiled, evaluation, gates, plot))
+        if part is not None and stages_to is not None:
+            part.write(writes.enter_context(atomic_directory(stages_to, "partition")))
+    if say and stages_to is not None:
+        say(f"wrote {stages_to}")
     if not args.quiet:
         if args.json:
             print(json.dumps(report, indent=2, default=str))
@@ -138,11 +146,11 @@ def build_and_check(
 
 
 def _partition(
-    recipe: Recipe, model: nn.Module, inputs: dict[str, torch.Tensor], axes: Any, calibration: Any, output: Path,
+    recipe: Recipe, model: nn.Module, inputs: dict[str, torch.Tensor], axes: Any, calibration: Any,
     say: Callable[[str], None] | None,
-) -> None:  # fmt: skip
-    """``[partition]``: the recipe's model and passes cut into stages, written beside the build as
-    ``<build>.partition/`` (replacing only a partition)."""
+) -> Partition:  # fmt: skip
+    """``[partition]``: the recipe's model and passes cut into stages, to be written beside the build
+    as ``<build>.partition/`` (replacing only a partition)."""
     table = recipe.partition or {}
     if say:
         say(f"partitioning into {table['stages']} stages")
@@ -153,9 +161,7 @@ def _partition(
         dynamic_axes=axes, calibration_data=calibration,
         tolerance=Tolerance(min_cosine=0.99) if lossy else _tolerance(recipe),
     )  # fmt: skip
-    target = part.save(output.parent / f"{output.name}.partition")
-    if say:
-        say(f"wrote {target}")
+    return part
 
 
 def _input_hashes(recipe: Recipe, data: Prepared) -> dict[str, str]:

@@ -22,7 +22,7 @@ from torchkiln.compiler.files import check_destination
 from torchkiln.compiler.verify import Tolerance
 from torchkiln.driver.api import DEFAULT_PASSES
 from torchkiln.driver.auto import AutoOptions
-from torchkiln.driver.compiled import CompiledEncoderDecoder, is_artifact
+from torchkiln.driver.compiled import CompiledEncoderDecoder
 from torchkiln.errors import ConfigError
 
 
@@ -109,7 +109,7 @@ def _backend_options(items: list[str]) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_destination(args.output, replaceable=is_artifact)  # before the work, not after it
+    check_destination(args.output, "artifact")  # before the work, not after it
     model, entry = load_model(args.model, args.task)
     task = args.task or (
         tasks.inferred_task(args.model) if tasks.is_pretrained_directory(args.model) else None

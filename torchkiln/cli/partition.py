@@ -8,8 +8,9 @@ import sys
 
 from torchkiln.backends import BACKEND_NAMES
 from torchkiln.cli.common import add_model_arguments, example_inputs, load_model
+from torchkiln.compiler.files import check_destination
 from torchkiln.driver.api import DEFAULT_PASSES
-from torchkiln.driver.partition import destination_ok, partition
+from torchkiln.driver.partition import partition
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,7 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    destination_ok(args.output)
+    check_destination(args.output, "partition")  # before the work, not after it
     model, entry = load_model(args.model)
     inputs = example_inputs(args, entry)
     if entry is not None and not args.input:

@@ -3,10 +3,11 @@ without it the plot is skipped and the report says so."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from torchkiln.compiler.files import PNG_MARKER, atomic_file
 
 #: One point on an accuracy plot: label, accuracy, size in MB, latency in ms (None: not measured).
 Point = tuple[str, float, float, float | None]
@@ -38,7 +39,7 @@ def accuracy_plot(path: Path, points: Sequence[Point], metric: str) -> str | Non
             by_latency.annotate(label, (latency_ms, accuracy), textcoords="offset points", xytext=(4, 4))
     by_size.set(xlabel="size (MB)", ylabel=metric, title=f"{metric} vs size")
     by_latency.set(xlabel="latency (ms)", ylabel=metric, title=f"{metric} vs latency")
-    _save(plt, figure, path)
+    save_figure(plt, figure, path)
     return None
 
 
@@ -56,18 +57,17 @@ def latency_plot(path: Path, series: dict[str, list[tuple[int, float]]]) -> str 
         axes.set_xscale("log", base=2)
     axes.set_xticks(sizes, [str(b) for b in sizes])
     axes.legend()
-    _save(plt, figure, path)
+    save_figure(plt, figure, path)
     return None
 
 
-def _save(plt: Any, figure: Any, path: Path) -> None:
+def save_figure(plt: Any, figure: Any, path: Path, dpi: int = 100) -> None:
+    """Written beside and renamed into place (never a half-written PNG, never over a file of
+    yours), with our marker chunk and no "Software" entry: the file does not change with the
+    matplotlib version."""
     figure.tight_layout()
-    # Written beside and renamed into place: never a half-written PNG. No "Software" entry: the
-    # file does not change with the matplotlib version.
-    partial = path.with_name(f".{path.name}.partial")
     try:
-        figure.savefig(partial, format="png", dpi=100, metadata={"Software": None})
-        os.replace(partial, path)
+        with atomic_file(path, "png") as partial:
+            figure.savefig(partial, format="png", dpi=dpi, metadata=PNG_MARKER)
     finally:
-        partial.unlink(missing_ok=True)
         plt.close(figure)

@@ -16,7 +16,8 @@ from typing import Any
 from torchkiln import tuning
 from torchkiln.cli.build import build_and_check, prepare
 from torchkiln.cli.common import stage_printer
-from torchkiln.compiler.files import atomic_directory, check_destination
+from torchkiln.cli.plots import matplotlib_or_reason, save_figure
+from torchkiln.compiler.files import atomic_directory, check_destination, write_marker
 from torchkiln.driver.cache import default_directory
 from torchkiln.errors import ConfigError
 from torchkiln.recipe import Recipe, load_recipe
@@ -42,10 +43,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def is_tune_directory(path: Path) -> bool:
-    return (path / "trials.json").is_file()
-
-
 def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     tune = tuning.settings(recipe)
@@ -56,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         tune = dataclasses.replace(tune, trials=args.trials)
     output = Path(args.output) if args.output else recipe.path.parent / "tune"
     if not args.no_output:
-        check_destination(output, replaceable=is_tune_directory)
+        check_destination(output, "tune")
     storage = tuning.storage_url(recipe, args.storage)
     worker = os.environ.get("TORCHKILN_TUNE_WORKER_ID")
     printer = stage_printer(args.quiet)
@@ -105,7 +102,8 @@ def _write(study: Any, recipe: Recipe, tune: tuning.TuneSettings, output: Path, 
     """tune/ (atomically): every trial, the Pareto plot and best.toml; 0 when a trial is feasible."""
     table = tuning.rows(study, tune)
     chosen = tuning.best(study, tune, table)
-    with atomic_directory(output, replaceable=is_tune_directory) as staging:
+    with atomic_directory(output, "tune") as staging:
+        write_marker(staging, "tune", study=tuning.study_name(recipe), recipe=str(recipe.path))
         (staging / "trials.json").write_text(json.dumps(table, indent=2) + "\n")
         (staging / "trials.csv").write_text(tuning.csv_text(table))
         if chosen is not None:
@@ -152,12 +150,8 @@ def _spawn(args: argparse.Namespace, storage: str, k: int) -> subprocess.Popen[b
 
 
 def _plot(path: Path, table: list[dict[str, Any]], tune: tuning.TuneSettings) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt, _ = matplotlib_or_reason()
+    if plt is None:
         return
     done = [r for r in table if r["state"] == "COMPLETE"]
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -169,6 +163,4 @@ def _plot(path: Path, table: list[dict[str, Any]], tune: tuning.TuneSettings) ->
         ax.set_xlabel(other)
         ax.set_ylabel("accuracy drop (points)")
         ax.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=80, metadata={"Software": None})
-    plt.close(figure)
+    save_figure(plt, figure, path, dpi=80)

@@ -1,10 +1,18 @@
 """Artifact directories on disk: written so that nothing is ever lost or half-written, read so that
 nothing outside the directory (or unlisted in it) is ever touched.
 
-Writing (:func:`atomic_directory`). A writer builds the new directory in a staging directory beside
-the destination and swaps it in. The destination is replaced only if it is missing, empty, or
-``replaceable`` says it is ours (an artifact: it has our manifest); anything else is refused, and
-so are the current directory and its ancestors. The swap keeps a complete directory at the
+Destinations (:func:`check_destination`, :func:`check_file_destination`). Every path torchkiln
+writes — an artifact, a build, its ``.partition/``, a partition, ``kiln tune``'s output, a cache
+entry, the pipeline's ``.npz``, a plot — is asked about here, by every writer, before any work starts
+and again when written. A destination is replaced only if it is missing, an empty directory, or
+*ours of the same kind*: a directory whose marker file (:data:`MARKERS`: read without following
+links) holds our format string, a file that carries our marker inside (an ``.npz`` member, a PNG
+text chunk). A file name alone never makes a path ours: a user may have a ``trials.json`` too. The
+current directory and its ancestors are never replaced.
+
+Writing (:func:`atomic_directory`, :func:`atomic_file`). A writer builds the new directory (file)
+in a staging path beside the destination and swaps it in; a failure before the swap leaves the
+destination as it was. The swap keeps a complete directory at the
 destination at every instant: ``renameat2(RENAME_EXCHANGE)`` exchanges the two directories in one
 step (Linux); where the file system cannot, the old one is renamed aside and the new one in, and a
 writer killed between those two renames is recovered from: readers read the aside copy
@@ -27,6 +35,7 @@ import ctypes
 import errno
 import fcntl
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -34,9 +43,10 @@ import stat
 import tempfile
 import time
 import uuid
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from torchkiln.errors import ArtifactError
 
@@ -52,32 +62,136 @@ def _no_crash(step: str) -> None:
 after_step: Callable[[str], None] = _no_crash
 
 
-def check_destination(
-    destination: str | os.PathLike[str], replaceable: Callable[[Path], bool] = lambda _: False
-) -> Path:
-    """The path a writer will replace, refused when replacing it could lose something that is not
-    ours: a file, a non-empty directory ``replaceable`` does not accept, the current directory."""
+#: kind of directory -> (the file that marks it ours, the "format" that file's JSON object holds)
+MARKERS: dict[str, tuple[str, str]] = {
+    "artifact": ("manifest.json", "torchkiln-artifact"),
+    "partition": ("partition.json", "torchkiln-partition"),
+    "tune": ("tune.json", "torchkiln-tune"),
+    "cache": ("cache-entry.json", "torchkiln-cache-entry"),
+}
+#: kind of output file -> its suffix; the marker each carries is written by :func:`mark_npz` /
+#: :data:`PNG_MARKER`
+FILE_KINDS: dict[str, str] = {"npz": ".npz", "png": ".png"}
+NPZ_MARKER = "__torchkiln__"
+PNG_MARKER = {"Software": None, "torchkiln": "torchkiln-output"}  # savefig(metadata=...): a tEXt chunk
+
+
+def is_ours(path: Path, kind: str) -> bool:
+    """Does the directory ``path`` hold a ``kind`` torchkiln wrote (its marker file, read without
+    following links, names our format)?"""
+    marker, format_name = MARKERS[kind]
+    try:
+        with open_directory(path) as fd:
+            content = json.loads(read_member(fd, marker, str(path), limit=64 << 20))
+    except (ArtifactError, ValueError):
+        return False
+    return isinstance(content, dict) and content.get("format") == format_name
+
+
+def write_marker(directory: Path, kind: str, **content: Any) -> None:
+    """The marker file that makes ``directory`` (a staging directory) ours of ``kind``; for kinds
+    whose marker is not already a manifest of their own (tune output, cache entries)."""
+    marker, format_name = MARKERS[kind]
+    write_atomic(directory / marker, json.dumps({"format": format_name, **content}, indent=2) + "\n")
+
+
+def check_destination(destination: str | os.PathLike[str], kind: str) -> Path:
+    """The directory a writer of ``kind`` will replace, refused (:class:`ArtifactError`) when
+    replacing it could lose something that is not ours: a file, a non-empty directory that is not
+    a ``kind`` of ours, the current directory or one of its parents."""
+    if kind not in MARKERS:
+        raise ValueError(f"unknown destination kind {kind!r}")
     dest = Path(destination)
     if dest.is_symlink():  # write where the link points; the link itself stays
         dest = Path(os.path.realpath(dest))
-    here, absolute = Path.cwd().resolve(), dest.resolve()
-    if dest.name in ("", ".", "..") or absolute == here or absolute in here.parents:
-        raise ArtifactError(
-            f"cannot write an artifact to {destination}: it is the current directory or one of its parents",
-            where=str(destination),
-            hint="name a new subdirectory, e.g. -o ./artifact",
-        )
+    _refuse_current_directory(dest, destination)
     if dest.exists() and not dest.is_dir():
         raise ArtifactError(
             f"{dest} exists and is not a directory", where=str(dest), hint="choose another output path"
         )
-    if dest.is_dir() and not _is_empty(dest) and not replaceable(dest):
+    if dest.is_dir() and not _is_empty(dest) and not is_ours(dest, kind):
+        what = "torchkiln artifact" if kind == "artifact" else f"torchkiln {kind} directory"
         raise ArtifactError(
-            f"{dest} is a directory that is not a torchkiln artifact; refusing to replace it",
+            f"{dest} is a directory that is not a {what}; refusing to replace it",
             where=str(dest),
-            hint=f"choose a new path, e.g. {dest / 'artifact'}, or remove the directory yourself",
+            hint=f"choose a new path, e.g. {dest / kind}, or remove the directory yourself",
         )
     return dest
+
+
+def check_file_destination(destination: str | os.PathLike[str], kind: str) -> Path:
+    """The file a writer of ``kind`` (:data:`FILE_KINDS`) will replace: a path with the kind's suffix
+    that is missing or a file we wrote (it carries our marker); anything else is refused."""
+    suffix = FILE_KINDS[kind]
+    dest = Path(destination)
+    if dest.suffix != suffix:
+        raise ArtifactError(f"{destination}: the output must be a {suffix} file", where=str(destination),
+                            hint=f"name a file ending in {suffix}")  # fmt: skip
+    _refuse_current_directory(dest, destination)
+    if dest.is_symlink() or (dest.exists() and not dest.is_file()):
+        raise ArtifactError(f"{dest} exists and is not a plain file", where=str(dest), hint="choose another output path")
+    if dest.exists() and not _file_is_ours(dest, kind):
+        raise ArtifactError(
+            f"{dest} is a file torchkiln did not write; refusing to replace it",
+            where=str(dest),
+            hint="choose a new file name, or remove the file yourself",
+        )
+    return dest
+
+
+def _refuse_current_directory(dest: Path, given: str | os.PathLike[str]) -> None:
+    here, absolute = Path.cwd().resolve(), dest.resolve()
+    if dest.name in ("", ".", "..") or absolute == here or absolute in here.parents:
+        raise ArtifactError(
+            f"cannot write to {given}: it is the current directory or one of its parents",
+            where=str(given),
+            hint="name a new subdirectory, e.g. -o ./artifact",
+        )
+
+
+def _file_is_ours(path: Path, kind: str) -> bool:
+    try:
+        if kind == "npz":
+            with zipfile.ZipFile(path) as archive:
+                return f"{NPZ_MARKER}.npy" in archive.namelist()
+        with open(path, "rb") as handle:  # PNG: our tEXt chunk is written before the image data
+            return b"tEXttorchkiln\x00torchkiln-output" in handle.read(1 << 16)
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def mark_npz(arrays: dict[str, Any]) -> dict[str, Any]:
+    """``arrays`` plus the member that marks an ``.npz`` as ours."""
+    import numpy as np
+
+    return {**arrays, NPZ_MARKER: np.array("torchkiln-output")}
+
+
+@contextlib.contextmanager
+def atomic_file(destination: str | os.PathLike[str], kind: str) -> Iterator[Path]:
+    """Yield a staging path beside ``destination`` (checked by :func:`check_file_destination`);
+    on success it is renamed over ``destination`` in one step, on any failure it is removed and
+    ``destination`` is left as it was."""
+    dest = check_file_destination(destination, kind)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _write_error(dest, exc) from exc
+    partial = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:12]}{dest.suffix}")
+    try:
+        yield partial
+        check_file_destination(dest, kind)  # again: the work may have taken long
+        os.replace(partial, dest)
+    except OSError as exc:
+        raise _write_error(dest, exc) from exc
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(partial)
+
+
+def remove_private(path: Path) -> None:
+    """Remove a directory torchkiln made for itself (:func:`private_directory`, a staging copy)."""
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _is_empty(path: Path) -> bool:
@@ -89,21 +203,19 @@ def _is_empty(path: Path) -> bool:
 
 @contextlib.contextmanager
 def atomic_directory(
-    destination: str | os.PathLike[str],
-    replaceable: Callable[[Path], bool] = lambda _: False,
-    lock_timeout: float = LOCK_TIMEOUT_S,
+    destination: str | os.PathLike[str], kind: str, lock_timeout: float = LOCK_TIMEOUT_S
 ) -> Iterator[Path]:
     """Yield a fresh staging directory beside ``destination``; on success it replaces
     ``destination`` (see the module docstring), on any failure it is removed and ``destination``
     is left as it was."""
-    dest = check_destination(destination, replaceable)
+    dest = check_destination(destination, kind)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise _write_error(dest, exc) from exc
     with _locked(dest, lock_timeout):
         _clean_up_after_dead_writers(dest)
-        dest = check_destination(dest, replaceable)  # again, under the lock
+        dest = check_destination(dest, kind)  # again, under the lock
         staging = _sibling(dest, "tmp")
         try:
             os.mkdir(staging, 0o777)  # the umask applies, as to any directory the user makes
@@ -271,10 +383,14 @@ def _sync_directory(directory: Path) -> None:
             os.close(fd)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str | bytes) -> None:
+    """A file of torchkiln's own (in a staging directory or the cache), renamed into place whole."""
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        tmp.write_text(text)
+        if isinstance(text, bytes):
+            tmp.write_bytes(text)
+        else:
+            tmp.write_text(text)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -323,11 +439,17 @@ def open_directory(path: Path) -> Iterator[int]:
 
 def read_member(directory_fd: int, name: str, where: str, limit: int = 64 << 20) -> bytes:
     """The bytes of a small member (the manifest), refusing links and non-regular files."""
+    chunks, size = [], 0
     with _open_member(directory_fd, name, where) as handle:
-        data = handle.read(limit + 1)
-    if len(data) > limit:
+        while size <= limit:  # in blocks: read(limit) would allocate the whole limit up front
+            block = handle.read(1 << 20)
+            if not block:
+                break
+            chunks.append(block)
+            size += len(block)
+    if size > limit:
         raise ArtifactError(f"{name} is larger than {limit >> 20} MB", where=where)
-    return data
+    return b"".join(chunks)
 
 
 def copy_verified(directory_fd: int, name: str, digest: str, target: Path, where: str) -> None:

@@ -23,6 +23,7 @@ from torchkiln.backends import backend_options as backend_options_for
 from torchkiln.compiler import causal_lm, seq2seq
 from torchkiln.compiler import graph as G
 from torchkiln.compiler.calibration import CalibrationData, hold_back, no_progress, tqdm_progress
+from torchkiln.compiler.files import remove_private
 from torchkiln.compiler.manager import PassManager, default_instruments
 from torchkiln.compiler.passes import Pass, PassItem, parse_pipeline
 from torchkiln.compiler.program import Check, Program, deterministic, fresh
@@ -342,9 +343,9 @@ def _load_artifact(entry: Path, backend: str, options: BackendOptions) -> Artifa
         shutil.copytree(entry, copy, dirs_exist_ok=True)
         artifact = get_backend(backend).load(copy, options)
     except (OSError, KilnError):
-        shutil.rmtree(copy, ignore_errors=True)
+        remove_private(copy)
         return None
-    weakref.finalize(artifact, shutil.rmtree, copy, True)
+    weakref.finalize(artifact, remove_private, copy)
     return artifact
 
 

@@ -34,7 +34,7 @@ import inspect
 import json
 import os
 import pickle
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from torchkiln.compiler.files import atomic_directory, default_directory  # noqa: F401 - re-exported: where the cache lives
+from torchkiln.compiler.files import atomic_directory, default_directory, write_marker  # noqa: F401 - re-exported: where the cache lives
 from torchkiln.compiler.program import Check, Program, TensorSpec
 
 PROGRAM_FILE = "program.pt"
@@ -151,8 +151,11 @@ class Cache:
         path = self.entry(stage, key)
         return path if path.is_dir() else None
 
-    def store(self, stage: str, key: str) -> contextlib.AbstractContextManager[Path]:
-        return atomic_directory(self.entry(stage, key), replaceable=lambda _: True)  # all ours
+    @contextlib.contextmanager
+    def store(self, stage: str, key: str) -> Iterator[Path]:
+        with atomic_directory(self.entry(stage, key), "cache") as staging:
+            write_marker(staging, "cache", stage=stage, key=key)
+            yield staging
 
 
 def save_program(program: Program, directory: Path, extra: dict[str, Any]) -> None:

@@ -13,7 +13,6 @@ import json
 import os
 import platform
 import re
-import shutil
 import time
 import weakref
 from pathlib import Path
@@ -31,12 +30,20 @@ from torchkiln.compiler.files import (
     open_directory,
     private_directory,
     read_member,
+    remove_private,
     resolve_interrupted,
     same_file,
     sha256,
-    write_text_atomic,
+    write_atomic,
 )
-from torchkiln.compiler.program import CONSTANT_TYPES, Constant, TensorSpec, bind_inputs, unflatten_outputs
+from torchkiln.compiler.program import (
+    CONSTANT_TYPES,
+    Constant,
+    TensorSpec,
+    bind_inputs,
+    dtype_name,
+    unflatten_outputs,
+)
 from torchkiln.compiler.report import Report
 from torchkiln.errors import ArtifactError, KilnError
 
@@ -71,6 +78,8 @@ class CompiledModel:
         self.constants = dict(constants or {})
         #: a causal LM's special tokens and positions (:func:`torchkiln.compiler.causal_lm.generation_settings`)
         self.generation = dict(generation) if generation else None
+        #: a loaded artifact's outputs are held to its manifest on every call (set by :func:`load`)
+        self.declared_outputs = False
 
     @property
     def backend(self) -> str:
@@ -78,7 +87,10 @@ class CompiledModel:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         flat = bind_inputs(self.inputs, args, kwargs, self.constants)
-        return unflatten_outputs(self.artifact.run(flat), self.out_spec)
+        results = self.artifact.run(flat)
+        if self.declared_outputs:
+            check_outputs(results, self.outputs)
+        return unflatten_outputs(results, self.out_spec)
 
     def generate(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **settings: Any
@@ -96,7 +108,7 @@ class CompiledModel:
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write the artifact and its manifest atomically; return the directory. An existing
         directory is replaced only if it is empty or a torchkiln artifact."""
-        with atomic_directory(directory, replaceable=is_artifact) as staging:
+        with atomic_directory(directory, "artifact") as staging:
             self.write(staging)
         return Path(directory)
 
@@ -123,7 +135,7 @@ class CompiledModel:
             "report": self.report.to_dict(),
             **(extra or {}),
         }
-        write_text_atomic(staging / MANIFEST, json.dumps(manifest, indent=2, default=str))
+        write_atomic(staging / MANIFEST, json.dumps(manifest, indent=2, default=str))
         return files
 
 
@@ -158,8 +170,21 @@ class CompiledEncoderDecoder(CompiledModel):
             "format": FORMAT, "format_version": FORMAT_VERSION, "kind": ENCODER_DECODER,
             "model": self.report.model, "parts": parts, "generation": self.generation, **(extra or {}),
         }  # fmt: skip
-        write_text_atomic(staging / MANIFEST, json.dumps(manifest, indent=2, default=str))
+        write_atomic(staging / MANIFEST, json.dumps(manifest, indent=2, default=str))
         return [f"{part}/{MANIFEST}" for part in PARTS]
+
+
+def check_outputs(results: list[Any], specs: list[TensorSpec]) -> None:
+    """What a loaded artifact returned against what its manifest declares: as many tensors, each of
+    the declared dtype and rank (a graph edited to return something else is refused, not passed on)."""
+    if len(results) != len(specs):
+        raise ArtifactError(f"the artifact returned {len(results)} outputs; its manifest declares {len(specs)}",
+                            hint="rebuild the artifact")  # fmt: skip
+    for value, spec in zip(results, specs):
+        if not isinstance(value, torch.Tensor) or dtype_name(value.dtype) != spec.dtype or value.dim() != len(spec.shape):
+            got = f"{dtype_name(value.dtype)}{list(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ArtifactError(f"output '{spec.name}' is {got}; the manifest declares {spec.dtype}{spec.pretty_shape()}",
+                                where=spec.name, hint="rebuild the artifact")  # fmt: skip
 
 
 def portable_spec(spec: pytree.TreeSpec) -> str:
@@ -204,17 +229,6 @@ def versions() -> dict[str, str]:
     return found
 
 
-def is_artifact(path: Path) -> bool:
-    """Does ``path`` hold a torchkiln artifact (a manifest of ours)? Only such a directory is ever
-    replaced by a save; its manifest is read without following links."""
-    try:
-        with open_directory(path) as fd:
-            manifest = json.loads(read_member(fd, MANIFEST, str(path)))
-    except (KilnError, ValueError):
-        return False
-    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
-
-
 def load(directory: str | os.PathLike[str], allow_native_code: bool = False) -> CompiledModel:
     """Load a directory written by :meth:`CompiledModel.save`.
 
@@ -251,7 +265,7 @@ def _load_once(path: Path, allow_native_code: bool) -> CompiledModel:
             try:
                 manifest = _read_manifest(fd, source)
                 if manifest.get("kind") == ENCODER_DECODER:
-                    shutil.rmtree(private, ignore_errors=True)
+                    remove_private(private)
                     return _load_pair(fd, source, manifest, allow_native_code)
                 for name, digest in manifest["files"].items():
                     try:
@@ -268,9 +282,9 @@ def _load_once(path: Path, allow_native_code: bool) -> CompiledModel:
                 raise
         compiled = _from_manifest(manifest, private, source, allow_native_code)
     except BaseException:
-        shutil.rmtree(private, ignore_errors=True)
+        remove_private(private)
         raise
-    weakref.finalize(compiled.artifact, shutil.rmtree, private, True)
+    weakref.finalize(compiled.artifact, remove_private, private)
     return compiled
 
 
@@ -280,29 +294,42 @@ def _load_pair(fd: int, source: Path, manifest: dict[str, Any], allow_native_cod
     parts = manifest.get("parts")
     if not isinstance(parts, dict) or sorted(parts) != sorted(PARTS):
         raise ArtifactError(f"{MANIFEST}: 'parts' must name {' and '.join(PARTS)}", where=f"{where}:parts")
-    loaded = {}
-    for part in PARTS:
-        try:
-            part_fd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
-        except OSError:
-            raise ArtifactError(
-                f"the {part} part is missing or not a plain directory", where=str(source / part), hint="rebuild the artifact"
-            ) from None
-        try:
-            if hashlib.sha256(read_member(part_fd, MANIFEST, str(source / part / MANIFEST))).hexdigest() != parts[part]:
-                raise ArtifactError(
-                    f"{part}/{MANIFEST} does not match its checksum in {MANIFEST} (modified or replaced)",
-                    where=str(source / part / MANIFEST),
-                    hint="rebuild the artifact",
-                )
-        finally:
-            os.close(part_fd)
-        loaded[part] = _load_once(source / part, allow_native_code)
+    loaded = {part: load_bound(fd, source, part, parts[part], allow_native_code) for part in PARTS}
     try:
         generation = _generation(manifest.get("generation"))
     except ValueError as exc:
         raise ArtifactError(f"{MANIFEST} is invalid: {exc}", where=where) from exc
     return CompiledEncoderDecoder(loaded["encoder"], loaded["decoder"], generation)
+
+
+def load_bound(
+    fd: int, source: Path, name: str, digest: Any, allow_native_code: bool = False
+) -> CompiledModel:
+    """The artifact in subdirectory ``name`` of the directory open as ``fd``, which must be a plain
+    directory (not a link) whose manifest has the SHA-256 ``digest`` its parent recorded: a part
+    of an encoder-decoder, a stage of a partition. A changed, swapped, linked or missing part is an
+    :class:`ArtifactError`."""
+    where = str(source / name)
+    try:
+        part_fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+    except OSError:
+        raise ArtifactError(
+            f"{name} is missing or not a plain directory (a link?)", where=where, hint="rebuild the artifact"
+        ) from None
+    try:
+        found = hashlib.sha256(read_member(part_fd, MANIFEST, f"{where}/{MANIFEST}")).hexdigest()
+        if found != digest:
+            raise ArtifactError(
+                f"{name}/{MANIFEST} does not match the checksum its parent recorded (modified or replaced)",
+                where=f"{where}/{MANIFEST}",
+                hint="rebuild the artifact",
+            )
+        compiled = _load_once(source / name, allow_native_code)
+        if not same_file(part_fd, source / name):  # swapped between the check and the load
+            raise ArtifactError(f"{name} was replaced while it was loaded", where=where, hint="load it again")
+        return compiled
+    finally:
+        os.close(part_fd)
 
 
 def _from_manifest(manifest: dict[str, Any], private: Path, source: Path, allow_native_code: bool) -> CompiledModel:
@@ -340,8 +367,13 @@ def _from_manifest(manifest: dict[str, Any], private: Path, source: Path, allow_
             where=where,
             hint="every file an artifact uses is listed with its checksum; rebuild the artifact",
         ) from None
+    artifact.check_signature([s.name for s in inputs], len(outputs))
+    if out_spec.num_leaves != len(outputs):
+        raise ArtifactError(f"{MANIFEST}: out_spec has {out_spec.num_leaves} leaves for {len(outputs)} outputs", where=where)
     passes = list(manifest["passes"])
-    return CompiledModel(artifact, inputs, outputs, out_spec, report, options, passes, constants, generation)
+    compiled = CompiledModel(artifact, inputs, outputs, out_spec, report, options, passes, constants, generation)
+    compiled.declared_outputs = True
+    return compiled
 
 
 def _generation(value: Any) -> dict[str, int | None] | None:

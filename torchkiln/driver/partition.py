@@ -13,7 +13,10 @@ positions within 10% of a stage's share of that target the one with the fewest b
 
 Each stage is compiled on its own (``torchkiln.compile`` with no passes, any backend), verified
 against the stage graph; the composition of the stage artifacts is then verified against the whole
-program on the example inputs. Saved as ``partition.json`` and one artifact directory per stage.
+program on the example inputs. Saved as ``partition.json`` and one artifact directory per stage;
+``partition.json`` binds every stage: the SHA-256 of its manifest, its inputs and outputs and the
+boundary tensors (name, dtype, shape; axis 0 is the batch) it sends, so a changed, swapped, linked
+or missing stage is refused on load and a rank can check what it receives before receiving it.
 """
 
 from __future__ import annotations
@@ -30,15 +33,15 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from torchkiln.compiler.files import atomic_directory, check_destination
+from torchkiln.compiler.files import MARKERS, atomic_directory, open_directory, read_member, sha256
 from torchkiln.compiler.program import dtype_name
 from torchkiln.compiler.verify import FP32, Tolerance, compare
-from torchkiln.driver.compiled import CompiledModel, load
+from torchkiln.driver.compiled import MANIFEST, CompiledModel, load_bound
 from torchkiln.errors import ArtifactError, ConfigError, VerificationError
 
 Balance = Literal["params", "memory", "latency"]
-PARTITION_FILE = "partition.json"
-FORMAT = 1
+PARTITION_FILE, FORMAT = MARKERS["partition"]
+FORMAT_VERSION = 2
 
 
 @dataclasses.dataclass
@@ -61,6 +64,7 @@ class StageRecord:
     boundary: list[Boundary]  # the tensors it sends to the next stage
     backend: str = ""
     measured_ms: float | None = None
+    manifest_sha256: str = ""  # of stage<index>/manifest.json: binds the stage to the partition
 
 
 @dataclasses.dataclass
@@ -95,38 +99,67 @@ class Partition:
         """Atomically: ``partition.json`` and ``stage<k>/`` artifacts. Replaces only an empty
         directory or a partition."""
         target = Path(directory)
-        with atomic_directory(target, replaceable=is_partition) as staging:
-            for index, stage in enumerate(self.stages):
-                stage.save(staging / f"stage{index}")
-            data = {"format": FORMAT, "balance": self.balance, "inputs": self.inputs,
-                    "max_abs_error": self.max_abs_error, "tolerance": self.tolerance,
-                    "stages": [dataclasses.asdict(r) for r in self.records]}  # fmt: skip
-            (staging / PARTITION_FILE).write_text(json.dumps(data, indent=2) + "\n")
+        with atomic_directory(target, "partition") as staging:
+            self.write(staging)
         return target
 
-
-def is_partition(path: Path) -> bool:
-    try:
-        return json.loads((path / PARTITION_FILE).read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+    def write(self, staging: Path) -> None:
+        """The stages and ``partition.json`` into an existing (staging) directory."""
+        for index, (stage, record) in enumerate(zip(self.stages, self.records)):
+            assert stage is not None, "a partition loaded for some stages cannot be saved"
+            (staging / f"stage{index}").mkdir()
+            stage.write(staging / f"stage{index}")
+            record.manifest_sha256 = sha256(staging / f"stage{index}" / MANIFEST)
+        data = {"format": FORMAT, "format_version": FORMAT_VERSION, "balance": self.balance, "inputs": self.inputs,
+                    "max_abs_error": self.max_abs_error, "tolerance": self.tolerance,
+                "stages": [dataclasses.asdict(r) for r in self.records]}  # fmt: skip
+        (staging / PARTITION_FILE).write_text(json.dumps(data, indent=2) + "\n")
 
 
 def load_partition(directory: str | os.PathLike[str], stages: Sequence[int] | None = None) -> Partition:
     """Read ``partition.json`` and load the stage artifacts (only ``stages`` when given: a
-    pipeline rank loads its own)."""
+    pipeline rank loads its own), each bound to the digest ``partition.json`` recorded."""
     path = Path(directory)
-    try:
-        data = json.loads((path / PARTITION_FILE).read_text())
-        records = [
-            StageRecord(**{**r, "boundary": [Boundary(**b) for b in r["boundary"]]}) for r in data["stages"]
-        ]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ArtifactError(f"{path} is not a partition: {exc}", where=str(path / PARTITION_FILE)) from exc
-    wanted = range(len(records)) if stages is None else stages
-    loaded = [load(path / f"stage{i}") if i in wanted else None for i in range(len(records))]
-    return Partition(loaded, records, data.get("balance", "?"), data.get("inputs", []),  # type: ignore[arg-type]
-                     data.get("max_abs_error"), data.get("tolerance", ""))  # fmt: skip
+    where = str(path / PARTITION_FILE)
+    with open_directory(path) as fd:
+        try:
+            data = json.loads(read_member(fd, PARTITION_FILE, where))
+            if not isinstance(data, dict) or data.get("format") != FORMAT:
+                raise ValueError(f"it is not a torchkiln partition (format {data.get('format')!r})"
+                                 if isinstance(data, dict) else "not a JSON object")  # fmt: skip
+            if data.get("format_version") != FORMAT_VERSION:
+                raise ValueError(f"format version {data.get('format_version')!r}; this torchkiln reads {FORMAT_VERSION}")
+            records = [_record(r, i) for i, r in enumerate(data["stages"])]
+            if not records or not isinstance(data.get("inputs"), list):
+                raise ValueError("it has no stages or no inputs")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ArtifactError(f"{path} is not a partition this torchkiln reads: {exc}", where=where,
+                                hint="rebuild it with kiln partition / kiln build") from None  # fmt: skip
+        wanted = range(len(records)) if stages is None else stages
+        loaded = [load_bound(fd, path, f"stage{i}", r.manifest_sha256) if i in wanted else None
+                  for i, r in enumerate(records)]  # fmt: skip
+    for stage, record in zip(loaded, records):
+        if stage is not None and [s.name for s in stage.inputs] != record.inputs:
+            raise ArtifactError(f"stage{record.index} takes {[s.name for s in stage.inputs]}, but {PARTITION_FILE} "
+                                f"says {record.inputs}", where=where, hint="rebuild the partition")  # fmt: skip
+    return Partition(loaded, records, str(data.get("balance", "?")), data["inputs"],  # type: ignore[arg-type]
+                     data.get("max_abs_error"), str(data.get("tolerance", "")))  # fmt: skip
+
+
+def _record(raw: Any, index: int) -> StageRecord:
+    """One stage's entry, with its types checked (names are strings, shapes lists of sizes)."""
+    boundary = [Boundary(**b) for b in raw["boundary"]]
+    record = StageRecord(**{**raw, "boundary": boundary})
+    names = [*record.inputs, *record.outputs, *(b.name for b in boundary)]
+    if record.index != index or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"stage {index}: index or names malformed")
+    for b in boundary:
+        if not (isinstance(b.dtype, str) and isinstance(b.shape, list) and b.shape
+                and all(type(d) is int and d >= 0 for d in b.shape)):  # fmt: skip
+            raise ValueError(f"stage {index}: boundary tensor {b.name!r} has shape {b.shape!r} / dtype {b.dtype!r}")
+    if not isinstance(record.manifest_sha256, str) or len(record.manifest_sha256) != 64:
+        raise ValueError(f"stage {index} has no manifest digest")
+    return record
 
 
 def partition(
@@ -347,10 +380,5 @@ def _verify(
         )
 
 
-def destination_ok(directory: Path) -> None:
-    """Refuse early (before the build) a directory a save would refuse."""
-    check_destination(directory, is_partition)
-
-
-__all__ = ["Partition", "partition", "load_partition", "is_partition", "PARTITION_FILE"]
+__all__ = ["Partition", "partition", "load_partition", "PARTITION_FILE"]
 
