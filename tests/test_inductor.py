@@ -242,3 +242,15 @@ def test_kiln_export_and_a_recipe_take_backend_auto(tmp_path, capsys):
     assert main(["build", str(recipe), "-o", str(tmp_path / "build"), "--no-cache", "--quiet"]) == 0
     report = json.loads((tmp_path / "build" / "report.json").read_text())
     assert {c["label"] for c in report["candidates"]} == {"onnxruntime", "torch"}
+
+
+def test_auto_without_verification_does_not_claim_the_tolerance():
+    """verify=False: the chosen candidate was not held to the tolerance, and its verdict says so
+    ("fastest within the tolerance" before)."""
+    entry = models.get("mlp")
+    for verify, says in ((True, "fastest within the tolerance"), (False, "not verified")):
+        compiled = compile_quietly(entry.build(), entry.example_inputs(), backend="auto", verify=verify,
+                                   backend_options={"candidates": "onnxruntime,torch", "runs": 3})  # fmt: skip
+        chosen = compiled.report.candidates[0]
+        assert chosen.verdict == "chosen" and says in chosen.reason
+        assert ("within the tolerance" in chosen.reason) is verify

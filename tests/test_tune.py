@@ -39,6 +39,10 @@ def _recipe(tmp_path: Path, text: str) -> Path:
         ('trials = 4\nbudget = 3\nspace = { "quantize" = "optional" }', "budget"),
         ('trials = 4\npruner = "median"\nspace = { "quantize" = "optional" }', "pruner"),
         ('trials = 4\nspace = { "backend.opset" = [17, 19] }', "has an option 'opset'"),
+        # a value no trial could use dropped that dimension silently before (every trial's params {})
+        ('trials = 4\nspace = { "quantize.calibrator" = ["minmax", "percentil"] }', "'percentil' is never a valid value"),
+        ('trials = 4\nspace = { "quantize.max_error" = [-1.0, 0.5] }', "-1.0 is never a valid value"),
+        ('trials = 4\nspace = { "quantize.min_macs" = [0.5, 100.0] }', "is never a valid value"),
     ],
 )
 def test_a_malformed_tune_table_is_a_clear_error(tmp_path, capsys, tune, named):
@@ -93,6 +97,7 @@ def test_a_killed_tune_resumes_without_redoing_finished_trials(tmp_path):
     counted = [t for t in trials if t["state"] == "COMPLETE"]
     lost = [t for t in trials if t["state"] == "FAIL"]
     assert len(counted) == 4  # the budget, finished: the killed run's trial is not counted
+    assert all(t["size_mb"] > 0.01 for t in counted)  # the torch backend's bytes (0 before: no file size)
     assert all(t["error"] is None for t in lost) and len(lost) <= 1  # at most the one it was running
 
 
@@ -318,3 +323,19 @@ def test_an_unmeasured_objective_is_a_failed_trial_not_an_endless_search(tmp_pat
     rows = tuning.rows(study, tuning.settings(recipe))
     assert [r["state"] for r in rows] == ["FAIL", "FAIL"] and all("latency_ms was not measured" in r["error"] for r in rows)
     assert tuning.best(study, tuning.settings(recipe), rows) is None  # nothing reported as best
+
+
+def test_sizes_are_the_bytes_an_artifact_writes_on_every_backend(tmp_path):
+    """The torch backend's report has no file size; a search objective and a size gate must still
+    see its bytes (they saw 0 MB, so a search preferred every torch-backend trial)."""
+    from conftest import compile_quietly
+
+    from torchkiln import models
+    from torchkiln.cli.build import measures
+
+    entry = models.get("mlp")
+    for backend in ("torch", "onnxruntime"):
+        compiled = compile_quietly(entry.build(), entry.example_inputs(batch=2), backend=backend)
+        saved = compiled.save(tmp_path / backend)
+        written = sum(p.stat().st_size for p in saved.iterdir())
+        assert measures(compiled, {})["size_mb"] == pytest.approx(written / 1e6, rel=0.01) and written > 10_000

@@ -49,6 +49,7 @@ import csv
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -132,6 +133,8 @@ def _settings(recipe: Recipe) -> TuneSettings:
     space = tuple(_dimension(recipe, key, value) for key, value in table["space"].items())
     if not space:
         raise ConfigError("[tune] space is empty", where="tune.space", hint='e.g. space = { "prune.ratio" = [0.0, 0.7] }')
+    for dim in space:
+        _check_values(recipe, dim, space)
     return TuneSettings(table["trials"], objectives, sampler, int(table.get("seed", 0)), space, pruner)
 
 
@@ -190,6 +193,47 @@ def _backend_option(recipe: Recipe, key: str, option: str, value: Any) -> Dimens
                           f" has an option '{option}'", where=f"tune.space.{key}",
                           hint="see `kiln export --help` for each backend's options")  # fmt: skip
     return _values(key, value, declaring)
+
+
+def _check_values(recipe: Recipe, dim: Dimension, space: tuple[Dimension, ...]) -> None:
+    """Every value a dimension lists (a choice, each end of a range) must be valid for its pass or
+    backend beside some values of the pass's other searched options: one that never is (a typo, a
+    range outside the option's limits) would silently drop out of the search — sampling skips
+    options that do not apply."""
+    owner, _, option = dim.key.partition(".")
+    if dim.kind == "optional" or not option:
+        return
+    configs: list[tuple[Any, dict[str, Any]]]
+    if owner == "backend":
+        from torchkiln.backends import get_backend
+
+        configs = [(get_backend(b).Options, dict(recipe.backend_options) if b == recipe.backend else {}) for b in dim.backends]
+    else:
+        configs = [(get_pass(owner).Config, dict(dict(recipe.passes)[owner]))]
+    siblings = [d for d in space if d is not dim and d.key.partition(".")[0] == owner and d.kind != "optional"]
+    contexts = list(itertools.islice(itertools.product(*[_candidates(d) for d in siblings]), 256))
+    for value in _candidates(dim):
+        errors = []
+        for config, base in configs:
+            for combo in contexts:
+                beside = {d.key.partition(".")[2]: v for d, v in zip(siblings, combo)}
+                try:
+                    config.from_mapping({**base, **beside, option: value}, owner=owner)
+                    break
+                except ConfigError as exc:
+                    errors.append(exc.message)
+            else:
+                continue
+            break
+        else:
+            raise ConfigError(f"[tune] space key '{dim.key}': {value!r} is never a valid value ({errors[0]})",
+                              where=f"tune.space.{dim.key}", hint="fix the value or the range")  # fmt: skip
+
+
+def _candidates(dim: Dimension) -> list[Any]:
+    if dim.kind == "range":
+        return [int(dim.low), int(dim.high)] if dim.integer else [dim.low, dim.high]
+    return list(dim.choices)
 
 
 def _number(value: Any) -> bool:

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     say = stage_printer(args.quiet)
     data = prepare(recipe)
     model, inputs, axes, calibration = data.model, data.inputs, data.axes, data.calibration
-    compiled, evaluation, gates = build_and_check(
+    compiled, evaluation, gates, _ = build_and_check(
         recipe, data, None if args.no_cache else (args.cache_dir or default_directory()), say
     )  # fmt: skip
     missed = [g for g in gates if not g["passed"]]
@@ -133,8 +134,9 @@ def prepare(recipe: Recipe) -> Prepared:
 
 def build_and_check(
     recipe: Recipe, data: Prepared, cache: Any, say: Callable[[str], None] | None
-) -> tuple[Any, dict[str, Any], list[dict[str, Any]]]:
-    """Compile the recipe's passes and backend, evaluate, measure the gates (nothing is written)."""
+) -> tuple[Any, dict[str, Any], list[dict[str, Any]], dict[str, float | None]]:
+    """Compile the recipe's passes and backend, evaluate, measure (:func:`measures`) and check the
+    gates (nothing is written)."""
     compiled = torchkiln.compile(
         data.model, data.inputs, passes=[(name, dict(options)) for name, options in recipe.passes],
         backend=recipe.backend, backend_options=recipe.backend_options, dynamic_axes=data.axes,
@@ -142,7 +144,8 @@ def build_and_check(
         tolerance=_tolerance(recipe), name=Path(recipe.model).stem, progress=say, latency_runs=50, cache=cache,
     )  # fmt: skip
     evaluation = _evaluate(recipe, data.model, compiled, data.inputs)
-    return compiled, evaluation, _gates(recipe, compiled, evaluation)
+    measured = measures(compiled, evaluation)
+    return compiled, evaluation, _gates(recipe, measured), measured
 
 
 def _partition(
@@ -313,20 +316,30 @@ def _score(predict: Callable[[Any], Any], batches: list[Any], metric: Callable[.
     return total / count if count else float("nan")
 
 
-def _gates(recipe: Recipe, compiled: Any, evaluation: dict[str, Any]) -> list[dict[str, Any]]:
-    artifact = compiled.report.artifact
-    measured = {
-        "max_accuracy_drop": evaluation.get("drop"),
-        "max_latency_ms": artifact.artifact_ms,
-        "max_size_mb": artifact.file_bytes / 1e6 if artifact.file_bytes is not None else None,
+def measures(compiled: Any, evaluation: dict[str, Any]) -> dict[str, float | None]:
+    """What gates and search objectives compare, each measured here or None: the accuracy drop
+    (needs an [evaluation]), the artifact's median latency, and its size — the bytes its save
+    writes, on every backend (the torch backend's report has no file size)."""
+    drop, latency = evaluation.get("drop"), compiled.report.artifact.artifact_ms
+    return {
+        "accuracy_drop": drop if drop is not None and math.isfinite(drop) else None,
+        "latency_ms": latency if latency is not None and math.isfinite(latency) else None,
+        "size_mb": compiled.saved_bytes() / 1e6,
     }
+
+
+_GATES = {"max_accuracy_drop": ("accuracy_drop", "needs an [evaluation] table whose metric is finite"),
+          "max_latency_ms": ("latency_ms", "needs the artifact's latency, which was not measured"),
+          "max_size_mb": ("size_mb", "needs the artifact's size")}  # fmt: skip
+
+
+def _gates(recipe: Recipe, measured: dict[str, float | None]) -> list[dict[str, Any]]:
     gates = []
     for gate, limit in recipe.gate.items():
-        value = measured[gate]
+        key, why = _GATES[gate]
+        value = measured[key]
         if value is None:
-            raise ConfigError(
-                f"{recipe.path}: [gate] {gate} needs an [evaluation] table", where=f"gate.{gate}"
-            )
+            raise ConfigError(f"{recipe.path}: [gate] {gate} {why}", where=f"gate.{gate}")
         gates.append({"gate": gate, "limit": limit, "value": value, "passed": bool(value <= limit)})
     return gates
 

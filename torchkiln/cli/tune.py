@@ -87,10 +87,9 @@ def _search(recipe: Recipe, tune: tuning.TuneSettings, storage: str, args: argpa
     cache = None if args.no_cache else (args.cache_dir or default_directory())
 
     def evaluate(candidate: Recipe) -> dict[str, Any]:
-        compiled, evaluation, gates = build_and_check(candidate, data, cache, None)
-        artifact = compiled.report.artifact
-        return {"accuracy_drop": evaluation.get("drop", math.nan), "latency_ms": artifact.artifact_ms,
-                "size_mb": (artifact.file_bytes or 0) / 1e6, "backend": compiled.backend,
+        compiled, _, gates, measured = build_and_check(candidate, data, cache, None)
+        # an objective that was not measured is NaN: the trial fails saying so (tuning.run_study)
+        return {**{k: math.nan if v is None else v for k, v in measured.items()}, "backend": compiled.backend,
                 "constraints": {g["gate"]: g["value"] - g["limit"] for g in gates}}  # fmt: skip
 
     tick = (lambda n: bar.update(n - bar.n)) if bar is not None else None

@@ -144,7 +144,7 @@ def choose(build: Build, options: AutoOptions, strict: bool) -> tuple[Artifact, 
         built[label] = (artifact, backend_options, artifact_record)
     if not built:
         raise _nothing_passed(records)
-    best = _time(build.program, built, records, options.runs)
+    best = _time(build.program, built, records, options.runs, strict)
     artifact, backend_options, artifact_record = built[best]
     tried = len([r for r in records if r.verdict != "not applicable"])
     artifact_record.notes.append(f"chosen by backend=auto from {tried} candidate(s) built here (see the candidates)")
@@ -154,7 +154,7 @@ def choose(build: Build, options: AutoOptions, strict: bool) -> tuple[Artifact, 
 
 def _time(
     program: Program, built: Mapping[str, tuple[Artifact, BackendOptions, ArtifactRecord]],
-    records: list[CandidateRecord], runs: int,
+    records: list[CandidateRecord], runs: int, strict: bool,
 ) -> str:  # fmt: skip
     inputs = fresh(program.example_inputs)
     calls: dict[str, Callable[[], Any]] = {
@@ -163,12 +163,14 @@ def _time(
     times = interleaved_times(calls, runs)
     medians = {label: sorted(t)[len(t) // 2] for label, t in times.items()}
     best = min(medians, key=medians.__getitem__)
+    # only a verified build (strict) is known to be within the tolerance
+    why = "fastest within the tolerance" if strict else "fastest; not verified (verify=False), its error is measured only"
     for record in records:
         if record.label in medians:
             record.latency_ms = medians[record.label]
             ratio = medians[record.label] / medians[best]
             record.verdict, record.reason = (
-                ("chosen", "fastest within the tolerance") if record.label == best
+                ("chosen", why) if record.label == best
                 else ("slower", f"{ratio:.2f}x the latency of {best}")
             )  # fmt: skip
     return best

@@ -112,6 +112,17 @@ class CompiledModel:
             self.write(staging)
         return Path(directory)
 
+    def saved_bytes(self) -> int:
+        """The bytes :meth:`save` writes (backend files and manifest), measured by writing them to a
+        private directory: an artifact's size on every backend, including those whose report has no
+        file size."""
+        private = private_directory("torchkiln-size-")
+        try:
+            self.write(private)
+            return sum(path.stat().st_size for path in private.rglob("*") if path.is_file())
+        finally:
+            remove_private(private)
+
     def write(self, staging: Path, extra: dict[str, Any] | None = None) -> list[str]:
         """Write the backend files and ``manifest.json`` (plus ``extra`` manifest entries) into an
         existing directory — the staging directory of an atomic save; returns the files' names."""
