@@ -237,3 +237,32 @@ def test_distill_without_a_training_table_is_a_recipe_error(tmp_path):
     text = MLP.replace('[backend]', '[[passes]]\nname = "distill"\n\n[backend]')
     with pytest.raises(ConfigError, match=r"\[training\].*distill pass trains"):
         load_recipe(write(tmp_path, text))
+
+
+def test_an_endless_calibration_generator_is_read_only_as_far_as_asked(tmp_path):
+    """[calibration] batches = 3 of a generator that never ends (it was materialised whole first)."""
+    (tmp_path / "data.py").write_text(
+        "import itertools, torch\n"
+        "read = []\n"
+        "def endless():\n"
+        "    for i in itertools.count():\n"
+        "        read.append(i)\n"
+        "        yield torch.randn(2, 64, generator=torch.Generator().manual_seed(i))\n"
+    )  # fmt: skip
+    recipe = write(tmp_path, MLP.replace('name = "fold_batchnorm"', 'name = "fold_batchnorm"\n\n[[passes]]\nname = "quantize"')
+                   + '\n[calibration]\nsource = "data.py:endless"\nbatches = 3\n')  # fmt: skip
+    assert main(["build", str(recipe), "--no-cache", "--quiet"]) == 0
+    manifest = json.loads((tmp_path / "build" / "manifest.json").read_text())
+    assert "calibration" in manifest["input_hashes"]
+
+
+def test_a_source_without_a_count_that_never_ends_is_refused(monkeypatch):
+    import itertools
+
+    from torchkiln.compiler import calibration
+    from torchkiln.errors import InputError
+
+    monkeypatch.setattr(calibration, "MAX_BATCHES", 50)
+    with pytest.raises(InputError, match="more than 50 batches"):
+        calibration.take(itertools.repeat(1), None, "calibration_data")
+    assert calibration.take(itertools.repeat(1), 7, "calibration_data") == [1] * 7

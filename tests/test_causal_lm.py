@@ -171,12 +171,30 @@ def test_generation_stops_at_eos_samples_reproducibly_and_survives_save_load(gpt
         ({"top_p": 0.0}, "top_p must be in"),
         ({"attention_mask": torch.tensor([[1, 1]])}, "attention_mask must have input_ids' shape"),
         ({"max_new_tokens": 62}, "a prompt of 3 tokens plus max_new_tokens=62 exceeds the model's 64 positions"),
+        # values of the right type but out of range: raw IndexError / RuntimeError / ValueError before
+        ({"eos_token_id": VOCAB}, rf"eos_token_id must be \[0, {VOCAB}\) \(the vocabulary\), got {VOCAB}"),
+        ({"pad_token_id": -1, "eos_token_id": None}, "pad_token_id must be"),
+        ({"do_sample": True, "temperature": float("nan")}, "temperature must be > 0, got nan"),
+        ({"do_sample": True, "top_p": float("inf")}, "top_p must be in"),
+        ({"do_sample": True, "seed": 2**64}, "seed must be \[0, 2\*\*64\)"),
+        ({"max_new_tokens": 2.5}, "max_new_tokens must be >= 1, got 2.5"),
+        ({"top_k": True}, "top_k must be >= 0, got True"),
     ],
 )
 def test_bad_generation_settings_are_input_errors(gpt2, settings, message):
     _, compiled = gpt2
+    heard = []
     with pytest.raises(InputError, match=message):
-        compiled.generate(torch.randint(3, VOCAB, (1, 3)), **settings)
+        compiled.generate(torch.randint(3, VOCAB, (1, 3)), on_token=heard.append, **settings)
+    assert heard == []  # refused before the first token
+
+
+def test_a_forced_token_outside_the_vocabulary_in_the_manifest_is_refused(gpt2, tmp_path):
+    _, compiled = gpt2
+    loaded = torchkiln.load(compiled.save(tmp_path / "lm"))
+    loaded.generation = {**(loaded.generation or {}), "forced_eos_token_id": VOCAB + 5}
+    with pytest.raises(InputError, match="forced_eos_token_id must be"):
+        loaded.generate(torch.randint(3, VOCAB, (1, 3)), max_new_tokens=2)
 
 
 def test_a_prompt_longer_than_the_positions_is_an_input_error(gpt2):

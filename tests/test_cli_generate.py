@@ -146,3 +146,57 @@ def test_a_task_the_directory_cannot_serve_is_a_one_line_error(exported, capsys,
     assert main(["export", str(root / "model"), "--task", "text2text-generation", "-o", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "cannot load" in err and "for text2text-generation" in err and len(err.strip().splitlines()) == 1
+
+
+def _copy(source, target):
+    import shutil
+
+    shutil.copytree(source, target)
+    return target
+
+
+BROKEN_DIRECTORIES = {
+    # each ended in `internal error` (exit 3) or a raw exception before
+    "config-not-json": lambda d: (d / "config.json").write_text("{ not json"),
+    "config-a-list": lambda d: (d / "config.json").write_text("[1, 2]"),
+    "weights-truncated": lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:100]),
+    "weights-garbage": lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 64),
+    "weights-pickled": lambda d: ((d / "model.safetensors").unlink(), (d / "pytorch_model.bin").write_bytes(b"\x80\x04")),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_DIRECTORIES))
+def test_a_broken_save_pretrained_directory_is_a_one_line_error(exported, capsys, tmp_path, case):
+    _, _, root = exported
+    directory = _copy(root / "model", tmp_path / "model")
+    BROKEN_DIRECTORIES[case](directory)
+    code = main(["export", str(directory), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    if case == "weights-pickled":
+        assert "pickles" in err and "safe_serialization=True" in err
+
+
+@pytest.mark.parametrize("content", ['{"model": {"type": "BPE", "vocab": 5}}', "not json at all", "{}"])
+def test_a_malformed_tokenizer_is_a_one_line_error(exported, capsys, tmp_path, content):
+    _, _, root = exported
+    directory = _copy(root / "tokenizer", tmp_path / "tokenizer")
+    (directory / "tokenizer.json").write_text(content)
+    code = main(["generate", str(root / "artifact"), "--tokenizer", str(directory), "--prompt", "hi"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "the tokenizer in" in err, err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(["--temperature", "nan", "--do-sample"], "temperature must be > 0, got nan"),
+     (["--top-p", "inf", "--do-sample"], "top_p must be in"),
+     (["--seed", str(2**64), "--do-sample"], "seed must be"),
+     (["--min-new-tokens", "9", "--max-new-tokens", "2"], "min_new_tokens must be")],
+)  # fmt: skip
+def test_generation_settings_are_refused_before_any_token_is_printed(exported, capsys, flags, message):
+    _, _, root = exported
+    code = main(["generate", str(root / "artifact"), "--prompt-ids", "5,6,7", *flags])
+    captured = capsys.readouterr()
+    assert code == 2 and message in captured.err and captured.out == ""

@@ -339,3 +339,38 @@ def test_sizes_are_the_bytes_an_artifact_writes_on_every_backend(tmp_path):
         saved = compiled.save(tmp_path / backend)
         written = sum(p.stat().st_size for p in saved.iterdir())
         assert measures(compiled, {})["size_mb"] == pytest.approx(written / 1e6, rel=0.01) and written > 10_000
+
+
+@pytest.mark.parametrize(
+    ("storage", "message"),
+    [("not a url", "is not a database URL"), ("sqlite:///{tmp}/notdb.db", "is not an SQLite database"),
+     ("sqlite:////nonexistent/dir/x.db", "does not exist"),
+     ("postgresql://user:secret@127.0.0.1:1/db", "cannot open the study storage postgresql://user:***@")],
+)  # fmt: skip
+def test_a_bad_storage_is_a_config_error_before_any_work(tmp_path, capsys, storage, message):
+    (tmp_path / "notdb.db").write_text("my notes, not a database")
+    recipe = _recipe(tmp_path, MLP + '\n[tune]\ntrials = 1\n[tune.space]\n"quantize" = "optional"\n')
+    assert main(["tune", str(recipe), "--storage", storage.format(tmp=tmp_path), "--no-cache", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "secret" not in err and "internal error" not in err
+    assert (tmp_path / "notdb.db").read_text() == "my notes, not a database" and not (tmp_path / "tune").exists()
+
+
+def test_a_refused_password_fails_at_once_without_retries(monkeypatch):
+    """Only the SQLite schema race is retried (an authentication failure was retried 10 times)."""
+    import optuna
+    import sqlalchemy.exc
+
+    from torchkiln import tuning
+    from torchkiln.errors import ConfigError
+
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(args)
+        raise sqlalchemy.exc.OperationalError("connect", None, Exception("password authentication failed for user"))
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", refuse)
+    with pytest.raises(ConfigError, match="password authentication failed") as info:
+        tuning._storage("postgresql://user:secret@db.invalid/study")
+    assert len(calls) == 1 and "secret" not in info.value.message

@@ -487,26 +487,70 @@ def _fail_stale(study: Any) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def check_storage(url: str) -> str:
+    """The storage URL, checked before any work; the URL as logs show it (password hidden). A
+    malformed URL, a study file that is not an SQLite database, a directory that does not exist is
+    a ConfigError saying so (an internal error before)."""
+    import sqlalchemy.engine
+    import sqlalchemy.exc
+
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except (sqlalchemy.exc.ArgumentError, ValueError) as exc:
+        raise ConfigError(f"--storage {url!r} is not a database URL: {exc}", where="--storage",
+                          hint="e.g. sqlite:///tune.db or postgresql://user@host/db") from None  # fmt: skip
+    shown = parsed.render_as_string(hide_password=True)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        path = Path(parsed.database)
+        if not path.parent.is_dir():
+            raise ConfigError(f"the study's directory {path.parent} does not exist", where=shown)
+        if path.exists():
+            with open(path, "rb") as handle:
+                header = handle.read(len(SQLITE_HEADER)) if path.is_file() else b"?"
+            if header not in (b"", SQLITE_HEADER):
+                raise ConfigError(f"{path} is not an SQLite database, so it cannot hold the study", where=shown,
+                                  hint="name another file with --storage sqlite:///PATH")  # fmt: skip
+    return shown
+
+
 def _storage(url: str, grace_period: int = 30) -> Any:
     """The RDB storage; workers starting together on a new SQLite file race to create its tables,
-    so a loser retries. A heartbeat marks a killed worker's running trials failed after
+    so a loser retries (only that race: an unreachable server or a refused password fails at once,
+    a ConfigError). A heartbeat marks a killed worker's running trials failed after
     ``grace_period`` seconds without one."""
     import warnings
 
     import optuna
     import sqlalchemy.exc
 
+    shown = check_storage(url)
     for attempt in range(10):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return optuna.storages.RDBStorage(url, heartbeat_interval=max(1, grace_period // 3),
                                                   grace_period=grace_period)
-        except sqlalchemy.exc.DBAPIError:  # "table exists", a duplicate schema-version row: another worker won
-            if attempt == 9:
-                raise
+        except sqlalchemy.exc.DBAPIError as exc:  # "table exists", a duplicate schema-version row: another worker won
+            if attempt == 9 or not (url.startswith("sqlite") and _schema_race(exc)):
+                raise _storage_error(shown, exc) from None
             time.sleep(0.2 * (attempt + 1))
+        except (sqlalchemy.exc.SQLAlchemyError, ImportError) as exc:
+            raise _storage_error(shown, exc) from None
     raise AssertionError("unreachable")
+
+
+def _schema_race(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return any(sign in text for sign in ("already exists", "unique constraint", "database is locked"))
+
+
+def _storage_error(shown: str, exc: Exception) -> ConfigError:
+    first = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__])[0]
+    return ConfigError(f"cannot open the study storage {shown}: {first}", where="--storage",
+                       hint="check the URL, the server, the user and password (or the database driver is installed)")  # fmt: skip
 
 
 def rows(study: Any, tune: TuneSettings) -> list[dict[str, Any]]:

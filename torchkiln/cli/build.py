@@ -30,6 +30,7 @@ from torch import nn
 import torchkiln
 from torchkiln.cli.common import load_callable, load_model, stage_printer
 from torchkiln.cli.plots import accuracy_plot
+from torchkiln.compiler.calibration import take, tqdm_progress
 from torchkiln.compiler.files import atomic_directory, check_destination, sha256, write_atomic
 from torchkiln.compiler.graph import parameter_stats
 from torchkiln.compiler.program import dtype_from_name
@@ -231,13 +232,13 @@ def _batches(recipe: Recipe, table: Any, inputs: dict[str, torch.Tensor]) -> lis
     if table is None:
         return None
     source = table["source"]
+    batches: Iterable[Any]
     if source.endswith((".npz", ".pt")):
         batch = next(iter(inputs.values())).shape[0] if inputs else 1
         batches = load_batches(recipe.resolve(source), list(inputs), int(batch))
     else:
-        batches = list(_call(recipe, source))
-    limit = table.get("batches")
-    return batches[:limit] if limit else batches
+        batches = _call(recipe, source)  # a generator may be endless: only `batches` of it are read
+    return take(batches, table.get("batches"), f"the batches of {source}", tqdm_progress)
 
 
 def _as_inputs(batch: Any, names: list[str]) -> dict[str, torch.Tensor]:

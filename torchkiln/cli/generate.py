@@ -9,11 +9,11 @@ import time
 from typing import Any
 
 import torch
-from torch.utils import _pytree as pytree
 
 import torchkiln
 from torchkiln.cli import tasks
 from torchkiln.cli.common import add_native_code_argument
+from torchkiln.driver.generate import check_settings, vocabulary
 from torchkiln.errors import InputError
 
 
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         )
     tokenizer = tasks.load_tokenizer(args.tokenizer) if args.tokenizer else None
     compiled = torchkiln.load(args.artifact, allow_native_code=args.allow_native_code)
-    vocab = _vocabulary(compiled)
+    vocab = vocabulary(compiled)
     if tokenizer is not None and vocab is not None and len(tokenizer) > vocab:
         raise InputError(
             f"the tokenizer in {args.tokenizer} has {len(tokenizer)} tokens, the model only {vocab}",
@@ -54,6 +54,11 @@ def run(args: argparse.Namespace) -> int:
             hint="pass the tokenizer the model was trained with",
         )
     ids = _prompt_ids(args, tokenizer, vocab)
+    check_settings(compiled, dict(  # before the prompt is printed; generate() checks them again
+        max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, do_sample=args.do_sample,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+        eos_token_id=None, pad_token_id=None,
+    ))  # fmt: skip
     printer = _Printer(tokenizer, ids[0].tolist())
     start = time.perf_counter()
     out = compiled.generate(
@@ -68,14 +73,6 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
-
-
-def _vocabulary(compiled: Any) -> int | None:
-    """The logits' last dimension (the outputs are named through the output structure)."""
-    named = pytree.tree_unflatten(compiled.outputs, compiled.out_spec)
-    logits = named.get("logits") if isinstance(named, dict) else None
-    size = logits.shape[-1] if logits is not None else None
-    return size if isinstance(size, int) else None
 
 
 def _prompt_ids(args: argparse.Namespace, tokenizer: Any, vocab: int | None) -> torch.Tensor:

@@ -1,7 +1,10 @@
 """Hugging Face model directories and generation tasks for the CLI (``--task``).
 
 A directory written by ``save_pretrained`` is loaded with transformers' Auto classes from local
-files only and never with ``trust_remote_code`` (loading executes no code from the directory).
+files only, from safetensors weights only (a pickled ``pytorch_model.bin`` is refused with the
+conversion command) and never with ``trust_remote_code`` (loading executes no code from the
+directory). Whatever transformers or safetensors raise for a broken directory — a config that is
+not JSON, truncated weights, a malformed tokenizer — is a one-line ConfigError naming it.
 ``text-generation`` compiles a causal LM with its KV cache (:mod:`torchkiln.compiler.causal_lm`),
 ``text2text-generation`` an encoder-decoder as an encoder and a decoder with its cache
 (:mod:`torchkiln.compiler.seq2seq`).
@@ -40,16 +43,32 @@ def load_pretrained(directory: str, task: str | None) -> nn.Module:
     auto = (
         transformers.AutoModelForCausalLM if task == "text-generation" else transformers.AutoModelForSeq2SeqLM
     )
-    try:
-        model = auto.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(
-            f"cannot load {directory} for {task}: {first}",
-            where=directory,
-            hint="MODEL must be a save_pretrained directory of a model that has this task",
-        ) from None
+    _refuse_pickled_weights(Path(directory))
+    model = _loaded(
+        lambda: auto.from_pretrained(directory, local_files_only=True, trust_remote_code=False, use_safetensors=True),
+        f"{directory} for {task}", directory, "MODEL must be a save_pretrained directory of a model that has this task",
+    )  # fmt: skip
     return model.eval()
+
+
+def _refuse_pickled_weights(directory: Path) -> None:
+    pickled = sorted(p.name for p in directory.glob("*.bin"))
+    if pickled and not any(directory.glob("*.safetensors")):
+        raise ConfigError(
+            f"{directory} holds its weights as pickles ({', '.join(pickled)}): loading a pickle can run code",
+            where=str(directory / pickled[0]),
+            hint="convert where you trust the file: Model.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)",
+        )
+
+
+def _loaded(load: Any, what: str, where: str, hint: str | None = None) -> Any:
+    """``load()``, with any exception of transformers / safetensors / tokenizers as a ConfigError."""
+    try:
+        return load()
+    except Exception as exc:  # noqa: BLE001 - their error types are many and undocumented; each is a bad directory
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ConfigError(f"cannot load {what}: {type(exc).__name__}: {first}".rstrip(": "), where=where,
+                          hint=hint) from None  # fmt: skip
 
 
 def inferred_task(directory: str) -> str:
@@ -58,7 +77,11 @@ def inferred_task(directory: str) -> str:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read {path}: {exc}", where=str(path)) from None
-    architectures = config.get("architectures") or []
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path} is not a JSON object", where=str(path), hint="is this a save_pretrained directory?")
+    architectures = config.get("architectures")
+    if not isinstance(architectures, list):
+        architectures = []
     if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in architectures):
         return "text-generation"
     if config.get("is_encoder_decoder") and any(
@@ -116,10 +139,7 @@ def load_tokenizer(directory: str) -> Any:
         )
     import transformers
 
-    try:
-        return transformers.AutoTokenizer.from_pretrained(
-            directory, local_files_only=True, trust_remote_code=False
-        )
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"cannot load the tokenizer in {directory}: {first}", where=directory) from None
+    return _loaded(
+        lambda: transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=False),
+        f"the tokenizer in {directory}", directory, "pass the directory a tokenizer's save_pretrained wrote",
+    )  # fmt: skip

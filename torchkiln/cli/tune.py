@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_output:
         check_destination(output, "tune")
     storage = tuning.storage_url(recipe, args.storage)
+    tuning.check_storage(storage)  # before the work and before any worker starts
     worker = os.environ.get("TORCHKILN_TUNE_WORKER_ID")
     printer = stage_printer(args.quiet)
     bar = _bar(tune.trials, args.quiet or worker is not None)

@@ -8,6 +8,7 @@ memory; the error for a bad batch names its index and the input at fault.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -38,6 +39,25 @@ def rank_prefixed(line: str) -> str:
 
 
 MAX_HELD_BACK = 4
+#: batches a source without a stated count may yield before it is taken for an endless one
+MAX_BATCHES = 100_000
+
+
+def take(source: Iterable[Any], limit: int | None, what: str, progress: ProgressBar = no_progress) -> list[Any]:
+    """The first ``limit`` batches of ``source`` (all of them without a limit), read one at a time:
+    an endless generator is never materialised before it is cut; without a limit one that yields
+    over :data:`MAX_BATCHES` is an InputError rather than a machine out of memory."""
+    if isinstance(source, (torch.Tensor, str, bytes)) or not isinstance(source, Iterable):
+        raise InputError(f"{what} must be an iterable of batches, got {type(source).__name__}", where=what)
+    if limit is not None and limit < 1:
+        raise InputError(f"{what}: the number of batches must be >= 1, got {limit}", where=what)
+    cap = limit if limit is not None else MAX_BATCHES + 1
+    total = min(cap, len(source)) if isinstance(source, Sequence) else limit
+    batches = list(progress(itertools.islice(source, cap), total, f"reading {what}"))
+    if limit is None and len(batches) > MAX_BATCHES:
+        raise InputError(f"{what} yields more than {MAX_BATCHES} batches (endless?)", where=what,
+                         hint="say how many to use (a recipe's batches = N; itertools.islice in Python)")  # fmt: skip
+    return batches
 
 
 def hold_back(source: Any) -> tuple[Any, list[Any]]:

@@ -22,7 +22,7 @@ from torchkiln.backends import Artifact, BackendOptions, get_backend
 from torchkiln.backends import backend_options as backend_options_for
 from torchkiln.compiler import causal_lm, seq2seq
 from torchkiln.compiler import graph as G
-from torchkiln.compiler.calibration import CalibrationData, hold_back, no_progress, tqdm_progress
+from torchkiln.compiler.calibration import CalibrationData, hold_back, no_progress, take, tqdm_progress
 from torchkiln.compiler.files import remove_private
 from torchkiln.compiler.manager import PassManager, default_instruments
 from torchkiln.compiler.passes import Pass, PassItem, parse_pipeline
@@ -119,7 +119,8 @@ def compile(  # noqa: A001 - the public name users expect
     store = Cache(cache) if cache is not None else None
     if store is not None:  # hashing reads the data; a one-shot iterator must survive it
         calibration_data, train_data, val_data = (
-            None if d is None else list(d) for d in (calibration_data, train_data, val_data)
+            None if d is None else take(d, None, label)
+            for d, label in ((calibration_data, "calibration_data"), (train_data, "train_data"), (val_data, "val_data"))
         )
     stage = Stage(
         model, example_inputs, pipeline, dynamic_axes, calibration_data, train_data, val_data,

@@ -15,10 +15,12 @@ artifact's ``position_ids`` input then counts each row from its first token. ``e
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
 from torchkiln.compiler.causal_lm import positions
 from torchkiln.errors import InputError
@@ -60,7 +62,6 @@ def generate(
             hint="compile the causal LM with its cache on: torchkiln.compile(lm, {'input_ids': ids}) "
             "without use_cache=False",
         )
-    _check_settings(max_new_tokens, min_new_tokens, temperature, top_k, top_p)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
         raise InputError("input_ids must be an integer tensor [batch, prompt]", where="input_ids")
     settings = getattr(model, "generation", None) or {}
@@ -69,6 +70,10 @@ def generate(
     if pad_token_id is FROM_MODEL:
         pad_token_id = settings.get("pad_token_id")
         pad_token_id = eos_token_id if pad_token_id is None else pad_token_id
+    check_settings(model, dict(
+        max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature,
+        top_k=top_k, top_p=top_p, seed=seed, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+    ))  # fmt: skip
     encoder = getattr(model, "encoder", None)
     _check_positions(input_ids.shape[1], max_new_tokens, encoder is not None, settings)
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
@@ -211,17 +216,53 @@ def prompt_logits(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
     )["logits"]
 
 
-def _check_settings(max_new_tokens: int, min_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
-    if max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}", where="max_new_tokens")
-    if not 0 <= min_new_tokens <= max_new_tokens:
-        raise InputError(f"min_new_tokens must be in [0, max_new_tokens], got {min_new_tokens}", where="min_new_tokens")
-    if temperature <= 0:
-        raise InputError(f"temperature must be > 0, got {temperature}", where="temperature")
-    if top_k < 0:
-        raise InputError(f"top_k must be >= 0, got {top_k}", where="top_k")
-    if not 0 < top_p <= 1:
-        raise InputError(f"top_p must be in (0, 1], got {top_p}", where="top_p")
+TOKEN_SETTINGS = ("eos_token_id", "pad_token_id", "forced_bos_token_id", "forced_eos_token_id", "decoder_start_token_id")
+
+
+def check_settings(model: Any, settings: dict[str, Any]) -> None:
+    """Every generation setting, before the first token (a bad one failed mid-generation, after
+    tokens were printed, with a raw IndexError / RuntimeError): counts are integers in range,
+    temperature and top_p finite numbers in range, the seed fits 64 bits, and every special token —
+    given or from the artifact's manifest — lies in the model's vocabulary."""
+    _integer(settings, "max_new_tokens", 1, None)
+    _integer(settings, "min_new_tokens", 0, settings["max_new_tokens"], "[0, max_new_tokens]")
+    _integer(settings, "top_k", 0, None)
+    if not isinstance(settings["do_sample"], bool):
+        raise InputError(f"do_sample must be True or False, got {settings['do_sample']!r}", where="do_sample")
+    for name, fits, shown in (("temperature", lambda v: v > 0, "> 0"), ("top_p", lambda v: 0 < v <= 1, "in (0, 1]")):
+        value = settings[name]
+        if not _real(value) or not math.isfinite(value) or not fits(value):
+            raise InputError(f"{name} must be {shown}, got {value!r}", where=name)
+    if settings["seed"] is not None:
+        _integer(settings, "seed", 0, 2**64 - 1, "[0, 2**64)")
+    vocab = vocabulary(model)
+    tokens = {**{k: v for k, v in (getattr(model, "generation", None) or {}).items() if k in TOKEN_SETTINGS},
+              **{k: settings[k] for k in ("eos_token_id", "pad_token_id")}}  # fmt: skip
+    for name, value in tokens.items():
+        if value is not None:
+            _integer(tokens, name, 0, None if vocab is None else vocab - 1, f"[0, {vocab}) (the vocabulary)")
+
+
+def _integer(settings: dict[str, Any], name: str, low: int, high: int | None, shown: str | None = None) -> None:
+    value = settings[name]
+    integral = isinstance(value, int) and not isinstance(value, bool)
+    if not integral or value < low or (high is not None and value > high):
+        raise InputError(f"{name} must be {shown or f'>= {low}'}, got {value!r}", where=name)
+
+
+def _real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def vocabulary(model: Any) -> int | None:
+    """The logits' last dimension (the outputs are named through the output structure)."""
+    outputs, spec = getattr(model, "outputs", None), getattr(model, "out_spec", None)
+    if outputs is None or spec is None:
+        return None
+    named = pytree.tree_unflatten(outputs, spec)
+    logits = named.get("logits") if isinstance(named, dict) else None
+    size = logits.shape[-1] if logits is not None else None
+    return size if isinstance(size, int) else None
 
 
 def _pick(
