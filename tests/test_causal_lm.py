@@ -176,7 +176,7 @@ def test_generation_stops_at_eos_samples_reproducibly_and_survives_save_load(gpt
         ({"pad_token_id": -1, "eos_token_id": None}, "pad_token_id must be"),
         ({"do_sample": True, "temperature": float("nan")}, "temperature must be > 0, got nan"),
         ({"do_sample": True, "top_p": float("inf")}, "top_p must be in"),
-        ({"do_sample": True, "seed": 2**64}, "seed must be \[0, 2\*\*64\)"),
+        ({"do_sample": True, "seed": 2**64}, r"seed must be \[0, 2\*\*64\)"),
         ({"max_new_tokens": 2.5}, "max_new_tokens must be >= 1, got 2.5"),
         ({"top_k": True}, "top_k must be >= 0, got True"),
     ],

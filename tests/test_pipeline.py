@@ -261,3 +261,12 @@ def test_pipeline_inputs_are_checked_against_the_partition_before_they_are_read(
     done = _torchrun(tmp_path, directory, inputs, timeout_s=20)
     assert done.returncode != 0 and "did not write" in done.stderr
     assert list(np.load(mine)) == ["keep"]
+
+
+def test_a_model_whose_input_is_called_input_partitions(tmp_path):
+    """fx renames a placeholder that shadows a builtin (input -> input_1); stages and calls use the
+    input's name (a KeyError before, found by the format fuzzer)."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    part = torchkiln.partition(model, {"input": torch.randn(2, 4)}, stages=2, balance="params")
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(torchkiln.load_partition(part.save(tmp_path / "p"))(input=x)[0], model(x))

@@ -31,7 +31,7 @@ from torchkiln.compiler.export import export_graph
 from torchkiln.compiler.options import option
 from torchkiln.compiler.program import Program
 from torchkiln.compiler.verify import FP32, compare
-from torchkiln.errors import ArtifactError, BackendError, ExportError
+from torchkiln.errors import ArtifactError, BackendError, ExportError, KilnError
 
 FILES = ("program.json", "program.bin")
 LEGACY_FILE = "program.pt2"
@@ -72,10 +72,16 @@ class TorchArtifact(Artifact):
         self._runner: Placed | None = Placed(module, self.options) if self.options.placed else None
 
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        with torch.no_grad():
-            if self._runner is not None:
-                return self._runner(inputs)
-            return list(self.module(*inputs))
+        try:
+            with torch.no_grad():
+                if self._runner is not None:
+                    return self._runner(inputs)
+                return list(self.module(*inputs))
+        except (RuntimeError, ValueError, TypeError, IndexError, MemoryError) as exc:
+            if isinstance(exc, KilnError):
+                raise
+            raise BackendError(f"the torch artifact failed: {type(exc).__name__}: {str(exc).strip()[:500]}",
+                               hint="check the inputs against the artifact's specs; rebuild it if it was edited") from exc  # fmt: skip
 
     def saved_form(self) -> tuple[bytes, bytes]:
         """``(program.json, program.bin)``: the program through ``torch.export`` as a flat ATen

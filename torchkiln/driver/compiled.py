@@ -325,13 +325,13 @@ def load_bound(
         part_fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
     except OSError:
         raise ArtifactError(
-            f"{name} is missing or not a plain directory (a link?)", where=where, hint="rebuild the artifact"
+            f"the {name} part is missing or not a plain directory", where=where, hint="rebuild the artifact"
         ) from None
     try:
         found = hashlib.sha256(read_member(part_fd, MANIFEST, f"{where}/{MANIFEST}")).hexdigest()
         if found != digest:
             raise ArtifactError(
-                f"{name}/{MANIFEST} does not match the checksum its parent recorded (modified or replaced)",
+                f"{name}/{MANIFEST} does not match its checksum in the parent's {MANIFEST} (modified or replaced)",
                 where=f"{where}/{MANIFEST}",
                 hint="rebuild the artifact",
             )

@@ -82,8 +82,13 @@ class Partition:
     def __call__(self, **inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         values = dict(inputs)
         for stage, record in zip(self.stages, self.records):
-            outputs = stage(**{name: values[name] for name in record.inputs})
-            values.update(zip(record.outputs, pytree.tree_leaves(outputs)))
+            if stage is None:
+                raise ConfigError(f"stage {record.index} was not loaded", hint="load_partition(directory) loads all")
+            outputs = pytree.tree_leaves(stage(**{name: values[name] for name in record.inputs}))
+            if len(outputs) != len(record.outputs):
+                raise ArtifactError(f"stage {record.index} returned {len(outputs)} tensors; the partition binds "
+                                    f"{len(record.outputs)}", hint="rebuild the partition")  # fmt: skip
+            values.update(zip(record.outputs, outputs))
         return tuple(values[name] for name in self.records[-1].outputs)
 
     def table(self) -> str:
@@ -132,6 +137,7 @@ def load_partition(directory: str | os.PathLike[str], stages: Sequence[int] | No
             records = [_record(r, i) for i, r in enumerate(data["stages"])]
             if not records or not isinstance(data.get("inputs"), list):
                 raise ValueError("it has no stages or no inputs")
+            _check_chain(records, data["inputs"])
         except (ValueError, KeyError, TypeError) as exc:
             raise ArtifactError(f"{path} is not a partition this torchkiln reads: {exc}", where=where,
                                 hint="rebuild it with kiln partition / kiln build") from None  # fmt: skip
@@ -144,6 +150,21 @@ def load_partition(directory: str | os.PathLike[str], stages: Sequence[int] | No
                                 f"says {record.inputs}", where=where, hint="rebuild the partition")  # fmt: skip
     return Partition(loaded, records, str(data.get("balance", "?")), data["inputs"],  # type: ignore[arg-type]
                      data.get("max_abs_error"), str(data.get("tolerance", "")))  # fmt: skip
+
+
+def _check_chain(records: list[StageRecord], inputs: list[Any]) -> None:
+    """Each stage reads only what the partition's inputs and earlier stages provide, and sends what
+    its boundary names."""
+    known = set(inputs)
+    if not all(isinstance(n, str) for n in inputs):
+        raise ValueError("'inputs' must be names")
+    for record in records:
+        missing = [n for n in record.inputs if n not in known]
+        if missing:
+            raise ValueError(f"stage {record.index} reads {missing}, which no earlier stage provides")
+        if record is not records[-1] and [b.name for b in record.boundary] != record.outputs:
+            raise ValueError(f"stage {record.index}'s boundary does not name its outputs")
+        known |= set(record.outputs)
 
 
 def _record(raw: Any, index: int) -> StageRecord:
@@ -332,12 +353,18 @@ def _stages(
         module = _stage_module(gm, inputs, order[start:end], outputs)
         params = sum(p.numel() for p in module.parameters()) + sum(b.numel() for b in module.buffers())
         param_bytes = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
-        boundary = [] if last else [_boundary(n.name, values[n.name]) for n in outputs]
-        out_names = [n.name if isinstance(n, fx.Node) else str(n) for n in outputs]
-        records.append(StageRecord(k, [n.name for n in inputs], out_names, end - start, params, param_bytes,
+        boundary = [] if last else [_boundary(value_name(n), values[n.name]) for n in outputs]
+        out_names = [value_name(n) if isinstance(n, fx.Node) else str(n) for n in outputs]
+        records.append(StageRecord(k, [value_name(n) for n in inputs], out_names, end - start, params, param_bytes,
                                    sum(costs[start:end]), boundary))  # fmt: skip
         modules.append(module)
     return modules, records
+
+
+def value_name(node: fx.Node) -> str:
+    """What a value is called between stages: a model input by its input name (fx may have
+    renamed its node: ``input`` -> ``input_1``), any other value by its node's name."""
+    return str(node.target) if node.op == "placeholder" else node.name
 
 
 def _boundary(name: str, value: torch.Tensor) -> Boundary:
@@ -349,7 +376,7 @@ def _stage_module(gm: fx.GraphModule, inputs: list[fx.Node], nodes: list[fx.Node
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for node in inputs:
-        env[node] = graph.placeholder(node.name)
+        env[node] = graph.placeholder(value_name(node))
         env[node].meta = dict(node.meta)
     for node in nodes:
         for arg in node.all_input_nodes:
