@@ -533,3 +533,11 @@ def test_a_writer_waits_for_the_lock_then_reports_a_typed_error(old_and_new, tmp
             with files.atomic_directory(dest, "artifact", lock_timeout=0.2):
                 pass
     assert_clean(tmp_path)
+
+
+def test_an_output_node_without_its_argument_is_refused(copy_of):
+    """Found by the format fuzzer (fx's code generation raised a raw IndexError)."""
+    directory = copy_of("torch")
+    _graph_edit(directory, lambda p: p["nodes"][-1].update(args={"tuple": []}))
+    with pytest.raises(ArtifactError, match="output node"):
+        torchkiln.load(directory)

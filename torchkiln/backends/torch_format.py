@@ -170,7 +170,7 @@ def load(program_json: bytes, blob: bytes, where: str) -> fx.GraphModule:
         return _build(nodes, tensors)
     except _Bad as exc:
         raise ArtifactError(f"the saved graph is invalid: {exc}", where=where, hint="rebuild the artifact") from None
-    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, RuntimeError) as exc:
         raise ArtifactError(
             f"the saved graph is invalid: {type(exc).__name__}: {exc}", where=where, hint="rebuild the artifact"
         ) from None
@@ -251,6 +251,8 @@ def _build(nodes: list[dict[str, Any]], tensors: dict[str, tuple[torch.Tensor, s
             attributes[target] = torch.nn.Parameter(tensor, requires_grad=False) if kind == "parameter" else tensor
         elif op == "placeholder" and not isinstance(target, str):
             raise _Bad(f"placeholder {name!r} has no name")
+        elif op == "output" and (len(args) != 1 or kwargs or any(n.op == "output" for n in env.values())):
+            raise _Bad(f"output node {name!r} must be the one output, of one argument")
         env[name] = graph.create_node(op, target if op != "output" else "output", args, kwargs, name=name)
     graph.lint()
     return fx.GraphModule(attributes, graph)
