@@ -53,9 +53,13 @@ def test_operators_with_effects_are_refused_by_their_schema_or_the_list(name):
 ZOO_CASES = [(name, mode) for name in models.small_models() for mode in ("lossless", "int8")] + [
     (name, mode) for name in ("text_encoder", "lstm") for mode in ("dynamic", "weight_only")
 ]
+FAST_INT8 = {"resnet", "vit", "text_encoder", "digits_cnn"}  # the other int8 cases (CI time) are slow
 
 
-@pytest.mark.parametrize(("name", "mode"), ZOO_CASES, ids=[f"{n}-{m}" for n, m in ZOO_CASES])
+@pytest.mark.parametrize(("name", "mode"), [
+    pytest.param(n, m, id=f"{n}-{m}", marks=pytest.mark.slow if m == "int8" and n not in FAST_INT8 else ())
+    for n, m in ZOO_CASES
+])  # fmt: skip
 def test_the_zoo_saves_inside_the_allow_list(name, mode):
     entry = models.get(name)
     passes, tolerance = PASSES[mode]

@@ -210,7 +210,7 @@ def _check_values(recipe: Recipe, dim: Dimension, space: tuple[Dimension, ...]) 
         configs = [(get_backend(b).Options, dict(recipe.backend_options) if b == recipe.backend else {}) for b in dim.backends]
     else:
         configs = [(get_pass(owner).Config, dict(dict(recipe.passes)[owner]))]
-    siblings = [d for d in space if d is not dim and d.key.partition(".")[0] == owner and d.kind != "optional"]
+    siblings = [d for d in space if d is not dim and d.key.partition(".")[0] == owner and d.key.partition(".")[2]]
     contexts = list(itertools.islice(itertools.product(*[_candidates(d) for d in siblings]), 256))
     for value in _candidates(dim):
         errors = []
