@@ -43,7 +43,7 @@ from torch.utils import _pytree as pytree
 
 from torchkiln.compiler.files import atomic_file, check_file_destination, mark_npz
 from torchkiln.compiler.program import dtype_from_name, dtype_name
-from torchkiln.driver.partition import Boundary, load_partition
+from torchkiln.driver.partition import Boundary, Partition, load_partition
 from torchkiln.errors import ConfigError, InputError, KilnError, PipelineError
 
 DEFAULT_TIMEOUT_S = 300
@@ -68,7 +68,7 @@ def join_group(timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, int]:
 
 
 def run_pipeline(
-    directory: str | os.PathLike[str],
+    directory: str | os.PathLike[str] | Partition,
     inputs: Mapping[str, torch.Tensor] | None,
     microbatches: int,
     say: Callable[[str], None] = lambda _: None,
@@ -76,11 +76,12 @@ def run_pipeline(
 ) -> tuple[torch.Tensor, ...] | None:
     """This rank's part of the pipeline; the outputs (concatenated, in input order) on the last
     rank, None on the others. ``inputs`` are read on rank 0 only. ``stage_seconds`` receives the
-    time this rank spent running its stage (not waiting), for balance measurements."""
+    time this rank spent running its stage (not waiting), for balance measurements. ``directory``
+    may be a partition already loaded for this rank's stage."""
     rank, world = join_group()
     if microbatches < 1:
         raise ConfigError(f"microbatches must be >= 1, got {microbatches}", where="--microbatches")
-    part = load_partition(directory, stages=[rank])
+    part = directory if isinstance(directory, Partition) else load_partition(directory, stages=[rank])
     if len(part.records) != world:
         raise ConfigError(f"{directory} has {len(part.records)} stages, but {world} ranks were started",
                           hint=f"torchrun --nproc-per-node {len(part.records)} (or the same number across nodes)")  # fmt: skip
@@ -102,7 +103,7 @@ def run_pipeline(
                 pending += _send(rank + 1, result, record.boundary, device)
         except Exception:
             if rank < world - 1:  # tell the next rank, which would otherwise wait for data that never comes
-                _send_failure(rank + 1, len(record.boundary), device)
+                _send_failure(rank + 1, device)
             raise
         if rank == world - 1:
             outputs.append(result)
@@ -160,7 +161,7 @@ def _send(
     return works
 
 
-def _send_failure(destination: int, count: int, device: torch.device) -> None:
+def _send_failure(destination: int, device: torch.device) -> None:
     """An error header in place of the next tensor: the receiving rank stops with a typed error."""
     header = torch.tensor([FAILED] + [0] * (HEADER - 1), dtype=torch.int64, device=device)
     try:
@@ -209,8 +210,10 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         check_file_destination(args.output, "npz")  # every rank, before any work: all stop alike
         join_group(args.timeout)
-        inputs = _read_inputs(Path(args.inputs), args.directory, args.max_input_mb) if rank == 0 else None
-        outputs = run_pipeline(args.directory, inputs, args.microbatches, say)
+        part = load_partition(args.directory, stages=[rank])
+        stage = part.stages[rank] if rank < len(part.stages) else None
+        inputs = _read_inputs(Path(args.inputs), stage.inputs, args.max_input_mb) if rank == 0 and stage else None
+        outputs = run_pipeline(part, inputs, args.microbatches, say)
         if outputs is not None:
             _write_outputs(Path(args.output), outputs)
             say(f"wrote {args.output}")
@@ -223,12 +226,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _read_inputs(path: Path, directory: str, max_mb: float) -> dict[str, torch.Tensor]:
+def _read_inputs(path: Path, inputs: list[Any], max_mb: float) -> dict[str, torch.Tensor]:
     """The ``.npz`` arrays named like the partition's inputs: members, dtypes and non-batch sizes
     checked against the first stage's specs, and declared sizes against ``max_mb``, before reading."""
     if path.suffix != ".npz":
         raise InputError(f"{path}: the pipeline reads .npz inputs", where=str(path), hint="np.savez(path, name=array, ...)")
-    specs = {s.name: s for s in _first_stage_specs(directory)}
+    specs = {s.name: s for s in inputs}
     try:
         with np.load(path, allow_pickle=False) as data:
             headers = {k: _npz_header(data, k) for k in data.files}
@@ -236,12 +239,6 @@ def _read_inputs(path: Path, directory: str, max_mb: float) -> dict[str, torch.T
             return {k: torch.from_numpy(np.array(data[k])) for k in specs}
     except (OSError, ValueError, zipfile.BadZipFile, KeyError) as exc:
         raise InputError(f"cannot read {path}: {type(exc).__name__}: {exc}", where=str(path)) from exc
-
-
-def _first_stage_specs(directory: str) -> list[Any]:
-    stage = load_partition(directory, stages=[0]).stages[0]
-    assert stage is not None
-    return list(stage.inputs)
 
 
 def _npz_header(data: Any, key: str) -> tuple[tuple[int, ...], np.dtype]:

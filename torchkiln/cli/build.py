@@ -73,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     data = prepare(recipe)
     model, inputs, axes, calibration = data.model, data.inputs, data.axes, data.calibration
     compiled, evaluation, gates, _ = build_and_check(
-        recipe, data, None if args.no_cache else (args.cache_dir or default_directory()), say
+        recipe, data, None if args.no_cache else (args.cache_dir or default_directory()), say,
+        measure_size="max_size_mb" in recipe.gate,  # the build writes the artifact next: measure only for a gate
     )  # fmt: skip
     missed = [g for g in gates if not g["passed"]]
     if missed:
@@ -134,10 +135,10 @@ def prepare(recipe: Recipe) -> Prepared:
 
 
 def build_and_check(
-    recipe: Recipe, data: Prepared, cache: Any, say: Callable[[str], None] | None
+    recipe: Recipe, data: Prepared, cache: Any, say: Callable[[str], None] | None, measure_size: bool = True
 ) -> tuple[Any, dict[str, Any], list[dict[str, Any]], dict[str, float | None]]:
-    """Compile the recipe's passes and backend, evaluate, measure (:func:`measures`) and check the
-    gates (nothing is written)."""
+    """Compile the recipe's passes and backend, evaluate, measure (:func:`measures`; the size only
+    with ``measure_size``: it costs a save) and check the gates (nothing is written)."""
     compiled = torchkiln.compile(
         data.model, data.inputs, passes=[(name, dict(options)) for name, options in recipe.passes],
         backend=recipe.backend, backend_options=recipe.backend_options, dynamic_axes=data.axes,
@@ -145,7 +146,7 @@ def build_and_check(
         tolerance=_tolerance(recipe), name=Path(recipe.model).stem, progress=say, latency_runs=50, cache=cache,
     )  # fmt: skip
     evaluation = _evaluate(recipe, data.model, compiled, data.inputs)
-    measured = measures(compiled, evaluation)
+    measured = measures(compiled, evaluation, measure_size)
     return compiled, evaluation, _gates(recipe, measured), measured
 
 
@@ -317,7 +318,7 @@ def _score(predict: Callable[[Any], Any], batches: list[Any], metric: Callable[.
     return total / count if count else float("nan")
 
 
-def measures(compiled: Any, evaluation: dict[str, Any]) -> dict[str, float | None]:
+def measures(compiled: Any, evaluation: dict[str, Any], size: bool = True) -> dict[str, float | None]:
     """What gates and search objectives compare, each measured here or None: the accuracy drop
     (needs an [evaluation]), the artifact's median latency, and its size — the bytes its save
     writes, on every backend (the torch backend's report has no file size)."""
@@ -325,7 +326,7 @@ def measures(compiled: Any, evaluation: dict[str, Any]) -> dict[str, float | Non
     return {
         "accuracy_drop": drop if drop is not None and math.isfinite(drop) else None,
         "latency_ms": latency if latency is not None and math.isfinite(latency) else None,
-        "size_mb": compiled.saved_bytes() / 1e6,
+        "size_mb": compiled.saved_bytes() / 1e6 if size else None,
     }
 
 

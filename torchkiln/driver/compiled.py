@@ -23,6 +23,7 @@ from torch.utils import _pytree as pytree
 
 from torchkiln.backends import Artifact, BackendOptions, backend_options, get_backend
 from torchkiln.compiler.files import (
+    MARKERS,
     ChecksumMismatch,
     atomic_directory,
     check_member_name,
@@ -47,8 +48,7 @@ from torchkiln.compiler.program import (
 from torchkiln.compiler.report import Report
 from torchkiln.errors import ArtifactError, KilnError
 
-MANIFEST = "manifest.json"
-FORMAT = "torchkiln-artifact"
+MANIFEST, FORMAT = MARKERS["artifact"]  # the destination policy's marker of an artifact
 FORMAT_VERSION = 1
 
 
