@@ -45,23 +45,6 @@ def test_two_stages_compose_to_the_whole_program_and_balance_parameters(name):
     assert "stage" in part.table() and "sends" in part.table()
 
 
-class SizeUsedAtTheEnd(nn.Module):
-    """``x.size(0)`` is live from the first node to the last: no cut can avoid crossing it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
-
-    def forward(self, x):
-        n = x.size(0)
-        return self.b(torch.relu(self.a(x))).reshape(n, 2, 4)
-
-
-def test_a_cut_never_crosses_python_state():
-    with pytest.raises(ConfigError, match="non-tensor value"):
-        torchkiln.partition(SizeUsedAtTheEnd().eval(), {"x": torch.randn(2, 8)}, stages=2, passes=())
-
-
 def test_bad_settings_are_clear_errors():
     entry = models.get("mlp")
     with pytest.raises(ConfigError, match="balance"):

@@ -1,19 +1,23 @@
 """``torchkiln.partition``: an optimized program cut into N pipeline stages, each its own artifact.
 
-The program's compute nodes are taken in topological order and cut at N-1 positions; stage k runs
-the nodes between its cuts. What crosses a cut is the set of tensors defined before it and used
-after it (pass-through included: an input a later stage needs travels through the stages between),
-so a cut can only cross tensors — a position where a non-tensor value (a size, a Python list) is
-live is never a cut. Weights never cross: a stage reads the attributes its nodes use.
+The program's activations are taken in topological order and cut at N-1 legal positions
+(:mod:`torchkiln.driver.cuts`: only batch-carrying activation tensors cross, never a weight, a
+dequantized weight, a constant, a size or one side of an int8 Q/DQ pair; constants and sizes are
+recomputed by the stage that reads them); stage k runs the activations between its cuts. What
+crosses a cut is every activation defined before it and read after it (pass-through included).
 
-Cut positions balance a cost per node — ``params`` (bytes of the weights a node reads), ``memory``
-(weights + the bytes of the node's output on the example inputs) or ``latency`` (each node timed by
-an ``fx.Interpreter`` over the example inputs) — so that each stage's cost is near total / N; among
-positions within 10% of a stage's share of that target the one with the fewest boundary bytes wins.
+Cut positions balance a cost per node — ``params`` (bytes of the weights a node reads, through any
+dequantize), ``memory`` (weights + the bytes of the node's output on the example inputs) or
+``latency`` (each node timed by an ``fx.Interpreter``: the median of 7 runs after 2 warm-up runs)
+— so that each stage's cost is near total / N; among positions within 10% of a stage's share of
+that target the one with the fewest boundary bytes wins. Under ``latency`` the stage graphs are
+then re-timed and the cuts moved by their measured times (up to 3 tries, the most even kept).
 
 Each stage is compiled on its own (``torchkiln.compile`` with no passes, any backend), verified
 against the stage graph; the composition of the stage artifacts is then verified against the whole
-program on the example inputs. Saved as ``partition.json`` and one artifact directory per stage;
+program on the example inputs, and each stage artifact is timed (median and interquartile range of
+15 runs): ``balance_ratio`` — slowest over mean — is that measurement, not the prediction.
+Saved as ``partition.json`` and one artifact directory per stage;
 ``partition.json`` binds every stage: the SHA-256 of its manifest, its inputs and outputs and the
 boundary tensors (name, dtype, shape; axis 0 is the batch) it sends, so a changed, swapped, linked
 or missing stage is refused on load and a rank can check what it receives before receiving it.
@@ -24,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import statistics
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -36,6 +41,7 @@ from torch.utils import _pytree as pytree
 from torchkiln.compiler.files import MARKERS, atomic_directory, open_directory, read_member, sha256
 from torchkiln.compiler.program import dtype_name
 from torchkiln.compiler.verify import FP32, Tolerance, compare
+from torchkiln.driver import cuts as cutting
 from torchkiln.driver.compiled import MANIFEST, CompiledModel, load_bound
 from torchkiln.errors import ArtifactError, ConfigError, VerificationError
 
@@ -63,7 +69,8 @@ class StageRecord:
     cost: float
     boundary: list[Boundary]  # the tensors it sends to the next stage
     backend: str = ""
-    measured_ms: float | None = None
+    measured_ms: float | None = None  # the compiled stage on its example inputs: median of 15 runs
+    measured_iqr_ms: float | None = None  # and the spread of those runs (interquartile range)
     manifest_sha256: str = ""  # of stage<index>/manifest.json: binds the stage to the partition
 
 
@@ -78,6 +85,7 @@ class Partition:
     inputs: list[str]
     max_abs_error: float | None = None
     tolerance: str = ""
+    balance_ratio: float | None = None  # slowest / mean of the stages' measured times
 
     def __call__(self, **inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         values = dict(inputs)
@@ -92,12 +100,15 @@ class Partition:
         return tuple(values[name] for name in self.records[-1].outputs)
 
     def table(self) -> str:
+        ratio = "not measured" if self.balance_ratio is None else f"{self.balance_ratio:.2f}"
         lines = [f"partition: {len(self.stages)} stages, balance={self.balance}; composition max abs err "
-                 f"{self.max_abs_error:.2e} ({self.tolerance})"]  # fmt: skip
-        lines.append("  stage  backend      nodes  params       cost        sends")
+                 f"{self.max_abs_error:.2e} ({self.tolerance}); slowest / mean stage time {ratio}"]  # fmt: skip
+        lines.append("  stage  backend      nodes  params       cost        measured ms       sends")
         for r in self.records:
             sends = ", ".join(f"{b.name} {b.dtype}{b.shape} ({b.bytes / 1e3:.1f} kB)" for b in r.boundary) or "(outputs)"
-            lines.append(f"  {r.index:<5d}  {r.backend:11s}  {r.nodes:<5d}  {r.params:<11,d}  {r.cost:<10.4g}  {sends}")
+            timed = "-" if r.measured_ms is None else f"{r.measured_ms:.3g} (iqr {r.measured_iqr_ms or 0:.2g})"
+            lines.append(f"  {r.index:<5d}  {r.backend:11s}  {r.nodes:<5d}  {r.params:<11,d}  {r.cost:<10.4g}  "
+                         f"{timed:16s}  {sends}")  # fmt: skip
         return "\n".join(lines)
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
@@ -116,7 +127,7 @@ class Partition:
             stage.write(staging / f"stage{index}")
             record.manifest_sha256 = sha256(staging / f"stage{index}" / MANIFEST)
         data = {"format": FORMAT, "format_version": FORMAT_VERSION, "balance": self.balance, "inputs": self.inputs,
-                    "max_abs_error": self.max_abs_error, "tolerance": self.tolerance,
+                    "max_abs_error": self.max_abs_error, "tolerance": self.tolerance, "balance_ratio": self.balance_ratio,
                 "stages": [dataclasses.asdict(r) for r in self.records]}  # fmt: skip
         (staging / PARTITION_FILE).write_text(json.dumps(data, indent=2) + "\n")
 
@@ -149,7 +160,11 @@ def load_partition(directory: str | os.PathLike[str], stages: Sequence[int] | No
             raise ArtifactError(f"stage{record.index} takes {[s.name for s in stage.inputs]}, but {PARTITION_FILE} "
                                 f"says {record.inputs}", where=where, hint="rebuild the partition")  # fmt: skip
     return Partition(loaded, records, str(data.get("balance", "?")), data["inputs"],  # type: ignore[arg-type]
-                     data.get("max_abs_error"), str(data.get("tolerance", "")))  # fmt: skip
+                     data.get("max_abs_error"), str(data.get("tolerance", "")), _ratio(data.get("balance_ratio")))  # fmt: skip
+
+
+def _ratio(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _check_chain(records: list[StageRecord], inputs: list[Any]) -> None:
@@ -194,20 +209,62 @@ def partition(
     dynamic_axes: Any = "batch",
     tolerance: Tolerance | None = None,
     calibration_data: Any = None,
+    cuts: Sequence[int] | None = None,
 ) -> Partition:
     """Optimize ``model`` (``passes``, calibrated on ``calibration_data``; a ``CompiledModel`` of the
-    torch backend is used as it is), cut it into ``stages`` stages balanced by ``balance`` and
-    compile each stage with ``backend``. ``tolerance`` holds each stage artifact to its stage graph
-    and the composition to the whole program (default fp32; an int8 program on ONNX Runtime needs
-    a cosine floor, its kernels round differently from the IR)."""
-    from torchkiln.driver.api import compile as compile_model
+    torch backend is used as it is), cut it into ``stages`` stages balanced by ``balance`` (or at
+    the given ``cuts``: positions from :func:`legal_cuts`) and compile each stage with ``backend``.
+    ``tolerance`` holds each stage artifact to its stage graph and the composition to the whole
+    program (default fp32; an int8 program on ONNX Runtime needs a cosine floor, its kernels round
+    differently from the IR)."""
+    _check_settings(stages, balance, example_inputs)
+    program, flat, names = _program(model, example_inputs, passes, dynamic_axes, calibration_data)
+    costs = node_costs(program, balance, flat)
+    if cuts is None:
+        chosen = choose_cuts(program, costs, stages)
+        if balance == "latency":
+            chosen = _refine(program, costs, chosen, stages)
+    else:
+        chosen = _forced(program, cuts, stages)
+    modules, records = _stages(program, chosen, costs)
+    compiled = []
+    # boundary tensors are named by graph nodes: stages keep a dynamic batch (axis 0), nothing else
+    stage_axes = "batch" if program.batch else None
+    for module, record in zip(modules, records):
+        part = compile_stage(module, _stage_inputs(program, record, names, flat), backend, backend_options,
+                             stage_axes, tolerance, record.index)  # fmt: skip
+        record.backend = part.backend
+        compiled.append(part)
+    result = Partition(compiled, records, balance, names)
+    _verify(result, program.gm, flat, dict(example_inputs), tolerance or FP32)
+    _measure(result, program, names, flat)
+    return result
 
+
+def legal_cuts(
+    model: nn.Module | CompiledModel, example_inputs: Mapping[str, torch.Tensor], passes: Any = ("cleanup", "fold_batchnorm"),
+    dynamic_axes: Any = "batch", calibration_data: Any = None,
+) -> dict[int, int]:  # fmt: skip
+    """Every position ``model``'s optimized program may be cut at, with the bytes crossing it."""
+    program, _, _ = _program(model, example_inputs, passes, dynamic_axes, calibration_data)
+    return program.legal()
+
+
+def _check_settings(stages: int, balance: str, example_inputs: Any) -> None:
     if stages < 1:
         raise ConfigError(f"stages must be >= 1, got {stages}", where="stages")
     if balance not in ("params", "memory", "latency"):
         raise ConfigError(f"unknown balance '{balance}'", where="balance", hint="params, memory or latency")
     if not isinstance(example_inputs, Mapping):
         raise ConfigError("partition takes example inputs by name (a dict)", where="example_inputs")
+
+
+def _program(
+    model: nn.Module | CompiledModel, example_inputs: Mapping[str, torch.Tensor], passes: Any, dynamic_axes: Any,
+    calibration_data: Any,
+) -> tuple[cutting.Program, tuple[torch.Tensor, ...], list[str]]:  # fmt: skip
+    from torchkiln.driver.api import compile as compile_model
+
     whole = model if isinstance(model, CompiledModel) else compile_model(
         model, dict(example_inputs), passes=passes, backend="torch", dynamic_axes=dynamic_axes, latency_runs=0,
         calibration_data=calibration_data,
@@ -217,118 +274,109 @@ def partition(
         raise ConfigError("partition needs the torch backend's graph", where="model", hint="compile with backend='torch'")
     names = [s.name for s in whole.inputs]
     flat = tuple(example_inputs[n] for n in names)
-    values = _values(gm, flat)
-    order = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")]
-    costs = node_costs(gm, order, values, balance, flat)
-    cuts = choose_cuts(gm, order, costs, values, stages)
-    modules, records = _stages(gm, order, cuts, costs, values)
-    compiled, stage_inputs = [], dict(zip(names, flat))
-    # boundary tensors are named by graph nodes: stages keep a dynamic batch (axis 0), nothing else
-    stage_axes = "batch" if dynamic_axes else None
-    for module, record in zip(modules, records):
-        inputs = {n: stage_inputs[n] if n in stage_inputs else values[n] for n in record.inputs}
-        part = compile_model(
-            module, inputs, passes=(), backend=backend, backend_options=backend_options, latency_runs=0,
-            dynamic_axes=stage_axes, tolerance=tolerance, name=f"stage {record.index}",
-        )  # fmt: skip
-        record.backend = part.backend
-        compiled.append(part)
-    result = Partition(compiled, records, balance, names)
-    _verify(result, gm, flat, dict(example_inputs), tolerance or FP32)
+    batched = [bool(s.shape) and isinstance(s.shape[0], str) for s in whole.inputs]
+    return cutting.analyse(gm, flat, batched), flat, names
+
+
+def compile_stage(
+    module: fx.GraphModule, inputs: dict[str, torch.Tensor], backend: str, backend_options: Mapping[str, Any] | None,
+    axes: Any, tolerance: Tolerance | None, index: int,
+) -> CompiledModel:  # fmt: skip
+    from torchkiln.driver.api import compile as compile_model
+
+    return compile_model(module, inputs, passes=(), backend=backend, backend_options=backend_options,
+                         latency_runs=0, dynamic_axes=axes, tolerance=tolerance, name=f"stage {index}")  # fmt: skip
+
+
+def _stage_inputs(
+    program: cutting.Program, record: StageRecord, names: list[str], flat: tuple[torch.Tensor, ...]
+) -> dict[str, torch.Tensor]:
+    given = dict(zip(names, flat))
+    return {n: given[n] if n in given else program.values[n] for n in record.inputs}
+
+
+def _reads(program: cutting.Program, node: fx.Node) -> list[fx.Node]:
+    """``node``'s inputs with the constants it reads expanded to what they read (weights, literals)."""
+    result, stack = [], list(node.all_input_nodes)
+    while stack:
+        arg = stack.pop()
+        result.append(arg)
+        if program.kinds.get(arg) == "constant":
+            stack.extend(arg.all_input_nodes)
     return result
 
 
-def _values(gm: fx.GraphModule, flat: tuple[torch.Tensor, ...]) -> dict[str, Any]:
-    """Every node's value on the example inputs, by node name."""
-    values: dict[str, Any] = {}
-
-    class Recorder(fx.Interpreter):
-        def run_node(self, n: fx.Node) -> Any:
-            values[n.name] = result = super().run_node(n)
-            return result
-
-    with torch.no_grad():
-        Recorder(gm).run(*flat)
-    return values
-
-
-def _attribute_bytes(gm: fx.GraphModule, node: fx.Node) -> int:
-    total = 0
-    for arg in node.all_input_nodes:
-        if arg.op == "get_attr":
-            value = gm
-            for part in str(arg.target).split("."):
-                value = getattr(value, part)
-            total += value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
-    if node.op == "call_module":
-        total += sum(p.numel() * p.element_size() for p in gm.get_submodule(str(node.target)).parameters())
-    return total
-
-
-def node_costs(
-    gm: fx.GraphModule, order: list[fx.Node], values: Mapping[str, Any], balance: str, flat: tuple[torch.Tensor, ...]
-) -> list[float]:
-    """Cost of each node in ``order`` by ``balance`` (see the module docstring)."""
-    if balance == "params":
-        return [float(_attribute_bytes(gm, n)) for n in order]
-    if balance == "memory":
-        return [float(_attribute_bytes(gm, n) + _tensor_bytes(values.get(n.name))) for n in order]
-    seconds = dict.fromkeys((n.name for n in order), 0.0)
+def node_costs(program: cutting.Program, balance: str, flat: tuple[torch.Tensor, ...], repeats: int = 7) -> list[float]:
+    """Cost of each activation by ``balance`` (see the module docstring); ``latency``: the median of
+    ``repeats`` timed runs after two warm-up runs, a constant's time charged to its first reader."""
+    gm = program.gm
+    if balance != "latency":
+        weights = [float(_weight_bytes(gm, n, program)) for n in program.order]
+        if balance == "memory":
+            weights = [w + _tensor_bytes(program.values.get(n.name)) for w, n in zip(weights, program.order)]
+        return weights
+    runs: dict[str, list[float]] = {n.name: [] for n in gm.graph.nodes}
 
     class Timer(fx.Interpreter):
         def run_node(self, n: fx.Node) -> Any:
             start = time.perf_counter()
             result = super().run_node(n)
-            if n.name in seconds:
-                seconds[n.name] += time.perf_counter() - start
+            runs[n.name].append(time.perf_counter() - start)
             return result
 
     with torch.no_grad():
-        for _ in range(5):
+        for _ in range(2 + repeats):
             Timer(gm).run(*flat)
-    return [seconds[n.name] for n in order]
+    seconds = {name: statistics.median(times[2:]) if len(times) > 2 else 0.0 for name, times in runs.items()}
+    costs = {n: seconds[n.name] for n in program.order}
+    charged: set[fx.Node] = set()
+    for node in program.order:
+        for arg in _reads(program, node):
+            if program.kinds.get(arg) == "constant" and arg not in charged:
+                charged.add(arg)
+                costs[node] += seconds[arg.name]
+    return [costs[n] for n in program.order]
+
+
+def _weight_bytes(gm: fx.GraphModule, node: fx.Node, program: cutting.Program) -> int:
+    """Bytes of the weights ``node`` reads, directly or through constants (an int8 weight's
+    dequantize counts its int8 tensor, scale and zero point)."""
+    total = 0
+    for arg in {a for a in _reads(program, node) if a.op == "get_attr"}:
+        value = gm
+        for part in str(arg.target).split("."):
+            value = getattr(value, part)
+        total += _tensor_bytes(value)
+    if node.op == "call_module":
+        total += sum(p.numel() * p.element_size() for p in gm.get_submodule(str(node.target)).parameters())
+    return total
 
 
 def _tensor_bytes(value: Any) -> int:
     return sum(t.numel() * t.element_size() for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor))
 
 
-def live_after(gm: fx.GraphModule, order: list[fx.Node], position: int) -> list[fx.Node]:
-    """Values defined before ``order[position]`` (inputs included) and used at or after it."""
-    index = {n: i for i, n in enumerate(order)}
-    before = [n for n in gm.graph.nodes if n.op == "placeholder"] + order[:position]
-    live = []
-    for node in before:
-        if any(u.op == "output" or index.get(u, -1) >= position for u in node.users):
-            live.append(node)
-    return live
-
-
-def choose_cuts(
-    gm: fx.GraphModule, order: list[fx.Node], costs: list[float], values: Mapping[str, Any], stages: int
-) -> list[int]:
-    """N-1 cut positions into ``order``: near each k/N share of the total cost, only where tensors
-    alone cross, the fewest boundary bytes within 10% of a stage's share of the target."""
+def choose_cuts(program: cutting.Program, costs: list[float], stages: int) -> list[int]:
+    """N-1 legal cut positions into the program's activations: near each k/N share of the total
+    cost, the fewest boundary bytes within 10% of a stage's share of the target."""
+    order = program.order
     if stages > len(order):
         raise ConfigError(f"{stages} stages asked of a program with {len(order)} compute nodes", where="stages")
     prefix = [0.0]
     for cost in costs:
         prefix.append(prefix[-1] + cost)
     total = prefix[-1] or 1.0
-    crossing: dict[int, int | None] = {}
-    for position in range(1, len(order)):
-        live = live_after(gm, order, position)
-        tensors = all(isinstance(values.get(n.name), torch.Tensor) for n in live)
-        crossing[position] = sum(_tensor_bytes(values.get(n.name)) for n in live) if tensors else None
+    crossing = program.legal()
     cuts: list[int] = []
     for k in range(1, stages):
         target, slack = total * k / stages, 0.1 * total / stages
         low = (cuts[-1] + 1) if cuts else 1
-        valid = [p for p in range(low, len(order) - (stages - k) + 1) if crossing.get(p) is not None]
+        valid = [p for p in range(low, len(order) - (stages - k) + 1) if p in crossing]
         if not valid:
+            reason = program.cut_reason(low) if low < len(order) else "the program ends"
             raise ConfigError(
-                f"no cut for stage {k}: every position crosses a non-tensor value", where="stages",
-                hint="use fewer stages",
+                f"no legal cut for stage {k}: every position crosses a value a stage cannot receive "
+                f"(at node {low}: {reason})", where="stages", hint="use fewer stages",
             )  # fmt: skip
         near = [p for p in valid if abs(prefix[p] - target) <= slack]
         best = min(near, key=lambda p: (crossing[p], abs(prefix[p] - target))) if near else min(
@@ -338,22 +386,90 @@ def choose_cuts(
     return cuts
 
 
+def _forced(program: cutting.Program, cuts: Sequence[int], stages: int) -> list[int]:
+    chosen = sorted(int(c) for c in cuts)
+    if len(chosen) != stages - 1 or len(set(chosen)) != len(chosen):
+        raise ConfigError(f"{stages} stages need {stages - 1} distinct cuts, got {list(cuts)}", where="cuts")
+    for position in chosen:
+        reason = program.cut_reason(position) if 0 < position < len(program.order) else "out of range"
+        if reason:
+            raise ConfigError(f"cut {position} is not legal: {reason}", where="cuts", hint="see legal_cuts()")
+    return chosen
+
+
+def _refine(program: cutting.Program, costs: list[float], cuts: list[int], stages: int) -> list[int]:
+    """Re-time the stage graphs the cuts give and move the cuts by the measured stage times (each
+    stage's per-node costs scaled to its measured time), keeping the most even of up to 3 tries."""
+    best: tuple[float, list[int]] | None = None
+    for _ in range(3):
+        modules, records = _stages(program, cuts, costs)
+        times = [_median_seconds(m, tuple(_stage_values(program, r))) for m, r in zip(modules, records)]
+        ratio = max(times) / (sum(times) / len(times))
+        if best is None or ratio < best[0]:
+            best = (ratio, cuts)
+        if ratio <= 1.05:
+            break
+        bounds = [0, *cuts, len(program.order)]
+        scaled = list(costs)
+        for k, measured in enumerate(times):
+            predicted = sum(costs[bounds[k]:bounds[k + 1]]) or 1e-9
+            for i in range(bounds[k], bounds[k + 1]):
+                scaled[i] = costs[i] * measured / predicted
+        moved = choose_cuts(program, scaled, stages)
+        if moved == cuts:
+            break
+        cuts, costs = moved, scaled
+    assert best is not None
+    return best[1]
+
+
+def _stage_values(program: cutting.Program, record: StageRecord) -> list[Any]:
+    by_name = {value_name(n): program.values[n.name] for n in [*program.placeholders, *program.order]}
+    return [by_name[n] for n in record.inputs]
+
+
+def _median_seconds(fn: Any, args: tuple[Any, ...], repeats: int = 9, **kwargs: Any) -> float:
+    return statistics.median(_timings(fn, args, repeats, **kwargs))
+
+
+def _timings(fn: Any, args: tuple[Any, ...], repeats: int, **kwargs: Any) -> list[float]:
+    times = []
+    with torch.no_grad():
+        for i in range(2 + repeats):
+            start = time.perf_counter()
+            fn(*args, **kwargs)
+            if i >= 2:
+                times.append(time.perf_counter() - start)
+    return times
+
+
+def _measure(result: Partition, program: cutting.Program, names: list[str], flat: tuple[torch.Tensor, ...]) -> None:
+    """Each compiled stage timed on its example inputs (median and quartiles of 15 runs after 2
+    warm-up runs); the partition's balance is the slowest stage over the mean."""
+    for stage, record in zip(result.stages, result.records):
+        times = sorted(_timings(stage, (), 15, **_stage_inputs(program, record, names, flat)))
+        record.measured_ms = round(1e3 * statistics.median(times), 4)
+        record.measured_iqr_ms = round(1e3 * (times[11] - times[3]), 4)
+    measured = [r.measured_ms or 0.0 for r in result.records]
+    result.balance_ratio = round(max(measured) / (sum(measured) / len(measured)), 3) if sum(measured) else None
+
+
 def _stages(
-    gm: fx.GraphModule, order: list[fx.Node], cuts: list[int], costs: list[float], values: Mapping[str, Any]
+    program: cutting.Program, cuts: list[int], costs: list[float]
 ) -> tuple[list[fx.GraphModule], list[StageRecord]]:
+    order = program.order
     bounds = [0, *cuts, len(order)]
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    output = next(n for n in gm.graph.nodes if n.op == "output")
+    output = next(n for n in program.gm.graph.nodes if n.op == "output")
     modules, records = [], []
     for k in range(len(bounds) - 1):
         start, end = bounds[k], bounds[k + 1]
-        inputs = placeholders if k == 0 else live_after(gm, order, start)
+        inputs = program.placeholders if k == 0 else program.live(start)
         last = end == len(order)
-        outputs = list(pytree.tree_leaves(output.args[0])) if last else live_after(gm, order, end)
-        module = _stage_module(gm, inputs, order[start:end], outputs)
+        outputs = list(pytree.tree_leaves(output.args[0])) if last else program.live(end)
+        module = cutting.stage_module(program, inputs, order[start:end], outputs, value_name)
         params = sum(p.numel() for p in module.parameters()) + sum(b.numel() for b in module.buffers())
         param_bytes = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
-        boundary = [] if last else [_boundary(value_name(n), values[n.name]) for n in outputs]
+        boundary = [] if last else [_boundary(value_name(n), program.values[n.name]) for n in outputs]
         out_names = [value_name(n) if isinstance(n, fx.Node) else str(n) for n in outputs]
         records.append(StageRecord(k, [value_name(n) for n in inputs], out_names, end - start, params, param_bytes,
                                    sum(costs[start:end]), boundary))  # fmt: skip
@@ -369,25 +485,6 @@ def value_name(node: fx.Node) -> str:
 
 def _boundary(name: str, value: torch.Tensor) -> Boundary:
     return Boundary(name, list(value.shape), dtype_name(value.dtype), value.numel() * value.element_size())
-
-
-def _stage_module(gm: fx.GraphModule, inputs: list[fx.Node], nodes: list[fx.Node], outputs: list[Any]) -> fx.GraphModule:
-    """A GraphModule taking ``inputs`` (by their node names), running ``nodes``, returning ``outputs``."""
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    for node in inputs:
-        env[node] = graph.placeholder(value_name(node))
-        env[node].meta = dict(node.meta)
-    for node in nodes:
-        for arg in node.all_input_nodes:
-            if arg.op == "get_attr" and arg not in env:
-                env[arg] = graph.get_attr(str(arg.target))
-                env[arg].meta = dict(arg.meta)
-        env[node] = graph.node_copy(node, lambda a: env[a])
-    graph.output(tuple(env[n] if isinstance(n, fx.Node) else n for n in outputs))
-    module = fx.GraphModule(gm, graph)
-    module.graph.lint()
-    return module
 
 
 def _verify(
@@ -407,5 +504,5 @@ def _verify(
         )
 
 
-__all__ = ["Partition", "partition", "load_partition", "PARTITION_FILE"]
+__all__ = ["Partition", "partition", "legal_cuts", "load_partition", "PARTITION_FILE"]
 
