@@ -169,6 +169,44 @@ def test_a_recipe_partition_table_writes_the_stages_beside_the_build(tmp_path, c
     assert "partition" in capsys.readouterr().err
 
 
+INT8_RECIPE = """[model]
+source = "resnet"
+
+[[passes]]
+name = "fold_batchnorm"
+
+[[passes]]
+name = "quantize"
+
+[calibration]
+source = "batches.py:batches"
+
+[backend]
+name = "torch"
+
+[partition]
+stages = 2
+balance = "latency"
+"""
+
+
+def test_a_recipe_with_a_partition_builds_under_torchrun_and_rank_0_writes(tmp_path):
+    """Every rank calibrates the build and the partition together (data-parallel); rank 0 writes both."""
+    (tmp_path / "kiln.toml").write_text(INT8_RECIPE)
+    (tmp_path / "batches.py").write_text("from torchkiln import models\n\ndef batches():\n"
+                                         "    return [models.get('resnet').example_inputs(batch=2, seed=s) for s in range(5)]\n")  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+               "torchkiln.cli", "build", str(tmp_path / "kiln.toml"), "-o", str(tmp_path / "build"), "--no-cache",
+               "--quiet"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("build")) == ["build", "build.partition"]
+    part = torchkiln.load_partition(tmp_path / "build.partition")
+    whole = torchkiln.load(tmp_path / "build")
+    inputs = models.get("resnet").example_inputs(batch=3, seed=7)
+    torch.testing.assert_close(part(**inputs)[0], whole(**inputs), atol=1e-4, rtol=1e-3)
+
+
 def test_progress_bars_name_the_rank_under_torchrun(monkeypatch):
     from torchkiln.compiler.calibration import rank_prefixed
 
