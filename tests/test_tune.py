@@ -108,10 +108,13 @@ def test_workers_share_one_sqlite_study_and_its_budget(tmp_path):
     assert run.returncode in (0, 1), err[-2000:]
     assert "[worker 1] study kiln-tune-" in err  # the second worker joined (it may find the budget taken)
     trials = _trials(recipe)
-    assert 6 <= len(trials) <= 7  # the budget, overshot at most by the other worker's last trial
-    assert all(t["state"] == "COMPLETE" for t in trials)  # the output waited for every worker's trials
-    evaluated = [json.dumps(t["params"], sort_keys=True) for t in trials if t["same_as"] is None]
-    assert len(evaluated) == len(set(evaluated))  # no options built twice
+    built = [t for t in trials if t["same_as"] is None]
+    repeats = [t for t in trials if t["same_as"] is not None]
+    assert 6 <= len(built) <= 7, (trials, err[-3000:])  # the budget, overshot at most by the other worker's last trial
+    assert all(t["state"] == "COMPLETE" for t in built)  # the output waited for every worker's trials
+    assert all(t["state"] == "FAIL" and t["error"] is None for t in repeats)  # asked again, not counted
+    evaluated = [json.dumps(t["params"], sort_keys=True) for t in built]
+    assert len(evaluated) == len(set(evaluated))  # no options built twice: 6 distinct builds
 
 
 TOY = """import torch
@@ -297,21 +300,114 @@ def test_best_toml_paths_are_rewritten_for_its_directory(tmp_path):
     assert raw["model"]["source"] == "toy.py:model"  # the recipe's own table is untouched
 
 
-def test_local_workers_sample_with_their_own_seeds_and_a_worker_is_reproducible(tmp_path):
+SEARCH = ('\n[tune]\ntrials = {trials}\nobjectives = ["size_mb", "latency_ms"]\nsampler = "{sampler}"\n'
+          'space = {{ "quantize" = "optional", "quantize.mode" = ["dynamic", "weight_only"], "quantize.min_macs" = [0, 100000] }}\n')
+
+
+def _fake_search(directory: Path, trials: int, sampler: str = "random", metrics=None, say=None):
+    """run_study with a deterministic stand-in for the build; the study and the recipes it built."""
     from torchkiln import tuning
     from torchkiln.recipe import load_recipe
 
-    def first_options(directory: Path, worker: int) -> dict:
-        directory.mkdir()
-        recipe = load_recipe(_recipe(directory, MLP + '\n[tune]\ntrials = 1\nobjectives = ["size_mb"]\nsampler = "random"\n'
-                                     'space = { "quantize.min_macs" = [0, 100000] }\n'))  # fmt: skip
-        metrics = {"size_mb": 1.0, "constraints": {}}
-        study = tuning.run_study(recipe, tuning.settings(recipe), tuning.storage_url(recipe, None),
-                                 lambda _: metrics, lambda _: None, worker=worker)  # fmt: skip
-        return study.trials[0].params
+    directory.mkdir(exist_ok=True)
+    recipe = load_recipe(_recipe(directory, MLP + SEARCH.format(trials=trials, sampler=sampler)))
+    built = []
 
-    assert first_options(tmp_path / "a", 0) == first_options(tmp_path / "b", 0)
-    assert first_options(tmp_path / "c", 0) != first_options(tmp_path / "d", 1)
+    def evaluate(candidate):
+        built.append(candidate)
+        names = [n for n, _ in candidate.passes]
+        options = dict(candidate.passes[-1][1]) if "quantize" in names else {}
+        default = {"size_mb": 4.0 if "quantize" not in names else 1.0 + options.get("min_macs", 0) / 1e5,
+                   "latency_ms": 1.0 if "quantize" not in names else 2.0, "constraints": {}}  # fmt: skip
+        return metrics(candidate) if metrics else default
+
+    study = tuning.run_study(recipe, tuning.settings(recipe), tuning.storage_url(recipe, None), evaluate,
+                             say or (lambda _: None))  # fmt: skip
+    return study, built, recipe
+
+
+def _built_params(study) -> list[str]:
+    return [json.dumps(t.params, sort_keys=True) for t in study.trials if t.state.name == "COMPLETE"]
+
+
+def test_a_search_is_reproducible_and_a_resumed_one_continues_as_an_uninterrupted_one(tmp_path):
+    whole, _, _ = _fake_search(tmp_path / "whole", 6)
+    _fake_search(tmp_path / "split", 3)
+    resumed, _, _ = _fake_search(tmp_path / "split", 6)  # the same study, a larger budget
+    again, _, _ = _fake_search(tmp_path / "again", 6)
+    assert _built_params(whole) == _built_params(resumed) == _built_params(again)
+    assert len(set(_built_params(whole))) == 6  # six distinct builds
+
+
+def test_a_killed_runs_trial_is_failed_at_once_and_the_search_goes_on(tmp_path):
+    import optuna
+
+    first, _, recipe = _fake_search(tmp_path, 2)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = first.ask()  # what a killed run leaves: a RUNNING trial of a process that is gone
+    orphan.set_user_attr("worker", f"{os.uname().nodename}:{int(dead.stdout)}")
+    assert orphan.number == 2
+    heard: list[str] = []
+    resumed, built, _ = _fake_search(tmp_path, 4, say=heard.append)  # grace period 30 s: not waited for
+    states = {t.number: t.state for t in resumed.trials}
+    assert states[2] == optuna.trial.TrialState.FAIL and any("failed 1 trial(s) of a killed run" in h for h in heard)
+    assert len(_built_params(resumed)) == 4 and len(built) == 2
+
+
+def test_a_repeated_proposal_is_asked_again_not_built_and_not_counted(tmp_path):
+    from torchkiln import tuning
+
+    heard: list[str] = []
+    # the space holds two option sets (with and without quantize), the budget asks for five
+    recipe_text = MLP + '\n[tune]\ntrials = 5\nobjectives = ["size_mb"]\nsampler = "random"\nspace = { "quantize" = "optional" }\n'
+    (tmp_path / "kiln.toml").write_text(recipe_text)
+    from torchkiln.recipe import load_recipe
+
+    recipe = load_recipe(tmp_path / "kiln.toml")
+    built = []
+
+    def evaluate(candidate):
+        built.append([n for n, _ in candidate.passes])
+        return {"size_mb": float(len(candidate.passes)), "constraints": {}}
+
+    study = tuning.run_study(recipe, tuning.settings(recipe), tuning.storage_url(recipe, None), evaluate, heard.append)
+    assert sorted(map(tuple, built)) == [("cleanup",), ("cleanup", "quantize")]  # each option set built once
+    repeats = [t for t in study.trials if "same_as" in t.user_attrs]
+    assert len(repeats) == tuning.MAX_REPEATS and all(t.state.name == "FAIL" for t in repeats)
+    assert tuning._counted(study) == 2 and any("the space may be exhausted" in h for h in heard)
+
+
+def test_the_search_starts_from_the_recipe_and_never_returns_less_than_it(tmp_path):
+    from torchkiln import tuning
+
+    def metrics(candidate):  # dropping quantize is faster but 4x larger: not better than the recipe
+        quantized = any(n == "quantize" for n, _ in candidate.passes)
+        options = dict(candidate.passes[-1][1]) if quantized else {}
+        slow = 2.0 + (0.5 if options.get("mode") == "weight_only" else 0.0) + options.get("min_macs", 0) / 1e6
+        return {"size_mb": 1.0 if quantized else 4.0, "latency_ms": slow if quantized else 1.0, "constraints": {}}
+
+    study, built, recipe = _fake_search(tmp_path, 6, sampler="tpe", metrics=metrics)
+    table = tuning.rows(study, tuning.settings(recipe))
+    first = table[0]
+    assert first["warm_start"] == "recipe" and first["params"]["quantize"] is True
+    assert first["params"]["quantize.mode"] == "dynamic" and first["params"]["quantize.min_macs"] == 0  # as written
+    assert table[1]["warm_start"] == "recipe without quantize" and table[1]["params"] == {"quantize": False}
+    chosen = tuning.best(study, tuning.settings(recipe), table)
+    assert chosen is not None and chosen["size_mb"] <= first["size_mb"] and chosen["latency_ms"] <= first["latency_ms"]
+
+
+def test_a_storage_lost_mid_search_is_a_typed_error(tmp_path, monkeypatch):
+    import optuna
+    import sqlalchemy.exc
+
+    from torchkiln.errors import StorageError
+
+    def lost(*args, **kwargs):
+        raise sqlalchemy.exc.OperationalError("SELECT", None, Exception("server closed the connection unexpectedly"))
+
+    monkeypatch.setattr(optuna.Study, "optimize", lost)
+    with pytest.raises(StorageError, match="cannot use the study storage sqlite:.*server closed the connection"):
+        _fake_search(tmp_path, 2)
 
 
 def test_an_unmeasured_objective_is_a_failed_trial_not_an_endless_search(tmp_path):

@@ -30,6 +30,11 @@ class ConfigError(KilnError):
     """A pass spec, option, backend option or recipe key is unknown or has a bad value."""
 
 
+class StorageError(ConfigError):
+    """A search's study storage cannot be opened (a bad URL, server, user or password) or was lost
+    mid-search."""
+
+
 class InputError(KilnError):
     """Example or call inputs do not match what the model/artifact expects."""
 

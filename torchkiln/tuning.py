@@ -44,6 +44,7 @@ first objective (ties: the next).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -55,13 +56,13 @@ import math
 import os
 import time
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from torchkiln.backends import BACKEND_NAMES
 from torchkiln.compiler.passes import get_pass
-from torchkiln.errors import ConfigError, KilnError
+from torchkiln.errors import ConfigError, KilnError, StorageError
 from torchkiln.recipe import PATH_KEYS, Recipe, line_in
 
 OBJECTIVES = ("accuracy_drop", "latency_ms", "size_mb")
@@ -342,66 +343,62 @@ def _optuna() -> Any:
 def run_study(
     recipe: Recipe, tune: TuneSettings, storage: str, evaluate: Callable[[Recipe], dict[str, Any]],
     say: Callable[[str], None], timeout: float | None = None, tick: Callable[[int], None] | None = None,
-    grace_period: int = 30, worker: int = 0,
+    grace_period: int = 30,
 ) -> Any:  # fmt: skip
-    """Trials until the study holds ``tune.trials`` counted ones (finished, pruned, running, or
-    failed with an error — not the running trials of a killed worker, which Optuna's heartbeat
-    fails) or ``timeout`` seconds have passed; the study. ``tick(n)`` hears the count after each trial.
+    """Trials until the study holds ``tune.trials`` counted ones — distinct builds: finished,
+    pruned, running, or failed with an error of their own — or ``timeout`` seconds have passed;
+    the study. ``tick(n)`` hears the count after each trial.
 
-    The sampler's seed is the recipe's plus ``worker`` (a ``--workers`` child's index), so local
-    workers propose different options; a first worker joining a study that other processes are
-    running (another machine) offsets it by its host and process instead."""
+    A fresh study first runs the recipe as written and the recipe without each optional pass
+    (warm start: the best is never worse than the hand-written recipe). A proposal whose options a
+    finished trial (or an earlier running one) already has is not built and not counted: the
+    sampler is asked again, up to :data:`MAX_REPEATS` times in a row. Each trial's sampler is
+    seeded from the recipe's seed and the trial's number, so a search is reproducible, a resumed
+    one included, and workers propose different options. A running trial of a process on this
+    host that no longer exists (a killed run) is failed at once; another host's after
+    ``grace_period`` seconds without a heartbeat."""
     optuna = _optuna()
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is reported below, with its error
     rdb = _storage(storage, grace_period)
-    study = optuna.create_study(study_name=study_name(recipe), storage=rdb, load_if_exists=True,
-                                directions=["minimize"] * len(tune.objectives))  # fmt: skip
-    joining = worker == 0 and bool(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
-    seed = tune.seed + (zlib.crc32(_WORKER.encode()) if joining else worker)
-    study.sampler = {  # constraints (the gates) come from trial.set_constraint, which these samplers read
-        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, n_startup_trials=4),
-        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
-        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
-    }[tune.sampler]()
+    with storage_errors(storage):
+        study = optuna.create_study(study_name=study_name(recipe), storage=rdb, load_if_exists=True,
+                                    directions=["minimize"] * len(tune.objectives))  # fmt: skip
+        killed = _fail_killed(study)
+        queued = warm_start(study, recipe, tune)
     gate = recipe.gate.get("max_accuracy_drop") if tune.pruner == "gate" else None
     import sqlalchemy.engine
 
     shown = sqlalchemy.engine.make_url(storage).render_as_string(hide_password=True)  # logs never carry it
     say(f"study {study.study_name} in {shown}: {_counted(study)} of {tune.trials} trials"
-        + (", joining the workers running it" if joining else ""))  # fmt: skip
+        + (f"; failed {killed} trial(s) of a killed run" if killed else "")
+        + (f"; starting from the recipe and {queued - 1} variant(s) of it" if queued else ""))  # fmt: skip
 
     def objective(trial: Any) -> tuple[float, ...]:
         trial.set_user_attr("worker", _WORKER)
         params = sample(trial, tune.space, recipe)
         say(f"trial {trial.number}: {json.dumps(params, sort_keys=True)}")
-        same = _same_options(study, trial)
-        if same is not None:  # the sampler proposed finished options again: reuse, never rebuild
-            trial.set_user_attr("same_as", same.number)
-            for key in ("metrics", "constraints", "proxy"):
-                if key in same.user_attrs:
-                    trial.set_user_attr(key, same.user_attrs[key])
-            if same.state == optuna.trial.TrialState.PRUNED:
-                raise optuna.TrialPruned(same.user_attrs["metrics"]["pruned"])
-            metrics = {**same.user_attrs["metrics"], "constraints": same.user_attrs["constraints"]}
-        else:
-            candidate = variant(recipe, params)
-            try:
-                cheap = proxy(candidate) if gate is not None else None
-                if cheap is not None:
-                    drop = evaluate(cheap)["accuracy_drop"]
-                    trial.set_user_attr("proxy", {"passes": [n for n, _ in cheap.passes], "accuracy_drop": drop})
-                    if drop > gate:
-                        why = f"pruned: accuracy drop {drop:.4g} after {cheap.passes[-1][0]} already misses the gate {gate:g}"
-                        trial.set_user_attr("metrics", {"pruned": why})
-                        raise optuna.TrialPruned(why)
-                metrics = evaluate(candidate)
-            except optuna.TrialPruned:
-                raise
-            except Exception as exc:  # a failed trial, counted against the budget with its error
-                message = exc.message if isinstance(exc, KilnError) else f"{type(exc).__name__}: {exc}"
-                trial.set_user_attr("metrics", {"error": (message.strip() or type(exc).__name__).splitlines()[0]})
-                raise
+        twin = _twin(study, trial)
+        if twin is not None:  # neither built nor counted: the sampler is asked again
+            trial.set_user_attr("same_as", twin.number)
+            raise Repeat(f"the options of trial {twin.number}")
+        candidate = variant(recipe, params)
+        try:
+            cheap = proxy(candidate) if gate is not None else None
+            if cheap is not None:
+                drop = evaluate(cheap)["accuracy_drop"]
+                trial.set_user_attr("proxy", {"passes": [n for n, _ in cheap.passes], "accuracy_drop": drop})
+                if drop > gate:
+                    why = f"pruned: accuracy drop {drop:.4g} after {cheap.passes[-1][0]} already misses the gate {gate:g}"
+                    trial.set_user_attr("metrics", {"pruned": why})
+                    raise optuna.TrialPruned(why)
+            metrics = evaluate(candidate)
+        except optuna.TrialPruned:
+            raise
+        except Exception as exc:  # a failed trial, counted against the budget with its error
+            message = exc.message if isinstance(exc, KilnError) else f"{type(exc).__name__}: {exc}"
+            trial.set_user_attr("metrics", {"error": (message.strip() or type(exc).__name__).splitlines()[0]})
+            raise
         trial.set_user_attr("metrics", {k: v for k, v in metrics.items() if k != "constraints"})
         trial.set_user_attr("constraints", dict(metrics["constraints"]))
         for name, excess in metrics["constraints"].items():
@@ -414,27 +411,106 @@ def run_study(
             raise KilnError(error)
         return values
 
-    started = time.monotonic()
-    while True:
-        if timeout is not None and time.monotonic() - started >= timeout:
-            say(f"stopping: --timeout {timeout:g} s reached with {_counted(study)} of {tune.trials} trials")
-            break
-        if _counted(study) < tune.trials:
-            study.optimize(objective, n_trials=1, catch=(Exception,))
-            mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("worker") == _WORKER]
-            if mine:
-                say(f"trial {mine[-1].number} [{_counted(study)}/{tune.trials}]: " + _outcome(mine[-1], tune))
-            if tick is not None:
-                tick(_counted(study))
-        elif study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            time.sleep(0.5)  # the budget is spoken for: wait for the other workers' trials (a killed
-            _fail_stale(study)  # worker's fail after the grace period and are redone)
-        else:
-            break
+    started, repeats = time.monotonic(), 0
+    with storage_errors(storage):
+        while True:
+            if timeout is not None and time.monotonic() - started >= timeout:
+                say(f"stopping: --timeout {timeout:g} s reached with {_counted(study)} of {tune.trials} trials")
+                break
+            if _counted(study) < tune.trials:
+                # after a repeat, ask a random sampler: TPE proposes its favourite again
+                study.sampler = _sampler(tune, len(study.get_trials(deepcopy=False)), random=repeats > 0)
+                study.optimize(objective, n_trials=1, catch=(Exception,))
+                mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("worker") == _WORKER]
+                if mine and "same_as" in mine[-1].user_attrs:
+                    twin = study.trials[mine[-1].user_attrs["same_as"]]
+                    if twin.state == optuna.trial.TrialState.RUNNING:  # another worker builds it: not a sign
+                        time.sleep(0.5)  # the space is exhausted; give it time
+                        _fail_stale(study)  # (or fail it, if its worker was killed)
+                        continue
+                    repeats += 1
+                    say(f"trial {mine[-1].number}: the options of trial {twin.number}: "
+                        f"not built, not counted; asking the sampler again ({repeats}/{MAX_REPEATS})")  # fmt: skip
+                    if repeats >= MAX_REPEATS:
+                        say(f"stopping: the sampler proposed only options already built, {MAX_REPEATS} times in a "
+                            f"row ({_counted(study)} of {tune.trials} trials; the space may be exhausted)")  # fmt: skip
+                        break
+                    continue
+                repeats = 0
+                if mine:
+                    say(f"trial {mine[-1].number} [{_counted(study)}/{tune.trials}]: " + _outcome(mine[-1], tune))
+                if tick is not None:
+                    tick(_counted(study))
+            elif study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+                time.sleep(0.5)  # the budget is spoken for: wait for the other workers' trials (a killed
+                _fail_stale(study)  # worker's fail after the grace period and are redone)
+            else:
+                break
     return study
 
 
+MAX_REPEATS = 25
 _WORKER = f"{os.uname().nodename}:{os.getpid()}"
+
+
+class Repeat(Exception):
+    """A proposal with the options of a trial already built (or being built by an earlier trial)."""
+
+
+def _sampler(tune: TuneSettings, number: int, random: bool = False) -> Any:
+    """The sampler for trial ``number``: seeded from the recipe's seed and the number alone (not
+    the host, the process or how many runs the search took)."""
+    import optuna
+
+    seed = zlib.crc32(f"{tune.seed}:{number}".encode())
+    if random:
+        return optuna.samplers.RandomSampler(seed=seed)
+    return {  # constraints (the gates) come from trial.set_constraint, which these samplers read
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, n_startup_trials=4),
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+    }[tune.sampler]()
+
+
+def base_params(recipe: Recipe, space: tuple[Dimension, ...]) -> dict[str, Any]:
+    """The options of the recipe as written, in the space's terms (a value outside the space is
+    left to the sampler)."""
+    params: dict[str, Any] = {}
+    written = {name: dict(options) for name, options in recipe.passes}
+    for dim in space:
+        owner, _, option = dim.key.partition(".")
+        if dim.kind == "optional":
+            params[dim.key] = True
+            continue
+        if dim.key == "backend":
+            value: Any = recipe.backend
+        elif owner == "backend":
+            value = recipe.backend_options.get(option)
+        else:
+            value = written[owner].get(option, _default(owner, written[owner], option))
+        inside = value in dim.choices if dim.kind == "choice" else _number(value) and dim.low <= value <= dim.high
+        if inside and value is not None:
+            params[dim.key] = int(value) if dim.integer else value
+    return params
+
+
+def _default(pass_name: str, options: Mapping[str, Any], option: str) -> Any:
+    try:
+        return getattr(get_pass(pass_name).Config.from_mapping(options, owner=pass_name), option, None)
+    except ConfigError:
+        return None
+
+
+def warm_start(study: Any, recipe: Recipe, tune: TuneSettings) -> int:
+    """On a fresh study: queue the recipe as written, then without each optional pass; how many."""
+    if study.get_trials(deepcopy=False):
+        return 0
+    base = base_params(recipe, tune.space)
+    queue = [(base, "recipe")] + [({**base, d.key: False}, f"recipe without {d.key}")
+                                  for d in tune.space if d.kind == "optional"]  # fmt: skip
+    for params, role in queue:
+        study.enqueue_trial(params, user_attrs={"warm_start": role}, skip_if_exists=True)
+    return len(queue)
 
 
 def _counted(study: Any) -> int:
@@ -457,23 +533,44 @@ def _outcome(trial: Any, tune: TuneSettings) -> str:
     return "failed: " + metrics.get("error", "see trials.csv")
 
 
-def _same_options(study: Any, trial: Any) -> Any:
-    """A finished (or pruned) trial with this trial's options, waiting for one another worker is
-    running (so two workers never build the same options), or None."""
+def _twin(study: Any, trial: Any) -> Any:
+    """A trial with ``trial``'s options that is finished (complete or pruned), or running with an
+    earlier number (two workers proposing the same options at once: the earlier one builds), or None."""
     import optuna
 
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
-    while True:
-        twins = [t for t in study.get_trials(deepcopy=False, states=states)
-                 if t.number != trial.number and t.params == trial.params]  # fmt: skip
-        done = [t for t in twins if (t.state == optuna.trial.TrialState.COMPLETE and "constraints" in t.user_attrs)
-                or (t.state == optuna.trial.TrialState.PRUNED and "pruned" in t.user_attrs.get("metrics", {}))]  # fmt: skip
-        if done:
-            return done[0]
-        if not any(t.number < trial.number and t.state == optuna.trial.TrialState.RUNNING for t in twins):
-            return None  # the earlier one builds; a later twin waits for us
-        time.sleep(0.5)
-        _fail_stale(study)  # the earlier twin's worker may have been killed
+    state = optuna.trial.TrialState
+    for other in study.get_trials(deepcopy=False, states=(state.COMPLETE, state.PRUNED, state.RUNNING)):
+        if other.number != trial.number and other.params == trial.params and "same_as" not in other.user_attrs:
+            if other.state != state.RUNNING or other.number < trial.number:
+                return other
+    return None
+
+
+def _fail_killed(study: Any) -> int:
+    """Fail the running trials of processes on this host that no longer exist (a run killed with
+    its trial in flight: resuming must not wait for a heartbeat or take it for a live worker)."""
+    import optuna
+
+    host, failed = os.uname().nodename, 0
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        name, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
+        if name == host and pid.isdigit() and not _alive(int(pid)):
+            try:
+                study._storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL)
+                failed += 1
+            except RuntimeError:  # it finished meanwhile (UpdateFinishedTrialError)
+                pass
+    return failed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _fail_stale(study: Any) -> None:
@@ -547,31 +644,50 @@ def _schema_race(exc: Exception) -> bool:
     return any(sign in text for sign in ("already exists", "unique constraint", "database is locked"))
 
 
-def _storage_error(shown: str, exc: Exception) -> ConfigError:
+def _storage_error(shown: str, exc: Exception, doing: str = "open") -> StorageError:
     first = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__])[0]
-    return ConfigError(f"cannot open the study storage {shown}: {first}", where="--storage",
-                       hint="check the URL, the server, the user and password (or the database driver is installed)")  # fmt: skip
+    return StorageError(f"cannot {doing} the study storage {shown}: {first}", where="--storage",
+                        hint="check the URL, the server, the user and password (or the database driver is installed)")  # fmt: skip
+
+
+@contextlib.contextmanager
+def storage_errors(url: str) -> Iterator[None]:
+    """A database failure while the search runs (the server went away, a lock timed out) as a
+    StorageError naming the storage, not an internal error; finished trials stay in the study."""
+    import sqlalchemy.exc
+
+    try:
+        yield
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        raise _storage_error(check_storage(url), exc, "use") from None
 
 
 def rows(study: Any, tune: TuneSettings) -> list[dict[str, Any]]:
-    """Every trial: number, state, params, metrics, feasible."""
+    """Every trial started: number, state, params, metrics, feasible (a repeat proposal: ``same_as``)."""
     out = []
     for trial in study.get_trials(deepcopy=False):
+        if trial.state.name == "WAITING":  # queued by the warm start, never run
+            continue
         metrics = trial.user_attrs.get("metrics", {})
         out.append({"number": trial.number, "state": trial.state.name, "params": trial.params,
                     **{k: metrics.get(k) for k in OBJECTIVES}, "error": metrics.get("error"), "pruned": metrics.get("pruned"),
                     "proxy_accuracy_drop": trial.user_attrs.get("proxy", {}).get("accuracy_drop"),
-                    "same_as": trial.user_attrs.get("same_as"),
+                    "same_as": trial.user_attrs.get("same_as"), "warm_start": trial.user_attrs.get("warm_start"),
                     "feasible": "constraints" in trial.user_attrs
                     and all(v <= 0 for v in trial.user_attrs["constraints"].values())})  # fmt: skip
     return out
 
 
 def best(study: Any, tune: TuneSettings, table: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Among feasible complete trials on the Pareto front: the lowest first objective, then the next."""
+    """Among feasible complete trials on the Pareto front: the lowest first objective, then the next
+    — and, when the recipe as written was a feasible trial (warm start), only among those no worse
+    than it on every objective, so the search never hands back less than the hand-written recipe."""
     front = {t.number for t in study.best_trials}
     feasible = [r for r in table if r["state"] == "COMPLETE" and r["feasible"]]
     pareto = [r for r in feasible if r["number"] in front] or feasible
+    written = next((r for r in feasible if r.get("warm_start") == "recipe"), None)
+    if written is not None:
+        pareto = [r for r in pareto if all(r[o] <= written[o] for o in tune.objectives)] or [written]
     if not pareto:
         return None
     return min(pareto, key=lambda r: tuple(r[o] for o in tune.objectives))

@@ -95,7 +95,7 @@ def _search(recipe: Recipe, tune: tuning.TuneSettings, storage: str, args: argpa
 
     tick = (lambda n: bar.update(n - bar.n)) if bar is not None else None
     return tuning.run_study(recipe, tune, storage, evaluate, say, timeout=args.timeout, tick=tick,
-                            grace_period=args.grace_period, worker=int(os.environ.get("TORCHKILN_TUNE_WORKER_ID", 0)))  # fmt: skip
+                            grace_period=args.grace_period)  # fmt: skip
 
 
 def _write(study: Any, recipe: Recipe, tune: tuning.TuneSettings, output: Path, quiet: bool) -> int:
@@ -112,7 +112,9 @@ def _write(study: Any, recipe: Recipe, tune: tuning.TuneSettings, output: Path, 
         _plot(staging / "pareto.png", table, tune)
     if not quiet:
         done = [r for r in table if r["state"] == "COMPLETE"]
-        print(f"kiln tune: {len(done)} complete trial(s) of {len(table)}; "
+        repeats = sum(1 for r in table if r["same_as"] is not None)
+        print(f"kiln tune: {len(done)} complete trial(s) of {len(table) - repeats} built"
+              + (f" ({repeats} repeated proposal(s) asked again, not built)" if repeats else "") + "; "
               + (f"best #{chosen['number']}: " + ", ".join(f"{o} {chosen[o]:.4g}" for o in tune.objectives)
                  + f" {json.dumps(chosen['params'], sort_keys=True)}" if chosen else "no feasible trial (see trials.csv)"))  # fmt: skip
         print(f"kiln: wrote {output}", file=sys.stderr)
