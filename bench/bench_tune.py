@@ -7,17 +7,22 @@ blocks (2, 2, 2), 175k parameters; ``encoder`` — a ViT-style encoder, 2x2 patc
 * every **hand-written recipe** below (the single recipes README recommends) is built with
   ``kiln build`` — its accuracy drop, size and gate verdict come from that build (the bf16 one
   states ``[verify] min_cosine = 0.999``: a lossless pipeline is otherwise held to fp32);
-* ``kiln tune`` searches a space over all of them (``--trials``, default 16) with objectives
+* ``kiln tune`` searches from a hand-written recipe (``--trials``, default 16) with objectives
   latency and size and the recipe's gate (accuracy drop <= ``--max-drop``, default 0.5 points) as a
-  constraint, then ``kiln build tune/best.toml`` builds the chosen recipe;
+  constraint, then ``kiln build tune/best.toml`` builds the chosen recipe. Two cases (``--cases``):
+  ``search`` starts from "prune 0.5 + distill 8 + static int8" and searches a space over all the
+  hand-written recipes (passes dropped, ratios, modes, calibrators, backends); ``int8`` starts from
+  "static int8 (percentile), ONNX Runtime" and searches its quantization mode, calibrator, backend
+  and whether fold_batchnorm runs. The search starts from its recipe as written (warm start), so
+  the goal is tuned / starting recipe <= 1.0x on latency and size at the same gate;
 * every artifact, and eager, is then **timed side by side** in this process (the interleaved
   timer, batch 32 and batch 1): latency is only compared within one run. "best hand-written" is the
   fastest hand-written recipe that meets the gate in that timing.
 
 The CPU's model and kernel flags are printed first: which recipe wins depends on them.
 
-    python bench/bench_tune.py                                   # both models, 16 trials (~20-30 min)
-    python bench/bench_tune.py --models resnet --trials 8 --json out.json
+    python bench/bench_tune.py                                   # both models and cases, 16 trials
+    python bench/bench_tune.py --models resnet --cases int8 --json out.json
 """
 
 from __future__ import annotations
@@ -54,11 +59,19 @@ HAND: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = {
     "bf16, Inductor": (CLEANUP, {"name": "inductor", "options": {"dtype": "bfloat16"}}),
     "prune 0.5 + distill 8 + static int8, ONNX Runtime": ([*CLEANUP, PRUNE, DISTILL, INT8], {"name": "onnxruntime"}),
 }
-SPACE = {
+SEARCH_SPACE = {
     "prune": "optional", "prune.ratio": [0.1, 0.7], "distill": "optional", "distill.epochs": [2, 12],
     "quantize": "optional", "quantize.mode": ["int8", "dynamic", "fp16"],
     "quantize.calibrator": ["minmax", "percentile", "entropy"], "backend": ["onnxruntime", "inductor"],
 }  # fmt: skip
+INT8_SPACE = {
+    "fold_batchnorm": "optional", "quantize.mode": ["int8", "dynamic", "fp16"],
+    "quantize.calibrator": ["minmax", "percentile", "entropy"], "backend": ["onnxruntime", "inductor"],
+}  # fmt: skip
+CASES = {  # the hand-written recipe a search starts from, and its space
+    "search": ("prune 0.5 + distill 8 + static int8, ONNX Runtime", SEARCH_SPACE),
+    "int8": ("static int8 (percentile), ONNX Runtime", INT8_SPACE),
+}
 
 
 def recipe(model: str, passes: list[dict[str, Any]], backend: dict[str, Any], max_drop: float) -> dict[str, Any]:
@@ -87,7 +100,7 @@ def build(path: Path, out: Path) -> dict[str, Any]:
             "passed": all(g["passed"] for g in report["gates"]), "build_s": time.perf_counter() - started}  # fmt: skip
 
 
-def bench_model(model: str, work: Path, trials: int, runs: int, max_drop: float) -> dict[str, Any]:
+def bench_model(model: str, work: Path, trials: int, runs: int, max_drop: float, cases: list[str]) -> dict[str, Any]:
     sys.path.insert(0, str(work))
     import digits  # the example's module, copied into the work directory
 
@@ -101,19 +114,24 @@ def bench_model(model: str, work: Path, trials: int, runs: int, max_drop: float)
         path.write_text(toml_text(recipe(model, passes, backend, max_drop)))
         rows[name] = {"kind": "hand-written", **build(path, work / f"{model}-hand{index}")}
         print(f"[{model}] built {name}: {rows[name]}", file=sys.stderr)
-    base = recipe(model, [*CLEANUP, PRUNE, DISTILL, INT8], {"name": "onnxruntime"}, max_drop)
-    base["tune"] = {"trials": trials, "objectives": ["latency_ms", "size_mb"], "sampler": "tpe", "seed": 0,
-                    "space": SPACE}  # fmt: skip
-    tuned = work / f"{model}-tune.toml"
-    tuned.write_text(toml_text(base))
-    started = time.perf_counter()
-    code = main(["tune", str(tuned), "--no-cache", "-o", str(work / f"{model}-tune")])
-    search_s = time.perf_counter() - started
-    table = json.loads((work / f"{model}-tune" / "trials.json").read_text())
-    summary = {s: sum(t["state"] == s for t in table) for s in ("COMPLETE", "PRUNED", "FAIL")}
-    if code == 0:
-        best = work / f"{model}-tune" / "best.toml"
-        rows["kiln tune best"] = {"kind": "tuned", **build(best, work / f"{model}-tuned"), "recipe": best.read_text()}
+    searches = {}
+    for case in cases:
+        start, space = CASES[case]
+        base = recipe(model, *HAND[start], max_drop)
+        base["tune"] = {"trials": trials, "objectives": ["latency_ms", "size_mb"], "sampler": "tpe", "seed": 0,
+                        "space": space}  # fmt: skip
+        tuned = work / f"{model}-{case}-tune.toml"
+        tuned.write_text(toml_text(base))
+        started = time.perf_counter()
+        code = main(["tune", str(tuned), "--no-cache", "-o", str(work / f"{model}-{case}-tune")])
+        table = json.loads((work / f"{model}-{case}-tune" / "trials.json").read_text())
+        states = {s: sum(t["state"] == s and t["same_as"] is None for t in table) for s in ("COMPLETE", "PRUNED", "FAIL")}
+        searches[case] = {"start": start, "trials": trials, "seconds": time.perf_counter() - started, "states": states,
+                          "repeats": sum(t["same_as"] is not None for t in table), "exit": code}  # fmt: skip
+        if code == 0:
+            best = work / f"{model}-{case}-tune" / "best.toml"
+            rows[f"kiln tune best ({case})"] = {"kind": "tuned", "case": case,
+                                                **build(best, work / f"{model}-{case}-tuned"), "recipe": best.read_text()}  # fmt: skip
     timed = {name: row for name, row in rows.items() if "dir" in row}
     latency = time_side_by_side(trained, timed, runs)
     for name, row in rows.items():
@@ -121,7 +139,7 @@ def bench_model(model: str, work: Path, trials: int, runs: int, max_drop: float)
     feasible = [n for n, r in rows.items() if r["kind"] == "hand-written" and r.get("passed") and "ms_b32" in r]
     best_hand = min(feasible, key=lambda n: rows[n]["ms_b32"]) if feasible else None
     return {"model": model, "eager": latency["eager"], "rows": rows, "best_hand_written": best_hand,
-            "search": {"trials": trials, "seconds": search_s, "states": summary, "exit": code}}  # fmt: skip
+            "searches": searches}  # fmt: skip
 
 
 def time_side_by_side(eager: torch.nn.Module, rows: dict[str, dict[str, Any]], runs: int) -> dict[str, dict[str, float]]:
@@ -152,20 +170,23 @@ def print_table(result: dict[str, Any]) -> None:
         print(f"| {name}{mark} | {r['top1']:.2f} | {r['drop']:.2f} | {'met' if r['passed'] else 'missed'} | "
               f"{r['size_mb']:.3f} | {r['ms_b32']:.3f} | {eager['ms_b32'] / r['ms_b32']:.2f}x | {r['ms_b1']:.3f} | "
               f"{eager['ms_b1'] / r['ms_b1']:.2f}x |")  # fmt: skip
-    s = result["search"]
-    print(f"search: {s['trials']} trials in {s['seconds']:.0f} s: {s['states']}")
-    tuned = result["rows"].get("kiln tune best")
-    hand = result["rows"].get(result["best_hand_written"] or "")
-    if tuned and hand and "ms_b32" in tuned:
-        print(f"tuned / best hand-written: latency b32 {tuned['ms_b32'] / hand['ms_b32']:.2f}x, "
-              f"b1 {tuned['ms_b1'] / hand['ms_b1']:.2f}x, size {tuned['size_mb'] / hand['size_mb']:.2f}x, "
-              f"drop {tuned['drop']:.2f} vs {hand['drop']:.2f} points")  # fmt: skip
+    for case, s in result["searches"].items():
+        print(f"search '{case}' from \"{s['start']}\": {s['trials']} trials in {s['seconds']:.0f} s: {s['states']}, "
+              f"{s['repeats']} repeated proposal(s) not built")  # fmt: skip
+        tuned = result["rows"].get(f"kiln tune best ({case})")
+        for label, other in (("starting recipe", s["start"]), ("best hand-written", result["best_hand_written"])):
+            hand = result["rows"].get(other or "")
+            if tuned and hand and "ms_b32" in tuned and "ms_b32" in hand:
+                print(f"  tuned / {label}: latency b32 {tuned['ms_b32'] / hand['ms_b32']:.2f}x, "
+                      f"b1 {tuned['ms_b1'] / hand['ms_b1']:.2f}x, size {tuned['size_mb'] / hand['size_mb']:.2f}x, "
+                      f"drop {tuned['drop']:.2f} vs {hand['drop']:.2f} points")  # fmt: skip
 
 
 def cli() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["resnet", "encoder"], choices=["resnet", "encoder"])
     parser.add_argument("--trials", type=int, default=16)
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--runs", type=int, default=200, help="timed calls per artifact and batch size")
     parser.add_argument("--max-drop", type=float, default=0.5, help="the accuracy gate, in top-1 points")
     parser.add_argument("--workdir", help="keep the builds here (default: a temporary directory)")
@@ -178,7 +199,7 @@ def cli() -> int:
     shutil.copy(EXAMPLE / "digits.py", work / "digits.py")
     results = []
     for model in args.models:
-        results.append(bench_model(model, work, args.trials, args.runs, args.max_drop))
+        results.append(bench_model(model, work, args.trials, args.runs, args.max_drop, args.cases))
         print_table(results[-1])
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine_line(), "results": results}, indent=2, default=str))

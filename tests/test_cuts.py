@@ -12,7 +12,7 @@ from torch.utils import _pytree as pytree
 import torchkiln
 from torchkiln import models
 from torchkiln.compiler.verify import Tolerance
-from torchkiln.driver import partition as partitioning
+from torchkiln.driver import partition as partitioning  # _program: the analysed graph
 from torchkiln.errors import ConfigError
 
 INT8 = "cleanup,fold_batchnorm,quantize"
@@ -32,7 +32,7 @@ def _tensors(outputs) -> list[torch.Tensor]:
 
 
 def _every_legal_cut_composes(entry, whole, every: int = 1, backend: str = "torch", tolerance=None) -> int:
-    legal = partitioning.legal_cuts(whole, entry.example_inputs(batch=2))
+    legal = torchkiln.legal_cuts(whole, entry.example_inputs(batch=2))
     other = entry.example_inputs(batch=3, seed=9)  # a batch size the stages were not built at
     want = _tensors(whole(**other))
     for position in sorted(legal)[::every]:
@@ -72,6 +72,26 @@ def test_every_legal_cut_of_an_int8_resnet18_on_onnxruntime_composes():
                                      tolerance=Tolerance(min_cosine=0.99)) > 20  # fmt: skip
 
 
+@pytest.mark.slow  # ~40 s: a 2-layer BERT (transformers, export frontend: its batch is a sym_size every layer reads)
+def test_every_legal_cut_of_an_int8_bert_builds_and_composes():
+    transformers = pytest.importorskip("transformers", reason="transformers is a dev extra")
+    config = transformers.BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=128)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.BertModel(config).eval()
+
+    class Entry:
+        @staticmethod
+        def example_inputs(batch: int, seed: int = 0):
+            ids = torch.randint(0, 1000, (batch, 16), generator=torch.Generator().manual_seed(seed))
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    whole = torchkiln.compile(model, Entry.example_inputs(2), passes="cleanup,quantize", backend="torch",
+                              calibration_data=[Entry.example_inputs(2, s) for s in range(3)], latency_runs=0,
+                              frontend="export", dynamic_axes="batch")  # fmt: skip
+    assert _every_legal_cut_composes(Entry, whole) >= 60  # of 63 positions
+
+
 @pytest.mark.parametrize("balance", ["memory", "latency", "params"])
 def test_an_int8_partition_on_onnxruntime_composes_under_every_balance(balance):
     entry = models.get("resnet")
@@ -98,7 +118,7 @@ class SizeUsedAtTheEnd(nn.Module):
 def test_a_size_is_rebuilt_from_what_crosses_not_sent():
     model = SizeUsedAtTheEnd().eval()
     x = torch.randn(2, 8)
-    legal = partitioning.legal_cuts(model, {"x": x}, passes=())
+    legal = torchkiln.legal_cuts(model, {"x": x}, passes=())
     assert len(legal) == 3  # every position between the four activations
     for position in legal:
         part = torchkiln.partition(model, {"x": x}, stages=2, passes=(), cuts=[position])
@@ -133,7 +153,7 @@ def test_what_a_stage_cannot_receive_or_rebuild_is_named():
     with pytest.raises(ConfigError, match="carries the size 'size'"):
         torchkiln.partition(FeatureCountAtTheEnd().eval(), {"x": torch.randn(2, 8)}, stages=2, passes=(), cuts=[2])
     # one legal cut (before the dtype is read); a third stage would have to receive the dtype
-    assert list(partitioning.legal_cuts(DtypeUsedAtTheEnd().eval(), {"x": torch.randn(2, 8)}, passes=())) == [1]
+    assert list(torchkiln.legal_cuts(DtypeUsedAtTheEnd().eval(), {"x": torch.randn(2, 8)}, passes=())) == [1]
     with pytest.raises(ConfigError, match="no legal cut for stage 2.*'getattr_1' is not a tensor"):
         torchkiln.partition(DtypeUsedAtTheEnd().eval(), {"x": torch.randn(2, 8)}, stages=3, passes=())
     with pytest.raises(ConfigError, match="need 1 distinct cuts"):

@@ -287,6 +287,8 @@ def test_mutated_partitions(saved_partition, mutation):
         _write_json(directory / "partition.json", mutated(_document(directory / "partition.json"), mutation))
 
         def run(part: Any) -> None:
+            assert "stage" in part.table()  # every figure it prints was checked on load
+
             def check(outputs: Any) -> None:
                 assert all(isinstance(o, torch.Tensor) and o.dtype == torch.float32 for o in outputs)
 

@@ -396,6 +396,25 @@ def test_the_search_starts_from_the_recipe_and_never_returns_less_than_it(tmp_pa
     assert chosen is not None and chosen["size_mb"] <= first["size_mb"] and chosen["latency_ms"] <= first["latency_ms"]
 
 
+@pytest.mark.parametrize(("trials", "queued"), [(8, 3), (2, 1)])
+def test_the_warm_start_queues_the_recipe_each_pass_alone_and_without_at_most_half_the_budget(tmp_path, trials, queued):
+    import optuna
+
+    from torchkiln import tuning
+    from torchkiln.recipe import load_recipe
+
+    recipe = load_recipe(_recipe(tmp_path, MLP + f'\n[tune]\ntrials = {trials}\nobjectives = ["size_mb"]\n'
+                                 'space = { "cleanup" = "optional", "quantize" = "optional" }\n'))  # fmt: skip
+    study = optuna.create_study(directions=["minimize"])
+    assert tuning.warm_start(study, recipe, tuning.settings(recipe)) == queued
+    waiting = [(t.system_attrs["fixed_params"], t.user_attrs["warm_start"]) for t in study.get_trials(deepcopy=False)]
+    expected = [({"cleanup": True, "quantize": True}, "recipe"),
+                ({"cleanup": True, "quantize": False}, "recipe with cleanup alone"),
+                ({"cleanup": False, "quantize": True}, "recipe with quantize alone")]  # fmt: skip
+    assert waiting == expected[:queued]  # "without cleanup" is "quantize alone": queued once
+    assert tuning.warm_start(study, recipe, tuning.settings(recipe)) == 0  # not a fresh study: nothing more
+
+
 def test_a_storage_lost_mid_search_is_a_typed_error(tmp_path, monkeypatch):
     import optuna
     import sqlalchemy.exc

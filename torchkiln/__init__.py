@@ -14,7 +14,7 @@ from torchkiln.compiler.trace import trace
 from torchkiln.compiler.verify import Tolerance
 from torchkiln.driver.api import compile
 from torchkiln.driver.compiled import CompiledModel, load
-from torchkiln.driver.partition import Partition, load_partition, partition
+from torchkiln.driver.partition import Partition, legal_cuts, load_partition, partition
 from torchkiln.errors import (
     ArtifactError,
     BackendError,
@@ -23,6 +23,7 @@ from torchkiln.errors import (
     InputError,
     KilnError,
     PassError,
+    StorageError,
     TraceError,
     VerificationError,
 )
@@ -32,6 +33,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ArtifactError", "BackendError", "CompiledModel", "ConfigError", "ExportError", "InputError", "KilnError",
-    "Partition", "Pass", "PassConfig", "PassError", "PassResult", "Program", "TensorSpec", "Tolerance", "TraceError",
-    "VerificationError", "compare_artifact", "compile", "distill", "load", "load_partition", "partition", "register_pass", "registered_passes", "trace",
+    "Partition", "Pass", "PassConfig", "PassError", "PassResult", "Program", "StorageError", "TensorSpec", "Tolerance", "TraceError",
+    "VerificationError", "compare_artifact", "compile", "distill", "legal_cuts", "load", "load_partition", "partition", "register_pass", "registered_passes", "trace",
 ]  # fmt: skip

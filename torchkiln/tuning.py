@@ -33,7 +33,11 @@ intermediate values, which Optuna supports for single-objective studies only; th
 any number of objectives and leaves a PRUNED trial in the study like theirs.
 
 Each trial builds the recipe with its sampled options (``kiln build``'s compile, evaluation and
-gates; the stage cache shared, nothing written) and records accuracy drop, latency, size. The
+gates; the stage cache shared, nothing written) and records accuracy drop, latency, size. A fresh
+study starts from the recipe as written, each optional pass alone and the recipe without each
+optional pass (at most half the budget); best.toml is
+never worse than the recipe as written on any objective. The budget counts distinct builds: a
+proposal with a built trial's options is asked again, not built (25 in a row end the search). The
 study lives in ``tune.db`` (SQLite) next to the recipe unless ``--storage`` names an Optuna RDB URL;
 rerunning resumes it — finished trials are never redone — and another ``kiln tune`` on the same
 storage joins it, each worker stopping when the study holds the budget. Output, atomically in
@@ -502,15 +506,23 @@ def _default(pass_name: str, options: Mapping[str, Any], option: str) -> Any:
 
 
 def warm_start(study: Any, recipe: Recipe, tune: TuneSettings) -> int:
-    """On a fresh study: queue the recipe as written, then without each optional pass; how many."""
+    """On a fresh study, queue the recipe as written, then each optional pass alone (the other
+    optional passes dropped: the single-pass recipes people write by hand), then the recipe without
+    each optional pass — distinct option sets, at most half the budget; how many were queued."""
     if study.get_trials(deepcopy=False):
         return 0
     base = base_params(recipe, tune.space)
-    queue = [(base, "recipe")] + [({**base, d.key: False}, f"recipe without {d.key}")
-                                  for d in tune.space if d.kind == "optional"]  # fmt: skip
+    optional = [d.key for d in tune.space if d.kind == "optional"]
+    queue = [(base, "recipe")]
+    queue += [({**base, **{k: k == key for k in optional}}, f"recipe with {key} alone") for key in optional]
+    queue += [({**base, key: False}, f"recipe without {key}") for key in optional]
+    distinct: dict[str, tuple[dict[str, Any], str]] = {}
     for params, role in queue:
+        distinct.setdefault(json.dumps(params, sort_keys=True), (params, role))
+    chosen = list(distinct.values())[: max(1, (tune.trials + 1) // 2)]
+    for params, role in chosen:
         study.enqueue_trial(params, user_attrs={"warm_start": role}, skip_if_exists=True)
-    return len(queue)
+    return len(chosen)
 
 
 def _counted(study: Any) -> int:
@@ -531,6 +543,7 @@ def _outcome(trial: Any, tune: TuneSettings) -> str:
     if trial.state.name == "PRUNED":
         return metrics.get("pruned", "pruned")
     return "failed: " + metrics.get("error", "see trials.csv")
+
 
 
 def _twin(study: Any, trial: Any) -> Any:

@@ -29,7 +29,6 @@ import dataclasses
 import json
 import os
 import statistics
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -42,6 +41,7 @@ from torchkiln.compiler.files import MARKERS, atomic_directory, open_directory, 
 from torchkiln.compiler.program import dtype_name
 from torchkiln.compiler.verify import FP32, Tolerance, compare
 from torchkiln.driver import cuts as cutting
+from torchkiln.driver.balance import choose_cuts, median_seconds, node_costs, timings
 from torchkiln.driver.compiled import MANIFEST, CompiledModel, load_bound
 from torchkiln.errors import ArtifactError, ConfigError, VerificationError
 
@@ -101,8 +101,9 @@ class Partition:
 
     def table(self) -> str:
         ratio = "not measured" if self.balance_ratio is None else f"{self.balance_ratio:.2f}"
+        error = "not verified" if self.max_abs_error is None else f"{self.max_abs_error:.2e}"
         lines = [f"partition: {len(self.stages)} stages, balance={self.balance}; composition max abs err "
-                 f"{self.max_abs_error:.2e} ({self.tolerance}); slowest / mean stage time {ratio}"]  # fmt: skip
+                 f"{error} ({self.tolerance}); slowest / mean stage time {ratio}"]  # fmt: skip
         lines.append("  stage  backend      nodes  params       cost        measured ms       sends")
         for r in self.records:
             sends = ", ".join(f"{b.name} {b.dtype}{b.shape} ({b.bytes / 1e3:.1f} kB)" for b in r.boundary) or "(outputs)"
@@ -160,11 +161,17 @@ def load_partition(directory: str | os.PathLike[str], stages: Sequence[int] | No
             raise ArtifactError(f"stage{record.index} takes {[s.name for s in stage.inputs]}, but {PARTITION_FILE} "
                                 f"says {record.inputs}", where=where, hint="rebuild the partition")  # fmt: skip
     return Partition(loaded, records, str(data.get("balance", "?")), data["inputs"],  # type: ignore[arg-type]
-                     data.get("max_abs_error"), str(data.get("tolerance", "")), _ratio(data.get("balance_ratio")))  # fmt: skip
+                     _measured(data.get("max_abs_error")), str(data.get("tolerance", "")),
+                     _measured(data.get("balance_ratio")))  # fmt: skip
 
 
-def _ratio(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _measured(value: Any) -> float | None:
+    """A figure read back from partition.json: a finite number >= 0, or None (not measured)."""
+    return float(value) if _number(value) and 0 <= value < float("inf") else None
 
 
 def _check_chain(records: list[StageRecord], inputs: list[Any]) -> None:
@@ -195,6 +202,13 @@ def _record(raw: Any, index: int) -> StageRecord:
             raise ValueError(f"stage {index}: boundary tensor {b.name!r} has shape {b.shape!r} / dtype {b.dtype!r}")
     if not isinstance(record.manifest_sha256, str) or len(record.manifest_sha256) != 64:
         raise ValueError(f"stage {index} has no manifest digest")
+    for key in ("nodes", "params", "param_bytes"):
+        if not (type(getattr(record, key)) is int and getattr(record, key) >= 0):
+            raise ValueError(f"stage {index}: {key} {getattr(record, key)!r} is not a count")
+    for key in ("cost", "measured_ms", "measured_iqr_ms"):
+        value = getattr(record, key)
+        if value is not None and (not _number(value) or not 0 <= value < float("inf")):
+            raise ValueError(f"stage {index}: {key} {value!r} is not a time or cost")
     return record
 
 
@@ -295,99 +309,10 @@ def _stage_inputs(
     return {n: given[n] if n in given else program.values[n] for n in record.inputs}
 
 
-def _reads(program: cutting.Program, node: fx.Node) -> list[fx.Node]:
-    """``node``'s inputs with the constants it reads expanded to what they read (weights, literals)."""
-    result, stack = [], list(node.all_input_nodes)
-    while stack:
-        arg = stack.pop()
-        result.append(arg)
-        if program.kinds.get(arg) == "constant":
-            stack.extend(arg.all_input_nodes)
-    return result
-
-
-def node_costs(program: cutting.Program, balance: str, flat: tuple[torch.Tensor, ...], repeats: int = 7) -> list[float]:
-    """Cost of each activation by ``balance`` (see the module docstring); ``latency``: the median of
-    ``repeats`` timed runs after two warm-up runs, a constant's time charged to its first reader."""
-    gm = program.gm
-    if balance != "latency":
-        weights = [float(_weight_bytes(gm, n, program)) for n in program.order]
-        if balance == "memory":
-            weights = [w + _tensor_bytes(program.values.get(n.name)) for w, n in zip(weights, program.order)]
-        return weights
-    runs: dict[str, list[float]] = {n.name: [] for n in gm.graph.nodes}
-
-    class Timer(fx.Interpreter):
-        def run_node(self, n: fx.Node) -> Any:
-            start = time.perf_counter()
-            result = super().run_node(n)
-            runs[n.name].append(time.perf_counter() - start)
-            return result
-
-    with torch.no_grad():
-        for _ in range(2 + repeats):
-            Timer(gm).run(*flat)
-    seconds = {name: statistics.median(times[2:]) if len(times) > 2 else 0.0 for name, times in runs.items()}
-    costs = {n: seconds[n.name] for n in program.order}
-    charged: set[fx.Node] = set()
-    for node in program.order:
-        for arg in _reads(program, node):
-            if program.kinds.get(arg) == "constant" and arg not in charged:
-                charged.add(arg)
-                costs[node] += seconds[arg.name]
-    return [costs[n] for n in program.order]
-
-
-def _weight_bytes(gm: fx.GraphModule, node: fx.Node, program: cutting.Program) -> int:
-    """Bytes of the weights ``node`` reads, directly or through constants (an int8 weight's
-    dequantize counts its int8 tensor, scale and zero point)."""
-    total = 0
-    for arg in {a for a in _reads(program, node) if a.op == "get_attr"}:
-        value = gm
-        for part in str(arg.target).split("."):
-            value = getattr(value, part)
-        total += _tensor_bytes(value)
-    if node.op == "call_module":
-        total += sum(p.numel() * p.element_size() for p in gm.get_submodule(str(node.target)).parameters())
-    return total
-
-
-def _tensor_bytes(value: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor))
-
-
-def choose_cuts(program: cutting.Program, costs: list[float], stages: int) -> list[int]:
-    """N-1 legal cut positions into the program's activations: near each k/N share of the total
-    cost, the fewest boundary bytes within 10% of a stage's share of the target."""
-    order = program.order
-    if stages > len(order):
-        raise ConfigError(f"{stages} stages asked of a program with {len(order)} compute nodes", where="stages")
-    prefix = [0.0]
-    for cost in costs:
-        prefix.append(prefix[-1] + cost)
-    total = prefix[-1] or 1.0
-    crossing = program.legal()
-    cuts: list[int] = []
-    for k in range(1, stages):
-        target, slack = total * k / stages, 0.1 * total / stages
-        low = (cuts[-1] + 1) if cuts else 1
-        valid = [p for p in range(low, len(order) - (stages - k) + 1) if p in crossing]
-        if not valid:
-            reason = program.cut_reason(low) if low < len(order) else "the program ends"
-            raise ConfigError(
-                f"no legal cut for stage {k}: every position crosses a value a stage cannot receive "
-                f"(at node {low}: {reason})", where="stages", hint="use fewer stages",
-            )  # fmt: skip
-        near = [p for p in valid if abs(prefix[p] - target) <= slack]
-        best = min(near, key=lambda p: (crossing[p], abs(prefix[p] - target))) if near else min(
-            valid, key=lambda p: abs(prefix[p] - target)
-        )  # fmt: skip
-        cuts.append(best)
-    return cuts
-
-
 def _forced(program: cutting.Program, cuts: Sequence[int], stages: int) -> list[int]:
-    chosen = sorted(int(c) for c in cuts)
+    if isinstance(cuts, (str, bytes)) or not all(isinstance(c, int) and not isinstance(c, bool) for c in cuts):
+        raise ConfigError(f"cuts must be positions (integers), got {cuts!r}", where="cuts", hint="see legal_cuts()")
+    chosen = sorted(cuts)
     if len(chosen) != stages - 1 or len(set(chosen)) != len(chosen):
         raise ConfigError(f"{stages} stages need {stages - 1} distinct cuts, got {list(cuts)}", where="cuts")
     for position in chosen:
@@ -403,7 +328,7 @@ def _refine(program: cutting.Program, costs: list[float], cuts: list[int], stage
     best: tuple[float, list[int]] | None = None
     for _ in range(3):
         modules, records = _stages(program, cuts, costs)
-        times = [_median_seconds(m, tuple(_stage_values(program, r))) for m, r in zip(modules, records)]
+        times = [median_seconds(m, tuple(_stage_values(program, r))) for m, r in zip(modules, records)]
         ratio = max(times) / (sum(times) / len(times))
         if best is None or ratio < best[0]:
             best = (ratio, cuts)
@@ -428,26 +353,11 @@ def _stage_values(program: cutting.Program, record: StageRecord) -> list[Any]:
     return [by_name[n] for n in record.inputs]
 
 
-def _median_seconds(fn: Any, args: tuple[Any, ...], repeats: int = 9, **kwargs: Any) -> float:
-    return statistics.median(_timings(fn, args, repeats, **kwargs))
-
-
-def _timings(fn: Any, args: tuple[Any, ...], repeats: int, **kwargs: Any) -> list[float]:
-    times = []
-    with torch.no_grad():
-        for i in range(2 + repeats):
-            start = time.perf_counter()
-            fn(*args, **kwargs)
-            if i >= 2:
-                times.append(time.perf_counter() - start)
-    return times
-
-
 def _measure(result: Partition, program: cutting.Program, names: list[str], flat: tuple[torch.Tensor, ...]) -> None:
     """Each compiled stage timed on its example inputs (median and quartiles of 15 runs after 2
     warm-up runs); the partition's balance is the slowest stage over the mean."""
     for stage, record in zip(result.stages, result.records):
-        times = sorted(_timings(stage, (), 15, **_stage_inputs(program, record, names, flat)))
+        times = sorted(timings(stage, (), 15, **_stage_inputs(program, record, names, flat)))
         record.measured_ms = round(1e3 * statistics.median(times), 4)
         record.measured_iqr_ms = round(1e3 * (times[11] - times[3]), 4)
     measured = [r.measured_ms or 0.0 for r in result.records]
