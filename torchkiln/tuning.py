@@ -36,7 +36,8 @@ Each trial builds the recipe with its sampled options (``kiln build``'s compile,
 gates; the stage cache shared, nothing written) and records accuracy drop, latency, size. A fresh
 study starts from the recipe as written, each optional pass alone and the recipe without each
 optional pass (at most half the budget); best.toml is
-never worse than the recipe as written on any objective. The budget counts distinct builds: a
+never worse than the recipe as written on any objective, and latencies within 5% are a tie decided
+by the next objective. The budget counts distinct builds: a
 proposal with a built trial's options is asked again, not built (25 in a row end the search). The
 study lives in ``tune.db`` (SQLite) next to the recipe unless ``--storage`` names an Optuna RDB URL;
 rerunning resumes it — finished trials are never redone — and another ``kiln tune`` on the same
@@ -415,7 +416,7 @@ def run_study(
             raise KilnError(error)
         return values
 
-    started, repeats = time.monotonic(), 0
+    started, repeats, repeated = time.monotonic(), 0, False
     with storage_errors(storage):
         while True:
             if timeout is not None and time.monotonic() - started >= timeout:
@@ -423,10 +424,11 @@ def run_study(
                 break
             if _counted(study) < tune.trials:
                 # after a repeat, ask a random sampler: TPE proposes its favourite again
-                study.sampler = _sampler(tune, len(study.get_trials(deepcopy=False)), random=repeats > 0)
+                study.sampler = _sampler(tune, len(study.get_trials(deepcopy=False)), random=repeated)
                 study.optimize(objective, n_trials=1, catch=(Exception,))
                 mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("worker") == _WORKER]
-                if mine and "same_as" in mine[-1].user_attrs:
+                repeated = bool(mine) and "same_as" in mine[-1].user_attrs
+                if repeated:
                     twin = study.trials[mine[-1].user_attrs["same_as"]]
                     if twin.state == optuna.trial.TrialState.RUNNING:  # another worker builds it: not a sign
                         time.sleep(0.5)  # the space is exhausted; give it time
@@ -691,19 +693,28 @@ def rows(study: Any, tune: TuneSettings) -> list[dict[str, Any]]:
     return out
 
 
+#: how far apart two measurements of an objective must be to differ: latency is timed on a machine
+#: whose timings drift (5% is within one run's spread here); size and accuracy are exact
+TIES = {"latency_ms": 0.05, "size_mb": 0.0, "accuracy_drop": 0.0}
+
+
 def best(study: Any, tune: TuneSettings, table: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Among feasible complete trials on the Pareto front: the lowest first objective, then the next
-    — and, when the recipe as written was a feasible trial (warm start), only among those no worse
-    than it on every objective, so the search never hands back less than the hand-written recipe."""
+    — values within :data:`TIES` of the lowest are a tie (a trial 0.7% faster by the clock but 3x
+    larger is not the better one) — and, when the recipe as written was a feasible trial (warm
+    start), only among those no worse than it on every objective, so the search never hands back
+    less than the hand-written recipe."""
     front = {t.number for t in study.best_trials}
     feasible = [r for r in table if r["state"] == "COMPLETE" and r["feasible"]]
     pareto = [r for r in feasible if r["number"] in front] or feasible
     written = next((r for r in feasible if r.get("warm_start") == "recipe"), None)
     if written is not None:
         pareto = [r for r in pareto if all(r[o] <= written[o] for o in tune.objectives)] or [written]
-    if not pareto:
-        return None
-    return min(pareto, key=lambda r: tuple(r[o] for o in tune.objectives))
+    for objective in tune.objectives:
+        if len(pareto) > 1:
+            lowest = min(r[objective] for r in pareto)
+            pareto = [r for r in pareto if r[objective] <= lowest * (1 + TIES[objective]) + 1e-12]
+    return min(pareto, key=lambda r: tuple(r[o] for o in tune.objectives)) if pareto else None
 
 
 def csv_text(table: list[dict[str, Any]]) -> str:
