@@ -92,7 +92,7 @@ def test_every_legal_cut_of_an_int8_bert_builds_and_composes():
     assert _every_legal_cut_composes(Entry, whole) >= 60  # of 63 positions
 
 
-@pytest.mark.parametrize("balance", ["memory", "latency", "params"])
+@pytest.mark.parametrize("balance", ["memory", "latency", pytest.param("params", marks=pytest.mark.slow)])
 def test_an_int8_partition_on_onnxruntime_composes_under_every_balance(balance):
     entry = models.get("resnet")
     calibration = [entry.example_inputs(batch=2, seed=s) for s in range(3)]
