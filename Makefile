@@ -19,7 +19,7 @@ demo: $(STAMP)
 # Two pytest-xdist workers (one per core on CI's 2-core machines): the suite is mostly small models,
 # whose single calls do not keep two cores busy (17 min serial -> 8.5 min for the same tests there).
 test: lint
-	$(BIN)/python -m pytest -n 2 --dist loadgroup -m "not slow"
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -m "not slow" --durations=30
 
 # The long cases CI leaves out (the ONNX Runtime model-coverage matrix beyond one model per family).
 test-slow: $(STAMP)

@@ -56,13 +56,20 @@ def test_every_legal_cut_of_an_int8_resnet_builds_and_composes():
     dequantized_weights = [n for n in gm.graph.nodes if "dequantize_per_channel" in str(n.target)]
     assert dequantized_weights and all(program.kinds[n] == "constant" for n in dequantized_weights)
     # a cut inside a residual block (its quantized skip path is live) is legal: the float value
-    # crosses and the receiving stage quantizes it again
-    assert _every_legal_cut_composes(entry, whole) >= len(program.order) - 2
+    # crosses and the receiving stage quantizes it again (every cut: slow; CI builds every second)
+    assert len(torchkiln.legal_cuts(whole, entry.example_inputs(batch=2))) >= len(program.order) - 2
+    _every_legal_cut_composes(entry, whole, every=2)
+
+
+@pytest.mark.slow
+def test_every_single_legal_cut_of_an_int8_resnet_builds_and_composes():
+    entry, whole = _int8("resnet")
+    assert _every_legal_cut_composes(entry, whole) >= 26
 
 
 def test_every_legal_cut_of_an_int8_encoder_builds_and_composes():
     entry, whole = _int8("text_encoder")
-    assert _every_legal_cut_composes(entry, whole, every=2) >= 40
+    assert _every_legal_cut_composes(entry, whole, every=3) >= 40
 
 
 @pytest.mark.slow  # ~3 min: ResNet-18 at 224x224, every third legal cut on ONNX Runtime
@@ -92,7 +99,7 @@ def test_every_legal_cut_of_an_int8_bert_builds_and_composes():
     assert _every_legal_cut_composes(Entry, whole) >= 60  # of 63 positions
 
 
-@pytest.mark.parametrize("balance", ["memory", "latency", pytest.param("params", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("balance", ["memory", *(pytest.param(b, marks=pytest.mark.slow) for b in ("latency", "params"))])
 def test_an_int8_partition_on_onnxruntime_composes_under_every_balance(balance):
     entry = models.get("resnet")
     calibration = [entry.example_inputs(batch=2, seed=s) for s in range(3)]

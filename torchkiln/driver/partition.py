@@ -194,12 +194,14 @@ def _record(raw: Any, index: int) -> StageRecord:
     boundary = [Boundary(**b) for b in raw["boundary"]]
     record = StageRecord(**{**raw, "boundary": boundary})
     names = [*record.inputs, *record.outputs, *(b.name for b in boundary)]
-    if record.index != index or not all(isinstance(n, str) for n in names):
-        raise ValueError(f"stage {index}: index or names malformed")
+    if (record.index != index or not all(isinstance(n, str) for n in names) or not isinstance(record.backend, str)
+            or not (isinstance(record.inputs, list) and isinstance(record.outputs, list))):  # fmt: skip
+        raise ValueError(f"stage {index}: index, backend or names malformed")
     for b in boundary:
-        if not (isinstance(b.dtype, str) and isinstance(b.shape, list) and b.shape
-                and all(type(d) is int and d >= 0 for d in b.shape)):  # fmt: skip
-            raise ValueError(f"stage {index}: boundary tensor {b.name!r} has shape {b.shape!r} / dtype {b.dtype!r}")
+        if not (isinstance(b.dtype, str) and isinstance(b.shape, list) and b.shape and type(b.bytes) is int
+                and b.bytes >= 0 and all(type(d) is int and d >= 0 for d in b.shape)):  # fmt: skip
+            raise ValueError(f"stage {index}: boundary tensor {b.name!r} has shape {b.shape!r} / dtype {b.dtype!r} / "
+                             f"bytes {b.bytes!r}")
     if not isinstance(record.manifest_sha256, str) or len(record.manifest_sha256) != 64:
         raise ValueError(f"stage {index} has no manifest digest")
     for key in ("nodes", "params", "param_bytes"):
@@ -207,7 +209,7 @@ def _record(raw: Any, index: int) -> StageRecord:
             raise ValueError(f"stage {index}: {key} {getattr(record, key)!r} is not a count")
     for key in ("cost", "measured_ms", "measured_iqr_ms"):
         value = getattr(record, key)
-        if value is not None and (not _number(value) or not 0 <= value < float("inf")):
+        if (value is not None or key == "cost") and (not _number(value) or not 0 <= value < float("inf")):
             raise ValueError(f"stage {index}: {key} {value!r} is not a time or cost")
     return record
 
