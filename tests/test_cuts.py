@@ -37,7 +37,7 @@ def _every_legal_cut_composes(entry, whole, every: int = 1, backend: str = "torc
     want = _tensors(whole(**other))
     for position in sorted(legal)[::every]:
         part = torchkiln.partition(whole, entry.example_inputs(batch=2), stages=2, cuts=[position], backend=backend,
-                                   tolerance=tolerance)  # fmt: skip
+                                   tolerance=tolerance, balance="params")  # fmt: skip (no node timing: cuts given)
         first, second = part.records
         # only batch-carrying activations cross: no weight, dequantized weight, constant or Q/DQ side
         assert all(b.shape[0] == 2 and "quantize" not in b.name for b in first.boundary), (position, first.boundary)
@@ -56,9 +56,9 @@ def test_every_legal_cut_of_an_int8_resnet_builds_and_composes():
     dequantized_weights = [n for n in gm.graph.nodes if "dequantize_per_channel" in str(n.target)]
     assert dequantized_weights and all(program.kinds[n] == "constant" for n in dequantized_weights)
     # a cut inside a residual block (its quantized skip path is live) is legal: the float value
-    # crosses and the receiving stage quantizes it again (every cut: slow; CI builds every second)
+    # crosses and the receiving stage quantizes it again (every cut: slow; CI builds every fourth)
     assert len(torchkiln.legal_cuts(whole, entry.example_inputs(batch=2))) >= len(program.order) - 2
-    _every_legal_cut_composes(entry, whole, every=2)
+    _every_legal_cut_composes(entry, whole, every=4)
 
 
 @pytest.mark.slow
@@ -67,9 +67,15 @@ def test_every_single_legal_cut_of_an_int8_resnet_builds_and_composes():
     assert _every_legal_cut_composes(entry, whole) >= 26
 
 
+def test_every_sixth_legal_cut_of_an_int8_encoder_builds_and_composes():
+    entry, whole = _int8("text_encoder")
+    assert _every_legal_cut_composes(entry, whole, every=6) >= 40
+
+
+@pytest.mark.slow
 def test_every_legal_cut_of_an_int8_encoder_builds_and_composes():
     entry, whole = _int8("text_encoder")
-    assert _every_legal_cut_composes(entry, whole, every=3) >= 40
+    assert _every_legal_cut_composes(entry, whole) >= 40
 
 
 @pytest.mark.slow  # ~3 min: ResNet-18 at 224x224, every third legal cut on ONNX Runtime
