@@ -354,8 +354,8 @@ def run_study(
     pruned, running, or failed with an error of their own — or ``timeout`` seconds have passed;
     the study. ``tick(n)`` hears the count after each trial.
 
-    A fresh study first runs the recipe as written and the recipe without each optional pass
-    (warm start: the best is never worse than the hand-written recipe). A proposal whose options a
+    A fresh study first runs the recipe as written, then the variants :func:`warm_start` queues
+    (:func:`best` never returns less than the recipe as written). A proposal whose options a
     finished trial (or an earlier running one) already has is not built and not counted: the
     sampler is asked again, up to :data:`MAX_REPEATS` times in a row. Each trial's sampler is
     seeded from the recipe's seed and the trial's number, so a search is reproducible, a resumed

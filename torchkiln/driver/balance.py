@@ -9,9 +9,8 @@ from typing import Any
 
 import torch
 from torch import fx
-from torch.utils import _pytree as pytree
 
-from torchkiln.driver.cuts import Program
+from torchkiln.driver.cuts import Program, tensor_bytes
 from torchkiln.errors import ConfigError
 
 
@@ -70,10 +69,6 @@ def _weight_bytes(gm: fx.GraphModule, node: fx.Node, program: Program) -> int:
     if node.op == "call_module":
         total += sum(p.numel() * p.element_size() for p in gm.get_submodule(str(node.target)).parameters())
     return total
-
-
-def tensor_bytes(value: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor))
 
 
 def choose_cuts(program: Program, costs: list[float], stages: int) -> list[int]:

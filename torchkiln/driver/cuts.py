@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import fx
+from torch.utils import _pytree as pytree
 
 Kind = str  # "constant" | "shape" | "requantize"
 _SHAPE_LEAVES = (torch.ops.aten.sym_size.int,)
@@ -145,7 +146,7 @@ class Program:
         result = {}
         for position in range(1, len(self.order)):
             if self.cut_reason(position) is None:
-                result[position] = sum(_bytes(self.values[n.name]) for n in self.live(position))
+                result[position] = sum(tensor_bytes(self.values[n.name]) for n in self.live(position))
         return result
 
 
@@ -234,8 +235,9 @@ def _is_leaf(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",)
 
 
-def _bytes(value: Any) -> int:
-    return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
+def tensor_bytes(value: Any) -> int:
+    """Bytes of the tensors in ``value`` (a tensor, or a structure of them)."""
+    return sum(t.numel() * t.element_size() for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor))
 
 
 def stage_module(program: Program, inputs: list[fx.Node], nodes: list[fx.Node], outputs: list[Any],

@@ -38,6 +38,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from torchkiln.compiler.files import MARKERS, atomic_directory, open_directory, read_member, sha256
+from torchkiln.compiler.graph import parameter_stats
 from torchkiln.compiler.program import dtype_name
 from torchkiln.compiler.verify import FP32, Tolerance, compare
 from torchkiln.driver import cuts as cutting
@@ -380,7 +381,7 @@ def _stages(
         outputs = list(pytree.tree_leaves(output.args[0])) if last else program.live(end)
         module = cutting.stage_module(program, inputs, order[start:end], outputs, value_name)
         params = sum(p.numel() for p in module.parameters()) + sum(b.numel() for b in module.buffers())
-        param_bytes = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+        param_bytes = parameter_stats(module)[1]
         boundary = [] if last else [_boundary(value_name(n), program.values[n.name]) for n in outputs]
         out_names = [value_name(n) if isinstance(n, fx.Node) else str(n) for n in outputs]
         records.append(StageRecord(k, [value_name(n) for n in inputs], out_names, end - start, params, param_bytes,
