@@ -128,16 +128,24 @@ class SizeUsedAtTheEnd(nn.Module):
         return self.b(torch.relu(self.a(x))).reshape(n, 2, 4)
 
 
-def test_a_size_is_rebuilt_from_what_crosses_not_sent():
+@pytest.mark.parametrize("batch", [1, 2])  # batch 1: the probe batch (2) still tells the batch from a 1
+def test_a_size_is_rebuilt_from_what_crosses_not_sent(batch):
     model = SizeUsedAtTheEnd().eval()
-    x = torch.randn(2, 8)
+    x = torch.randn(batch, 8)
     legal = torchkiln.legal_cuts(model, {"x": x}, passes=())
     assert len(legal) == 3  # every position between the four activations
     for position in legal:
         part = torchkiln.partition(model, {"x": x}, stages=2, passes=(), cuts=[position])
-        assert all(b.dtype == "float32" for b in part.records[0].boundary)
+        assert all(b.dtype == "float32" and b.shape[0] == batch for b in part.records[0].boundary)
         other = torch.randn(5, 8)
         torch.testing.assert_close(part(x=other)[0], model(other))
+
+
+def test_a_static_program_takes_its_sizes_as_they_are():
+    model = SizeUsedAtTheEnd().eval()
+    x = torch.randn(3, 8)
+    part = torchkiln.partition(model, {"x": x}, stages=3, passes=(), dynamic_axes=None)
+    torch.testing.assert_close(part(x=x)[0], model(x))
 
 
 class FeatureCountAtTheEnd(nn.Module):
