@@ -230,6 +230,7 @@ def export_onnx(program: Program, options: OnnxOptions, directory: Path) -> None
         raise _explain_export_failure(exc, exported, program) from exc
     assert onnx_program is not None  # dynamo=True always returns a program
     _rename_dims(onnx_program.model, program)
+    _batch_free_rotary(onnx_program.model)
     _rename_nodes(onnx_program.model)
     external = {"always": True, "never": False, "auto": None}[options.external_data]
     with quiet():
@@ -284,6 +285,55 @@ def _rename_dims(model: Any, program: Program) -> None:
                     for d in value.shape
                 ]
             )
+
+
+def _batch_free_rotary(model: Any) -> int:
+    """Expand the cos/sin caches of every ``RotaryEmbedding`` to the batch of its input.
+
+    At opset 23 the exporter fuses transformers' rotary embedding into ONNX ``RotaryEmbedding``,
+    whose caches (without ``position_ids``) are [batch, sequence, rotary dim / 2]. Positions computed
+    in the graph (``arange`` under a model without a mask, an encoder's default positions) give
+    caches with a batch of 1, and ONNX Runtime requires them to match the input's batch, so an
+    artifact traced from one prompt failed at every other batch. ``Expand`` to [batch of x, ...]
+    broadcasts them (a copy of a few KB per layer); caches already as wide as x are left alone.
+    Returns the number of nodes rewritten."""
+    import onnx_ir as ir
+
+    rewritten = 0
+    for number, node in enumerate(list(model.graph)):
+        if node.op_type != "RotaryEmbedding" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 3:
+            continue
+        x, changed = node.inputs[0], False
+        for index in (1, 2):
+            cache = node.inputs[index]
+            if x is None or cache is None or _same_batch(x, cache):
+                continue
+            batch = ir.node("Shape", [x], {"start": 0, "end": 1})
+            rest = ir.node("Shape", [cache], {"start": 1})
+            shape = ir.node("Concat", [batch.outputs[0], rest.outputs[0]], {"axis": 0})
+            expand = ir.node("Expand", [cache, shape.outputs[0]])
+            for part, new in (("batch", batch), ("rest", rest), ("shape", shape), ("expanded", expand)):
+                new.outputs[0].name = f"rotary_{number}_{index}_{part}"
+            dtype = cache.dtype or x.dtype  # the spec: the caches have x's type
+            if dtype is not None:
+                expand.outputs[0].dtype = dtype
+            if x.shape is not None and cache.shape is not None:
+                expand.outputs[0].shape = ir.Shape([x.shape[0], *list(cache.shape)[1:]])
+            model.graph.insert_before(node, [batch, rest, shape, expand])
+            node.replace_input_with(index, expand.outputs[0])
+            changed = True
+        rewritten += changed
+    return rewritten
+
+
+def _same_batch(x: Any, cache: Any) -> bool:
+    """Whether ``cache``'s first axis is provably ``x``'s (the same size, or the same named dim)."""
+    if x.shape is None or cache.shape is None or len(x.shape) == 0 or len(cache.shape) == 0:
+        return False
+    a, b = x.shape[0], cache.shape[0]
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return not isinstance(a, int) and not isinstance(b, int) and a.value is not None and a.value == b.value
 
 
 def _rename_nodes(model: Any) -> None:
