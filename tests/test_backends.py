@@ -93,8 +93,48 @@ def test_unsupported_op_names_fx_node_and_module():
     model = nn.Sequential(nn.Linear(4, 4), Odd())
     with pytest.raises(ExportError) as info:
         compile_quietly(model, torch.randn(2, 4), backend="onnx")
-    assert "bessel_j0" in info.value.message
+    # the exporter's dispatcher has no function for it: that (and only that) is a missing translation
+    assert "no ONNX translation for prims.bessel_j0" in info.value.message
     assert "module '1'" in info.value.where and "FX node" in info.value.where
+
+
+class MultiQuery(nn.Module):
+    """Falcon-style multi-query attention: 4 query heads, one key/value head broadcast over them."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.kv = nn.Linear(16, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, 4, 4).transpose(1, 2)
+        k, v = self.kv(x).view(b, t, 2, 1, 4).permute(2, 0, 3, 1, 4)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, 16)
+
+
+@pytest.mark.parametrize("passes", ["cleanup", ""])
+def test_multi_query_attention_broadcasting_one_kv_head_exports(passes):
+    """The exporter's Attention requires equal or grouped head counts; attention over one broadcast
+    KV head reaches it as grouped (enable_gqa: query head i reads KV head 0), with or without cleanup."""
+    torch.manual_seed(0)
+    model, x = MultiQuery().eval(), torch.randn(1, 5, 16)
+    compiled = compile_quietly(model, x, dynamic_axes={"x": {0: "batch", 1: "sequence"}}, passes=passes)
+    other = torch.randn(3, 7, 16)
+    torch.testing.assert_close(compiled(other), model(other), atol=1e-5, rtol=1e-4)
+
+
+def test_an_export_failure_without_a_node_line_names_the_deepest_cause(monkeypatch):
+    """Without that rewrite the exporter's translation rejects the op: the error names the op and
+    the exporter's own reason (deepest in the chain), not a missing translation."""
+    from torchkiln.backends import onnx_backend
+
+    monkeypatch.setattr(onnx_backend, "_broadcast_heads", lambda node: False)
+    with pytest.raises(ExportError) as info:
+        compile_quietly(MultiQuery().eval(), torch.randn(1, 5, 16), backend="onnx")
+    message = info.value.message
+    assert "no ONNX translation" not in message
+    assert "translating aten.scaled_dot_product_attention.default" in message
+    assert "q_num_heads = kv_num_heads" in message
 
 
 def test_provider_selection():

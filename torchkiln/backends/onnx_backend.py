@@ -244,18 +244,40 @@ def export_onnx(program: Program, options: OnnxOptions, directory: Path) -> None
 
 def _for_export(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """The graph as the exporter should see it (the program is not changed; weights are shared):
-    ``x.contiguous()`` becomes ``x.clone(memory_format=contiguous_format)``. With a dynamic axis,
-    the exporter's decomposition can take a transposed tensor for contiguous, drop the copy and
-    then fail to ``view`` it (T5's attention output: 'Cannot view a tensor with shape ...'); a
-    clone always copies. In ONNX both are an Identity."""
-    if not any(_is_contiguous(n) for n in gm.graph.nodes):
+
+    * ``x.contiguous()`` becomes ``x.clone(memory_format=contiguous_format)``. With a dynamic axis,
+      the exporter's decomposition can take a transposed tensor for contiguous, drop the copy and
+      then fail to ``view`` it (T5's attention output: 'Cannot view a tensor with shape ...'); a
+      clone always copies. In ONNX both are an Identity.
+    * attention whose keys and values have one head broadcast over the query's heads (multi-query
+      attention as Falcon writes it) gets ``enable_gqa=True``: the same result (query head i reads
+      key/value head i // h = 0), and the exporter's Attention op requires the head counts to
+      match or to be grouped."""
+    if not any(_is_contiguous(n) or _broadcast_heads(n) for n in gm.graph.nodes):
         return gm
     graph = copy.deepcopy(gm.graph)
     for node in graph.nodes:
         if _is_contiguous(node):
             node.op, node.target = "call_function", torch.ops.aten.clone.default
             node.args, node.kwargs = node.args[:1], {"memory_format": torch.contiguous_format}
+        elif _broadcast_heads(node):
+            node.kwargs = {**node.kwargs, "enable_gqa": True}
     return torch.fx.GraphModule(gm, graph)
+
+
+_ATTENTION = (torch.ops.aten.scaled_dot_product_attention.default, torch.nn.functional.scaled_dot_product_attention)
+
+
+def _broadcast_heads(node: torch.fx.Node) -> bool:
+    """Attention with [b, h, t, d] queries and [b, 1, s, d] keys and values, h > 1."""
+    if node.op != "call_function" or node.target not in _ATTENTION or len(node.args) < 3:
+        return False
+    if node.kwargs.get("enable_gqa", False):
+        return False
+    query, key, value = (G.shape_of(a) for a in node.args[:3])
+    if query is None or key is None or value is None or not len(query) == len(key) == len(value) == 4:
+        return False
+    return query[1] > 1 and key[1] == 1 and value[1] == 1
 
 
 def _is_contiguous(node: torch.fx.Node) -> bool:
@@ -376,15 +398,26 @@ def _explain_export_failure(exc: Exception, exported: Any, program: Program) -> 
             hint="try another opset, fewer dynamic axes, or the torch backend",
         )
     op = re.search(r"target=(?:torch\.ops\.)?([\w.]+)", text) or re.search(r"OpOverload\(op='([\w.]+)'", text)
-    missing = op.group(1) if op else None
+    name = op.group(1) if op else None
+    where = _node_where(exported, op_name=name) if name else None
+    if name and _NO_TRANSLATION in text:
+        return ExportError(
+            f"ONNX export failed: no ONNX translation for {name}",
+            where=where,
+            hint="replace the op, register a custom ONNX translation (torch.onnx custom_translation_table), "
+            "or use the torch backend",
+        )
+    deepest = next((e for e in reversed(chain) if str(e).strip()), exc)
+    cause = f"{type(deepest).__name__}: {str(deepest).strip().splitlines()[0]}"
     return ExportError(
-        f"ONNX export failed: no ONNX translation for {missing}"
-        if missing
-        else f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}",
-        where=_node_where(exported, op_name=missing) if missing else None,
-        hint="replace the op, register a custom ONNX translation (torch.onnx custom_translation_table), "
-        "or use the torch backend",
+        f"ONNX export failed translating {name}: {cause}" if name else f"ONNX export failed: {cause}",
+        where=where,
+        hint="the exporter's translation of this op rejected its inputs: try another opset, or the torch backend",
     )
+
+
+# What torch.onnx's dispatcher says when an op has no translation at all (not a failing one).
+_NO_TRANSLATION = "No ONNX function found"
 
 
 def _node_where(exported: Any, node_name: str | None = None, op_name: str | None = None) -> str | None:
