@@ -213,7 +213,7 @@ def test_without_a_mask_in_the_example_there_are_no_positions_and_padding_is_ref
     with torch.no_grad():
         theirs = lm.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, min_new_tokens=5)
     assert compiled.generate(prompt, max_new_tokens=5, min_new_tokens=5).tolist() == theirs.tolist()
-    with pytest.raises(InputError, match="no position_ids input: padded prompts would get the wrong positions"):
+    with pytest.raises(InputError, match="no attention_mask input: a padded batch would attend to its padding"):
         compiled.generate(prompt, torch.tensor([[0, 1, 1, 1, 1]]), max_new_tokens=2)
 
 
@@ -225,6 +225,30 @@ def test_use_cache_false_still_compiles_without_the_cache_and_cannot_generate():
     assert [spec.name for spec in compiled.inputs] == ["input_ids"]
     with pytest.raises(InputError, match="compiled without the KV cache: it cannot generate"):
         compiled.generate(ids, max_new_tokens=2)
+
+
+def test_a_base_decoder_returning_its_cache_object_gets_the_exact_fix():
+    """GPT2Model (no LM head: it cannot generate) returns a DynamicCache by default: the error says
+    how to compile it (use_cache=False) or what to compile to generate (the ...ForCausalLM class)."""
+    from torchkiln.errors import TraceError
+
+    model = transformers.GPT2Model(_gpt2().config).eval()
+    ids = torch.randint(3, VOCAB, (1, 5))
+    with pytest.raises(TraceError, match="is a DynamicCache, not a tensor") as info:
+        compile_quietly(model, {"input_ids": ids}, backend="torch")
+    assert "use_cache=False" in info.value.hint and "ForCausalLM" in info.value.hint
+    compiled = compile_quietly(model, {"input_ids": ids, "use_cache": False}, backend="torch")
+    torch.testing.assert_close(compiled(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state)
+
+
+def test_an_axis_named_as_a_sum_grows_by_its_terms():
+    """The widened check grows a cached LM's mask (past+sequence) by two when past and sequence
+    each grow by one: Bloom's ALiBi bias, built from the mask, must match the keys' length."""
+    from torchkiln.compiler.export import widen
+
+    mask, ids = torch.ones(1, 5), torch.ones(1, 3)
+    grown = widen((mask, ids), ["mask", "ids"], {"mask": {1: "past+sequence"}, "ids": {0: "batch", 1: "sequence"}})
+    assert [list(t.shape) for t in grown] == [[1, 7], [2, 4]]
 
 
 def test_other_example_inputs_are_a_clear_error_with_the_cache_on():

@@ -11,7 +11,7 @@ and out, as the peers do (Optimum's causal-lm-with-past, ONNX Runtime GenAI):
 * outputs ``logits`` and ``present_key_<i>`` / ``present_value_<i>`` (the past with the new
   positions appended).
 
-Batch, sequence, past (and the mask's total) are dynamic axes; a past of length 0 is the prompt.
+Batch, sequence, past (and the mask's ``past+sequence``) are dynamic axes; a past of length 0 is the prompt.
 The layer shapes (grouped-query heads, head dim) are read from one eager call with the cache, not
 from config fields that differ between architectures. Positions are an input so that a
 left-padded batch counts each row from its first real token, as transformers' generate does
@@ -33,6 +33,7 @@ from torch import nn
 from torchkiln.errors import InputError
 
 EXAMPLE_PAST = 2  # past length traced with: 0 and 1 would be specialized by torch.export
+TOTAL = "past+sequence"  # the mask's axis: a sum, so the widened check grows it by two (export.widen)
 
 
 def wants_cache(model: nn.Module, example_inputs: Any) -> bool:
@@ -72,7 +73,7 @@ def with_cache(
     has_positions = mask is not None and "position_ids" in inspect.signature(model.forward).parameters
     if mask is not None:
         inputs["attention_mask"] = torch.cat([torch.ones(ids.shape[0], EXAMPLE_PAST, dtype=mask.dtype), mask], 1)
-        axes["attention_mask"] = {0: "batch", 1: "total"}
+        axes["attention_mask"] = {0: "batch", 1: TOTAL}
     if has_positions:
         inputs["position_ids"] = positions(inputs["attention_mask"], ids.shape[1])
         axes["position_ids"] = {0: "batch", 1: "sequence"}

@@ -18,14 +18,23 @@ from torch import nn
 def widen(
     flat: tuple[torch.Tensor, ...], names: Sequence[str], axes: Mapping[str, Mapping[int, str]]
 ) -> tuple[torch.Tensor, ...]:
-    """Inputs grown by one along every dynamic axis (same growth per dim name), so the graph is
-    exercised off its traced shape and torch.export does not specialize size-1 dims."""
+    """Inputs grown along every dynamic axis, so the graph is exercised off its traced shape and
+    torch.export does not specialize size-1 dims. An axis grows by one, and an axis named as a sum
+    (``"past+sequence"``: a causal LM's mask spans the cache and the new tokens) by the number of
+    its terms, so that related axes stay consistent."""
     out = []
     for name, tensor in zip(names, flat):
-        for axis in sorted(axes.get(name, {})):
-            tensor = torch.cat([tensor, tensor.narrow(axis, 0, 1)], dim=axis)
+        for axis, dim_name in sorted(axes.get(name, {}).items()):
+            for _ in range(growth(dim_name)):
+                tensor = torch.cat([tensor, tensor.narrow(axis, 0, 1)], dim=axis)
         out.append(tensor)
     return tuple(out)
+
+
+def growth(dim_name: str) -> int:
+    """How much ``widen`` grows an axis named ``dim_name``: 1, or the number of terms of a sum."""
+    terms = [t for t in str(dim_name).split("+") if t.strip()]
+    return max(1, len(terms))
 
 
 def export_graph(

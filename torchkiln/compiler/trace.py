@@ -348,9 +348,25 @@ def _reference(
         if not isinstance(leaf, torch.Tensor):
             raise TraceError(
                 f"model output{pytree.keystr(path)} is a {type(leaf).__name__}, not a tensor",
-                hint="return only tensors (in a tensor, tuple, list or dict)",
+                hint=_CACHE_HINT.format(model=type(model).__name__)
+                if _is_hf_cache(leaf)
+                else "return only tensors (in a tensor, tuple, list or dict)",
             )
     return Check(flat, tuple(leaf for _, leaf in leaves)), pytree.tree_structure(result)
+
+
+_CACHE_HINT = (
+    "{model} returns its KV cache, an object: for a graph without it pass use_cache=False in the example "
+    "inputs; to generate, compile the model class with the LM head ('...ForCausalLM'), whose cache "
+    "torchkiln compiles as tensor inputs and outputs"
+)
+
+
+def _is_hf_cache(value: Any) -> bool:
+    """A transformers ``Cache`` (DynamicCache, EncoderDecoderCache, ...), found by its class names."""
+    return any(
+        cls.__module__.startswith("transformers") and cls.__name__.endswith("Cache") for cls in type(value).__mro__
+    )
 
 
 def _verify_capture(gm: fx.GraphModule, checks: list[Check], axes: Mapping[str, Mapping[int, str]]) -> None:

@@ -79,9 +79,11 @@ def generate(
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     if not isinstance(mask, torch.Tensor) or mask.shape != input_ids.shape:
         raise InputError(f"attention_mask must have input_ids' shape {list(input_ids.shape)}", where="attention_mask")
-    if encoder is None and "position_ids" not in specs and not bool((mask != 0).all()):
+    # A model whose forward takes no position_ids (Bloom's ALiBi, OPT) counts positions from the
+    # mask itself, as under transformers' generate; without a mask input padding cannot be told.
+    if encoder is None and "attention_mask" not in specs and not bool((mask != 0).all()):
         raise InputError(
-            "this artifact has no position_ids input: padded prompts would get the wrong positions",
+            "this artifact has no attention_mask input: a padded batch would attend to its padding",
             where="attention_mask",
             hint="compile with an attention_mask in the example inputs, or generate each prompt in its own call",
         )
