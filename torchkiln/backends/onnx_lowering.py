@@ -45,8 +45,33 @@ def translation_table(nbits_accuracy_level: int = 0) -> dict[Any, Any]:
         y = msft.MatMulNBits(x, packed, scales, K=int(in_features), N=int(n), bits=bits, block_size=block_size, **level)
         return y if _static_size(bias) == 0 else op.Add(y, bias)
 
+    def grouped_mm(x: Any, weight: Any, offsets: Any) -> Any:
+        """transformers' mixture-of-experts matmul: rows of ``x`` [S, in] sorted by expert,
+        ``offsets`` [E] the running row count per expert, ``weight`` [E, in, out]. Each expert's
+        rows are a contiguous slice: one MatMul per expert on its own rows, concatenated in order."""
+        o: Any = op  # onnxscript's typed opset rejects the mixed index/list arguments below
+        ends = o.Cast(offsets, to=7)  # INT64
+        starts = o.Concat(o.Constant(value_ints=[0]), o.Slice(ends, [0], [-1]), axis=0)
+        pieces = []
+        for expert in range(int(weight.shape[0])):
+            rows = o.Slice(x, o.Slice(starts, [expert], [expert + 1]), o.Slice(ends, [expert], [expert + 1]), [0])
+            pieces.append(o.MatMul(rows, o.Gather(weight, o.Constant(value_int=expert), axis=0)))
+        return o.Concat(*pieces, axis=0)
+
     ops = torch.ops.torchkiln
-    return {ops.dynamic_linear.default: dynamic_linear, ops.weight_only_linear.default: weight_only_linear}
+    table = {ops.dynamic_linear.default: dynamic_linear, ops.weight_only_linear.default: weight_only_linear}
+    experts = _registered("transformers", "grouped_mm_fallback")
+    if experts is not None:  # registered when the user's model imported transformers' MoE layers
+        table[experts] = grouped_mm
+    return table
+
+
+def _registered(namespace: str, name: str) -> Any:
+    """``torch.ops.<namespace>.<name>.default``, or None where nothing registered it."""
+    try:
+        return getattr(getattr(torch.ops, namespace), name).default
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def _static_size(value: Any) -> int:
