@@ -103,7 +103,7 @@ class Numerics(Instrument):
             if program.held_back:
                 held = [program.run(c.inputs) for c in program.held_back]
                 stats = self._check_promise(
-                    pass_, held, self._given_held_back, promise, " on a held-back calibration batch"
+                    pass_, held, self._given_held_back, promise, " on a held-back input"
                 )
                 record.held_back_batches = len(held)
                 record.held_back_cosine, record.held_back_max_abs_error = stats.cosine, stats.max_abs

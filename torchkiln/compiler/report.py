@@ -182,7 +182,7 @@ def _artifact_line(a: ArtifactRecord, params: int, param_bytes: int) -> str:
         )
     if a.held_back_cosine is not None and a.held_back_max_abs_error is not None:
         parts.append(
-            f"on {a.held_back_batches} held-back calibration batch(es): max abs err "
+            f"on {a.held_back_batches} held-back input(s): max abs err "
             f"{a.held_back_max_abs_error:.2e}, cosine {a.held_back_cosine:.5f}"
         )
     if a.eager_ms is not None and a.artifact_ms is not None:

@@ -1,7 +1,11 @@
 """fp16 / bf16 conversion with a keep-in-fp32 list and fp32 inputs and outputs.
 
 Every op runs in the low precision except those named in ``keep_fp32`` (normalisations, softmax,
-reductions by default: their sums and variances lose too much in 10 mantissa bits). Parameters of
+reductions by default: their sums and variances lose too much in 10 mantissa bits). ``router`` in
+``keep_fp32`` (a default) keeps a mixture-of-experts router in float32: every ``topk`` and the ops
+from the projection that scores the experts to it (linear → softmax/sigmoid → topk): a score
+rounded to 10 bits can swap which experts a token goes to, and a swapped expert is not a rounding
+error. Parameters of
 low-precision ops are stored in the low precision. Casts are inserted exactly where a value's dtype
 differs from what its consumer runs in, found by running the graph once on the example inputs::
 
@@ -20,9 +24,10 @@ from torch import fx
 
 from torchkiln.compiler import graph as G
 
+ROUTER = "router"  # not an op: the ops that score and pick experts (see _routing)
 DEFAULT_KEEP_FP32 = (
     "layer_norm", "batch_norm", "group_norm", "instance_norm", "softmax", "log_softmax",
-    "mean", "sum", "var", "std", "norm", "cumsum", "logsumexp", "mse_loss", "cross_entropy",
+    "mean", "sum", "var", "std", "norm", "cumsum", "logsumexp", "mse_loss", "cross_entropy", ROUTER,
 )  # fmt: skip
 
 
@@ -45,6 +50,8 @@ def convert(
     for node in gm.graph.nodes:
         if node.op.startswith("call_"):
             wants[node] = torch.float32 if op_name(node, gm) in keep else dtype
+    if ROUTER in keep:
+        wants.update(dict.fromkeys(_routing(gm), torch.float32))
     for node in gm.graph.nodes:
         if node.op == "call_module" and wants[node] is dtype:
             gm.get_submodule(str(node.target)).to(dtype)
@@ -53,6 +60,32 @@ def convert(
     _Caster(gm, wants, torch.float32 if fp32_io else dtype).run(*(t.clone() for t in example))
     low = sum(1 for w in wants.values() if w is dtype)
     return low, len(wants) - low
+
+
+_SCORES = {"linear", "addmm", "mm", "matmul", "bmm"}
+
+
+def _routing(gm: fx.GraphModule, depth: int = 8) -> list[fx.Node]:
+    """Every ``topk`` and, where its input comes from a projection within ``depth`` ops (through
+    each op's first input), the ops from that projection to it."""
+    found: list[fx.Node] = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or op_name(node, gm) != "topk":
+            continue
+        path, current = [node], node.args[0] if node.args else None
+        for _ in range(depth):
+            if not isinstance(current, fx.Node) or not current.op.startswith("call_"):
+                break
+            path.append(current)
+            if op_name(current, gm) in _SCORES:
+                found.extend(path)
+                break
+            current = next((a for a in current.args if isinstance(a, fx.Node)), None)
+        else:
+            found.append(node)
+        if path[-1] is node or op_name(path[-1], gm) not in _SCORES:
+            found.append(node)
+    return list(dict.fromkeys(found))
 
 
 def _drop_dtype_assertions(gm: fx.GraphModule) -> None:
