@@ -29,9 +29,9 @@ test-slow: $(STAMP)
 lm-quality: $(STAMP)
 	$(BIN)/python -m pytest -m slow -s tests/test_lm_quality.py
 
-# The whole model-coverage matrix; rewrites README's "Model coverage" table from what it measured.
+# The whole model- and generation-coverage matrices; rewrite README's two tables from what they measured.
 coverage: $(STAMP)
-	TORCHKILN_WRITE_COVERAGE=1 $(BIN)/python -m pytest tests/test_model_coverage.py
+	TORCHKILN_WRITE_COVERAGE=1 $(BIN)/python -m pytest tests/test_model_coverage.py tests/test_generation_coverage.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check torchkiln tests bench

@@ -198,6 +198,9 @@ ARCHITECTURES = [
     Arch("electra", "encoder", _encoder("ElectraModel", "ElectraConfig", embedding_size=16)),
     Arch("deberta-v2", "encoder", _encoder("DebertaV2Model", "DebertaV2Config")),
     Arch("mpnet", "encoder", _encoder("MPNetModel", "MPNetConfig")),
+    Arch("modernbert", "encoder", _encoder(  # rotary positions computed in the graph (batch 1)
+        "ModernBertModel", "ModernBertConfig", pad_token_id=0, cls_token_id=1, sep_token_id=2, bos_token_id=None,
+        eos_token_id=None, global_attn_every_n_layers=2, local_attention=8)),  # fmt: skip
     Arch("gpt2", "decoder", _gpt2("GPT2Model")),
     Arch("gpt2-lm", "decoder", _gpt2("GPT2LMHeadModel")),
     Arch("gpt-neo", "decoder", _decoder("GPTNeoModel", "GPTNeoConfig", dict(
@@ -265,3 +268,53 @@ def calibration_batches(inputs: dict[str, Any], axes: dict[str, dict[int, str]],
         {k: _like(k, v, tuple(v.shape)) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         for _ in range(n)
     ]
+
+
+# ----------------------------------------------------------------------- decoders that generate
+
+
+@dataclasses.dataclass(frozen=True)
+class Generator:
+    """A causal LM compiled with its KV cache for the generation coverage test."""
+
+    name: str
+    family: str  # how it places positions or attends: what the case exercises
+    build: Callable[[], nn.Module]
+    ci: bool = False  # one per family runs in CI, the rest are ``slow``
+
+
+def _lm(cls: str, cfg: str, **extra: Any) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        config = {k: v for k, v in (_LLAMAISH | _SPECIAL_IDS | extra).items() if v is not None}
+        return _hf(cls, cfg, **config).eval()
+
+    return build
+
+
+_NOT_LLAMA = dict(num_key_value_heads=None, intermediate_size=None, max_position_embeddings=None)
+_MOE = dict(num_experts=4, num_experts_per_tok=2)
+
+GENERATORS = [
+    Generator("llama", "rotary, grouped KV", _lm("LlamaForCausalLM", "LlamaConfig"), ci=True),
+    Generator("qwen2", "rotary, grouped KV", _lm("Qwen2ForCausalLM", "Qwen2Config")),
+    Generator("qwen3", "rotary, q/k norm", _lm("Qwen3ForCausalLM", "Qwen3Config", head_dim=8)),
+    Generator("phi3", "rotary", _lm("Phi3ForCausalLM", "Phi3Config")),
+    Generator("gemma", "rotary", _lm("GemmaForCausalLM", "GemmaConfig", head_dim=8)),
+    Generator("gemma2", "rotary, sliding window", _lm(
+        "Gemma2ForCausalLM", "Gemma2Config", head_dim=8, sliding_window=4)),  # fmt: skip
+    Generator("gemma3", "rotary, sliding window", _lm(
+        "Gemma3ForCausalLM", "Gemma3TextConfig", head_dim=8, sliding_window=4)),  # fmt: skip
+    Generator("gpt-neox", "partial rotary", _lm("GPTNeoXForCausalLM", "GPTNeoXConfig", num_key_value_heads=None)),
+    Generator("stablelm", "partial rotary", _lm("StableLmForCausalLM", "StableLmConfig")),
+    Generator("starcoder2", "rotary, sliding window", _lm("Starcoder2ForCausalLM", "Starcoder2Config")),
+    Generator("falcon", "multi-query (1 KV head)", _lm(
+        "FalconForCausalLM", "FalconConfig", **_NOT_LLAMA, multi_query=True, new_decoder_architecture=False), ci=True),
+    Generator("bloom", "ALiBi", _lm(
+        "BloomForCausalLM", "BloomConfig", **_NOT_LLAMA, num_hidden_layers=None, num_attention_heads=None,
+        n_layer=LAYERS, n_head=HEADS), ci=True),  # fmt: skip
+    Generator("mixtral", "mixture of experts", _lm(
+        "MixtralForCausalLM", "MixtralConfig", num_local_experts=4, num_experts_per_tok=2), ci=True),  # fmt: skip
+    Generator("qwen2-moe", "mixture of experts, shared expert", _lm(
+        "Qwen2MoeForCausalLM", "Qwen2MoeConfig", **_MOE, moe_intermediate_size=32, shared_expert_intermediate_size=32)),
+    Generator("olmoe", "mixture of experts", _lm("OlmoeForCausalLM", "OlmoeConfig", **_MOE)),
+]  # fmt: skip

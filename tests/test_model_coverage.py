@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
-import re
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from conftest import compile_quietly
 from coverage_models import ARCHITECTURES, Arch, calibration_batches, resized
+from coverage_table import Table
 
 import torchkiln
 from torchkiln.backends import backend_options, get_backend
@@ -37,11 +35,9 @@ from torchkiln.passes.layers import find_layers_and_skips, weight_ops
 
 pytest.importorskip("transformers", reason="transformers is not installed (pip install 'torchkiln[hf]')")
 
-README = Path(__file__).resolve().parent.parent / "README.md"
-BEGIN, END = "<!-- model-coverage:begin -->", "<!-- model-coverage:end -->"
 CASES = ("ONNX Runtime", "dynamic axes", "save/load", "dynamic int8", "static int8", "fp16 (torch)")
 CI_ARCHITECTURES = ("bert",)  # GPT-2 reaches ONNX Runtime in CI through test_causal_lm (its cached graph)
-RESULTS: dict[str, dict[str, str]] = {}
+TABLE = Table("model-coverage", [(a.name, a.family) for a in ARCHITECTURES], CASES, "coverage")
 MIN_COSINE = 0.99
 
 
@@ -94,7 +90,7 @@ def _floats(output: Any) -> list[torch.Tensor]:
 
 
 def _record(arch: Arch, case: str, cell: str) -> None:
-    RESULTS.setdefault(arch.name, {})[case] = cell
+    TABLE.record(arch.name, case, cell)
 
 
 def _quantize_stats(compiled: Any) -> dict[str, Any]:
@@ -189,47 +185,8 @@ def test_int8_onnxruntime_quantizes_every_layer(arch, mode):
 # ----------------------------------------------------------------------------------- README's table
 
 
-def render(results: dict[str, dict[str, str]]) -> str:
-    head = "| architecture | family | " + " | ".join(CASES) + " |"
-    rows = [head, "|" + "---|" * (len(CASES) + 2)]
-    for arch in ARCHITECTURES:
-        cells = [results.get(arch.name, {}).get(case, "") for case in CASES]
-        rows.append(f"| {arch.name} | {arch.family} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
-
-
-def parse(text: str) -> dict[str, dict[str, str]]:
-    """README's table back into {architecture: {case: cell}}."""
-    match = re.search(re.escape(BEGIN) + r"(.*?)" + re.escape(END), text, re.S)
-    assert match, f"README.md has no {BEGIN} ... {END} section (run `make coverage` to write it)"
-    lines = [line for line in match.group(1).splitlines() if line.startswith("|")]
-    assert lines, "README's coverage table is empty (run `make coverage` to write it)"
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
-    assert header == ["architecture", "family", *CASES], f"README's coverage table has columns {header}"
-    table = {}
-    for line in lines[2:]:
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        table[cells[0]] = dict(zip(CASES, cells[2:]))
-    return table
-
-
 @pytest.fixture(scope="module", autouse=True)
 def readme_table():
     """After the module: README's table must say what this run measured, or be rewritten."""
     yield
-    if os.environ.get("TORCHKILN_WRITE_COVERAGE") == "1":
-        missing = [f"{a.name}/{c}" for a in ARCHITECTURES for c in CASES if c not in RESULTS.get(a.name, {})]
-        assert not missing, f"not writing README: {len(missing)} cases did not pass or run, e.g. {missing[:5]}"
-        text = README.read_text()
-        start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
-        README.write_text(text[:start] + "\n" + render(RESULTS) + "\n" + text[end:])
-        return
-    readme = parse(README.read_text())
-    assert sorted(readme) == sorted(a.name for a in ARCHITECTURES), "README's coverage rows: run `make coverage`"
-    stale = [
-        f"{name}/{case}: README says {readme[name][case]!r}, this run {cell!r}"
-        for name, cells in RESULTS.items()
-        for case, cell in cells.items()
-        if readme[name][case] != cell
-    ]
-    assert not stale, "README's coverage table is stale (run `make coverage`): " + "; ".join(stale)
+    TABLE.finish()
