@@ -214,6 +214,8 @@ ARCHITECTURES = [
         vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, ffn_dim=FFN,
         max_position_embeddings=POSITIONS, word_embed_proj_dim=HIDDEN))),  # fmt: skip
     Arch("phi", "decoder", _decoder("PhiModel", "PhiConfig", _LLAMAISH | {"num_key_value_heads": HEADS})),
+    Arch("mixtral", "decoder", _decoder(  # its experts' grouped matmuls stay in float (counted)
+        "MixtralModel", "MixtralConfig", _LLAMAISH | {"num_local_experts": 4, "num_experts_per_tok": 2})),
     Arch("bart", "encoder-decoder", _bart),
     Arch("t5", "encoder-decoder", _t5),
     Arch("t5-encoder", "encoder-decoder", lambda: _text(_hf("T5EncoderModel", "T5Config", **_T5))),

@@ -237,7 +237,7 @@ class WeightOp:
 
     node: fx.Node
     name: str  # module path
-    kind: str  # "layer" (a Layer), "lookup", "recurrent", "opaque" (a module call), "other"
+    kind: str  # "layer" (a Layer), "lookup", "recurrent", "experts" (grouped matmul), "opaque" (a module call), "other"
 
     @property
     def description(self) -> str:
@@ -262,13 +262,21 @@ def weight_ops(gm: fx.GraphModule) -> list[WeightOp]:
             ops.append(WeightOp(node, G.module_path(node), kind))
         elif (
             node.op == "call_function"
-            and node.target in _WEIGHT_OPS
+            and (node.target in _WEIGHT_OPS or is_grouped_mm(node))
             and any(stored[a] for a in node.all_input_nodes)
         ):
             kind = "lookup" if node.target in _LOOKUPS else "other"
             kind = "recurrent" if node.target in _RECURRENT_OPS else kind
+            kind = "experts" if is_grouped_mm(node) else kind
             ops.append(WeightOp(node, G.module_path(node), kind))
     return ops
+
+
+def is_grouped_mm(node: fx.Node) -> bool:
+    """A mixture-of-experts grouped matmul ([tokens sorted by expert] x [experts, in, out]):
+    transformers' ``grouped_mm_fallback``, ``torch._grouped_mm``, ``F.grouped_mm``."""
+    name = getattr(node.target, "__name__", "") or str(node.target)
+    return node.op == "call_function" and "grouped_mm" in name and "backward" not in name
 
 
 def _stored_status(gm: fx.GraphModule) -> dict[fx.Node, bool | None]:

@@ -22,6 +22,10 @@ from torch import fx
 from torchkiln.passes.layers import Layer, WeightOp
 
 LOOKUP = "an embedding lookup (a gather: int8 would only save memory, not compute)"
+EXPERTS = (
+    "a mixture-of-experts grouped matmul (all experts' weights in one [experts, in, out] tensor): "
+    "this pass does not quantize expert weights yet"
+)
 
 
 def account(
@@ -68,6 +72,8 @@ def _why_not(
         return "float", skipped[op.node]
     if op.kind == "lookup":
         return "float", LOOKUP
+    if op.kind == "experts":
+        return "float", EXPERTS
     if op.kind == "opaque":
         return "unrecognised", (
             f"a {op.description}: its weights are invisible to passes (capture with frontend='export')"
