@@ -141,6 +141,62 @@ def test_an_encoder_decoder_directory_exports_as_two_parts_and_generates(capsys,
     assert [int(t) for t in out.split()] == theirs[0, 1:].tolist()
 
 
+def _whisper(**extra):
+    torch.manual_seed(0)
+    config = transformers.WhisperConfig(
+        vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16, max_source_positions=20,
+        max_target_positions=64, decoder_start_token_id=1, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        suppress_tokens=None, begin_suppress_tokens=None, init_std=1.0, **extra,
+    )  # fmt: skip
+    model = transformers.WhisperForConditionalGeneration(config).eval()
+    # as an English-only checkpoint's generation_config.json has (its own file, not derived from the config)
+    model.generation_config = transformers.GenerationConfig(
+        decoder_start_token_id=1, bos_token_id=1, eos_token_id=2, pad_token_id=0, no_timestamps_token_id=3
+    )
+    return model
+
+
+def test_a_whisper_directory_exports_as_speech_recognition_and_generates_from_features(capsys, tmp_path):
+    """`kiln export` infers automatic-speech-recognition (an encoder-decoder config with mel bins):
+    the encoder takes input_features [batch, mels, frames] (batch dynamic), the decoder starts from
+    [start, no-timestamps] as transformers' Whisper generate does, and greedy tokens equal its, for
+    one clip and a batch of three (compiled from one). `kiln generate` refuses a text prompt."""
+    model = _whisper()
+    model.save_pretrained(tmp_path / "whisper")
+    assert main(["export", str(tmp_path / "whisper"), "-o", str(tmp_path / "artifact"), "--json"]) == 0
+    reports = json.loads(capsys.readouterr().out)
+    assert reports["encoder"]["model"] == "WhisperForConditionalGenerationEncoder"
+    import torchkiln
+
+    compiled = torchkiln.load(tmp_path / "artifact")
+    assert [spec.name for spec in compiled.encoder.inputs] == ["input_features"]
+    assert compiled.generation["no_timestamps_token_id"] == 3
+    for batch in (1, 3):
+        features = torch.randn(batch, 16, 40, generator=torch.Generator().manual_seed(batch))
+        ours = compiled.generate(features, max_new_tokens=8, min_new_tokens=8)
+        with torch.no_grad():
+            theirs = model.generate(input_features=features, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        assert ours[:, :2].tolist() == [[1, 3]] * batch
+        assert ours[:, 2:].tolist() == theirs[:, :8].tolist()  # transformers returns the new tokens only
+        assert len(set(ours[:, 2:].flatten().tolist())) > 2  # not one token repeated
+    assert main(["generate", str(tmp_path / "artifact"), "--prompt-ids", "5,6"]) == 2
+    assert "is a speech model" in capsys.readouterr().err
+    with pytest.raises(torchkiln.errors.InputError, match="input_features must be a float tensor"):
+        compiled.generate(torch.tensor([[5, 6]]), max_new_tokens=2)
+
+
+def test_a_whisper_that_picks_language_tokens_at_generate_time_is_refused():
+    """A multilingual Whisper's generate detects or takes a language and a task and puts their
+    tokens in the decoder prompt: not supported yet, and said so at compile time."""
+    import torchkiln
+
+    model = _whisper()
+    model.generation_config.lang_to_id = {"<|en|>": 4}
+    with pytest.raises(torchkiln.errors.InputError, match="chooses decoder prompt tokens at generate time"):
+        torchkiln.compile(model, {"input_features": torch.randn(1, 16, 40)})
+
+
 def test_a_task_the_directory_cannot_serve_is_a_one_line_error(exported, capsys, tmp_path):
     _, _, root = exported
     assert main(["export", str(root / "model"), "--task", "text2text-generation", "-o", str(tmp_path / "x")]) == 2

@@ -126,7 +126,7 @@ def test_bad_settings_and_data_are_clear_errors(bart):
     ids = torch.randint(3, VOCAB, (1, 6))
     with pytest.raises(ConfigError, match="calibration / training data for an encoder-decoder"):
         compile_quietly(model, {"input_ids": ids}, passes="cleanup,quantize", calibration_data=[{"input_ids": ids}])
-    with pytest.raises(InputError, match="takes input_ids .batch, source. .and attention_mask.; got .'input_ids', 'token_type_ids'"):
+    with pytest.raises(InputError, match="takes input_ids .batch, source. .and attention_mask., or input_features .batch, mels, frames. for a speech model; got .'input_ids', 'token_type_ids'"):
         compile_quietly(model, {"input_ids": ids, "token_type_ids": ids})
 
 

@@ -39,8 +39,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--task",
         choices=tasks.TASKS,
         help="text-generation: a causal LM with its KV cache; text2text-generation: an encoder-decoder as "
-        "encoder + decoder with its cache; both for `kiln generate` (default for a model directory: from "
-        "its config's architectures)",
+        "encoder + decoder with its cache (both for `kiln generate`); automatic-speech-recognition: a speech "
+        "encoder-decoder (Whisper) the same way, generating from input_features in Python (default for a model "
+        "directory: from its config's architectures)",
     )
     parser.add_argument(
         "--passes",

@@ -13,7 +13,7 @@ import torch
 import torchkiln
 from torchkiln.cli import tasks
 from torchkiln.cli.common import add_native_code_argument
-from torchkiln.driver.generate import check_settings, vocabulary
+from torchkiln.driver.generate import SPEECH, check_settings, vocabulary
 from torchkiln.errors import InputError
 
 
@@ -46,6 +46,14 @@ def run(args: argparse.Namespace) -> int:
         )
     tokenizer = tasks.load_tokenizer(args.tokenizer) if args.tokenizer else None
     compiled = torchkiln.load(args.artifact, allow_native_code=args.allow_native_code)
+    encoder = getattr(compiled, "encoder", None)
+    if encoder is not None and any(spec.name == SPEECH for spec in encoder.inputs):
+        raise InputError(
+            f"{args.artifact} is a speech model: it generates from audio features, not a text prompt",
+            where=args.artifact,
+            hint="call torchkiln.load(...).generate(input_features) from Python (features from the model's "
+            "feature extractor)",
+        )
     vocab = vocabulary(compiled)
     if tokenizer is not None and vocab is not None and len(tokenizer) > vocab:
         raise InputError(

@@ -7,7 +7,8 @@ directory). Whatever transformers or safetensors raise for a broken directory â€
 not JSON, truncated weights, a malformed tokenizer â€” is a one-line ConfigError naming it.
 ``text-generation`` compiles a causal LM with its KV cache (:mod:`torchkiln.compiler.causal_lm`),
 ``text2text-generation`` an encoder-decoder as an encoder and a decoder with its cache
-(:mod:`torchkiln.compiler.seq2seq`).
+(:mod:`torchkiln.compiler.seq2seq`), ``automatic-speech-recognition`` a speech encoder-decoder
+(Whisper: ``input_features`` into the encoder) the same way.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from torch import nn
 from torchkiln.compiler import causal_lm, seq2seq
 from torchkiln.errors import ConfigError, InputError
 
-TASKS = ("text-generation", "text2text-generation")
+TASKS = ("text-generation", "text2text-generation", "automatic-speech-recognition")
+SPEECH_TASK = "automatic-speech-recognition"
 EXAMPLE_TOKENS = 8
 
 
@@ -40,9 +42,11 @@ def load_pretrained(directory: str, task: str | None) -> nn.Module:
         raise ConfigError(
             "loading a Hugging Face model directory needs transformers", hint="pip install 'torchkiln[hf]'"
         ) from exc
-    auto = (
-        transformers.AutoModelForCausalLM if task == "text-generation" else transformers.AutoModelForSeq2SeqLM
-    )
+    auto = {
+        "text-generation": transformers.AutoModelForCausalLM,
+        "text2text-generation": transformers.AutoModelForSeq2SeqLM,
+        SPEECH_TASK: transformers.AutoModelForSpeechSeq2Seq,
+    }[task]
     _refuse_pickled_weights(Path(directory))
     model = _loaded(
         lambda: auto.from_pretrained(directory, local_files_only=True, trust_remote_code=False, use_safetensors=True),
@@ -87,7 +91,7 @@ def inferred_task(directory: str) -> str:
     if config.get("is_encoder_decoder") and any(
         a.endswith("ForConditionalGeneration") for a in architectures
     ):
-        return "text2text-generation"
+        return SPEECH_TASK if "num_mel_bins" in config else "text2text-generation"
     raise ConfigError(
         f"cannot tell the task of {directory} from its architectures {architectures}",
         where=str(path),
@@ -107,6 +111,8 @@ def task_inputs(
             f"{type(model).__name__} is not {kind} with a KV cache: --task {task} does not apply",
             hint="drop --task to compile its forward as it is",
         )
+    if task == SPEECH_TASK:
+        return _speech_inputs(model, given, seed)
     if given:
         unknown = sorted(set(given) - {"input_ids", "attention_mask"})
         if unknown:
@@ -124,6 +130,29 @@ def task_inputs(
         )
     ids = torch.randint(3, vocab, (1, EXAMPLE_TOKENS), generator=torch.Generator().manual_seed(seed))
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _speech_inputs(model: nn.Module, given: dict[str, torch.Tensor] | None, seed: int) -> dict[str, torch.Tensor]:
+    """The given input_features, else one clip of random log-mel frames at the encoder's length
+    (Whisper's encoder takes exactly twice its source positions)."""
+    if given:
+        unknown = sorted(set(given) - {seq2seq.SPEECH})
+        if unknown:
+            raise InputError(
+                f"--task {SPEECH_TASK} takes input_features, not {unknown}",
+                where=unknown[0],
+                hint="e.g. --input input_features=1x80x3000:float32",
+            )
+        return given
+    config = getattr(model, "config", None)
+    mels, positions = getattr(config, "num_mel_bins", None), getattr(config, "max_source_positions", None)
+    if not isinstance(mels, int) or not isinstance(positions, int):
+        raise InputError(
+            f"{type(model).__name__}'s config has no num_mel_bins / max_source_positions",
+            hint="give --input input_features=1xMELSxFRAMES:float32",
+        )
+    features = torch.randn(1, mels, 2 * positions, generator=torch.Generator().manual_seed(seed))
+    return {seq2seq.SPEECH: features}
 
 
 def load_tokenizer(directory: str) -> Any:

@@ -98,7 +98,7 @@ def past_names(layers: int) -> list[str]:
     return [f"past_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
 
 
-_POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_positions")
+_POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_positions", "max_target_positions")
 
 
 SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")

@@ -2,13 +2,13 @@
 
 Like the peers (Optimum's encoder + decoder-with-past), :func:`split` gives two modules to compile:
 
-* the **encoder** — inputs ``input_ids`` [batch, source], ``attention_mask`` [batch, source];
-  outputs the cross-attention cache ``cross_key_<i>`` / ``cross_value_<i>`` [batch, heads,
+* the **encoder** — inputs ``input_ids`` [batch, source], ``attention_mask`` [batch, source]
+  (a speech model such as Whisper: ``input_features`` [batch, mels, frames], no mask); outputs the cross-attention cache ``cross_key_<i>`` / ``cross_value_<i>`` [batch, heads,
   source, head dim] of every decoder layer. It runs the encoder and the decoder once (on a start
   token) and keeps only the cross-attention keys and values, which depend on the encoder alone:
   the decoder's self-attention work is dead code there, removed by cleanup;
 * the **decoder with cache** — inputs ``decoder_input_ids`` [batch, sequence],
-  ``encoder_attention_mask`` [batch, source], ``past_key_<i>`` / ``past_value_<i>`` [batch, heads,
+  ``encoder_attention_mask`` [batch, source] (text encoders), ``past_key_<i>`` / ``past_value_<i>`` [batch, heads,
   past, head dim] (self-attention) and the cross cache; outputs ``logits`` and ``present_key_<i>``
   / ``present_value_<i>``. With the cross cache given, the model reads it instead of projecting
   the encoder states again; those states are then only a shape (zeros in the graph).
@@ -55,8 +55,18 @@ def cross_names(layers: int) -> list[str]:
 
 def settings(model: nn.Module) -> dict[str, int | None]:
     """:func:`~torchkiln.compiler.causal_lm.generation_settings` plus the decoder's start token
-    and the tokens the model's generation config forces first and last."""
-    extra = ("decoder_start_token_id", "forced_bos_token_id", "forced_eos_token_id")
+    and the tokens the model's generation config forces first and last (Whisper's no-timestamps
+    token: transcription without timestamps, as transformers' default)."""
+    extra = ("decoder_start_token_id", "forced_bos_token_id", "forced_eos_token_id", "no_timestamps_token_id")
+    generation = getattr(model, "generation_config", None)
+    chosen = [f for f in ("forced_decoder_ids", "lang_to_id", "task_to_id") if getattr(generation, f, None)]
+    if chosen or getattr(generation, "is_multilingual", False):
+        raise InputError(
+            f"{type(model).__name__}'s generation config chooses decoder prompt tokens at generate time "
+            f"({', '.join(chosen) or 'is_multilingual'}: language / task tokens): not supported yet",
+            hint="use an English-only checkpoint, or compile the decoder without its cache (decoder_input_ids "
+            "and use_cache=False in the example inputs) and run your own loop",
+        )
     found = generation_settings(model, SPECIAL_TOKENS + extra)
     if found["decoder_start_token_id"] is None:
         raise InputError(
@@ -66,50 +76,72 @@ def settings(model: nn.Module) -> dict[str, int | None]:
     return found
 
 
+SPEECH = "input_features"  # a speech encoder's input (Whisper: log-mel frames [batch, mels, frames])
+
+
 def split(
     model: nn.Module, example_inputs: Mapping[str, Any]
 ) -> tuple[tuple[nn.Module, dict[str, torch.Tensor], dict[str, dict[int, str]]], ...]:
-    """(encoder, its example inputs, its dynamic axes), (decoder with cache, ..., ...)."""
-    extra = sorted(set(example_inputs) - {"input_ids", "attention_mask", "use_cache"})
-    ids = example_inputs.get("input_ids")
-    if extra or not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
+    """(encoder, its example inputs, its dynamic axes), (decoder with cache, ..., ...).
+
+    A text encoder takes ``input_ids`` (and ``attention_mask``) with batch and source dynamic; a
+    speech encoder (Whisper) takes ``input_features`` [batch, mels, frames] with the batch dynamic
+    (its encoder accepts exactly the frames of its position table) and no mask."""
+    speech = SPEECH in example_inputs
+    allowed = {SPEECH, "use_cache"} if speech else {"input_ids", "attention_mask", "use_cache"}
+    extra = sorted(set(example_inputs) - allowed)
+    source = example_inputs.get(SPEECH if speech else "input_ids")
+    shape_ok = isinstance(source, torch.Tensor) and (
+        (source.dim() == 3 and source.is_floating_point()) if speech else (source.dim() == 2 and not source.is_floating_point())
+    )
+    if extra or not shape_ok:
         raise InputError(
-            f"an encoder-decoder with its KV cache takes input_ids [batch, source] (and attention_mask); "
-            f"got {sorted(example_inputs)}",
+            f"an encoder-decoder with its KV cache takes input_ids [batch, source] (and attention_mask), or "
+            f"input_features [batch, mels, frames] for a speech model; got {sorted(example_inputs)}",
             where="example_inputs",
-            hint="pass {'input_ids': ids, 'attention_mask': mask}; for one graph without the cache pass "
-            "decoder_input_ids and use_cache=False",
+            hint="pass {'input_ids': ids, 'attention_mask': mask} or {'input_features': features}; for one graph "
+            "without the cache pass decoder_input_ids and use_cache=False",
         )
-    mask = example_inputs.get("attention_mask")
-    mask = torch.ones_like(ids) if mask is None else mask
-    encoder = type(f"{type(model).__name__}Encoder", (EncoderWithCrossCache,), {})(model).eval()
+    assert isinstance(source, torch.Tensor)
+    batch = source.shape[0]
+    if speech:
+        encoder_inputs: dict[str, torch.Tensor] = {SPEECH: source}
+        encoder_axes: dict[str, dict[int, str]] = {SPEECH: {0: "batch"}}
+        cross_axes: dict[int, str] = {0: "batch"}
+        mask = None
+    else:
+        mask = example_inputs.get("attention_mask")
+        mask = torch.ones_like(source) if mask is None else mask
+        source_axes = {0: "batch", 1: "source"}
+        encoder_inputs = {"input_ids": source, "attention_mask": mask}
+        encoder_axes = {"input_ids": source_axes, "attention_mask": source_axes}
+        cross_axes = {0: "batch", 2: "source"}
+    encoder = _encoder(model, [*encoder_inputs])
     with torch.no_grad():
-        cross = encoder(ids, mask)
+        cross = encoder(**encoder_inputs)
     layers = len(cross) // 2
-    source_axes = {0: "batch", 1: "source"}
-    encoder_part = (encoder, {"input_ids": ids, "attention_mask": mask}, {"input_ids": source_axes, "attention_mask": source_axes})
 
     start = int(settings(model)["decoder_start_token_id"] or 0)
     generator = torch.Generator().manual_seed(0)
-    inputs: dict[str, torch.Tensor] = {
-        "decoder_input_ids": torch.full((ids.shape[0], 1), start, dtype=ids.dtype),
-        "encoder_attention_mask": mask,
-    }
-    axes: dict[str, dict[int, str]] = {"decoder_input_ids": {0: "batch", 1: "sequence"}, "encoder_attention_mask": source_axes}
-    self_shapes = _self_cache_shapes(model, ids, mask)
+    inputs: dict[str, torch.Tensor] = {"decoder_input_ids": torch.full((batch, 1), start, dtype=torch.long)}
+    axes: dict[str, dict[int, str]] = {"decoder_input_ids": {0: "batch", 1: "sequence"}}
+    if mask is not None:
+        inputs["encoder_attention_mask"], axes["encoder_attention_mask"] = mask, encoder_axes["attention_mask"]
+    self_shapes = _self_cache_shapes(model, encoder_inputs)
     for name, (heads, dim) in zip(past_names(layers), self_shapes):
-        inputs[name] = torch.randn(ids.shape[0], heads, EXAMPLE_PAST, dim, generator=generator)
+        inputs[name] = torch.randn(batch, heads, EXAMPLE_PAST, dim, generator=generator)
         axes[name] = {0: "batch", 2: "past"}
     for name, tensor in cross.items():
         inputs[name] = tensor
-        axes[name] = {0: "batch", 2: "source"}
-    return encoder_part, (_decoder(model, [*inputs], layers), inputs, axes)
+        axes[name] = dict(cross_axes)
+    return (encoder, encoder_inputs, encoder_axes), (_decoder(model, [*inputs], layers), inputs, axes)
 
 
-def _self_cache_shapes(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> list[tuple[int, int]]:
+def _self_cache_shapes(model: nn.Module, encoder_inputs: Mapping[str, torch.Tensor]) -> list[tuple[int, int]]:
     with torch.no_grad():
-        start = torch.zeros_like(ids[:1, :1])
-        out = model(input_ids=ids[:1], attention_mask=mask[:1], decoder_input_ids=start, use_cache=True)
+        first = {name: value[:1] for name, value in encoder_inputs.items()}
+        start = torch.zeros(1, 1, dtype=torch.long)
+        out = model(**first, decoder_input_ids=start, use_cache=True)
     shapes = []
     for layer in returned_cache(out).self_attention_cache.layers:
         shapes += [(layer.keys.shape[1], layer.keys.shape[3]), (layer.values.shape[1], layer.values.shape[3])]
@@ -117,21 +149,32 @@ def _self_cache_shapes(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) 
 
 
 class EncoderWithCrossCache(nn.Module):
-    """The encoder, returning the decoder's cross-attention cache."""
+    """The encoder, returning the decoder's cross-attention cache; forward's signature is set to
+    the encoder's inputs (``input_ids, attention_mask`` or ``input_features``)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         model: Any = self.model
-        encoded = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask)
-        start = torch.zeros_like(input_ids[:, :1])  # any token: the cross cache does not depend on it
-        out = model(encoder_outputs=encoded, attention_mask=attention_mask, decoder_input_ids=start, use_cache=True)
+        encoded = model.get_encoder()(**inputs)
+        batch = next(iter(inputs.values())).shape[0]
+        start = torch.zeros(batch, 1, dtype=torch.long)  # any token: the cross cache does not depend on it
+        mask = {"attention_mask": inputs["attention_mask"]} if "attention_mask" in inputs else {}
+        out = model(encoder_outputs=encoded, decoder_input_ids=start, use_cache=True, **mask)
         result = {}
         for i, layer in enumerate(returned_cache(out).cross_attention_cache.layers):
             result[f"cross_key_{i}"], result[f"cross_value_{i}"] = layer.keys, layer.values
         return result
+
+
+def _encoder(model: nn.Module, names: list[str]) -> nn.Module:
+    def run(self: EncoderWithCrossCache, bound: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.run({n: bound[n] for n in names})
+
+    cls = with_signature(EncoderWithCrossCache, f"{type(model).__name__}Encoder", names, run)
+    return cls(model).eval()
 
 
 class DecoderWithCache(nn.Module):
@@ -142,7 +185,7 @@ class DecoderWithCache(nn.Module):
         self.model, self.layers = model, layers
 
     def run(
-        self, tokens: torch.Tensor, mask: torch.Tensor, past: list[torch.Tensor], cross: list[torch.Tensor]
+        self, tokens: torch.Tensor, mask: torch.Tensor | None, past: list[torch.Tensor], cross: list[torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         import transformers
 
@@ -155,8 +198,9 @@ class DecoderWithCache(nn.Module):
         )
         hidden = getattr(model.config, "d_model", None) or model.config.hidden_size
         states = cross[0].new_zeros(cross[0].shape[0], cross[0].shape[2], hidden)  # a shape only: the cache is read
+        masked = {} if mask is None else {"attention_mask": mask}
         out = model(
-            encoder_outputs=(states,), attention_mask=mask, decoder_input_ids=tokens, use_cache=True,
+            encoder_outputs=(states,), decoder_input_ids=tokens, use_cache=True, **masked,
             **{cache_keyword(model): cache},
         )  # fmt: skip
         result = {"logits": out.logits}
@@ -169,7 +213,7 @@ def _decoder(model: nn.Module, names: list[str], layers: int) -> nn.Module:
     past, cross = past_names(layers), cross_names(layers)
 
     def run(self: DecoderWithCache, bound: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        tokens, mask = bound["decoder_input_ids"], bound["encoder_attention_mask"]
+        tokens, mask = bound["decoder_input_ids"], bound.get("encoder_attention_mask")
         return self.run(tokens, mask, [bound[n] for n in past], [bound[n] for n in cross])
 
     cls = with_signature(DecoderWithCache, f"{type(model).__name__}DecoderWithCache", names, run)

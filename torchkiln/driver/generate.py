@@ -26,6 +26,7 @@ from torchkiln.compiler.causal_lm import positions
 from torchkiln.errors import InputError
 
 PAST = "past_"
+SPEECH = "input_features"  # a speech encoder's input (compiler.seq2seq.SPEECH)
 
 
 class _FromModel:
@@ -62,7 +63,14 @@ def generate(
             hint="compile the causal LM with its cache on: torchkiln.compile(lm, {'input_ids': ids}) "
             "without use_cache=False",
         )
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+    encoder = getattr(model, "encoder", None)
+    speech = encoder is not None and SPEECH in {spec.name for spec in encoder.inputs}
+    if speech:  # a speech encoder-decoder (Whisper): the first argument is the features
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 3 or not input_ids.is_floating_point():
+            raise InputError("input_features must be a float tensor [batch, mels, frames]", where=SPEECH)
+        if attention_mask is not None:
+            raise InputError("a speech encoder takes no attention_mask", where="attention_mask")
+    elif not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
         raise InputError("input_ids must be an integer tensor [batch, prompt]", where="input_ids")
     settings = getattr(model, "generation", None) or {}
     if eos_token_id is FROM_MODEL:
@@ -74,10 +82,10 @@ def generate(
         max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature,
         top_k=top_k, top_p=top_p, seed=seed, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
     ))  # fmt: skip
-    encoder = getattr(model, "encoder", None)
-    _check_positions(input_ids.shape[1], max_new_tokens, encoder is not None, settings)
-    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-    if not isinstance(mask, torch.Tensor) or mask.shape != input_ids.shape:
+    _check_positions(0 if speech else input_ids.shape[1], max_new_tokens, encoder is not None, settings)
+    batch = input_ids.shape[0]
+    mask = torch.ones(input_ids.shape[:2], dtype=torch.long) if attention_mask is None else attention_mask
+    if not speech and (not isinstance(mask, torch.Tensor) or mask.shape != input_ids.shape):
         raise InputError(f"attention_mask must have input_ids' shape {list(input_ids.shape)}", where="attention_mask")
     # A model whose forward takes no position_ids (Bloom's ALiBi, OPT) counts positions from the
     # mask itself, as under transformers' generate; without a mask input padding cannot be told.
@@ -87,13 +95,16 @@ def generate(
             where="attention_mask",
             hint="compile with an attention_mask in the example inputs, or generate each prompt in its own call",
         )
-    batch = input_ids.shape[0]
     if encoder is None:
         session: _Session = _CausalSession(model, mask)
         first = input_ids
     else:
-        session = _DecoderSession(model, encoder(input_ids=input_ids, attention_mask=mask), mask)
-        first = torch.full((batch, 1), int(settings["decoder_start_token_id"]), dtype=input_ids.dtype)
+        sources = {SPEECH: input_ids} if speech else {"input_ids": input_ids, "attention_mask": mask}
+        session = _DecoderSession(model, encoder(**sources), None if speech else mask)
+        # Whisper's decoder prompt is its start token and, where the model has one, the no-timestamps
+        # token (transcription without timestamps, transformers' default); new tokens follow it
+        start = [settings["decoder_start_token_id"], settings.get("no_timestamps_token_id") if speech else None]
+        first = torch.tensor([[int(t) for t in start if t is not None]] * batch, dtype=torch.long)
     forced = {0: settings.get("forced_bos_token_id") if encoder else None}
     forced[max_new_tokens - 1] = settings.get("forced_eos_token_id")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -183,9 +194,10 @@ class _CausalSession(_Session):
 class _DecoderSession(_Session):
     """An encoder-decoder's decoder: the encoder's mask and cross cache stay for every step."""
 
-    def __init__(self, model: Any, cross: dict[str, torch.Tensor], mask: torch.Tensor):
-        super().__init__(model, empty_past(model, len(mask)))
-        self.fixed = {"encoder_attention_mask": mask, **cross}
+    def __init__(self, model: Any, cross: dict[str, torch.Tensor], mask: torch.Tensor | None):
+        batch = next(iter(cross.values())).shape[0]
+        super().__init__(model, empty_past(model, batch))
+        self.fixed = {**({} if mask is None else {"encoder_attention_mask": mask}), **cross}
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.run({"decoder_input_ids": tokens, **self.fixed})
@@ -218,7 +230,10 @@ def prompt_logits(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
     )["logits"]
 
 
-TOKEN_SETTINGS = ("eos_token_id", "pad_token_id", "forced_bos_token_id", "forced_eos_token_id", "decoder_start_token_id")
+TOKEN_SETTINGS = (
+    "eos_token_id", "pad_token_id", "forced_bos_token_id", "forced_eos_token_id", "decoder_start_token_id",
+    "no_timestamps_token_id",
+)  # fmt: skip
 
 
 def check_settings(model: Any, settings: dict[str, Any]) -> None:
