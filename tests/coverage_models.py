@@ -295,6 +295,9 @@ def _lm(cls: str, cfg: str, **extra: Any) -> Callable[[], nn.Module]:
 
 _NOT_LLAMA = dict(num_key_value_heads=None, intermediate_size=None, max_position_embeddings=None)
 _MOE = dict(num_experts=4, num_experts_per_tok=2)
+_STATE_SPACE = dict(  # initializer_range 1.0: a flatter random init repeats one token forever
+    _NOT_LLAMA, num_attention_heads=None, state_size=8, expand=2, conv_kernel=4, initializer_range=1.0
+)  # fmt: skip
 
 GENERATORS = [
     Generator("llama", "rotary, grouped KV", _lm("LlamaForCausalLM", "LlamaConfig"), ci=True),
@@ -319,4 +322,8 @@ GENERATORS = [
     Generator("qwen2-moe", "mixture of experts, shared expert", _lm(
         "Qwen2MoeForCausalLM", "Qwen2MoeConfig", **_MOE, moe_intermediate_size=32, shared_expert_intermediate_size=32)),
     Generator("olmoe", "mixture of experts", _lm("OlmoeForCausalLM", "OlmoeConfig", **_MOE)),
+    Generator("mamba", "state space (conv + SSM state)", _lm(
+        "MambaForCausalLM", "MambaConfig", **_STATE_SPACE), ci=True),  # fmt: skip
+    Generator("mamba2", "state space (conv + SSM state)", _lm(
+        "Mamba2ForCausalLM", "Mamba2Config", **_STATE_SPACE, num_heads=8, head_dim=8, n_groups=1)),
 ]  # fmt: skip

@@ -8,6 +8,9 @@ transformers' greedy generate gives.
 * **one prompt + mask → left-padded batch 3**: compiled from a [1, 6] prompt with its mask,
   generating for a batch of three prompts left-padded to different lengths.
 
+A state-space LM (Mamba) is compiled as one step over its states and runs the prompt through it
+token by token (torchkiln.compiler.state_space).
+
 README's "Generation coverage" table is this test's output (``make coverage`` rewrites it, see
 tests/coverage_table.py). One model per family runs in CI (``Generator.ci``), the rest are ``slow``.
 """
@@ -19,6 +22,8 @@ import torch
 from conftest import compile_quietly
 from coverage_models import GENERATORS, VOCAB, Generator
 from coverage_table import Table
+
+import torchkiln
 
 pytest.importorskip("transformers", reason="transformers is not installed (pip install 'torchkiln[hf]')")
 
@@ -52,7 +57,7 @@ def _left_padded(lengths: tuple[int, ...], seed: int) -> tuple[torch.Tensor, tor
 
 
 @pytest.mark.parametrize("gen", _params())
-def test_compiled_from_one_prompt_generates_at_other_batches(gen: Generator):
+def test_compiled_from_one_prompt_generates_at_other_batches(gen: Generator, tmp_path):
     lm = gen.build()
     prompt = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(1))
 
@@ -69,4 +74,6 @@ def test_compiled_from_one_prompt_generates_at_other_batches(gen: Generator):
     # the shortest row generates what it generates alone: its padding was masked, not attended
     alone = compiled.generate(padded[1:2, 3:], max_new_tokens=NEW, min_new_tokens=NEW)
     assert alone[0, 4:].tolist() == ours[1, 7:].tolist()
+    loaded = torchkiln.load(compiled.save(tmp_path / gen.name))  # the manifest keeps what generation needs
+    assert loaded.generate(padded, mask, max_new_tokens=NEW, min_new_tokens=NEW).tolist() == ours.tolist()
     TABLE.record(gen.name, CASES[1], "✓")

@@ -20,7 +20,7 @@ from torch.utils import _pytree as pytree
 
 from torchkiln.backends import Artifact, BackendOptions, get_backend
 from torchkiln.backends import backend_options as backend_options_for
-from torchkiln.compiler import causal_lm, seq2seq
+from torchkiln.compiler import causal_lm, seq2seq, state_space
 from torchkiln.compiler import graph as G
 from torchkiln.compiler.calibration import CalibrationData, hold_back, no_progress, take, tqdm_progress
 from torchkiln.compiler.files import remove_private
@@ -111,7 +111,10 @@ def compile(  # noqa: A001 - the public name users expect
             parts.append(compile(module, inputs, dynamic_axes=axes, name=label, progress=progress, **common))
         return CompiledEncoderDecoder(parts[0], parts[1], pair_settings)
     generation: dict[str, int | None] | None = None
-    if causal_lm.wants_cache(model, example_inputs):  # the KV cache as tensors in and out
+    if state_space.wants_state(model, example_inputs):  # Mamba: one token over the recurrent states
+        generation = causal_lm.generation_settings(model)
+        model, example_inputs, dynamic_axes = state_space.with_state(model, example_inputs)
+    elif causal_lm.wants_cache(model, example_inputs):  # the KV cache as tensors in and out
         generation = causal_lm.generation_settings(model)
         model, example_inputs, dynamic_axes = causal_lm.with_cache(model, example_inputs)
     auto_options = auto.AutoOptions.parse(backend_options) if backend == "auto" else None

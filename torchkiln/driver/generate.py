@@ -26,6 +26,7 @@ from torchkiln.compiler.causal_lm import positions
 from torchkiln.errors import InputError
 
 PAST = "past_"
+STATE, STATE_SUFFIX = "conv_state_0", "_state_"  # a state-space LM's inputs (compiler.state_space)
 SPEECH = "input_features"  # a speech encoder's input (compiler.seq2seq.SPEECH)
 
 
@@ -57,7 +58,8 @@ def generate(
     """The prompt followed by up to ``max_new_tokens`` generated tokens, [batch, prompt + new]; for
     an encoder-decoder the decoder's sequence, [batch, 1 + new] (its start token first)."""
     specs = {spec.name: spec for spec in model.inputs}
-    if not any(name.startswith(PAST) for name in specs):
+    stepped = STATE in specs  # a state-space LM: one token per call, the prompt included
+    if not stepped and not any(name.startswith(PAST) for name in specs):
         raise InputError(
             "this artifact was compiled without the KV cache: it cannot generate",
             hint="compile the causal LM with its cache on: torchkiln.compile(lm, {'input_ids': ids}) "
@@ -95,8 +97,11 @@ def generate(
             where="attention_mask",
             hint="compile with an attention_mask in the example inputs, or generate each prompt in its own call",
         )
-    if encoder is None:
-        session: _Session = _CausalSession(model, mask)
+    if stepped:
+        session: _Session = _StateSession(model, mask)
+        first = input_ids
+    elif encoder is None:
+        session = _CausalSession(model, mask)
         first = input_ids
     else:
         sources = {SPEECH: input_ids} if speech else {"input_ids": input_ids, "attention_mask": mask}
@@ -169,7 +174,7 @@ class _Session:
 
     def run(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         out = self.model(**inputs, **self.past)
-        self.past = {name: out["present_" + name[len(PAST) :]] for name in self.past}
+        self.past = {name: out["present_" + name.removeprefix(PAST)] for name in self.past}
         return out["logits"][:, -1].float()
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -189,6 +194,24 @@ class _CausalSession(_Session):
         self.started = True
         inputs = step_inputs(self.model, tokens, self.mask, {})
         return self.run(inputs)
+
+
+class _StateSession(_Session):
+    """A state-space LM: the states start at zero and every token, the prompt's too, is one call
+    (a padding token, mask 0, leaves them unchanged)."""
+
+    def __init__(self, model: Any, mask: torch.Tensor):
+        states = {s.name: torch.zeros(len(mask), *s.shape[1:]) for s in model.inputs if STATE_SUFFIX in s.name}
+        super().__init__(model, states)
+        self.mask, self.started = mask, False
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        masks = self.mask.split(1, 1) if not self.started else [torch.ones_like(tokens)]
+        self.started = True
+        logits = torch.empty(0)
+        for column, mask in zip(tokens.split(1, 1), masks):
+            logits = self.run({"input_ids": column, "attention_mask": mask})
+        return logits
 
 
 class _DecoderSession(_Session):
