@@ -6,7 +6,8 @@ transformers' greedy generate gives.
   graph, batch 1: the case ONNX ``RotaryEmbedding`` broke), generating 8 tokens for a batch of two
   other prompts.
 * **one prompt + mask → left-padded batch 3**: compiled from a [1, 6] prompt with its mask,
-  generating for a batch of three prompts left-padded to different lengths.
+  generating for a batch of three prompts left-padded to different lengths; saved and loaded, the
+  same tokens.
 
 A state-space LM (Mamba) is compiled as one step over its states and runs the prompt through it
 token by token (torchkiln.compiler.state_space).
