@@ -211,21 +211,33 @@ def test_a_dynamic_axis_the_exporter_froze_is_explained_and_onnxruntime_stays_qu
     assert compiled(torch.randn(2, 7, 16)).shape == (2, 7, 4)
 
 
-def test_mixture_of_experts_grouped_matmuls_are_counted_and_named():
-    """transformers' experts multiply by one [experts, in, out] tensor in a grouped matmul: each is a
-    weight op the pass leaves in float and says so (before, they were missing from the count)."""
-    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
-    from torchkiln.compiler.passes import parse_pipeline
-
+def _mixtral(transformers):
     torch.manual_seed(0)
     config = transformers.MixtralConfig(
         vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
         intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
     )  # fmt: skip
     ids = torch.randint(0, 50, (1, 6))
-    program = trace(transformers.MixtralModel(config).eval(), {"input_ids": ids, "use_cache": False})
+    return trace(transformers.MixtralModel(config).eval(), {"input_ids": ids, "use_cache": False})
+
+
+def test_mixture_of_experts_grouped_matmuls_are_counted_and_named():
+    """transformers' experts multiply by one [experts, in, out] tensor in a grouped matmul: each is a
+    weight op (before, they were missing from the count); dynamic int8 leaves them in float and says
+    why, weight-only quantizes every expert's weight in blocks."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    from torchkiln.compiler.passes import parse_pipeline
+
+    program = _mixtral(transformers)
     experts = [op for op in weight_ops(program.graph_module) if op.kind == "experts"]
     assert len(experts) == 4  # gate/up and down per layer
     result = parse_pipeline("quantize:mode=dynamic")[0](program)
-    named = [n for n in result.notes if "mixture-of-experts grouped matmul" in n and "left in float" in n]
+    named = [n for n in result.notes if "mixture-of-experts grouped matmul" in n and "mode=weight_only does" in n]
     assert len(named) == 4 and result.stats["float"] == 5 and result.stats["unrecognised"] == 0  # + the embedding
+
+    program = _mixtral(transformers)
+    for pass_ in parse_pipeline("cleanup,quantize:mode=weight_only,bits=4,block_size=16"):
+        result = pass_(program)
+    assert result.stats == {"quantized": 14, "float": 1, "unrecognised": 0}  # 10 linear layers + 4 experts
+    grouped = [n for n in program.graph_module.graph.nodes if n.target is torch.ops.torchkiln.grouped_weight_only_mm.default]
+    assert len(grouped) == 4 and not [op for op in weight_ops(program.graph_module) if op.kind == "experts"]

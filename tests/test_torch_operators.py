@@ -77,7 +77,9 @@ FAST_ARCHITECTURES = {"bert", "llama", "vit", "lstm-gru"}
 
 @pytest.mark.parametrize("arch", [
     pytest.param(a, marks=() if a.name in FAST_ARCHITECTURES else pytest.mark.slow, id=a.name)
-    for a in ARCHITECTURES if a.name not in ("deberta-v2", "gpt-neo")  # their torch backend save fails before
+    # deberta-v2, gpt-neo: their torch backend save fails before; mixtral: its expert routing (histc) and
+    # transformers' grouped matmul are off the list, so the torch backend refuses to save it (ONNX saves it)
+    for a in ARCHITECTURES if a.name not in ("deberta-v2", "gpt-neo", "mixtral")
 ])  # fmt: skip
 def test_coverage_models_save_inside_the_allow_list(arch):
     model, inputs, axes = arch.build()

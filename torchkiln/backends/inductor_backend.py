@@ -245,6 +245,7 @@ def quantized_layers(gm: fx.GraphModule) -> dict[str, int]:
         quant_ops.DEQUANTIZE_CHANNEL: "static int8",
         torch.ops.torchkiln.dynamic_linear.default: "dynamic int8",
         torch.ops.torchkiln.weight_only_linear.default: "weight-only",
+        torch.ops.torchkiln.grouped_weight_only_mm.default: "weight-only",
     }
     counts: dict[str, int] = {kind: 0 for kind in kinds.values()}
     for node in gm.graph.nodes:
@@ -347,10 +348,24 @@ def decompositions() -> dict[Any, Any]:
         weight = quant_ops.unpack_blocks(packed, scales, bits, block_size, x.shape[-1]).to(x.dtype)
         return torch.nn.functional.linear(x, weight, bias if bias.numel() == packed.shape[0] else None)
 
-    return {
+    table = {
         torch.ops.torchkiln.dynamic_linear.default: dynamic_linear,
         torch.ops.torchkiln.weight_only_linear.default: weight_only_linear,
     }
+    grouped = getattr(getattr(torch.ops, "transformers", None), "grouped_mm_fallback", None)
+    if grouped is not None:  # a mixture of experts' quantized grouped matmul: the experts unpacked to float
+
+        def grouped_weight_only_mm(
+            x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, bits: int, block_size: int
+        ) -> torch.Tensor:
+            weights = [
+                quant_ops.unpack_blocks(packed[e], scales[e], bits, block_size, x.shape[-1]).t()
+                for e in range(packed.shape[0])
+            ]
+            return grouped.default(x, torch.stack(weights).to(x.dtype), offsets)
+
+        table[torch.ops.torchkiln.grouped_weight_only_mm.default] = grouped_weight_only_mm
+    return table
 
 
 BACKEND = InductorBackend()

@@ -10,6 +10,9 @@ quantize/dequantize ops need none (the exporter maps them to QuantizeLinear/Dequ
   integer kernels of CPUs with VNNI / AMX; 0: ONNX Runtime's default, float compute).
   onnx has no schema for contrib ops, and the exporter's op builder needs one, so a minimal schema
   (inputs, attributes, types) is registered once.
+* a mixture of experts' grouped matmul (rows sorted by expert, a running count per expert) — both
+  transformers' ``grouped_mm_fallback`` and ``grouped_weight_only_mm`` — → each expert's contiguous
+  slice of rows (Slice) times its own weight (MatMul / MatMulNBits), concatenated in order.
 """
 
 from __future__ import annotations
@@ -45,21 +48,45 @@ def translation_table(nbits_accuracy_level: int = 0) -> dict[Any, Any]:
         y = msft.MatMulNBits(x, packed, scales, K=int(in_features), N=int(n), bits=bits, block_size=block_size, **level)
         return y if _static_size(bias) == 0 else op.Add(y, bias)
 
-    def grouped_mm(x: Any, weight: Any, offsets: Any) -> Any:
-        """transformers' mixture-of-experts matmul: rows of ``x`` [S, in] sorted by expert,
-        ``offsets`` [E] the running row count per expert, ``weight`` [E, in, out]. Each expert's
-        rows are a contiguous slice: one MatMul per expert on its own rows, concatenated in order."""
+    def expert_slices(x: Any, offsets: Any, experts: int) -> list[Any]:
+        """Rows of ``x`` [S, in] sorted by expert, ``offsets`` [E] the running row count per expert:
+        expert e's rows are the contiguous slice ``offsets[e-1]:offsets[e]``."""
         o: Any = op  # onnxscript's typed opset rejects the mixed index/list arguments below
         ends = o.Cast(offsets, to=7)  # INT64
         starts = o.Concat(o.Constant(value_ints=[0]), o.Slice(ends, [0], [-1]), axis=0)
+        return [
+            o.Slice(x, o.Slice(starts, [e], [e + 1]), o.Slice(ends, [e], [e + 1]), [0]) for e in range(experts)
+        ]
+
+    def grouped_mm(x: Any, weight: Any, offsets: Any) -> Any:
+        """transformers' mixture-of-experts matmul, ``weight`` [E, in, out]: one MatMul per expert
+        on its own rows, concatenated in order (no dense all-experts compute)."""
+        o: Any = op
+        pieces = [
+            o.MatMul(rows, o.Gather(weight, o.Constant(value_int=e), axis=0))
+            for e, rows in enumerate(expert_slices(x, offsets, int(weight.shape[0])))
+        ]
+        return o.Concat(*pieces, axis=0)
+
+    def grouped_weight_only_mm(x: Any, packed: Any, scales: Any, offsets: Any, bits: int, block_size: int) -> Any:
+        """One MatMulNBits per expert on its slice of rows (as grouped_mm), concatenated."""
+        o: Any = op
+        experts, n = int(packed.shape[0]), int(packed.shape[1])
+        level = {"accuracy_level": nbits_accuracy_level} if nbits_accuracy_level else {}
         pieces = []
-        for expert in range(int(weight.shape[0])):
-            rows = o.Slice(x, o.Slice(starts, [expert], [expert + 1]), o.Slice(ends, [expert], [expert + 1]), [0])
-            pieces.append(o.MatMul(rows, o.Gather(weight, o.Constant(value_int=expert), axis=0)))
+        for e, rows in enumerate(expert_slices(x, offsets, experts)):
+            index = o.Constant(value_int=e)
+            pieces.append(msft.MatMulNBits(
+                rows, o.Gather(packed, index, axis=0), o.Gather(scales, index, axis=0), K=int(x.shape[-1]), N=n,
+                bits=bits, block_size=block_size, **level,
+            ))  # fmt: skip
         return o.Concat(*pieces, axis=0)
 
     ops = torch.ops.torchkiln
-    table = {ops.dynamic_linear.default: dynamic_linear, ops.weight_only_linear.default: weight_only_linear}
+    table = {
+        ops.dynamic_linear.default: dynamic_linear, ops.weight_only_linear.default: weight_only_linear,
+        ops.grouped_weight_only_mm.default: grouped_weight_only_mm,
+    }  # fmt: skip
     experts = _registered("transformers", "grouped_mm_fallback")
     if experts is not None:  # registered when the user's model imported transformers' MoE layers
         table[experts] = grouped_mm

@@ -14,6 +14,9 @@ them: the ONNX backend maps each to ONNX / ONNX Runtime operators (``backends/on
 * ``torchkiln::weight_only_linear(x, packed, scales, bias, bits, block_size)``: weights quantized
   symmetrically in blocks of ``block_size`` along the input dim, stored as ONNX Runtime's
   MatMulNBits layout: unsigned ``q + 2**(bits-1)``, two 4-bit values per byte (low nibble first).
+* ``torchkiln::grouped_weight_only_mm(x, packed, scales, offsets, bits, block_size)``: a mixture of
+  experts' grouped matmul (rows of ``x`` sorted by expert, ``offsets`` the running row count per
+  expert) whose every expert's [out, in] weight is stored as ``weight_only_linear``'s blocks.
 """
 
 from __future__ import annotations
@@ -64,6 +67,29 @@ def _(
     x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor, bits: int, block_size: int
 ) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+@torch.library.custom_op("torchkiln::grouped_weight_only_mm", mutates_args=())
+def grouped_weight_only_mm(
+    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, bits: int, block_size: int
+) -> torch.Tensor:
+    """Each expert's rows of ``x`` times its blocks (``packed`` [E, out, blocks, bytes], ``scales``
+    [E, out * blocks]); expert e owns rows ``offsets[e-1]:offsets[e]``."""
+    result = x.new_zeros(x.shape[0], packed.shape[1])
+    start = 0
+    for expert, end in enumerate(offsets.tolist()):
+        if end > start:
+            weight = unpack_blocks(packed[expert], scales[expert], bits, block_size, x.shape[-1]).to(x.dtype)
+            result[start:end] = torch.nn.functional.linear(x[start:end], weight)
+        start = end
+    return result
+
+
+@grouped_weight_only_mm.register_fake
+def _(
+    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, bits: int, block_size: int
+) -> torch.Tensor:
+    return x.new_empty((x.shape[0], packed.shape[1]))
 
 
 def pack_blocks(weight: torch.Tensor, bits: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:

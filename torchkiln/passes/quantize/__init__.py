@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import fnmatch
 import itertools
 from collections.abc import Iterator, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import fx
@@ -135,17 +136,41 @@ class Quantize(Pass):
         G.annotate(gm, program.example_inputs)  # the canonical nodes' dtypes guide placement
         notes: list[str] = []
         chosen, float_reasons = self._select(layers)
+        experts = self._experts(gm, census)
         if chosen and self.config.mode == "dynamic":
             linear.quantize_dynamic(gm, chosen, self.config.reduce_range != "off")
         elif chosen and self.config.mode == "weight_only":
             linear.quantize_weights(gm, chosen, self.config.bits, self.config.block_size)
         elif chosen:
             chosen = self._static(gm, program, chosen, notes, float_reasons)
-        stats, accounting = coverage.account(census, layers, chosen, float_reasons, skipped, self.config.mode)
+        done = [node for node, why in experts.items() if why is None]
+        if done:
+            linear.quantize_expert_weights(gm, done, self.config.bits, self.config.block_size)
+        stats, accounting = coverage.account(
+            census, layers, chosen, float_reasons, skipped, self.config.mode, experts
+        )  # fmt: skip
+        chosen = chosen or done  # type: ignore[assignment]
         notes = accounting + notes
         if not chosen:
             notes.append("no layer to quantize: nothing changed")
         return PassResult(modified=bool(chosen), stats=stats, notes=notes)
+
+    def _experts(self, gm: fx.GraphModule, census: list[Any]) -> dict[fx.Node, str | None]:
+        """Each mixture-of-experts grouped matmul: None where this run quantizes its experts'
+        weights (weight-only), else why they stay in float."""
+        result: dict[fx.Node, str | None] = {}
+        for op in census:
+            if op.kind != "experts":
+                continue
+            if self.config.mode != "weight_only":
+                result[op.node] = coverage.EXPERTS.format(mode=self.config.mode)
+            elif any(fnmatch.fnmatchcase(op.name, pattern) for pattern in self.config.ignore):
+                result[op.node] = "named in ignore"
+            elif linear.expert_weight(gm, op.node) is None:
+                result[op.node] = "its experts' weights are not one stored tensor (run cleanup first)"
+            else:
+                result[op.node] = None
+        return result
 
     def _select(self, layers: list[Layer]) -> tuple[list[Layer], dict[str, str]]:
         """The layers to quantize, and why each other one stays in float (by key)."""

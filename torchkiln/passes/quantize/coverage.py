@@ -24,7 +24,7 @@ from torchkiln.passes.layers import Layer, WeightOp
 LOOKUP = "an embedding lookup (a gather: int8 would only save memory, not compute)"
 EXPERTS = (
     "a mixture-of-experts grouped matmul (all experts' weights in one [experts, in, out] tensor): "
-    "this pass does not quantize expert weights yet"
+    "mode={mode} does not quantize experts (mode=weight_only does)"
 )
 
 
@@ -35,17 +35,24 @@ def account(
     float_reasons: Mapping[str, str],
     skipped: Mapping[fx.Node, str],
     mode: str,
+    experts: Mapping[fx.Node, str | None] | None = None,
 ) -> tuple[dict[str, int | float], list[str]]:
     """``census`` and ``layers`` are taken from the graph before the rewrite; ``float_reasons``
-    maps a layer's key to why it stayed in float."""
+    maps a layer's key to why it stayed in float; ``experts`` each grouped matmul to None
+    (quantized) or why it stayed in float."""
     by_node = {layer.node: layer for layer in layers}
     done = {layer.key for layer in chosen}
     stats: dict[str, int | float] = {"quantized": 0, "float": 0, "unrecognised": 0}
     notes = []
+    experts = experts or {}
     for op in census:
         layer = by_node.get(op.node)
-        if layer is not None and layer.key in done:
+        if (layer is not None and layer.key in done) or (op.node in experts and experts[op.node] is None):
             stats["quantized"] += 1
+            continue
+        if op.node in experts:
+            stats["float"] += 1
+            notes.append(f"{op.name}: left in float, {experts[op.node]}")
             continue
         status, why = _why_not(op, layer, float_reasons, skipped)
         stats[status] += 1
@@ -72,8 +79,6 @@ def _why_not(
         return "float", skipped[op.node]
     if op.kind == "lookup":
         return "float", LOOKUP
-    if op.kind == "experts":
-        return "float", EXPERTS
     if op.kind == "opaque":
         return "unrecognised", (
             f"a {op.description}: its weights are invisible to passes (capture with frontend='export')"

@@ -61,3 +61,36 @@ def quantize_weights(gm: fx.GraphModule, layers: Sequence[Layer], bits: int, blo
     gm.graph.eliminate_dead_code()
     G.drop_unused_attributes(gm)
     gm.recompile()
+
+
+def expert_weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
+    """The stored [experts, in, out] weight of a grouped matmul, or None when it is computed."""
+    weight = node.args[1] if len(node.args) > 1 else None
+    if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
+        return None
+    value = G.get_attr_value(gm, str(weight.target))
+    return value if isinstance(value, torch.Tensor) and value.dim() == 3 else None
+
+
+def quantize_expert_weights(gm: fx.GraphModule, nodes: Sequence[fx.Node], bits: int, block_size: int) -> None:
+    """``grouped_mm(x, W[E, in, out], offsets)`` → ``grouped_weight_only_mm(x, packed, scales,
+    offsets, bits, block_size)``: every expert's [out, in] weight in ``bits``-bit blocks."""
+    for node in nodes:
+        weight = expert_weight(gm, node)
+        assert weight is not None
+        pairs = [pack_blocks(w.t(), bits, block_size) for w in weight]
+        packed, scales = torch.stack([p for p, _ in pairs]), torch.stack([s for _, s in pairs])
+        name = G.module_path(node) or node.name
+        with gm.graph.inserting_before(node):
+            attrs = [
+                gm.graph.get_attr(G.add_attribute(gm, f"{name}_{suffix}", t, parameter=suffix == "weight"))
+                for suffix, t in (("weight", packed), ("scale", scales))
+            ]
+            op = torch.ops.torchkiln.grouped_weight_only_mm.default
+            call = gm.graph.call_function(op, (node.args[0], *attrs, node.args[2], bits, block_size))
+        call.meta = dict(node.meta)
+        node.replace_all_uses_with(call)
+        gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    G.drop_unused_attributes(gm)
+    gm.recompile()
