@@ -4,7 +4,8 @@ save/load. Quantization must reach every weight layer with no silent miss.
 
 For each model the expected count is computed here, independently of the pass's stats: every op
 that multiplies by a stored weight (``weight_ops``) minus the documented exclusions — embedding
-lookups, recurrent layers, conv layers in dynamic mode, weights computed in the graph.
+lookups, recurrent layers, conv layers in dynamic mode, a mixture of experts' grouped matmuls in
+static int8, weights computed in the graph.
 
 README's "Model coverage" table is this test's output: every case that runs compares its cell with
 README's (a stale README fails), and ``TORCHKILN_WRITE_COVERAGE=1`` with the whole matrix run
@@ -75,13 +76,14 @@ def _onnx_axes(arch: Arch, axes: dict[str, dict[int, str]]) -> dict[str, dict[in
     return {k: {a: n for a, n in spec.items() if n not in static} for k, spec in axes.items()}
 
 
-def _expected(program: Any, kinds: tuple[str, ...]) -> tuple[int, int]:
-    """(layers of these kinds with a stored weight, weight ops in all), counted on a copy."""
+def _expected(program: Any, kinds: tuple[str, ...], experts: bool) -> tuple[int, int]:
+    """(layers of these kinds with a stored weight, plus a mixture of experts' grouped matmuls when
+    ``experts``; weight ops in all), counted on a copy."""
     gm = copy.deepcopy(program.graph_module)
     layers, _ = find_layers_and_skips(gm)
     wanted = {layer.node for layer in layers if layer.kind in kinds and layer.weight is not None}
     census = weight_ops(gm)
-    return sum(1 for op in census if op.node in wanted), len(census)
+    return sum(1 for op in census if op.node in wanted or (experts and op.kind == "experts")), len(census)
 
 
 def _floats(output: Any) -> list[torch.Tensor]:
@@ -104,7 +106,7 @@ def _quantize_stats(compiled: Any) -> dict[str, Any]:
 @pytest.mark.parametrize("arch", ALL)
 def test_dynamic_int8_quantizes_every_linear_layer(arch):
     program = copy.deepcopy(_built(arch.name)[3])  # a pass rewrites the program it is given
-    quantizable, weight_layers = _expected(program, ("linear",))
+    quantizable, weight_layers = _expected(program, ("linear",), experts=True)
     assert quantizable > 0
     result = parse_pipeline("quantize:mode=dynamic")[0](program)
     assert result.stats["quantized"] == quantizable, result.notes
@@ -168,7 +170,7 @@ def test_int8_onnxruntime_quantizes_every_layer(arch, mode):
     model, inputs, axes, _ = _built(arch.name)
     axes = _onnx_axes(arch, axes)
     kinds = ("linear",) if mode == "dynamic" else ("linear", "conv")
-    quantizable, weight_layers = _expected(_cleaned(arch.name), kinds)
+    quantizable, weight_layers = _expected(_cleaned(arch.name), kinds, experts=mode == "dynamic")
     calibration = calibration_batches(inputs, axes, 8) if mode == "int8" else None
     compiled = compile_quietly(
         model, inputs, dynamic_axes=axes, passes=f"cleanup,quantize:mode={mode}", backend="onnxruntime",

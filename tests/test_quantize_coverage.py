@@ -221,23 +221,28 @@ def _mixtral(transformers):
     return trace(transformers.MixtralModel(config).eval(), {"input_ids": ids, "use_cache": False})
 
 
-def test_mixture_of_experts_grouped_matmuls_are_counted_and_named():
+@pytest.mark.parametrize(
+    ("mode", "op"), [("dynamic", "grouped_dynamic_mm"), ("weight_only,bits=4,block_size=16", "grouped_weight_only_mm")]
+)
+def test_mixture_of_experts_grouped_matmuls_are_counted_and_quantized(mode, op):
     """transformers' experts multiply by one [experts, in, out] tensor in a grouped matmul: each is a
-    weight op (before, they were missing from the count); dynamic int8 leaves them in float and says
-    why, weight-only quantizes every expert's weight in blocks."""
+    weight op of the count (before, they were missing from it). Dynamic int8 and weight-only
+    quantize every expert's weight; experts named in ``ignore`` stay in float and are named."""
     transformers = pytest.importorskip("transformers", reason="transformers is not installed")
     from torchkiln.compiler.passes import parse_pipeline
 
     program = _mixtral(transformers)
     experts = [op for op in weight_ops(program.graph_module) if op.kind == "experts"]
     assert len(experts) == 4  # gate/up and down per layer
-    result = parse_pipeline("quantize:mode=dynamic")[0](program)
-    named = [n for n in result.notes if "mixture-of-experts grouped matmul" in n and "mode=weight_only does" in n]
-    assert len(named) == 4 and result.stats["float"] == 5 and result.stats["unrecognised"] == 0  # + the embedding
-
-    program = _mixtral(transformers)
-    for pass_ in parse_pipeline("cleanup,quantize:mode=weight_only,bits=4,block_size=16"):
+    for pass_ in parse_pipeline(f"cleanup,quantize:mode={mode}"):
         result = pass_(program)
     assert result.stats == {"quantized": 14, "float": 1, "unrecognised": 0}  # 10 linear layers + 4 experts
-    grouped = [n for n in program.graph_module.graph.nodes if n.target is torch.ops.torchkiln.grouped_weight_only_mm.default]
-    assert len(grouped) == 4 and not [op for op in weight_ops(program.graph_module) if op.kind == "experts"]
+    target = getattr(torch.ops.torchkiln, op).default
+    assert sum(n.target is target for n in program.graph_module.graph.nodes) == 4
+    assert not [op for op in weight_ops(program.graph_module) if op.kind == "experts"]
+
+    program = _mixtral(transformers)
+    for pass_ in parse_pipeline(f"cleanup,quantize:mode={mode},ignore=*.experts"):
+        result = pass_(program)
+    named = [n for n in result.notes if n.endswith(".experts: left in float, named in ignore")]
+    assert len(named) == 4 and result.stats == {"quantized": 10, "float": 5, "unrecognised": 0}

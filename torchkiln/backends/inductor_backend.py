@@ -246,6 +246,7 @@ def quantized_layers(gm: fx.GraphModule) -> dict[str, int]:
         torch.ops.torchkiln.dynamic_linear.default: "dynamic int8",
         torch.ops.torchkiln.weight_only_linear.default: "weight-only",
         torch.ops.torchkiln.grouped_weight_only_mm.default: "weight-only",
+        torch.ops.torchkiln.grouped_dynamic_mm.default: "dynamic int8",
     }
     counts: dict[str, int] = {kind: 0 for kind in kinds.values()}
     for node in gm.graph.nodes:
@@ -364,7 +365,28 @@ def decompositions() -> dict[Any, Any]:
             ]
             return grouped.default(x, torch.stack(weights).to(x.dtype), offsets)
 
+        def grouped_dynamic_mm(
+            x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offsets: torch.Tensor
+        ) -> torch.Tensor:
+            """Each row fake-quantized with its expert's range (a segment min / max over the rows
+            the offsets give that expert), then the float grouped matmul on the dequantized
+            experts: what the reference computes, per expert."""
+            rows = torch.arange(x.shape[0], device=x.device)
+            expert = torch.searchsorted(offsets.to(torch.int64), rows, right=True).clamp(max=weight.shape[0] - 1)
+            lows = torch.zeros(weight.shape[0], dtype=x.dtype, device=x.device)
+            highs = torch.zeros(weight.shape[0], dtype=x.dtype, device=x.device)
+            lows = lows.scatter_reduce(0, expert, x.amin(-1), "amin", include_self=True)
+            highs = highs.scatter_reduce(0, expert, x.amax(-1), "amax", include_self=True)
+            low, high = lows[expert][:, None], highs[expert][:, None]
+            step = (high - low) / 255.0
+            step = torch.where(step > 0, step, torch.ones_like(step))
+            zero = torch.clamp(torch.round(-low / step), 0, 255)
+            xq = (torch.clamp(torch.round(x / step) + zero, 0, 255) - zero) * step
+            weights = (weight.to(x.dtype) * scale.to(x.dtype)[..., None]).transpose(1, 2)
+            return grouped.default(xq, weights.contiguous(), offsets)
+
         table[torch.ops.torchkiln.grouped_weight_only_mm.default] = grouped_weight_only_mm
+        table[torch.ops.torchkiln.grouped_dynamic_mm.default] = grouped_dynamic_mm
     return table
 
 

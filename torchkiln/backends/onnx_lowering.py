@@ -10,9 +10,10 @@ quantize/dequantize ops need none (the exporter maps them to QuantizeLinear/Dequ
   integer kernels of CPUs with VNNI / AMX; 0: ONNX Runtime's default, float compute).
   onnx has no schema for contrib ops, and the exporter's op builder needs one, so a minimal schema
   (inputs, attributes, types) is registered once.
-* a mixture of experts' grouped matmul (rows sorted by expert, a running count per expert) — both
-  transformers' ``grouped_mm_fallback`` and ``grouped_weight_only_mm`` — → each expert's contiguous
-  slice of rows (Slice) times its own weight (MatMul / MatMulNBits), concatenated in order.
+* a mixture of experts' grouped matmul (rows sorted by expert, a running count per expert) —
+  transformers' ``grouped_mm_fallback``, ``grouped_weight_only_mm``, ``grouped_dynamic_mm`` — →
+  each expert's contiguous slice of rows (Slice) times its own weight (MatMul / MatMulNBits /
+  dynamic_linear's ops), concatenated in order.
 """
 
 from __future__ import annotations
@@ -82,10 +83,19 @@ def translation_table(nbits_accuracy_level: int = 0) -> dict[Any, Any]:
             ))  # fmt: skip
         return o.Concat(*pieces, axis=0)
 
+    def grouped_dynamic_mm(x: Any, weight: Any, scale: Any, offsets: Any) -> Any:
+        """``dynamic_linear`` per expert on its slice of rows (an empty slice gives no rows)."""
+        o: Any = op
+        pieces = []
+        for e, rows in enumerate(expert_slices(x, offsets, int(weight.shape[0]))):
+            index = o.Constant(value_int=e)
+            pieces.append(dynamic_linear(rows, o.Gather(weight, index, axis=0), o.Gather(scale, index, axis=0), None))
+        return o.Concat(*pieces, axis=0)
+
     ops = torch.ops.torchkiln
     table = {
         ops.dynamic_linear.default: dynamic_linear, ops.weight_only_linear.default: weight_only_linear,
-        ops.grouped_weight_only_mm.default: grouped_weight_only_mm,
+        ops.grouped_weight_only_mm.default: grouped_weight_only_mm, ops.grouped_dynamic_mm.default: grouped_dynamic_mm,
     }  # fmt: skip
     experts = _registered("transformers", "grouped_mm_fallback")
     if experts is not None:  # registered when the user's model imported transformers' MoE layers
@@ -102,6 +112,8 @@ def _registered(namespace: str, name: str) -> Any:
 
 
 def _static_size(value: Any) -> int:
+    if value is None:
+        return 0
     shape = getattr(value, "shape", None)
     return int(shape[0]) if shape is not None and len(shape) else 1
 

@@ -91,7 +91,8 @@ IR = frozenset("""
     aten::unflatten.int aten::where.ScalarOther aten::zeros.default aten::zeros_like.default
     quantized_decomposed::dequantize_per_channel.default quantized_decomposed::dequantize_per_tensor.default
     quantized_decomposed::quantize_per_tensor.default torchkiln::dynamic_linear.default
-    torchkiln::grouped_weight_only_mm.default torchkiln::weight_only_linear.default
+    torchkiln::grouped_dynamic_mm.default torchkiln::grouped_weight_only_mm.default
+    torchkiln::weight_only_linear.default
 """.split())
 
 COMMON = frozenset("""

@@ -17,6 +17,9 @@ them: the ONNX backend maps each to ONNX / ONNX Runtime operators (``backends/on
 * ``torchkiln::grouped_weight_only_mm(x, packed, scales, offsets, bits, block_size)``: a mixture of
   experts' grouped matmul (rows of ``x`` sorted by expert, ``offsets`` the running row count per
   expert) whose every expert's [out, in] weight is stored as ``weight_only_linear``'s blocks.
+* ``torchkiln::grouped_dynamic_mm(x, weight, scale, offsets)``: the same with every expert's
+  weight int8 per output channel (``weight`` [E, out, in], ``scale`` [E, out]) and each expert's
+  rows quantized per call as ``dynamic_linear`` quantizes its input.
 """
 
 from __future__ import annotations
@@ -83,6 +86,23 @@ def grouped_weight_only_mm(
             result[start:end] = torch.nn.functional.linear(x[start:end], weight)
         start = end
     return result
+
+
+@torch.library.custom_op("torchkiln::grouped_dynamic_mm", mutates_args=())
+def grouped_dynamic_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Each expert's rows of ``x`` through ``dynamic_linear`` with its int8 weight."""
+    result = x.new_zeros(x.shape[0], weight.shape[1])
+    start, none = 0, torch.zeros(0)
+    for expert, end in enumerate(offsets.tolist()):
+        if end > start:
+            result[start:end] = dynamic_linear(x[start:end], weight[expert], scale[expert], none)
+        start = end
+    return result
+
+
+@grouped_dynamic_mm.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.shape[0], weight.shape[1]))
 
 
 @grouped_weight_only_mm.register_fake

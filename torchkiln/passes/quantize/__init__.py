@@ -145,7 +145,8 @@ class Quantize(Pass):
             chosen = self._static(gm, program, chosen, notes, float_reasons)
         done = [node for node, why in experts.items() if why is None]
         if done:
-            linear.quantize_expert_weights(gm, done, self.config.bits, self.config.block_size)
+            bits = self.config.bits if self.config.mode == "weight_only" else None  # None: dynamic int8
+            linear.quantize_expert_weights(gm, done, bits, self.config.block_size, self.config.reduce_range != "off")
         stats, accounting = coverage.account(
             census, layers, chosen, float_reasons, skipped, self.config.mode, experts
         )  # fmt: skip
@@ -162,7 +163,7 @@ class Quantize(Pass):
         for op in census:
             if op.kind != "experts":
                 continue
-            if self.config.mode != "weight_only":
+            if self.config.mode not in ("weight_only", "dynamic"):
                 result[op.node] = coverage.EXPERTS.format(mode=self.config.mode)
             elif any(fnmatch.fnmatchcase(op.name, pattern) for pattern in self.config.ignore):
                 result[op.node] = "named in ignore"

@@ -24,7 +24,7 @@ from torchkiln.passes.layers import Layer, WeightOp
 LOOKUP = "an embedding lookup (a gather: int8 would only save memory, not compute)"
 EXPERTS = (
     "a mixture-of-experts grouped matmul (all experts' weights in one [experts, in, out] tensor): "
-    "mode={mode} does not quantize experts (mode=weight_only does)"
+    "mode={mode} does not quantize experts (mode=dynamic and mode=weight_only do)"
 )
 
 

@@ -63,31 +63,52 @@ def quantize_weights(gm: fx.GraphModule, layers: Sequence[Layer], bits: int, blo
     gm.recompile()
 
 
+_TRANSPOSES = {torch.ops.aten.transpose.int, torch.transpose}
+
+
 def expert_weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
-    """The stored [experts, in, out] weight of a grouped matmul, or None when it is computed."""
+    """The stored [experts, in, out] weight of a grouped matmul — a stored tensor, or the transpose
+    of a stored [experts, out, in] one (transformers' layout, before cleanup folds it) — or None
+    when it is computed otherwise."""
     weight = node.args[1] if len(node.args) > 1 else None
+    swapped = False
+    if isinstance(weight, fx.Node) and weight.op == "call_function" and weight.target in _TRANSPOSES:
+        dims = weight.args[1:3]
+        if not all(isinstance(d, int) for d in dims) or sorted(int(d) % 3 for d in dims) != [1, 2]:  # type: ignore[arg-type]
+            return None
+        weight, swapped = weight.args[0], True
     if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
         return None
     value = G.get_attr_value(gm, str(weight.target))
-    return value if isinstance(value, torch.Tensor) and value.dim() == 3 else None
+    if not isinstance(value, torch.Tensor) or value.dim() != 3:
+        return None
+    return value.transpose(1, 2) if swapped else value
 
 
-def quantize_expert_weights(gm: fx.GraphModule, nodes: Sequence[fx.Node], bits: int, block_size: int) -> None:
+def quantize_expert_weights(
+    gm: fx.GraphModule, nodes: Sequence[fx.Node], bits: int | None, block_size: int, reduce_range: bool = False
+) -> None:
     """``grouped_mm(x, W[E, in, out], offsets)`` → ``grouped_weight_only_mm(x, packed, scales,
-    offsets, bits, block_size)``: every expert's [out, in] weight in ``bits``-bit blocks."""
+    offsets, bits, block_size)`` (every expert's [out, in] weight in ``bits``-bit blocks), or with
+    ``bits=None`` → ``grouped_dynamic_mm(x, W_int8[E, out, in], scales[E, out], offsets)``."""
     for node in nodes:
         weight = expert_weight(gm, node)
         assert weight is not None
-        pairs = [pack_blocks(w.t(), bits, block_size) for w in weight]
-        packed, scales = torch.stack([p for p, _ in pairs]), torch.stack([s for _, s in pairs])
+        extra: tuple[int, ...]
+        if bits is None:
+            pairs = [quantize_weight_per_channel(w.t(), 63 if reduce_range else 127) for w in weight]
+            op, extra = torch.ops.torchkiln.grouped_dynamic_mm.default, ()
+        else:
+            pairs = [pack_blocks(w.t(), bits, block_size) for w in weight]
+            op, extra = torch.ops.torchkiln.grouped_weight_only_mm.default, (bits, block_size)
+        stored, scales = torch.stack([p for p, _ in pairs]), torch.stack([s for _, s in pairs])
         name = G.module_path(node) or node.name
         with gm.graph.inserting_before(node):
             attrs = [
                 gm.graph.get_attr(G.add_attribute(gm, f"{name}_{suffix}", t, parameter=suffix == "weight"))
-                for suffix, t in (("weight", packed), ("scale", scales))
+                for suffix, t in (("weight", stored), ("scale", scales))
             ]
-            op = torch.ops.torchkiln.grouped_weight_only_mm.default
-            call = gm.graph.call_function(op, (node.args[0], *attrs, node.args[2], bits, block_size))
+            call = gm.graph.call_function(op, (node.args[0], *attrs, node.args[2], *extra))
         call.meta = dict(node.meta)
         node.replace_all_uses_with(call)
         gm.graph.erase_node(node)
