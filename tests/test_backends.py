@@ -168,3 +168,16 @@ def test_session_options_and_optimized_model(tmp_path):
 def test_bad_backend_or_option(backend, options, message):
     with pytest.raises(ConfigError, match=message):
         compile_quietly(nn.Linear(4, 2), torch.randn(1, 4), backend=backend, backend_options=options)
+
+
+def test_the_translation_table_picks_up_transformers_moe_op_registered_after_a_first_export(monkeypatch):
+    """transformers registers its grouped matmul when a model imports its MoE layers, possibly after
+    an earlier export in the process cached the table: that entry is looked up per export (a cached
+    table failed Mixtral with 'no ONNX translation' depending on test order)."""
+    from torchkiln.backends import onnx_lowering
+
+    monkeypatch.setattr(onnx_lowering, "_registered", lambda namespace, name: None)
+    assert len(onnx_lowering.translation_table()) == 4  # torchkiln's ops only
+    monkeypatch.setattr(onnx_lowering, "_registered", lambda namespace, name: "transformers-op")
+    table = onnx_lowering.translation_table()
+    assert len(table) == 5 and callable(table["transformers-op"])

@@ -26,8 +26,17 @@ import torch
 MSFT_DOMAIN = "com.microsoft"
 
 
-@functools.cache
 def translation_table(nbits_accuracy_level: int = 0) -> dict[Any, Any]:
+    """The table for one export: torchkiln's ops, and transformers' grouped matmul where it is
+    registered by now (transformers registers it when a model imports its MoE layers, which can be
+    after an earlier export in the same process: that part is not cached)."""
+    table, grouped_mm = _translations(nbits_accuracy_level)
+    experts = _registered("transformers", "grouped_mm_fallback")
+    return table | ({experts: grouped_mm} if experts is not None else {})
+
+
+@functools.cache
+def _translations(nbits_accuracy_level: int) -> tuple[dict[Any, Any], Any]:
     import onnxscript
     from onnxscript import opset18 as op
 
@@ -97,10 +106,7 @@ def translation_table(nbits_accuracy_level: int = 0) -> dict[Any, Any]:
         ops.dynamic_linear.default: dynamic_linear, ops.weight_only_linear.default: weight_only_linear,
         ops.grouped_weight_only_mm.default: grouped_weight_only_mm, ops.grouped_dynamic_mm.default: grouped_dynamic_mm,
     }  # fmt: skip
-    experts = _registered("transformers", "grouped_mm_fallback")
-    if experts is not None:  # registered when the user's model imported transformers' MoE layers
-        table[experts] = grouped_mm
-    return table
+    return table, grouped_mm
 
 
 def _registered(namespace: str, name: str) -> Any:
