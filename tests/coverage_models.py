@@ -317,8 +317,8 @@ GENERATORS = [
     Generator("bloom", "ALiBi", _lm(
         "BloomForCausalLM", "BloomConfig", **_NOT_LLAMA, num_hidden_layers=None, num_attention_heads=None,
         n_layer=LAYERS, n_head=HEADS), ci=True),  # fmt: skip
-    Generator("mixtral", "mixture of experts", _lm(
-        "MixtralForCausalLM", "MixtralConfig", num_local_experts=4, num_experts_per_tok=2), ci=True),  # fmt: skip
+    Generator("mixtral", "mixture of experts", _lm(  # CI: test_causal_lm (weight-only and float experts)
+        "MixtralForCausalLM", "MixtralConfig", num_local_experts=4, num_experts_per_tok=2)),  # fmt: skip
     Generator("qwen2-moe", "mixture of experts, shared expert", _lm(
         "Qwen2MoeForCausalLM", "Qwen2MoeConfig", **_MOE, moe_intermediate_size=32, shared_expert_intermediate_size=32)),
     Generator("olmoe", "mixture of experts", _lm("OlmoeForCausalLM", "OlmoeConfig", **_MOE)),

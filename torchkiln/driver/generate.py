@@ -63,7 +63,7 @@ def generate(
         raise InputError(
             "this artifact was compiled without the KV cache: it cannot generate",
             hint="compile the causal LM with its cache on: torchkiln.compile(lm, {'input_ids': ids}) "
-            "without use_cache=False",
+            "without use_cache=False, and with model.config.use_cache=True (MPT's config defaults to False)",
         )
     encoder = getattr(model, "encoder", None)
     speech = encoder is not None and SPEECH in {spec.name for spec in encoder.inputs}
