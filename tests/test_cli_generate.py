@@ -151,8 +151,10 @@ def _whisper(**extra):
     )  # fmt: skip
     model = transformers.WhisperForConditionalGeneration(config).eval()
     # as an English-only checkpoint's generation_config.json has (its own file, not derived from the config)
+    # forced_decoder_ids as the original checkpoints carry them (a task-like token at position 1)
     model.generation_config = transformers.GenerationConfig(
-        decoder_start_token_id=1, bos_token_id=1, eos_token_id=2, pad_token_id=0, no_timestamps_token_id=3
+        decoder_start_token_id=1, bos_token_id=1, eos_token_id=2, pad_token_id=0, no_timestamps_token_id=3,
+        forced_decoder_ids=[[1, 4]],
     )
     return model
 
@@ -160,8 +162,9 @@ def _whisper(**extra):
 def test_a_whisper_directory_exports_as_speech_recognition_and_generates_from_features(capsys, tmp_path):
     """`kiln export` infers automatic-speech-recognition (an encoder-decoder config with mel bins):
     the encoder takes input_features [batch, mels, frames] (batch dynamic), the decoder starts from
-    [start, no-timestamps] as transformers' Whisper generate does, and greedy tokens equal its, for
-    one clip and a batch of three (compiled from one). `kiln generate` refuses a text prompt."""
+    [start, forced tokens, no-timestamps] as transformers' Whisper generate does, and greedy tokens
+    equal its, for one clip and a batch of three (compiled from one). `kiln generate` refuses a text
+    prompt."""
     model = _whisper()
     model.save_pretrained(tmp_path / "whisper")
     assert main(["export", str(tmp_path / "whisper"), "-o", str(tmp_path / "artifact"), "--json"]) == 0
@@ -171,15 +174,15 @@ def test_a_whisper_directory_exports_as_speech_recognition_and_generates_from_fe
 
     compiled = torchkiln.load(tmp_path / "artifact")
     assert [spec.name for spec in compiled.encoder.inputs] == ["input_features"]
-    assert compiled.generation["no_timestamps_token_id"] == 3
+    assert [compiled.generation[f"decoder_prompt_{i}"] for i in range(3)] == [1, 4, 3]
     for batch in (1, 3):
         features = torch.randn(batch, 16, 40, generator=torch.Generator().manual_seed(batch))
         ours = compiled.generate(features, max_new_tokens=8, min_new_tokens=8)
         with torch.no_grad():
             theirs = model.generate(input_features=features, max_new_tokens=8, min_new_tokens=8, do_sample=False)
-        assert ours[:, :2].tolist() == [[1, 3]] * batch
-        assert ours[:, 2:].tolist() == theirs[:, :8].tolist()  # transformers returns the new tokens only
-        assert len(set(ours[:, 2:].flatten().tolist())) > 2  # not one token repeated
+        assert ours[:, :3].tolist() == [[1, 4, 3]] * batch
+        assert ours[:, 3:].tolist() == theirs[:, :8].tolist()  # transformers returns the new tokens only
+        assert len(set(ours[:, 3:].flatten().tolist())) > 2  # not one token repeated
     assert main(["generate", str(tmp_path / "artifact"), "--prompt-ids", "5,6"]) == 2
     assert "is a speech model" in capsys.readouterr().err
     with pytest.raises(torchkiln.errors.InputError, match="input_features must be a float tensor"):
@@ -193,7 +196,7 @@ def test_a_whisper_that_picks_language_tokens_at_generate_time_is_refused():
 
     model = _whisper()
     model.generation_config.lang_to_id = {"<|en|>": 4}
-    with pytest.raises(torchkiln.errors.InputError, match="chooses decoder prompt tokens at generate time"):
+    with pytest.raises(torchkiln.errors.InputError, match="chooses language / task tokens at generate time"):
         torchkiln.compile(model, {"input_features": torch.randn(1, 16, 40)})
 
 

@@ -53,27 +53,55 @@ def cross_names(layers: int) -> list[str]:
     return [f"cross_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
 
 
-def settings(model: nn.Module) -> dict[str, int | None]:
+def settings(model: nn.Module, speech: bool = False) -> dict[str, int | None]:
     """:func:`~torchkiln.compiler.causal_lm.generation_settings` plus the decoder's start token
-    and the tokens the model's generation config forces first and last (Whisper's no-timestamps
-    token: transcription without timestamps, as transformers' default)."""
-    extra = ("decoder_start_token_id", "forced_bos_token_id", "forced_eos_token_id", "no_timestamps_token_id")
-    generation = getattr(model, "generation_config", None)
-    chosen = [f for f in ("forced_decoder_ids", "lang_to_id", "task_to_id") if getattr(generation, f, None)]
-    if chosen or getattr(generation, "is_multilingual", False):
-        raise InputError(
-            f"{type(model).__name__}'s generation config chooses decoder prompt tokens at generate time "
-            f"({', '.join(chosen) or 'is_multilingual'}: language / task tokens): not supported yet",
-            hint="use an English-only checkpoint, or compile the decoder without its cache (decoder_input_ids "
-            "and use_cache=False in the example inputs) and run your own loop",
-        )
+    and the tokens the model's generation config forces first and last; for a speech model, the
+    decoder prompt as ``decoder_prompt_<i>`` (see :func:`decoder_prompt`)."""
+    extra = ("decoder_start_token_id", "forced_bos_token_id", "forced_eos_token_id")
     found = generation_settings(model, SPECIAL_TOKENS + extra)
     if found["decoder_start_token_id"] is None:
         raise InputError(
             f"{type(model).__name__}'s config has no decoder_start_token_id: generation cannot start",
             hint="set model.config.decoder_start_token_id (often the pad or EOS token)",
         )
+    if speech:
+        prompt = decoder_prompt(model, int(found["decoder_start_token_id"]))
+        found |= {f"{PROMPT}{i}": token for i, token in enumerate(prompt)}
     return found
+
+
+PROMPT = "decoder_prompt_"  # a speech model's decoder prompt tokens in the generation settings
+
+
+def decoder_prompt(model: nn.Module, start: int) -> list[int]:
+    """The tokens Whisper's generate puts before the first new token, as transformers builds them
+    without a language or task: the start token, the generation config's ``forced_decoder_ids``
+    (positions 1, 2, ... in order) and, unless timestamps are asked for, the no-timestamps token.
+    A config that picks language or task tokens at generate time (multilingual checkpoints:
+    ``lang_to_id``, ``task_to_id``, ``language``, ``task``) is refused: not supported yet."""
+    generation = getattr(model, "generation_config", None)
+    config = getattr(model, "config", None)
+    chosen = [f for f in ("lang_to_id", "task_to_id", "language", "task") if getattr(generation, f, None)]
+    if chosen or getattr(generation, "is_multilingual", False):
+        raise InputError(
+            f"{type(model).__name__}'s generation config chooses language / task tokens at generate time "
+            f"({', '.join(chosen) or 'is_multilingual'}): not supported yet",
+            hint="use an English-only checkpoint, or compile the decoder without its cache (decoder_input_ids "
+            "and use_cache=False in the example inputs) and run your own loop",
+        )
+    forced = getattr(generation, "forced_decoder_ids", None) or getattr(config, "forced_decoder_ids", None) or []
+    tokens: list[int | None] = [start]
+    for position, (index, token) in enumerate(forced, start=1):
+        if index != position:
+            raise InputError(
+                f"{type(model).__name__}'s forced_decoder_ids {forced} are not the positions 1, 2, ... in order",
+                hint="fix generation_config.forced_decoder_ids (transformers refuses them too)",
+            )
+        tokens.append(token)
+    no_timestamps = getattr(generation, "no_timestamps_token_id", None)
+    if no_timestamps is not None and not getattr(generation, "return_timestamps", False) and tokens[-1] != no_timestamps:
+        tokens.append(no_timestamps)
+    return [int(t) for t in tokens if t is not None]
 
 
 SPEECH = "input_features"  # a speech encoder's input (Whisper: log-mel frames [batch, mels, frames])
@@ -121,7 +149,7 @@ def split(
         cross = encoder(**encoder_inputs)
     layers = len(cross) // 2
 
-    start = int(settings(model)["decoder_start_token_id"] or 0)
+    start = int(settings(model, speech)["decoder_start_token_id"] or 0)
     generator = torch.Generator().manual_seed(0)
     inputs: dict[str, torch.Tensor] = {"decoder_input_ids": torch.full((batch, 1), start, dtype=torch.long)}
     axes: dict[str, dict[int, str]] = {"decoder_input_ids": {0: "batch", 1: "sequence"}}

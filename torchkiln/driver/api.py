@@ -94,7 +94,7 @@ def compile(  # noqa: A001 - the public name users expect
                 "calibration / training data for an encoder-decoder compiled with its cache is not supported yet",
                 hint="use passes that need no data (cleanup, quantize mode=dynamic / weight_only / fp16)",
             )
-        pair_settings = seq2seq.settings(model)
+        pair_settings = seq2seq.settings(model, speech=seq2seq.SPEECH in example_inputs)
         (encoder, encoder_inputs, encoder_axes), (decoder, decoder_inputs, decoder_axes) = seq2seq.split(
             model, example_inputs
         )

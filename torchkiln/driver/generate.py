@@ -106,9 +106,9 @@ def generate(
     else:
         sources = {SPEECH: input_ids} if speech else {"input_ids": input_ids, "attention_mask": mask}
         session = _DecoderSession(model, encoder(**sources), None if speech else mask)
-        # Whisper's decoder prompt is its start token and, where the model has one, the no-timestamps
-        # token (transcription without timestamps, transformers' default); new tokens follow it
-        start = [settings["decoder_start_token_id"], settings.get("no_timestamps_token_id") if speech else None]
+        # a speech model's decoder prompt (start, forced tokens, no-timestamps: compiler.seq2seq.decoder_prompt)
+        prompt = [v for k, v in sorted(settings.items(), key=lambda kv: _prompt_index(kv[0])) if k.startswith(PROMPT)]
+        start = prompt if speech and prompt else [settings["decoder_start_token_id"]]
         first = torch.tensor([[int(t) for t in start if t is not None]] * batch, dtype=torch.long)
     forced = {0: settings.get("forced_bos_token_id") if encoder else None}
     forced[max_new_tokens - 1] = settings.get("forced_eos_token_id")
@@ -253,10 +253,13 @@ def prompt_logits(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
     )["logits"]
 
 
-TOKEN_SETTINGS = (
-    "eos_token_id", "pad_token_id", "forced_bos_token_id", "forced_eos_token_id", "decoder_start_token_id",
-    "no_timestamps_token_id",
-)  # fmt: skip
+TOKEN_SETTINGS = ("eos_token_id", "pad_token_id", "forced_bos_token_id", "forced_eos_token_id", "decoder_start_token_id")
+PROMPT = "decoder_prompt_"  # a speech model's decoder prompt tokens (compiler.seq2seq.PROMPT)
+
+
+def _prompt_index(name: str) -> int:
+    suffix = name.removeprefix(PROMPT)
+    return int(suffix) if name.startswith(PROMPT) and suffix.isdigit() else -1
 
 
 def check_settings(model: Any, settings: dict[str, Any]) -> None:
@@ -276,7 +279,8 @@ def check_settings(model: Any, settings: dict[str, Any]) -> None:
     if settings["seed"] is not None:
         _integer(settings, "seed", 0, 2**64 - 1, "[0, 2**64)")
     vocab = vocabulary(model)
-    tokens = {**{k: v for k, v in (getattr(model, "generation", None) or {}).items() if k in TOKEN_SETTINGS},
+    tokens = {**{k: v for k, v in (getattr(model, "generation", None) or {}).items()
+                 if k in TOKEN_SETTINGS or k.startswith(PROMPT)},
               **{k: settings[k] for k in ("eos_token_id", "pad_token_id")}}  # fmt: skip
     for name, value in tokens.items():
         if value is not None:
