@@ -187,6 +187,17 @@ def test_a_whisper_directory_exports_as_speech_recognition_and_generates_from_fe
     assert "is a speech model" in capsys.readouterr().err
     with pytest.raises(torchkiln.errors.InputError, match="input_features must be a float tensor"):
         compiled.generate(torch.tensor([[5, 6]]), max_new_tokens=2)
+    # a hand-edited manifest: a gap in the prompt, or a prompt token outside the vocabulary
+    manifest = tmp_path / "artifact" / "manifest.json"
+    original = json.loads(manifest.read_text())
+    features = torch.randn(1, 16, 40)
+    for edit, error, message in (
+        ({"decoder_prompt_5": 4}, torchkiln.errors.ArtifactError, "malformed decoder prompt"),
+        ({"decoder_prompt_1": 1000}, torchkiln.errors.InputError, "decoder_prompt_1 must be .0, 100. .the vocabulary., got 1000"),
+    ):
+        manifest.write_text(json.dumps(original | {"generation": original["generation"] | edit}))
+        with pytest.raises(error, match=message):
+            torchkiln.load(tmp_path / "artifact").generate(features, max_new_tokens=2)
 
 
 def test_a_whisper_that_picks_language_tokens_at_generate_time_is_refused():

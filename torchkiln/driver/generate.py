@@ -23,7 +23,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from torchkiln.compiler.causal_lm import positions
-from torchkiln.errors import InputError
+from torchkiln.errors import ArtifactError, InputError
 
 PAST = "past_"
 STATE, STATE_SUFFIX = "conv_state_0", "_state_"  # a state-space LM's inputs (compiler.state_space)
@@ -107,7 +107,7 @@ def generate(
         sources = {SPEECH: input_ids} if speech else {"input_ids": input_ids, "attention_mask": mask}
         session = _DecoderSession(model, encoder(**sources), None if speech else mask)
         # a speech model's decoder prompt (start, forced tokens, no-timestamps: compiler.seq2seq.decoder_prompt)
-        prompt = [v for k, v in sorted(settings.items(), key=lambda kv: _prompt_index(kv[0])) if k.startswith(PROMPT)]
+        prompt = _decoder_prompt(settings)
         start = prompt if speech and prompt else [settings["decoder_start_token_id"]]
         first = torch.tensor([[int(t) for t in start if t is not None]] * batch, dtype=torch.long)
     forced = {0: settings.get("forced_bos_token_id") if encoder else None}
@@ -257,9 +257,16 @@ TOKEN_SETTINGS = ("eos_token_id", "pad_token_id", "forced_bos_token_id", "forced
 PROMPT = "decoder_prompt_"  # a speech model's decoder prompt tokens (compiler.seq2seq.PROMPT)
 
 
-def _prompt_index(name: str) -> int:
-    suffix = name.removeprefix(PROMPT)
-    return int(suffix) if name.startswith(PROMPT) and suffix.isdigit() else -1
+def _decoder_prompt(settings: dict[str, Any]) -> list[int]:
+    """``decoder_prompt_0``, ``decoder_prompt_1``, ... in order; any other shape is a broken manifest."""
+    found = {k.removeprefix(PROMPT): v for k, v in settings.items() if k.startswith(PROMPT)}
+    if sorted(found) != sorted(str(i) for i in range(len(found))) or any(type(v) is not int for v in found.values()):
+        raise ArtifactError(
+            f"the artifact's generation settings hold a malformed decoder prompt: {sorted(found)}",
+            where="generation",
+            hint="rebuild the artifact",
+        )
+    return [found[str(i)] for i in range(len(found))]
 
 
 def check_settings(model: Any, settings: dict[str, Any]) -> None:
