@@ -2,7 +2,8 @@
 
 Mamba's cache is not keys and values over positions but two fixed-size states per layer — the
 convolution's last inputs ``conv_state_<i>`` [batch, channels, kernel] and the SSM state
-``ssm_state_<i>`` ([batch, channels, state]; Mamba2: [batch, heads, head dim, state]) — so :func:`with_state` wraps the model as one step:
+``ssm_state_<i>`` ([batch, channels, state]; Mamba2: [batch, heads, head dim, state]) — so
+:func:`with_state` wraps the model as one step:
 
 * inputs ``input_ids`` [batch, 1], ``attention_mask`` [batch, 1] (1 for a token, 0 for padding:
   a masked token leaves the states as they were, as transformers' masked prompt scan does for
@@ -23,16 +24,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchkiln.compiler.causal_lm import cache_keyword, returned_cache, with_signature
+from torchkiln.compiler.causal_lm import cache_keyword, returned_cache, wants_cache, with_signature
 from torchkiln.errors import InputError
 
 KINDS = ("conv", "ssm")
 
 
 def wants_state(model: nn.Module, example_inputs: Any) -> bool:
-    """A causal LM with its cache on whose cache layers hold convolution and recurrent states."""
-    from torchkiln.compiler.causal_lm import wants_cache
-
+    """A causal LM with its cache on whose config has a state size and a convolution kernel."""
     if not wants_cache(model, example_inputs):
         return False
     config = getattr(model, "config", None)
@@ -41,6 +40,11 @@ def wants_state(model: nn.Module, example_inputs: Any) -> bool:
 
 def state_names(layers: int) -> list[str]:
     return [f"{kind}_state_{i}" for i in range(layers) for kind in KINDS]
+
+
+def is_state(name: str) -> bool:
+    """Whether ``name`` is one of :func:`state_names`."""
+    return any(name.startswith(f"{kind}_state_") and name.rsplit("_", 1)[-1].isdigit() for kind in KINDS)
 
 
 def with_state(

@@ -295,7 +295,7 @@ def drawn_like(program: Program, count: int, seed: int = 0) -> list[dict[str, to
 
 
 def _eager_checks(model: nn.Module, program: Program, batches: list[Any]) -> list[Check]:
-    """Checks (inputs and the eager outputs on them) for held-back calibration batches."""
+    """Checks (inputs and the eager outputs on them) for held-back batches (calibration or drawn)."""
     if not batches:
         return []
     checks = []

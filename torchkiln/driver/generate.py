@@ -23,11 +23,12 @@ import torch
 from torch.utils import _pytree as pytree
 
 from torchkiln.compiler.causal_lm import positions
+from torchkiln.compiler.seq2seq import PROMPT, SPEECH
+from torchkiln.compiler.state_space import is_state, state_names
 from torchkiln.errors import ArtifactError, InputError
 
 PAST = "past_"
-STATE, STATE_SUFFIX = "conv_state_0", "_state_"  # a state-space LM's inputs (compiler.state_space)
-SPEECH = "input_features"  # a speech encoder's input (compiler.seq2seq.SPEECH)
+STATE = state_names(1)[0]  # a state-space LM's first state input
 
 
 class _FromModel:
@@ -201,7 +202,7 @@ class _StateSession(_Session):
     (a padding token, mask 0, leaves them unchanged)."""
 
     def __init__(self, model: Any, mask: torch.Tensor):
-        states = {s.name: torch.zeros(len(mask), *s.shape[1:]) for s in model.inputs if STATE_SUFFIX in s.name}
+        states = {s.name: torch.zeros(len(mask), *s.shape[1:]) for s in model.inputs if is_state(s.name)}
         super().__init__(model, states)
         self.mask, self.started = mask, False
 
@@ -254,9 +255,6 @@ def prompt_logits(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 TOKEN_SETTINGS = ("eos_token_id", "pad_token_id", "forced_bos_token_id", "forced_eos_token_id", "decoder_start_token_id")
-PROMPT = "decoder_prompt_"  # a speech model's decoder prompt tokens (compiler.seq2seq.PROMPT)
-
-
 def _decoder_prompt(settings: dict[str, Any]) -> list[int]:
     """``decoder_prompt_0``, ``decoder_prompt_1``, ... in order; any other shape is a broken manifest."""
     found = {k.removeprefix(PROMPT): v for k, v in settings.items() if k.startswith(PROMPT)}

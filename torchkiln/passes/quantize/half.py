@@ -72,7 +72,9 @@ def _routing(gm: fx.GraphModule, depth: int = 8) -> list[fx.Node]:
     for node in gm.graph.nodes:
         if node.op != "call_function" or op_name(node, gm) != "topk":
             continue
-        path, current = [node], node.args[0] if node.args else None
+        found.append(node)
+        path: list[fx.Node] = []
+        current = node.args[0] if node.args else None
         for _ in range(depth):
             if not isinstance(current, fx.Node) or not current.op.startswith("call_"):
                 break
@@ -81,10 +83,6 @@ def _routing(gm: fx.GraphModule, depth: int = 8) -> list[fx.Node]:
                 found.extend(path)
                 break
             current = next((a for a in current.args if isinstance(a, fx.Node)), None)
-        else:
-            found.append(node)
-        if path[-1] is node or op_name(path[-1], gm) not in _SCORES:
-            found.append(node)
     return list(dict.fromkeys(found))
 
 
