@@ -79,7 +79,9 @@ class QuantizeConfig(PassConfig):
     min_cosine: float = option(0.99, "promise checked against eager: output cosine similarity floor")
     bits: Literal[4, 8] = option(4, "weight_only: bits per weight")
     block_size: int = option(32, "weight_only: inputs sharing one scale (a power of 2, >= 16)")
-    keep_fp32: tuple[str, ...] = option(half.DEFAULT_KEEP_FP32, "fp16/bf16: ops that stay in float32")
+    keep_fp32: tuple[str, ...] = option(
+        half.DEFAULT_KEEP_FP32, "fp16/bf16: ops that stay in float32 (router: a mixture of experts' scoring and topk)"
+    )
     fp32_io: bool = option(True, "fp16/bf16: keep float32 inputs and outputs")
 
     def validate(self) -> None:
