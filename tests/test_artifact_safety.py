@@ -68,7 +68,7 @@ def plant(directory: Path, name: str, data: bytes) -> None:
     (directory / "manifest.json").write_text(json.dumps(manifest))
 
 
-BACKENDS = ["torch", "onnx", "onnxruntime"]
+BACKENDS = ["torch", "onnx", "onnxruntime", "openvino"]
 
 
 @pytest.fixture(scope="module")

@@ -185,7 +185,7 @@ def artifacts(tmp_path_factory):
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
     base = tmp_path_factory.mktemp("fuzz-artifacts")
     saved = {b: compile_quietly(model, torch.randn(2, 4), backend=b, dynamic_axes="batch").save(base / b)
-             for b in ("torch", "onnxruntime")}  # fmt: skip
+             for b in ("torch", "onnxruntime", "openvino")}  # fmt: skip
     (base / SENTINEL).write_text("secret")  # what a from_file mutation would try to read
     return saved
 
@@ -244,7 +244,7 @@ def _base_documents() -> dict[str, Any]:
     if not _BASE:
         model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
         with tempfile.TemporaryDirectory() as tmp:
-            for backend in ("torch", "onnxruntime"):
+            for backend in ("torch", "onnxruntime", "openvino"):
                 compiled = compile_quietly(model, torch.randn(2, 4), backend=backend, dynamic_axes="batch")
                 saved = compiled.save(Path(tmp) / backend)
                 _BASE[f"manifest-{backend}"] = _document(saved / "manifest.json")
@@ -267,6 +267,11 @@ def test_mutated_torch_graphs(artifacts, mutation):
 @fuzzed(st.deferred(lambda: mutations(_base_documents()["manifest-onnxruntime"])))
 def test_mutated_onnxruntime_manifests(artifacts, mutation):
     _run_artifact_case(artifacts["onnxruntime"], "manifest.json", mutation)
+
+
+@fuzzed(st.deferred(lambda: mutations(_base_documents()["manifest-openvino"])))
+def test_mutated_openvino_manifests(artifacts, mutation):
+    _run_artifact_case(artifacts["openvino"], "manifest.json", mutation)
 
 
 # --- partitions --------------------------------------------------------------------------------------------

@@ -59,13 +59,18 @@ def interleaved_times(
     runs: int,
     block: int = 20,
     on_block: Callable[[], None] | None = None,
+    settle: float = 0.0,
 ) -> dict[K, list[float]]:
-    """Wall times (ms) of ``runs`` calls of each candidate, timed in alternating blocks."""
+    """Wall times (ms) of ``runs`` calls of each candidate, timed in alternating blocks. With
+    ``settle`` (seconds) the process sleeps before each block, so the worker threads the previous
+    runtime left spinning go idle instead of competing with the next one for the cores."""
     times: dict[K, list[float]] = {key: [] for key in calls}
     block = max(1, min(block, runs))
     with torch.no_grad():
         for _ in range(max(1, runs // block)):
             for key, call in calls.items():
+                if settle:
+                    time.sleep(settle)
                 for index in range(block + 3):
                     start = time.perf_counter()
                     call()

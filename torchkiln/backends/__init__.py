@@ -16,6 +16,7 @@ _MODULES = {
     "onnxruntime": "torchkiln.backends.onnxruntime_backend",
     "tensorrt": "torchkiln.backends.tensorrt_backend",
     "inductor": "torchkiln.backends.inductor_backend",
+    "openvino": "torchkiln.backends.openvino_backend",
 }
 
 BACKEND_NAMES = tuple(_MODULES)

@@ -2,7 +2,8 @@
 
 For a MODEL (zoo name, file.py:factory): eager PyTorch, ``torch.compile``, ONNX Runtime fp32
 (cleanup + fold_batchnorm) and ONNX Runtime int8 (+ quantize; calibrated on --calibration, else on
-random inputs: fine for latency, not for accuracy), each at every --batch-sizes; with a CUDA GPU
+random inputs: fine for latency, not for accuracy), OpenVINO fp32 and int8 (the same verified ONNX,
+read by OpenVINO; when ``torchkiln[openvino]`` is installed), each at every --batch-sizes; with a CUDA GPU
 also eager on CUDA, the torch backend in fp16 with CUDA graphs, and TensorRT fp16 / int8 engines
 (``torchkiln[gpu]``; a runtime that cannot be built is a row saying why). GPU calls are timed to
 completion (synchronized) with inputs already on the device. For an ARTIFACT directory: the
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import importlib.util
 import json
 import math
 from collections.abc import Callable
@@ -40,14 +42,17 @@ from torchkiln.cli.common import (
 from torchkiln.cli.plots import latency_plot
 from torchkiln.compiler.files import check_file_destination
 from torchkiln.compiler.graph import parameter_stats
+from torchkiln.driver.auto import SETTLE
 from torchkiln.driver.compiled import CompiledModel, load
 from torchkiln.errors import ConfigError, InputError
 
 CPU_RUNTIMES = ("eager", "torch.compile", "ort-fp32", "ort-int8")
 GPU_RUNTIMES = ("eager-cuda", "torch-cuda-fp16", "tensorrt-fp16", "tensorrt-int8")
+#: in the default rows when the openvino package is installed (an optional extra)
+OPENVINO_RUNTIMES = ("openvino-fp32", "openvino-int8")
 # Asked for by name only: each is an AOTInductor C++ build (20-60 s on 2 cores), or, for auto, several.
-ON_REQUEST = ("inductor-fp32", "inductor-bf16", "inductor-int8", "inductor-cuda-bf16", "auto")
-MODEL_RUNTIMES = CPU_RUNTIMES + GPU_RUNTIMES + ON_REQUEST
+ON_REQUEST = ("inductor-fp32", "inductor-bf16", "inductor-int8", "inductor-cuda-bf16", "openvino-bf16", "auto")
+MODEL_RUNTIMES = CPU_RUNTIMES + OPENVINO_RUNTIMES + GPU_RUNTIMES + ON_REQUEST
 #: what a builder returns: run(inputs) on the runtime's device, file size in MB, that device
 Built = tuple[Callable[[dict[str, torch.Tensor]], Any], float | None, str]
 
@@ -112,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         done[0] += 1
         say(f"  block {done[0]}/{blocks}")
 
-    times = interleaved_times(calls, args.runs, on_block=None if args.quiet else tick)
+    times = interleaved_times(calls, args.runs, on_block=None if args.quiet else tick, settle=SETTLE)
     for row in rows:
         if (row.runtime, row.batch) in times:
             row.latency = Latency.of(times[(row.runtime, row.batch)])  # type: ignore[index]
@@ -152,7 +157,7 @@ def _model_runtimes(
     example = example_inputs(args, entry)
     axes = {name: {0: "batch"} for name in example} if len(batches) > 1 else None
     # Read up front: a bad --calibration is the user's error (exit 2), not a runtime that failed to build.
-    needs_data = {"ort-int8", "tensorrt-int8", "inductor-int8", "auto"}
+    needs_data = {"ort-int8", "openvino-int8", "tensorrt-int8", "inductor-int8", "auto"}
     calibration = _calibration(args, entry, example) if needs_data & set(wanted) else None
     builders = _builders(model, example, axes, calibration)
     calls: dict[Any, Callable[[], Any]] = {}
@@ -178,12 +183,15 @@ def _model_runtimes(
             rows.append(Row(runtime, batch, peak_mb=_mb(peak.growth_bytes), size_mb=size))
     if args.runtimes is None and not torch.cuda.is_available():
         rows.append(Row(", ".join(GPU_RUNTIMES), batches[0], note="skipped: no CUDA device"))
+    if args.runtimes is None and not _has_openvino():
+        rows.append(Row(", ".join(OPENVINO_RUNTIMES), batches[0], note="skipped: openvino is not installed"))
     return calls, rows
 
 
 def _wanted(text: str | None) -> list[str]:
     if text is None:
-        return list(CPU_RUNTIMES + (GPU_RUNTIMES if torch.cuda.is_available() else ()))
+        openvino = OPENVINO_RUNTIMES if _has_openvino() else ()
+        return list(CPU_RUNTIMES + openvino + (GPU_RUNTIMES if torch.cuda.is_available() else ()))
     wanted = [r.strip() for r in text.split(",") if r.strip()]
     unknown = sorted(set(wanted) - set(MODEL_RUNTIMES))
     if unknown or not wanted:
@@ -193,6 +201,10 @@ def _wanted(text: str | None) -> list[str]:
             hint=f"choose from {', '.join(MODEL_RUNTIMES)}",
         )
     return wanted
+
+
+def _has_openvino() -> bool:
+    return importlib.util.find_spec("openvino") is not None
 
 
 def _builders(
@@ -223,6 +235,9 @@ def _builders(
         "torch-cuda-fp16": lambda: compiled("cleanup,fold_batchnorm", "torch", device="cuda", dtype="float16", cuda_graphs=True),
         "tensorrt-fp16": lambda: compiled("cleanup,fold_batchnorm", "tensorrt", precision="fp16"),
         "tensorrt-int8": lambda: compiled("cleanup,fold_batchnorm,quantize:target=tensorrt", "tensorrt", precision="fp16|int8"),
+        "openvino-fp32": lambda: compiled("cleanup,fold_batchnorm", "openvino"),
+        "openvino-int8": lambda: compiled("cleanup,fold_batchnorm,quantize", "openvino"),
+        "openvino-bf16": lambda: compiled("cleanup,fold_batchnorm", "openvino", precision="bf16"),
         "inductor-fp32": lambda: compiled("cleanup,fold_batchnorm", "inductor"),
         "inductor-bf16": lambda: compiled("cleanup,fold_batchnorm", "inductor", dtype="bfloat16"),
         "inductor-int8": lambda: compiled("cleanup,fold_batchnorm,quantize", "inductor"),

@@ -66,6 +66,7 @@ class CandidateRecord:
     reason: str = ""
     seconds: float = 0.0  # to build
     latency_ms: float | None = None  # median of the side-by-side timing
+    latency_spread_ms: tuple[float, float] | None = None  # its 10th and 90th percentiles
     max_abs_error: float | None = None
     cosine: float | None = None
 
@@ -142,7 +143,8 @@ class Report:
 def _candidate_line(c: CandidateRecord) -> str:
     measured = []
     if c.latency_ms is not None:
-        measured.append(f"{c.latency_ms:.3f} ms")
+        spread = f" [p10 {c.latency_spread_ms[0]:.3f}, p90 {c.latency_spread_ms[1]:.3f}]" if c.latency_spread_ms else ""
+        measured.append(f"{c.latency_ms:.3f} ms{spread}")
     if c.max_abs_error is not None:
         cosine = f", cosine {c.cosine:.5f}" if c.cosine is not None else ""
         measured.append(f"max abs err {c.max_abs_error:.2e}{cosine}")

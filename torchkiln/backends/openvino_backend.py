@@ -1,0 +1,271 @@
+"""``openvino`` backend: the program as OpenVINO IR (``model.xml`` + ``model.bin``) on OpenVINO's CPU
+plugin. An optional extra: ``pip install torchkiln[openvino]``.
+
+Lowering goes through the verified ONNX export (:func:`~torchkiln.backends.onnx_backend.export_onnx`),
+so the quantization placement, calibration and verification stay torchkiln's; OpenVINO's ONNX
+frontend reads it and the result is saved as IR. What the IR ops become on OpenVINO's CPU plugin:
+
+* static int8 (ONNX QDQ) — read as ``FakeQuantize``; OpenVINO's low-precision transformations run
+  the convolutions and matmuls between them in int8 (VNNI / AMX where the CPU has them);
+* weight-only int4/int8 (``MatMulNBits``) — read as compressed weights (``Constant`` u4/u8 →
+  ``Convert`` → ``Multiply``), which the plugin runs as its weight-compressed fully-connected kernel:
+  the same form ``nncf.compress_weights`` writes;
+* dynamic int8 (``DynamicQuantizeLinear`` + ``MatMulInteger``) — read as the float ops that
+  compute the same quantize-multiply-rescale: exact, but not an integer kernel (the report says so).
+
+Precision: ``precision=f32`` (the default) asks the plugin to compute in float32, so a float
+program is exact. OpenVINO's own default on a CPU with bf16 instructions is bfloat16 (lossy); ask
+for it with ``precision=bf16`` and a tolerance that allows it (``backend=auto`` tries it as the
+``openvino-bf16`` candidate).
+
+Loading reads the two files of the IR and nothing else: every op must belong to one of OpenVINO's
+standard opsets (a custom op would need an extension library, which is never loaded), the model
+must take the manifest's inputs by name and return as many outputs, and ``cache_dir`` is ignored
+when loading (OpenVINO would write compiled blobs there, and loading never writes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+import tempfile
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from torchkiln.backends.base import Artifact, Backend, BackendOptions
+from torchkiln.backends.onnx_backend import MODEL_FILE, OnnxOptions, export_onnx
+from torchkiln.compiler.files import remove_private
+from torchkiln.compiler.options import option
+from torchkiln.compiler.program import Program
+from torchkiln.errors import ArtifactError, BackendError
+from torchkiln.machine import cpu_flags, cpu_model
+
+FILES = ("model.xml", "model.bin")
+_PRECISIONS = {"f32": "f32", "bf16": "bf16", "f16": "f16"}
+_HINTS = {"latency": "LATENCY", "throughput": "THROUGHPUT"}
+#: every op of a loaded IR must come from one of these (OpenVINO's public opsets)
+_STANDARD_OPSET = re.compile(r"opset\d{1,2}")
+#: the CPU flags worth recording with an artifact (what OpenVINO's kernels dispatch on)
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_fp16")
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenVinoOptions(OnnxOptions):
+    precision: Literal["f32", "bf16", "f16"] = option(
+        "f32", "compute precision hint of the CPU plugin (f32 is exact; bf16/f16 are lossy)"
+    )
+    performance_hint: Literal["latency", "throughput"] = option(
+        "latency", "OpenVINO's performance hint: latency (one request) or throughput (streams)"
+    )
+    threads: int = option(0, "inference threads (0 = OpenVINO's default: the physical cores)")
+    streams: int = option(0, "parallel execution streams (0 = what the performance hint picks)")
+    cache_dir: str = option(
+        "", "OpenVINO's compiled-model cache directory, used while compiling (a loaded artifact ignores it)"
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        for key in ("threads", "streams"):
+            if getattr(self, key) < 0:
+                self.fail(key, f"must be >= 0, got {getattr(self, key)}")
+
+
+def _openvino() -> Any:
+    try:
+        import openvino
+    except ImportError as exc:
+        raise BackendError(
+            "backend openvino needs the openvino package, which is not installed",
+            where="backend openvino",
+            hint="pip install 'torchkiln[openvino]' (or openvino>=2025)",
+        ) from exc
+    return openvino
+
+
+def isa_note() -> str:
+    """``OpenVINO <version> on <CPU> (<flags>)``: what an artifact was built and verified on."""
+    ov = _openvino()
+    flags = cpu_flags() or frozenset()
+    have = [f for f in ISA_FLAGS if f in flags] or ["flags unknown"]
+    return f"OpenVINO {ov.__version__.split('-')[0]} on {cpu_model()} ({', '.join(have)})"
+
+
+class OpenVinoArtifact(Artifact):
+    backend = "openvino"
+
+    def __init__(self, directory: Path, options: OpenVinoOptions, owns_directory: bool = False, loading: bool = False):
+        self.directory = directory
+        self.options = options
+        self.built_on = isa_note()
+        model = _read(directory)
+        self.compiled = _compile(model, options, cache=not loading)
+        self.request = self.compiled.create_infer_request()
+        self.input_names = [port.get_any_name() for port in self.compiled.inputs]
+        self.output_count = len(self.compiled.outputs)
+        self.integer_note = _integer_note(model)
+        if owns_directory:
+            weakref.finalize(self, remove_private, directory)
+
+    def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        arrays = [t.detach().cpu().contiguous().numpy() for t in inputs]
+        try:
+            self.request.infer(arrays, share_inputs=True, share_outputs=False)
+        except Exception as exc:
+            raise BackendError(f"OpenVINO failed to run {self.directory / FILES[0]}: {exc}") from exc
+        return [torch.from_numpy(self.request.get_output_tensor(i).data.copy()) for i in range(self.output_count)]
+
+    def files(self) -> list[str]:
+        missing = [f for f in FILES if not (self.directory / f).is_file()]
+        if missing:
+            raise ArtifactError(
+                f"the artifact's {', '.join(missing)} is gone from {self.directory}",
+                where=str(self.directory / missing[0]),
+                hint="compile or load the model again",
+            )
+        return list(FILES)
+
+    def file_bytes(self) -> int:
+        return sum((self.directory / f).stat().st_size for f in self.files())
+
+    def save(self, directory: Path) -> list[str]:
+        names = self.files()
+        for name in names:
+            shutil.copyfile(self.directory / name, directory / name)
+        return names
+
+    def check_signature(self, inputs: list[str], outputs: int) -> None:
+        if self.input_names != inputs or self.output_count != outputs:
+            raise ArtifactError(
+                f"{FILES[0]} takes {self.input_names} and returns {self.output_count} output(s); the manifest "
+                f"declares {inputs} and {outputs}",
+                where=str(self.directory / FILES[0]),
+                hint="the IR does not belong to this manifest: rebuild the artifact",
+            )
+
+    def notes(self) -> list[str]:
+        return [f"built on {self.built_on}; precision {self.options.precision}", *self.integer_note]
+
+    @classmethod
+    def load(cls, directory: Path, options: dict[str, Any]) -> OpenVinoArtifact:
+        parsed = OpenVinoOptions.from_mapping(options, owner="backend openvino")
+        assert isinstance(parsed, OpenVinoOptions)
+        for name in FILES:
+            if not (directory / name).is_file():
+                raise FileNotFoundError(2, "missing", str(directory / name))
+        return cls(directory, parsed, loading=True)
+
+
+def _read(directory: Path) -> Any:
+    """The IR in ``directory``, every op checked against the standard opsets."""
+    ov = _openvino()
+    xml, weights = directory / FILES[0], directory / FILES[1]
+    try:
+        model = ov.Core().read_model(str(xml), str(weights))
+    except Exception as exc:
+        raise ArtifactError(f"cannot read {FILES[0]}: {_first_line(exc)}", where=str(xml), hint="rebuild the artifact") from exc
+    for op in model.get_ordered_ops():
+        info = op.get_type_info()
+        if not _STANDARD_OPSET.fullmatch(str(info.version_id)):
+            raise ArtifactError(
+                f"{FILES[0]}: op '{op.get_friendly_name()}' is {info.name} from {info.version_id!r}, not one of "
+                "OpenVINO's standard opsets",
+                where=str(xml),
+                hint="torchkiln loads only IR in OpenVINO's opsets (no extension ops); rebuild the artifact",
+            )
+    return model
+
+
+def _compile(model: Any, options: OpenVinoOptions, cache: bool) -> Any:
+    ov = _openvino()
+    config: dict[str, Any] = {
+        "INFERENCE_PRECISION_HINT": _PRECISIONS[options.precision],
+        "PERFORMANCE_HINT": _HINTS[options.performance_hint],
+    }
+    if options.threads:
+        config["INFERENCE_NUM_THREADS"] = options.threads
+    if options.streams:
+        config["NUM_STREAMS"] = options.streams
+    core = ov.Core()
+    if cache and options.cache_dir:
+        core.set_property({"CACHE_DIR": options.cache_dir})
+    try:
+        return core.compile_model(model, "CPU", config)
+    except Exception as exc:
+        raise BackendError(
+            f"OpenVINO cannot compile the model for its CPU plugin: {_first_line(exc)}",
+            where="backend openvino",
+            hint="try precision=f32, or backend onnxruntime",
+        ) from exc
+
+
+def _integer_note(model: Any) -> list[str]:
+    """How the model's quantized layers run (see the module docstring)."""
+    kinds = [op.get_type_name() for op in model.get_ordered_ops()]
+    if "FakeQuantize" in kinds:
+        return [f"{kinds.count('FakeQuantize')} FakeQuantize op(s): int8 kernels where OpenVINO fuses them"]
+    compressed = sum(
+        1 for op in model.get_ordered_ops()
+        if op.get_type_name() == "Constant" and op.get_output_element_type(0).get_type_name() in ("u4", "i4", "u8", "i8")
+    )  # fmt: skip
+    return [f"weight-compressed: {compressed} u4/i4/u8/i8 constant(s) (weights, zero points)"] if compressed else []
+
+
+def _dynamic_layers(onnx_path: Path) -> int:
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    return sum(1 for node in graph.node if node.op_type == "MatMulInteger")
+
+
+def _first_line(exc: BaseException) -> str:
+    """The message of an OpenVINO exception without its ``Exception from src/...cpp:N:`` frames."""
+    lines = [line for line in str(exc).splitlines() if line.strip() and not _FRAME.match(line)]
+    return lines[0].strip() if lines else type(exc).__name__
+
+
+_FRAME = re.compile(r"\s*Exception from \S+:\d+:?\s*$")
+
+
+class OpenVinoBackend(Backend):
+    name = "openvino"
+    Options = OpenVinoOptions
+
+    def lower(self, program: Program, options: BackendOptions) -> OpenVinoArtifact:
+        assert isinstance(options, OpenVinoOptions)
+        ov = _openvino()
+        directory = Path(tempfile.mkdtemp(prefix="torchkiln-openvino-"))
+        try:
+            export_onnx(program, options, directory)
+            try:
+                model = ov.Core().read_model(str(directory / MODEL_FILE))
+                ov.save_model(model, str(directory / FILES[0]), compress_to_fp16=False)
+            except Exception as exc:
+                raise BackendError(
+                    f"OpenVINO cannot read the exported ONNX model: {_first_line(exc)}",
+                    where="backend openvino",
+                    hint="try backend onnxruntime, or another opset (backend option opset=...)",
+                ) from exc
+            emulated = _dynamic_layers(directory / MODEL_FILE)
+            for leftover in directory.glob(f"{MODEL_FILE}*"):
+                leftover.unlink()
+            artifact = OpenVinoArtifact(directory, options, owns_directory=True)
+            if emulated:
+                artifact.integer_note.append(
+                    f"{emulated} dynamic int8 layer(s) (MatMulInteger) run as float ops that compute the same "
+                    "result: OpenVINO has no dynamic int8 kernel for them"
+                )
+            return artifact
+        except BaseException:
+            remove_private(directory)
+            raise
+
+    def load(self, directory: Path, options: BackendOptions) -> OpenVinoArtifact:
+        return OpenVinoArtifact.load(directory, options.to_dict())
+
+
+BACKEND = OpenVinoBackend()
