@@ -254,3 +254,24 @@ def test_auto_without_verification_does_not_claim_the_tolerance():
         chosen = compiled.report.candidates[0]
         assert chosen.verdict == "chosen" and says in chosen.reason
         assert ("within the tolerance" in chosen.reason) is verify
+
+
+class TwoInputs(torch.nn.Module):
+    def forward(self, scale: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x * scale + 1, x.sum(dim=-1)
+
+
+def test_a_call_goes_straight_to_the_package_loader_in_its_input_order():
+    """The package's flat call skips AOTInductor's pytree per call; inputs given by name in any
+    order land in the package's own order, and the general call gives the same."""
+    model, inputs = TwoInputs().eval(), {"x": torch.randn(2, 3), "scale": torch.randn(2, 3)}
+    compiled = compile_quietly(model, inputs, backend="inductor")
+    artifact = compiled.artifact
+    assert artifact._order is not None and sorted(artifact._order) == [0, 1]
+    other = {"scale": torch.randn(2, 3), "x": torch.randn(2, 3)}
+    direct = compiled(**other)
+    artifact._order = None
+    general = compiled(**other)
+    for got, via, want in zip(direct, general, model(**other)):
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(via, want)

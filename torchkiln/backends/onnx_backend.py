@@ -99,6 +99,8 @@ class OnnxArtifact(Artifact):
         self.directory = directory
         self.options = options
         self._session: Any = None
+        self._input_names: list[str] | None = None
+        self._run_options: Any = None
         self.loading = False  # while loading a saved artifact, which must not be written to
         if owns_directory:
             weakref.finalize(self, remove_private, directory)
@@ -132,11 +134,12 @@ class OnnxArtifact(Artifact):
 
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         session = self.session
-        feeds = {
-            meta.name: t.detach().cpu().contiguous().numpy() for meta, t in zip(session.get_inputs(), inputs)
-        }
+        if self._input_names is None:  # get_inputs() builds its list anew on every call
+            self._input_names = [meta.name for meta in session.get_inputs()]
+            self._run_options = _quiet_run_options()
+        feeds = {name: t.detach().cpu().contiguous().numpy() for name, t in zip(self._input_names, inputs)}
         try:
-            outputs = session.run(None, feeds, _quiet_run_options())
+            outputs = session.run(None, feeds, self._run_options)
         except Exception as exc:
             raise BackendError(f"ONNX Runtime failed to run {self.model_path}: {exc}") from exc
         return [torch.from_numpy(o) for o in outputs]
