@@ -5,8 +5,11 @@ does not depend on the weights' values), with a prompt of ``--prompt`` tokens an
 tokens (EOS masked so that every run makes all of them), at batch 1 and 8:
 
 * HF eager: ``transformers``' ``generate(do_sample=False)``;
+* HF static cache + torch.compile: the same with ``cache_implementation="static"`` and the forward
+  under ``torch.compile`` (transformers' recipe for fast decoding);
 * torchkiln fp32 / dynamic int8 / int4 weight-only (block 32; float compute, and int8 compute:
-  ``nbits_accuracy_level=4``) artifacts on ONNX Runtime, through ``CompiledModel.generate``;
+  ``nbits_accuracy_level=4``) artifacts on ONNX Runtime, and fp32 / int4 on OpenVINO (when installed),
+  through ``CompiledModel.generate``;
 * ONNX Runtime GenAI (``onnxruntime-genai``), its model builder run on a ``save_pretrained``
   directory of the same model (fp32 and int4; it has no GPT-2 builder).
 
@@ -23,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
+import importlib.util
 import io
 import logging
 import statistics
@@ -43,12 +48,15 @@ from torchkiln.driver.generate import prompt_logits
 from torchkiln.models import stdlib_lm
 
 INT4 = "cleanup,quantize:mode=weight_only,bits=4,block_size=32"
-PASSES = {  # row -> (passes, ONNX Runtime backend options)
-    "torchkiln fp32": ("cleanup", {}),
-    "torchkiln int8 (dynamic)": ("cleanup,quantize:mode=dynamic", {}),
-    "torchkiln int4 (block 32)": (INT4, {}),
-    "torchkiln int4 (block 32 + int8 compute)": (INT4, {"nbits_accuracy_level": 4}),
+PASSES = {  # row -> (passes, backend, backend options)
+    "torchkiln fp32": ("cleanup", "onnxruntime", {}),
+    "torchkiln int8 (dynamic)": ("cleanup,quantize:mode=dynamic", "onnxruntime", {}),
+    "torchkiln int4 (block 32)": (INT4, "onnxruntime", {}),
+    "torchkiln int4 (block 32 + int8 compute)": (INT4, "onnxruntime", {"nbits_accuracy_level": 4}),
+    "torchkiln fp32 on OpenVINO": ("cleanup", "openvino", {}),
+    "torchkiln int4 (block 32) on OpenVINO": (INT4, "openvino", {}),
 }
+STATIC = "HF static cache + torch.compile"
 SIZES = {  # (gpt2 config, llama config) keyword arguments
     "small": (
         dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024, vocab_size=50257),
@@ -87,6 +95,20 @@ def eager(model: Any) -> Variant:
         return model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False)
 
     return Variant(lambda ids: model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True), generate)
+
+
+def static_compiled(model: Any) -> Variant:
+    """transformers' fast path: a static cache and ``torch.compile`` of the forward (its documented
+    recipe; on CPU the default mode, as CUDA graphs do not apply). Each new shape compiles once, in
+    the warm-up."""
+    compiled = copy.deepcopy(model)
+    compiled.forward = torch.compile(compiled.forward, fullgraph=True, dynamic=False)
+
+    def generate(ids: torch.Tensor, new: int) -> Any:
+        return compiled.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                                 do_sample=False, cache_implementation="static")  # fmt: skip
+
+    return Variant(lambda ids: generate(ids, 1), generate)
 
 
 def ours(compiled: Any) -> Variant:
@@ -188,16 +210,18 @@ def main(argv: list[str] | None = None) -> int:
         model = build(name, args.size)
         params = sum(p.numel() for p in model.parameters()) / 1e6
         variants = {"HF eager": eager(model)} if wanted("HF eager") else {}
+        if wanted(STATIC):
+            variants[STATIC] = static_compiled(model)
         example = torch.randint(3, 100, (1, 8))
         with tempfile.TemporaryDirectory() as scratch:
-            for label, (passes, options) in PASSES.items():
-                if not wanted(label):
+            for label, (passes, backend, options) in PASSES.items():
+                if not wanted(label) or (backend == "openvino" and not importlib.util.find_spec("openvino")):
                     continue
                 print(f"{name}: compiling {label}", file=sys.stderr)
                 with contextlib.redirect_stdout(io.StringIO()):
                     compiled = torchkiln.compile(
                         model, {"input_ids": example, "attention_mask": torch.ones_like(example)}, passes=passes, latency_runs=0,
-                        backend_options=options,
+                        backend=backend, backend_options=options,
                         verify=False,  # random weights: int4 misses its cosine promise; accuracy is the perplexity table's
                     )
                 variants[label] = ours(compiled)
@@ -216,12 +240,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def table(rows: list[tuple[str, int, str, float, float]]) -> str:
-    """Markdown, with each row's decode rate relative to HF eager and to torchkiln fp32 of its model and batch."""
-    base = {(m, b): r for m, b, label, _, r in rows if label == "HF eager"}
-    fp32 = {(m, b): r for m, b, label, _, r in rows if label == "torchkiln fp32"}
-    lines = ["| model | batch | runtime | prefill ms | decode tokens/s | vs HF eager | vs torchkiln fp32 |", "|---|---|---|---|---|---|---|"]
+    """Markdown, with each row's decode rate relative to HF eager, to HF static cache + torch.compile
+    and to torchkiln fp32 of its model and batch."""
+    references = [{(m, b): r for m, b, label, _, r in rows if label == name} for name in ("HF eager", STATIC, "torchkiln fp32")]
+    lines = ["| model | batch | runtime | prefill ms | decode tokens/s | vs HF eager | vs HF static+compile | vs torchkiln fp32 |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for model, batch, label, prefill, rate in rows:
-        ratios = [f"{rate / ref[model, batch]:.2f}x" if (model, batch) in ref else "-" for ref in (base, fp32)]
+        ratios = [f"{rate / ref[model, batch]:.2f}x" if (model, batch) in ref else "-" for ref in references]
         lines.append(f"| {model} | {batch} | {label} | {prefill:.1f} | {rate:.1f} | {' | '.join(ratios)} |")
     return "\n".join(lines)
 

@@ -4,11 +4,17 @@ A tiny randomly initialised BERT is built from a config: no hub access is needed
 
 from __future__ import annotations
 
+import json
+import re
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import compile_quietly
 
 import torchkiln
+from torchkiln.errors import ArtifactError
 
 transformers = pytest.importorskip(
     "transformers", reason="transformers is not installed (pip install 'torchkiln[hf]')"
@@ -42,6 +48,34 @@ def test_bert_compiles_with_dynamic_batch_and_sequence(bert, backend, tmp_path):
         assert type(out) is type(expected)
         torch.testing.assert_close(out.last_hidden_state, expected.last_hidden_state, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(out.pooler_output, expected.pooler_output, atol=1e-4, rtol=1e-4)
+    if backend == "onnxruntime":  # a fresh process has not imported transformers' output classes
+        _loads_in_a_fresh_process(tmp_path / "bert", type(expected).__name__)
+
+
+def _loads_in_a_fresh_process(directory, output_class):
+    script = (
+        "import sys, torch, torchkiln\n"
+        "assert 'transformers' not in sys.modules\n"
+        f"out = torchkiln.load({str(directory)!r})(input_ids=torch.ones(1, 5, dtype=torch.long), "
+        "attention_mask=torch.ones(1, 5, dtype=torch.long))\n"
+        "print(type(out).__name__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == output_class
+
+
+@pytest.mark.parametrize("named", ["os.system", "transformers.utils.SomeOutput", "evil.modeling_outputs.X"])
+def test_an_output_class_outside_transformers_modeling_modules_is_not_imported(bert, tmp_path, named):
+    ids = torch.randint(0, 100, (1, 6))
+    saved = compile_quietly(bert, {"input_ids": ids}).save(tmp_path / "bert")
+    manifest = json.loads((saved / "manifest.json").read_text())
+    known = "transformers.modeling_outputs.BaseModelOutputWithPoolingAndCrossAttentions"
+    assert known in manifest["out_spec"]
+    manifest["out_spec"] = manifest["out_spec"].replace(known, named)
+    (saved / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=f"names {re.escape(named)}, which pytree does not know"):
+        torchkiln.load(saved)
 
 
 def _t5_encoder():

@@ -207,8 +207,9 @@ def _all_tensors(graph: Any) -> Iterator[Any]:
                 yield from _all_tensors(sub)
 
 
-def export_onnx(program: Program, options: OnnxOptions, directory: Path) -> None:
-    """Export the program to ``directory/model.onnx`` (and its data file)."""
+def export_onnx(program: Program, options: OnnxOptions, directory: Path, compressed_dynamic: bool = False) -> None:
+    """Export the program to ``directory/model.onnx`` (and its data file); ``compressed_dynamic``
+    as :func:`~torchkiln.backends.onnx_lowering.translation_table`."""
     import onnx
 
     names = [s.name for s in program.inputs]
@@ -227,7 +228,7 @@ def export_onnx(program: Program, options: OnnxOptions, directory: Path) -> None
                 input_names=names,
                 output_names=[s.name for s in program.outputs],
                 verbose=False,
-                custom_translation_table=translation_table(options.nbits_accuracy_level),
+                custom_translation_table=translation_table(options.nbits_accuracy_level, compressed_dynamic),
             )
     except Exception as exc:
         raise _explain_export_failure(exc, exported, program) from exc

@@ -4,7 +4,9 @@ Passed to ``torch.onnx.export`` as its ``custom_translation_table``; PyTorch's d
 quantize/dequantize ops need none (the exporter maps them to QuantizeLinear/DequantizeLinear).
 
 * ``dynamic_linear`` → DynamicQuantizeLinear, MatMulInteger, Cast, Mul (and Add for the bias):
-  the operator form ONNX Runtime fuses into its DynamicQuantizeMatMul kernel.
+  the operator form ONNX Runtime fuses into its DynamicQuantizeMatMul kernel; for OpenVINO
+  (``compressed_dynamic``) → DequantizeLinear of the int8 weight into a MatMul, which OpenVINO reads
+  as compressed weights and runs with its own dynamic quantization of the activations.
 * ``weight_only_linear`` → ``com.microsoft.MatMulNBits`` (ONNX Runtime's int4/int8 weight GEMM),
   with ``accuracy_level`` when one is asked for (4: activations quantized to int8 per block, the
   integer kernels of CPUs with VNNI / AMX; 0: ONNX Runtime's default, float compute).
@@ -26,17 +28,20 @@ import torch
 MSFT_DOMAIN = "com.microsoft"
 
 
-def translation_table(nbits_accuracy_level: int = 0) -> dict[Any, Any]:
+def translation_table(nbits_accuracy_level: int = 0, compressed_dynamic: bool = False) -> dict[Any, Any]:
     """The table for one export: torchkiln's ops, and transformers' grouped matmul where it is
     registered by now (transformers registers it when a model imports its MoE layers, which can be
-    after an earlier export in the same process: that part is not cached)."""
-    table, grouped_mm = _translations(nbits_accuracy_level)
+    after an earlier export in the same process: that part is not cached). ``compressed_dynamic``
+    writes ``dynamic_linear`` as its int8 weight dequantized into a float MatMul (no activation
+    quantization in the graph): the compressed-weight form OpenVINO runs with its own per-group
+    dynamic quantization of the activations."""
+    table, grouped_mm = _translations(nbits_accuracy_level, compressed_dynamic)
     experts = _registered("transformers", "grouped_mm_fallback")
     return table | ({experts: grouped_mm} if experts is not None else {})
 
 
 @functools.cache
-def _translations(nbits_accuracy_level: int) -> tuple[dict[Any, Any], Any]:
+def _translations(nbits_accuracy_level: int, compressed_dynamic: bool = False) -> tuple[dict[Any, Any], Any]:
     import onnxscript
     from onnxscript import opset18 as op
 
@@ -46,6 +51,9 @@ def _translations(nbits_accuracy_level: int) -> tuple[dict[Any, Any], Any]:
     msft = onnxscript.values.Opset(MSFT_DOMAIN, 1)
 
     def dynamic_linear(x: Any, weight: Any, scale: Any, bias: Any) -> Any:
+        if compressed_dynamic:
+            y = op.MatMul(x, op.Transpose(op.DequantizeLinear(weight, scale, axis=0), perm=[1, 0]))
+            return y if _static_size(bias) == 0 else op.Add(y, bias)
         xq, x_scale, x_zero = op.DynamicQuantizeLinear(x)
         acc = op.MatMulInteger(xq, op.Transpose(weight, perm=[1, 0]), x_zero)
         y = op.Mul(op.Cast(acc, to=1), op.Mul(x_scale, scale))  # to=1: FLOAT

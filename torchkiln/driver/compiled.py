@@ -8,7 +8,9 @@ that a truncated or edited artifact is refused on load instead of giving wrong a
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -216,6 +218,43 @@ def portable_spec(spec: pytree.TreeSpec) -> str:
         ) from exc
 
 
+#: the modules whose output classes a saved spec may name and loading may import to register them:
+#: transformers' own model-output modules (an import of the installed library, never of the artifact)
+_OUTPUT_MODULE = re.compile(r"transformers\.(?:models\.[a-z0-9_]+\.)?modeling_[a-z0-9_]+")
+_UNREGISTERED = re.compile(r"Deserializing (\S+) in pytree is not registered")
+
+
+def load_spec(text: str, where: str) -> pytree.TreeSpec:
+    """The output structure saved by :func:`portable_spec`. An output class of transformers (a
+    ``ModelOutput``) registers itself with pytree when its module is imported, which a fresh process
+    loading a saved BERT has not done: its module is imported then — only a transformers
+    ``modeling_*`` module, and only when transformers is installed. Any other unregistered type is
+    an :class:`ArtifactError` naming it."""
+    for _ in range(8):  # one import per distinct output class in the structure
+        try:
+            return pytree.treespec_loads(text)
+        except NotImplementedError as exc:
+            found = _UNREGISTERED.search(str(exc))
+            name = found.group(1) if found else "an unregistered type"
+            module = name.rpartition(".")[0]
+            if not (_OUTPUT_MODULE.fullmatch(module) and importlib.util.find_spec("transformers")):
+                raise ArtifactError(
+                    f"{MANIFEST}: the output structure names {name}, which pytree does not know here",
+                    where=f"{where}:out_spec",
+                    hint="import the package that defines it before loading (transformers outputs are "
+                    "imported automatically when transformers is installed)",
+                ) from None
+            try:
+                importlib.import_module(module)
+            except Exception as error:
+                raise ArtifactError(
+                    f"{MANIFEST}: the output structure names {name}, whose module cannot be imported: {error}",
+                    where=f"{where}:out_spec",
+                    hint="install the transformers version the artifact was built with",
+                ) from None
+    raise ArtifactError(f"{MANIFEST}: the output structure names too many unregistered types", where=f"{where}:out_spec")
+
+
 def _plain_tuples(value: Any) -> Any:
     if isinstance(value, tuple):
         return tuple(_plain_tuples(v) for v in value)  # drops the NamedTuple class
@@ -349,7 +388,7 @@ def _from_manifest(manifest: dict[str, Any], private: Path, source: Path, allow_
         options = backend_options(manifest["backend"], manifest["backend_options"])
         inputs = [TensorSpec.from_dict(s) for s in manifest["inputs"]]
         outputs = [TensorSpec.from_dict(s) for s in manifest["outputs"]]
-        out_spec = pytree.treespec_loads(manifest["out_spec"])
+        out_spec = load_spec(manifest["out_spec"], where)
         report = Report.from_dict(manifest["report"])
         constants = _constants(manifest.get("constants", {}))
         generation = _generation(manifest.get("generation"))

@@ -47,10 +47,12 @@ _SETTINGS = (
 
 
 class MobileNetV2(nn.Module):
-    def __init__(self, width_mult: float = 0.35, num_classes: int = 10, in_channels: int = 3):
+    def __init__(self, width_mult: float = 0.35, num_classes: int = 10, in_channels: int = 3, stem_stride: int = 1):
+        """``stem_stride=1`` for 32x32 inputs (the zoo's); torchvision's ImageNet network is
+        ``MobileNetV2(1.0, 1000, stem_stride=2)`` at 224x224."""
         super().__init__()
         cin = _make_divisible(32 * width_mult)
-        layers: list[nn.Module] = [_conv_bn_relu6(in_channels, cin, 3, 1)]
+        layers: list[nn.Module] = [_conv_bn_relu6(in_channels, cin, 3, stem_stride)]
         for expand, channels, repeats, stride in _SETTINGS:
             cout = _make_divisible(channels * width_mult)
             for i in range(repeats):
