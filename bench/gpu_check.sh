@@ -17,9 +17,15 @@ status=0
     "cuda", torch.version.cuda, "device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     "onnx", onnx.__version__, "onnxruntime", ort.__version__)'
   grep -m1 "model name" /proc/cpuinfo; } 2>&1 | tee "$LOG/env.txt"
-echo "== GPU-marked tests"
-timeout 150 "$PY" -m pytest -p no:cacheprovider -m gpu -rs tests 2>&1 | tee "$LOG/gpu-tests.txt"
-tests_rc=${PIPESTATUS[0]}; [ "$tests_rc" = 0 ] || status=1
+echo "== GPU-marked tests (tests/test_gpu_backends.py only: the other test modules need the [dev] extras)"
+if "$PY" -c "import pytest" 2>/dev/null; then
+  timeout 150 "$PY" -m pytest -p no:cacheprovider -m gpu -rs tests/test_gpu_backends.py 2>&1 | tee "$LOG/gpu-tests.txt"
+  tests_rc=${PIPESTATUS[0]}
+else
+  echo "pytest is not installed for $PY: the GPU tests did not run" | tee "$LOG/gpu-tests.txt"
+  tests_rc=3
+fi
+[ "$tests_rc" = 0 ] || status=1
 echo "== torch backend on CUDA: save/load round trip in a fresh process"
 timeout 45 "$PY" bench/gpu_roundtrip.py 2>&1 | tee "$LOG/roundtrip.txt" || status=1
 echo "== GPU bench: ResNet-50 and BERT-base, batch 1 and 32"
