@@ -8,7 +8,7 @@ tokens (EOS masked so that every run makes all of them), at batch 1 and 8:
 * HF static cache + torch.compile: the same with ``cache_implementation="static"`` and the forward
   under ``torch.compile`` (transformers' recipe for fast decoding);
 * torchkiln fp32 / dynamic int8 / int4 weight-only (block 32; float compute, and int8 compute:
-  ``nbits_accuracy_level=4``) artifacts on ONNX Runtime, and fp32 / int4 on OpenVINO (when installed),
+  ``nbits_accuracy_level=4``) artifacts on ONNX Runtime, and fp32 / dynamic int8 / int4 on OpenVINO (when installed),
   through ``CompiledModel.generate``;
 * ONNX Runtime GenAI (``onnxruntime-genai``), its model builder run on a ``save_pretrained``
   directory of the same model (fp32 and int4; it has no GPT-2 builder).
@@ -54,6 +54,7 @@ PASSES = {  # row -> (passes, backend, backend options)
     "torchkiln int4 (block 32)": (INT4, "onnxruntime", {}),
     "torchkiln int4 (block 32 + int8 compute)": (INT4, "onnxruntime", {"nbits_accuracy_level": 4}),
     "torchkiln fp32 on OpenVINO": ("cleanup", "openvino", {}),
+    "torchkiln int8 (dynamic) on OpenVINO": ("cleanup,quantize:mode=dynamic", "openvino", {}),
     "torchkiln int4 (block 32) on OpenVINO": (INT4, "openvino", {}),
 }
 STATIC = "HF static cache + torch.compile"
@@ -172,8 +173,9 @@ def timed(call: Callable[[], Any]) -> float:
 def measure(variants: dict[str, Variant], batch: int, prompt: int, new: int, repeats: int, vocab: int) -> dict[str, tuple[float, float]]:
     """name -> (prefill ms, decode tokens/s), medians over ``repeats`` alternating rounds."""
     ids = torch.randint(3, vocab, (batch, prompt), generator=torch.Generator().manual_seed(batch))
-    for variant in variants.values():  # warm up: first runs allocate and pick kernels
-        timed(lambda v=variant: v.generate(ids, 2))
+    for variant in variants.values():  # warm up: first runs allocate and pick kernels; torch.compile
+        for length in (1, 2, new):     # compiles once per static-cache length, here and not while timed
+            timed(lambda v=variant, n=length: v.generate(ids, n))
     prefill: dict[str, list[float]] = {name: [] for name in variants}
     decode: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):

@@ -158,3 +158,19 @@ def test_auto_and_kiln_bench_offer_openvino(tmp_path, capsys):
     assert main(["bench", "mlp", "--runtimes", "openvino-fp32,ort-fp32", "--runs", "5", "--json", "--quiet"]) == 0
     rows = {row["runtime"]: row for row in json.loads(capsys.readouterr().out)["rows"]}
     assert rows["openvino-fp32"]["latency"]["p50"] > 0 and rows["openvino-fp32"]["size_mb"], rows
+
+
+def test_a_causal_lm_with_its_cache_generates_like_transformers_from_one_prompt():
+    """opset 18 by default: OpenVINO 2026.4 could not compile opset 23's Attention over a KV cache
+    with grouped heads. Compiled from one prompt (batch 1), generated at batch 2."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
+                                      bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+    torch.manual_seed(0)
+    lm = transformers.LlamaForCausalLM(config).eval()
+    prompt = torch.randint(3, 128, (1, 6))
+    compiled = compile_quietly(lm, {"input_ids": prompt, "attention_mask": torch.ones_like(prompt)}, backend="openvino")
+    ids = torch.randint(3, 128, (2, 7))
+    expected = lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert torch.equal(compiled.generate(ids, max_new_tokens=5, min_new_tokens=5), expected)

@@ -61,6 +61,9 @@ ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_b
 
 @dataclasses.dataclass(frozen=True)
 class OpenVinoOptions(OnnxOptions):
+    # OpenVINO 2026.4's ONNX frontend cannot compile opset 23's Attention over a KV cache with
+    # grouped heads (a MatMul shape check fails); at 18 attention is plain ops it fuses itself
+    opset: int = option(18, "ONNX opset of the export OpenVINO reads (18 or newer; 18: attention as plain ops)")
     precision: Literal["f32", "bf16", "f16"] = option(
         "f32", "compute precision hint of the CPU plugin (f32 is exact; bf16/f16 are lossy)"
     )
@@ -215,7 +218,7 @@ def _compile(model: Any, options: OpenVinoOptions, cache: bool) -> Any:
         raise BackendError(
             f"OpenVINO cannot compile the model for its CPU plugin: {_first_line(exc)}",
             where="backend openvino",
-            hint="try precision=f32, or backend onnxruntime",
+            hint="try opset=18 (the default), precision=f32, or backend onnxruntime",
         ) from exc
 
 
