@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from torchkiln.benchmark import Latency, PeakMemory, interleaved_times
-from torchkiln.cli import main
+from torchkiln.cli import bench, main
 
 
 def bench_json(capsys, *argv: str) -> dict:
@@ -36,13 +36,17 @@ def test_a_model_is_timed_on_every_runtime_and_batch_size(tmp_path, capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
-def test_by_default_every_cpu_runtime_and_the_gpu_ones_are_listed_as_skipped(capsys):
+def test_by_default_every_cpu_runtime_and_the_gpu_ones_are_listed_as_skipped(capsys, monkeypatch):
+    """Without openvino its rows say so (with it they are timed: tests/test_openvino.py)."""
+    monkeypatch.setattr(bench, "_has_openvino", lambda: False)
     report = bench_json(capsys, "mlp", "--runs", "3")
     timed = {r["runtime"] for r in report["rows"] if r["latency"]}
     assert timed == {"eager", "torch.compile", "ort-fp32", "ort-int8"}
-    (gpu,) = [r for r in report["rows"] if not r["latency"]]
-    assert gpu["runtime"] == "eager-cuda, torch-cuda-fp16, tensorrt-fp16, tensorrt-int8"
-    assert gpu["note"] == "skipped: no CUDA device"
+    skipped = {r["runtime"]: r["note"] for r in report["rows"] if not r["latency"]}
+    assert skipped == {
+        "eager-cuda, torch-cuda-fp16, tensorrt-fp16, tensorrt-int8": "skipped: no CUDA device",
+        "openvino-fp32, openvino-int8": "skipped: openvino is not installed",
+    }
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
