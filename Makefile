@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_compress.py
 	$(BIN)/python bench/bench_inductor.py
 	$(BIN)/python bench/bench_tune.py
+	$(BIN)/python bench/bench_overhead.py
 
 fuzz-long: $(STAMP)
 	TORCHKILN_FUZZ_EXAMPLES=1000 $(BIN)/python -m pytest tests/test_fuzz.py -k random_models
