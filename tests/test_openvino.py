@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,8 @@ def test_static_int8_runs_as_fake_quantize_and_weight_only_as_compressed_weights
     dynamic = compile_quietly(model, x, passes="cleanup,quantize:mode=dynamic", backend="openvino")
     assert any("1 dynamic int8 layer(s) as compressed int8 weights" in n for n in dynamic.report.artifact.notes)
     assert any(n.startswith("weight-compressed") for n in dynamic.report.artifact.notes)
+    with tempfile.TemporaryDirectory() as tmp:  # the IR records it: a loaded (or cached) artifact says it too
+        assert any("1 dynamic int8 layer(s)" in n for n in torchkiln.load(dynamic.save(Path(tmp) / "d")).artifact.notes())
     weight_only = compile_quietly(model, x, passes="cleanup,quantize:mode=weight_only", backend="openvino")
     assert any(n.startswith("weight-compressed") for n in weight_only.report.artifact.notes)
     assert weight_only.report.artifact.cosine > 0.99

@@ -120,7 +120,7 @@ class OpenVinoArtifact(Artifact):
         self._tensor = _openvino().Tensor
         self.input_names = [port.get_any_name() for port in self.compiled.inputs]
         self.output_count = len(self.compiled.outputs)
-        self.integer_note = _integer_note(model)
+        self.integer_note = _integer_note(model, options)
         if owns_directory:
             weakref.finalize(self, remove_private, directory)
 
@@ -222,7 +222,7 @@ def _compile(model: Any, options: OpenVinoOptions, cache: bool) -> Any:
         ) from exc
 
 
-def _integer_note(model: Any) -> list[str]:
+def _integer_note(model: Any, options: OpenVinoOptions) -> list[str]:
     """How the model's quantized layers run (see the module docstring)."""
     kinds = [op.get_type_name() for op in model.get_ordered_ops()]
     if "FakeQuantize" in kinds:
@@ -231,7 +231,25 @@ def _integer_note(model: Any) -> list[str]:
         1 for op in model.get_ordered_ops()
         if op.get_type_name() == "Constant" and op.get_output_element_type(0).get_type_name() in ("u4", "i4", "u8", "i8")
     )  # fmt: skip
-    return [f"weight-compressed: {compressed} u4/i4/u8/i8 constant(s) (weights, zero points)"] if compressed else []
+    notes = [f"weight-compressed: {compressed} u4/i4/u8/i8 constant(s) (weights, zero points)"] if compressed else []
+    dynamic = _recorded_dynamic_layers(model)
+    if dynamic:
+        group = options.dynamic_quantization_group_size
+        notes.append(f"{dynamic} dynamic int8 layer(s) as compressed int8 weights; OpenVINO quantizes their "
+                     + (f"activations per group of {group}" if group else "activations: no (float activations)"))
+    return notes
+
+
+#: where the IR records how many of its layers were dynamic int8 (rt_info, read back for the notes)
+DYNAMIC_LAYERS = ("torchkiln", "dynamic_layers")
+
+
+def _recorded_dynamic_layers(model: Any) -> int:
+    """The count the build recorded in the IR; 0 when absent or not a plain small number (a note only)."""
+    if not model.has_rt_info(list(DYNAMIC_LAYERS)):
+        return 0
+    text = str(model.get_rt_info(list(DYNAMIC_LAYERS)).astype(str))
+    return int(text) if text.isdigit() and len(text) < 7 else 0
 
 
 def _dynamic_layers(program: Program) -> int:
@@ -260,6 +278,7 @@ class OpenVinoBackend(Backend):
             export_onnx(program, options, directory, compressed_dynamic=True)
             try:
                 model = ov.Core().read_model(str(directory / MODEL_FILE))
+                model.set_rt_info(str(_dynamic_layers(program)), list(DYNAMIC_LAYERS))  # for the notes
                 ov.save_model(model, str(directory / FILES[0]), compress_to_fp16=False)
             except Exception as exc:
                 raise BackendError(
@@ -269,15 +288,7 @@ class OpenVinoBackend(Backend):
                 ) from exc
             for leftover in directory.glob(f"{MODEL_FILE}*"):
                 leftover.unlink()
-            artifact = OpenVinoArtifact(directory, options, owns_directory=True)
-            dynamic = _dynamic_layers(program)
-            if dynamic:
-                artifact.integer_note.append(
-                    f"{dynamic} dynamic int8 layer(s) as compressed int8 weights; OpenVINO quantizes their "
-                    + (f"activations per group of {options.dynamic_quantization_group_size}"
-                       if options.dynamic_quantization_group_size else "activations: no (float activations)")
-                )
-            return artifact
+            return OpenVinoArtifact(directory, options, owns_directory=True)
         except BaseException:
             remove_private(directory)
             raise
