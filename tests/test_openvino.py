@@ -15,6 +15,7 @@ from torch import nn
 
 import torchkiln
 from torchkiln import models
+from torchkiln.backends import openvino_backend
 from torchkiln.cli import main
 from torchkiln.compiler.files import sha256
 from torchkiln.errors import ArtifactError, BackendError, ConfigError, VerificationError
@@ -61,6 +62,13 @@ def test_a_float_model_is_exact_at_other_batches_and_round_trips(saved):
         torch.testing.assert_close(loaded(x), MLP(x), atol=1e-5, rtol=1e-4)
     notes = loaded.report.artifact.notes
     assert any(n.startswith("built on OpenVINO") and "precision f32" in n for n in notes), notes
+
+
+def test_the_build_machine_is_recorded_in_the_ir_not_read_from_the_loading_one(saved, tmp_path, monkeypatch):
+    assert "torchkiln" in (saved / "model.xml").read_text()  # the IR's rt_info holds it
+    monkeypatch.setattr(openvino_backend, "cpu_model", lambda: "another CPU")
+    notes = torchkiln.load(saved).artifact.notes()
+    assert notes[0].startswith("built on OpenVINO") and "another CPU" not in notes[0], notes
 
 
 def test_static_int8_runs_as_fake_quantize_and_weight_only_as_compressed_weights():

@@ -113,8 +113,8 @@ class OpenVinoArtifact(Artifact):
     def __init__(self, directory: Path, options: OpenVinoOptions, owns_directory: bool = False, loading: bool = False):
         self.directory = directory
         self.options = options
-        self.built_on = isa_note()
         model = _read(directory)
+        self.built_on = _recorded(model, BUILT_ON) or "(not recorded)"
         self.compiled = _compile(model, options, cache=not loading)
         self.request = self.compiled.create_infer_request()
         self._tensor = _openvino().Tensor
@@ -232,7 +232,8 @@ def _integer_note(model: Any, options: OpenVinoOptions) -> list[str]:
         if op.get_type_name() == "Constant" and op.get_output_element_type(0).get_type_name() in ("u4", "i4", "u8", "i8")
     )  # fmt: skip
     notes = [f"weight-compressed: {compressed} u4/i4/u8/i8 constant(s) (weights, zero points)"] if compressed else []
-    dynamic = _recorded_dynamic_layers(model)
+    recorded = _recorded(model, DYNAMIC_LAYERS)
+    dynamic = int(recorded) if recorded.isdigit() and len(recorded) < 7 else 0
     if dynamic:
         group = options.dynamic_quantization_group_size
         notes.append(f"{dynamic} dynamic int8 layer(s) as compressed int8 weights; OpenVINO quantizes their "
@@ -240,16 +241,19 @@ def _integer_note(model: Any, options: OpenVinoOptions) -> list[str]:
     return notes
 
 
-#: where the IR records how many of its layers were dynamic int8 (rt_info, read back for the notes)
+#: what the build records in the IR's rt_info, read back for the notes of a cached or loaded artifact:
+#: how many layers were dynamic int8, and the OpenVINO version, CPU and ISA flags it was built on
 DYNAMIC_LAYERS = ("torchkiln", "dynamic_layers")
+BUILT_ON = ("torchkiln", "built_on")
 
 
-def _recorded_dynamic_layers(model: Any) -> int:
-    """The count the build recorded in the IR; 0 when absent or not a plain small number (a note only)."""
-    if not model.has_rt_info(list(DYNAMIC_LAYERS)):
-        return 0
-    text = str(model.get_rt_info(list(DYNAMIC_LAYERS)).astype(str))
-    return int(text) if text.isdigit() and len(text) < 7 else 0
+def _recorded(model: Any, key: tuple[str, str]) -> str:
+    """A value the build recorded; "" when absent, and only printable text of at most 300 characters
+    (it is only shown in notes, but the file may be hostile)."""
+    if not model.has_rt_info(list(key)):
+        return ""
+    text = str(model.get_rt_info(list(key)).astype(str))
+    return text if len(text) <= 300 and text.isprintable() else ""
 
 
 def _dynamic_layers(program: Program) -> int:
@@ -279,6 +283,7 @@ class OpenVinoBackend(Backend):
             try:
                 model = ov.Core().read_model(str(directory / MODEL_FILE))
                 model.set_rt_info(str(_dynamic_layers(program)), list(DYNAMIC_LAYERS))  # for the notes
+                model.set_rt_info(isa_note(), list(BUILT_ON))  # the machine it was built and verified on
                 ov.save_model(model, str(directory / FILES[0]), compress_to_fp16=False)
             except Exception as exc:
                 raise BackendError(
