@@ -17,8 +17,8 @@ Candidates (labels, as ``backend_options={"candidates": "..."}`` names them):
 Each is built through the lower stage (so the stage cache serves a rebuild), verified like a single
 backend, and timed with the interleaved timer (:func:`torchkiln.benchmark.interleaved_times`) on
 the example inputs: in alternating blocks, each after a short sleep so that the runtime timed before
-it has its spinning worker threads idle, then the two fastest once more, the choice made on that
-second round. The report lists every candidate: its latency (median, p10 and p90), error and why it
+it has its spinning worker threads idle, then the two fastest once more, the choice made on their samples of
+both rounds. The report lists every candidate: its latency (median, p10 and p90), error and why it
 lost.
 """
 
@@ -173,8 +173,9 @@ def _time(
     records: list[CandidateRecord], runs: int, strict: bool,
 ) -> str:  # fmt: skip
     """Time every candidate side by side, then the two fastest again (a second round of ``runs``
-    calls each: the choice between close runtimes is made on fresh samples, not on the round that
-    also ranked them). A candidate's latency is the median of all its samples, with p10 and p90."""
+    calls each, so the choice between close runtimes rests on twice the samples, half of them taken
+    after the ranking). A candidate's latency is the median of all its samples, with p10 and p90:
+    the chosen one's is the lowest of the two finalists'."""
     inputs = fresh(program.example_inputs)
     calls: dict[str, Callable[[], Any]] = {
         label: functools.partial(artifact.run, inputs) for label, (artifact, _, _) in built.items()
@@ -183,22 +184,24 @@ def _time(
     ranked = sorted(first, key=lambda label: _median(first[label]))
     finalists = ranked[:2]
     second = interleaved_times({label: calls[label] for label in finalists}, runs, settle=SETTLE) if len(ranked) > 1 else {}
-    best = min(finalists, key=lambda label: _median(second.get(label, first[label])))
+    samples = {label: sorted(first[label] + second.get(label, [])) for label in first}
+    best = min(finalists, key=lambda label: _median(samples[label]))
     # only a verified build (strict) is known to be within the tolerance
     why = "fastest within the tolerance" if strict else "fastest; not verified (verify=False), its error is measured only"
     for record in records:
         if record.label not in first:
             continue
-        samples = sorted(first[record.label] + second.get(record.label, []))
-        record.latency_ms = _median(samples)
-        record.latency_spread_ms = (samples[len(samples) // 10], samples[(len(samples) * 9) // 10])
+        mine = samples[record.label]
+        record.latency_ms = _median(mine)
+        record.latency_spread_ms = (mine[len(mine) // 10], mine[(len(mine) * 9) // 10])
         if record.label == best:
             record.verdict, record.reason = "chosen", why + (" (the two fastest timed twice)" if second else "")
             continue
-        same_round = second if record.label in second else first
-        ratio = _median(same_round[record.label]) / _median(same_round[best])
-        round_name = "in the re-timing of the two fastest" if same_round is second else "in the first round"
-        record.verdict, record.reason = "slower", f"{ratio:.2f}x the latency of {best} {round_name}"
+        if record.label in second:  # the other finalist: both rounds of both
+            ratio, when = record.latency_ms / _median(samples[best]), "over both rounds"
+        else:  # ranked out by the first round: compared on it
+            ratio, when = _median(first[record.label]) / _median(first[best]), "in the first round"
+        record.verdict, record.reason = "slower", f"{ratio:.2f}x the latency of {best} {when}"
     return best
 
 
