@@ -56,6 +56,9 @@ PASSES = {  # row -> (passes, backend, backend options)
     "torchkiln fp32 on OpenVINO": ("cleanup", "openvino", {}),
     "torchkiln int8 (dynamic) on OpenVINO": ("cleanup,quantize:mode=dynamic", "openvino", {}),
     "torchkiln int4 (block 32) on OpenVINO": (INT4, "openvino", {}),
+    # the cache passed in and out on every step instead of kept inside OpenVINO (its stateful form)
+    "torchkiln int8 (dynamic) on OpenVINO (cache passed)": ("cleanup,quantize:mode=dynamic", "openvino",
+                                                           {"stateful_cache": False}),
 }
 STATIC = "HF static cache + torch.compile"
 SIZES = {  # (gpt2 config, llama config) keyword arguments

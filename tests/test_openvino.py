@@ -171,9 +171,10 @@ def test_auto_and_kiln_bench_offer_openvino(tmp_path, capsys):
     assert rows["openvino-fp32"]["latency"]["p50"] > 0 and rows["openvino-fp32"]["size_mb"], rows
 
 
-def test_a_causal_lm_with_its_cache_generates_like_transformers_from_one_prompt():
-    """opset 18 by default: OpenVINO 2026.4 could not compile opset 23's Attention over a KV cache
-    with grouped heads. Compiled from one prompt (batch 1), generated at batch 2."""
+@pytest.fixture(scope="module")
+def llama():
+    """A Llama with grouped heads compiled with its cache from one prompt (batch 1) on OpenVINO; opset
+    18 by default (OpenVINO 2026.4 could not compile opset 23's Attention over such a cache)."""
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                       num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
@@ -181,7 +182,47 @@ def test_a_causal_lm_with_its_cache_generates_like_transformers_from_one_prompt(
     torch.manual_seed(0)
     lm = transformers.LlamaForCausalLM(config).eval()
     prompt = torch.randint(3, 128, (1, 6))
-    compiled = compile_quietly(lm, {"input_ids": prompt, "attention_mask": torch.ones_like(prompt)}, backend="openvino")
+    return lm, compile_quietly(lm, {"input_ids": prompt, "attention_mask": torch.ones_like(prompt)}, backend="openvino")
+
+
+def stateful_steps(monkeypatch) -> list[int]:
+    """Counts the steps run on OpenVINO's stateful form (the cache kept inside OpenVINO)."""
+    steps: list[int] = []
+    run = openvino_backend._StatefulSession.run
+    monkeypatch.setattr(openvino_backend._StatefulSession, "run", lambda self, inputs: steps.append(1) or run(self, inputs))
+    return steps
+
+
+def test_a_causal_lm_generates_like_transformers_with_its_cache_kept_inside_openvino(llama, monkeypatch):
+    """Batch 2, then a left-padded batch, then one prompt: each generation starts from its own empty
+    states (a batch of another size after it, too), every step on the stateful form."""
+    lm, compiled = llama
+    steps = stateful_steps(monkeypatch)
     ids = torch.randint(3, 128, (2, 7))
-    expected = lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, min_new_tokens=5, do_sample=False)
-    assert torch.equal(compiled.generate(ids, max_new_tokens=5, min_new_tokens=5), expected)
+    mask = torch.ones_like(ids)
+    padded_mask = mask.clone()
+    padded_mask[1, :3] = 0
+    for batch, attention in ((ids, mask), (ids, padded_mask), (ids[:1], mask[:1])):
+        expected = lm.generate(batch, attention_mask=attention, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+        assert torch.equal(compiled.generate(batch, attention, max_new_tokens=5, min_new_tokens=5), expected)
+    assert len(steps) == 3 * 5  # the prompt and four decode steps, three times
+
+
+def test_a_loaded_lm_keeps_its_cache_inside_openvino_and_the_option_turns_it_off(llama, tmp_path, monkeypatch):
+    lm, compiled = llama
+    ids = torch.randint(3, 128, (2, 5))
+    expected = compiled.generate(ids, max_new_tokens=4)
+    steps = stateful_steps(monkeypatch)
+    loaded = torchkiln.load(compiled.save(tmp_path / "lm"))
+    assert torch.equal(loaded.generate(ids, max_new_tokens=4), expected) and len(steps) == 4
+    options = json.loads((tmp_path / "lm" / "manifest.json").read_text())["backend_options"]
+    assert options["stateful_cache"] is True
+    passed = torchkiln.load(tmp_path / "lm")
+    passed.artifact.options = openvino_backend.OpenVinoOptions.from_mapping({**options, "stateful_cache": False})
+    assert torch.equal(passed.generate(ids, max_new_tokens=4), expected) and len(steps) == 4  # cache passed in and out
+
+
+def test_cache_pairs_that_do_not_fit_the_ir_are_a_clear_error(saved):
+    artifact = torchkiln.load(saved).artifact
+    with pytest.raises(BackendError, match="do not fit"):
+        artifact.cache_session([(0, 5)], [torch.zeros(1)], 8)

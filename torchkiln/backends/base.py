@@ -54,6 +54,24 @@ class Artifact(abc.ABC):
     def notes(self) -> list[str]:
         return []
 
+    def cache_session(
+        self, pairs: Sequence[tuple[int, int]], initial: Sequence[torch.Tensor], capacity: int
+    ) -> CacheSession | None:
+        """A decoder's cache kept inside the runtime from step to step (generation), or None when
+        this backend keeps none (the caller then passes the cache in and out on every call).
+        ``pairs``: for each cache tensor, the index of its input and of the output that is its next
+        value; ``initial``: each one's first value (the prompt's empty cache), in the order of
+        ``pairs``; ``capacity``: the most positions the cache will hold in this generation."""
+        return None
+
+
+class CacheSession(abc.ABC):
+    """One generation's runs of an artifact whose cache the runtime keeps (:meth:`Artifact.cache_session`)."""
+
+    @abc.abstractmethod
+    def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """One step: the artifact's inputs less the cache's, in order → its outputs less the cache's."""
+
 
 class Backend(abc.ABC):
     name: ClassVar[str]

@@ -41,7 +41,7 @@ from typing import Any, Literal
 
 import torch
 
-from torchkiln.backends.base import Artifact, Backend, BackendOptions
+from torchkiln.backends.base import Artifact, Backend, BackendOptions, CacheSession
 from torchkiln.backends.onnx_backend import MODEL_FILE, OnnxOptions, export_onnx
 from torchkiln.compiler import quant_ops  # noqa: F401 - registers the torchkiln ops counted below
 from torchkiln.compiler.files import remove_private
@@ -78,6 +78,10 @@ class OpenVinoOptions(OnnxOptions):
     )
     cache_dir: str = option(
         "", "OpenVINO's compiled-model cache directory, used while compiling (a loaded artifact ignores it)"
+    )
+    stateful_cache: bool = option(
+        True, "generation keeps the KV cache inside OpenVINO (its stateful form) instead of passing it in and "
+        "out on every step"
     )
 
     def validate(self) -> None:
@@ -121,6 +125,7 @@ class OpenVinoArtifact(Artifact):
         self.input_names = [port.get_any_name() for port in self.compiled.inputs]
         self.output_count = len(self.compiled.outputs)
         self.integer_note = _integer_note(model, options)
+        self._stateful: dict[tuple[tuple[int, int], ...], tuple[Any, list[str]]] = {}
         if owns_directory:
             weakref.finalize(self, remove_private, directory)
 
@@ -135,6 +140,17 @@ class OpenVinoArtifact(Artifact):
         except Exception as exc:
             raise BackendError(f"OpenVINO failed to run {self.directory / FILES[0]}: {exc}") from exc
         return [torch.from_numpy(self.request.get_output_tensor(i).data.copy()) for i in range(self.output_count)]
+
+    def cache_session(
+        self, pairs: Sequence[tuple[int, int]], initial: Sequence[torch.Tensor], capacity: int
+    ) -> CacheSession | None:
+        if not self.options.stateful_cache:  # (OpenVINO's states grow as they need: no capacity)
+            return None
+        key = tuple(pairs)
+        if key not in self._stateful:  # compiled once per artifact, on its first generation
+            self._stateful[key] = _stateful(self.directory, key, self.options)
+        compiled, variables = self._stateful[key]
+        return _StatefulSession(compiled, variables, initial, self.directory)
 
     def files(self) -> list[str]:
         missing = [f for f in FILES if not (self.directory / f).is_file()]
@@ -220,6 +236,61 @@ def _compile(model: Any, options: OpenVinoOptions, cache: bool) -> Any:
             where="backend openvino",
             hint="try opset=18 (the default), precision=f32, or backend onnxruntime",
         ) from exc
+
+
+def _stateful(directory: Path, pairs: tuple[tuple[int, int], ...], options: OpenVinoOptions) -> tuple[Any, list[str]]:
+    """The IR in its stateful form: each cache input and the output that is its next value become
+    one state (OpenVINO's ``MakeStateful``: ReadValue / Assign) that the plugin keeps between calls.
+    Returns the compiled model and its state names in the order of ``pairs``. Transformed in memory
+    from the artifact's own IR file; nothing is written."""
+    _openvino()
+    from openvino import passes
+
+    model = _read(directory)
+    parameters, results = model.get_parameters(), model.get_results()
+    if any(not (0 <= i < len(parameters) and 0 <= o < len(results)) for i, o in pairs):
+        raise BackendError(f"cache pairs {list(pairs)} do not fit the IR's {len(parameters)} inputs / {len(results)} "
+                           "outputs", where=str(directory / FILES[0]))
+    chosen = [(parameters[i], results[o]) for i, o in pairs]
+    cached = {i for i, _ in pairs}
+    kept = [port.get_any_name() for i, port in enumerate(model.inputs) if i not in cached]
+    # MakeStateful names each state after its Parameter and Result (checked below, not assumed)
+    names = [p.get_friendly_name() + r.get_friendly_name() for p, r in chosen]
+    manager = passes.Manager()
+    manager.register_pass(passes.MakeStateful(chosen))
+    try:
+        manager.run_passes(model)
+    except Exception as exc:
+        raise BackendError(f"OpenVINO cannot make the cache stateful: {_first_line(exc)}", where="backend openvino",
+                           hint="compile with the backend option stateful_cache=false") from exc
+    made = sorted(v.get_info().variable_id for v in model.get_variables())
+    if made != sorted(names) or [port.get_any_name() for port in model.inputs] != kept:
+        raise BackendError(f"OpenVINO's stateful form has states {made[:4]} and inputs {model.inputs[:4]}, not "
+                           f"{names[:4]} and {kept[:4]}",
+                           where="backend openvino", hint="compile with the backend option stateful_cache=false")
+    return _compile(model, options, cache=False), names
+
+
+class _StatefulSession(CacheSession):
+    """One generation on the stateful form: a fresh request whose states start at ``initial``."""
+
+    def __init__(self, compiled: Any, names: list[str], initial: Sequence[torch.Tensor], directory: Path):
+        ov = _openvino()
+        self.request, self.tensor, self.directory = compiled.create_infer_request(), ov.Tensor, directory
+        self.outputs = len(compiled.outputs)
+        start = dict(zip(names, initial))
+        for state in self.request.query_state():
+            state.state = ov.Tensor(start[state.name].detach().cpu().contiguous().numpy())
+
+    def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        request, tensor = self.request, self.tensor
+        try:
+            for index, value in enumerate(inputs):
+                request.set_input_tensor(index, tensor(value.detach().cpu().contiguous().numpy(), shared_memory=True))
+            request.infer()
+        except Exception as exc:
+            raise BackendError(f"OpenVINO failed to run {self.directory / FILES[0]} (stateful cache): {exc}") from exc
+        return [torch.from_numpy(request.get_output_tensor(i).data.copy()) for i in range(self.outputs)]
 
 
 def _integer_note(model: Any, options: OpenVinoOptions) -> list[str]:

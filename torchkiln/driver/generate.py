@@ -16,15 +16,21 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
 
+from torchkiln.backends.base import CacheSession
 from torchkiln.compiler.causal_lm import positions
+from torchkiln.compiler.program import bind_inputs
 from torchkiln.compiler.seq2seq import PROMPT, SPEECH
 from torchkiln.compiler.state_space import is_state, state_names
+from torchkiln.compiler.verify import cosine_similarity
+from torchkiln.driver.compiled import check_outputs
 from torchkiln.errors import ArtifactError, InputError
 
 PAST = "past_"
@@ -98,19 +104,22 @@ def generate(
             where="attention_mask",
             hint="compile with an attention_mask in the example inputs, or generate each prompt in its own call",
         )
+    # the cache holds at most the first tokens and the new ones (a runtime that keeps it in place
+    # allocates this many positions: Artifact.cache_session)
     if stepped:
-        session: _Session = _StateSession(model, mask)
         first = input_ids
+        session: _Session = _StateSession(model, mask, first.shape[1] + max_new_tokens)
     elif encoder is None:
-        session = _CausalSession(model, mask)
         first = input_ids
+        session = _CausalSession(model, mask, first.shape[1] + max_new_tokens)
     else:
-        sources = {SPEECH: input_ids} if speech else {"input_ids": input_ids, "attention_mask": mask}
-        session = _DecoderSession(model, encoder(**sources), None if speech else mask)
         # a speech model's decoder prompt (start, forced tokens, no-timestamps: compiler.seq2seq.decoder_prompt)
         prompt = _decoder_prompt(settings)
         start = prompt if speech and prompt else [settings["decoder_start_token_id"]]
         first = torch.tensor([[int(t) for t in start if t is not None]] * batch, dtype=torch.long)
+        sources = {SPEECH: input_ids} if speech else {"input_ids": input_ids, "attention_mask": mask}
+        cross = encoder(**sources)
+        session = _DecoderSession(model, cross, None if speech else mask, first.shape[1] + max_new_tokens)
     forced = {0: settings.get("forced_bos_token_id") if encoder else None}
     forced[max_new_tokens - 1] = settings.get("forced_eos_token_id")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -170,23 +179,96 @@ def _check_positions(prompt: int, new: int, encoder_decoder: bool, settings: dic
 class _Session:
     """Runs one step over its own cache: tokens [batch, n] → the last position's logits [batch, vocab]."""
 
-    def __init__(self, model: Any, past: dict[str, torch.Tensor]):
+    def __init__(self, model: Any, past: dict[str, torch.Tensor], capacity: int):
         self.model, self.past = model, past
+        self.kept = _KeptCache.open(model, past, capacity)
 
     def run(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.kept is not None:
+            logits = self.kept.run(inputs)
+            if self.model.artifact in _AGREED:
+                return logits[:, -1].float()
+            return self._check(logits, inputs)[:, -1].float()
+        return self._plain(inputs)[:, -1].float()
+
+    def _check(self, kept: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The first step on an artifact's runtime-kept cache is also run the artifact's own way (the
+        verified graph, the cache passed): the two logits must agree (finite, cosine >= AGREEMENT)
+        before the runtime's form is trusted for this artifact; else a warning, and this generation
+        goes on with the cache passed (from the plain run's cache)."""
+        plain = self._plain(inputs)
+        cosine = cosine_similarity(kept, plain) if kept.shape == plain.shape and bool(kept.isfinite().all()) else 0.0
+        if cosine >= AGREEMENT:
+            _AGREED.add(self.model.artifact)
+            return kept
+        warnings.warn(
+            f"the {self.model.backend} runtime's in-place cache disagrees with the artifact's own graph on the prompt "
+            f"(logits cosine {cosine:.6f} < {AGREEMENT}); generating with the cache passed in and out instead",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        self.kept = None
+        return plain
+
+    def _plain(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The step with the cache passed in and out: the logits [batch, n, vocab]."""
         out = self.model(**inputs, **self.past)
         self.past = {name: out["present_" + name.removeprefix(PAST)] for name in self.past}
-        return out["logits"][:, -1].float()
+        return out["logits"]
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
 
+#: the artifacts whose runtime-kept cache agreed with their own graph once (:meth:`_Session._check`)
+_AGREED: weakref.WeakSet[Any] = weakref.WeakSet()
+AGREEMENT = 0.999
+
+
+class _KeptCache:
+    """The cache kept inside the runtime from step to step (:meth:`Artifact.cache_session`, e.g.
+    OpenVINO's stateful form): a step passes the other inputs and reads the logits; the cache never
+    crosses into torch."""
+
+    def __init__(self, model: Any, session: CacheSession, past: dict[str, torch.Tensor], logits: int):
+        self.session = session
+        self.specs = [spec for spec in model.inputs if spec.name not in past]
+        outputs = [i for i in range(len(model.outputs)) if i not in {_present(model, n) for n in past}]
+        self.logits = outputs.index(logits)
+        self.checked = [model.outputs[i] for i in outputs] if model.declared_outputs else None
+
+    @classmethod
+    def open(cls, model: Any, past: dict[str, torch.Tensor], capacity: int) -> _KeptCache | None:
+        artifact = getattr(model, "artifact", None)
+        if artifact is None or not past or not isinstance(_output_index(model), dict):
+            return None
+        names = [spec.name for spec in model.inputs]
+        pairs = [(names.index(name), _present(model, name)) for name in past]
+        session = artifact.cache_session(pairs, list(past.values()), capacity)
+        return None if session is None else cls(model, session, past, _output_index(model)["logits"])
+
+    def run(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        results = self.session.run(bind_inputs(self.specs, (), inputs))
+        if self.checked is not None:  # a loaded artifact is held to its manifest
+            check_outputs(results, self.checked)
+        return results[self.logits]
+
+
+def _output_index(model: Any) -> Any:
+    """The model's output structure with each output's flat index in place of its tensor."""
+    return pytree.tree_unflatten(list(range(len(model.outputs))), model.out_spec)
+
+
+def _present(model: Any, past: str) -> int:
+    """The flat index of the output that is the next value of the cache input ``past``."""
+    return int(_output_index(model)["present_" + past.removeprefix(PAST)])
+
+
 class _CausalSession(_Session):
     """A causal LM: the mask grows by each step's tokens (the prompt's is given)."""
 
-    def __init__(self, model: Any, mask: torch.Tensor):
-        super().__init__(model, empty_past(model, len(mask)))
+    def __init__(self, model: Any, mask: torch.Tensor, capacity: int):
+        super().__init__(model, empty_past(model, len(mask)), capacity)
         self.mask, self.started = mask, False
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -201,9 +283,9 @@ class _StateSession(_Session):
     """A state-space LM: the states start at zero and every token, the prompt's too, is one call
     (a padding token, mask 0, leaves them unchanged)."""
 
-    def __init__(self, model: Any, mask: torch.Tensor):
+    def __init__(self, model: Any, mask: torch.Tensor, capacity: int):
         states = {s.name: torch.zeros(len(mask), *s.shape[1:]) for s in model.inputs if is_state(s.name)}
-        super().__init__(model, states)
+        super().__init__(model, states, capacity)
         self.mask, self.started = mask, False
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -218,9 +300,9 @@ class _StateSession(_Session):
 class _DecoderSession(_Session):
     """An encoder-decoder's decoder: the encoder's mask and cross cache stay for every step."""
 
-    def __init__(self, model: Any, cross: dict[str, torch.Tensor], mask: torch.Tensor | None):
+    def __init__(self, model: Any, cross: dict[str, torch.Tensor], mask: torch.Tensor | None, capacity: int):
         batch = next(iter(cross.values())).shape[0]
-        super().__init__(model, empty_past(model, batch))
+        super().__init__(model, empty_past(model, batch), capacity)
         self.fixed = {**({} if mask is None else {"encoder_attention_mask": mask}), **cross}
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
