@@ -10,11 +10,16 @@ against what is installed. Session options are exposed as backend options; with
 from __future__ import annotations
 
 import dataclasses
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
+from torchkiln.backends.base import CacheSession
 from torchkiln.backends.onnx_backend import OnnxArtifact, OnnxBackend, OnnxOptions, quiet_session_options
+from torchkiln.backends.ort_cache import SharedCacheSession, shared_cache_model
 from torchkiln.compiler.options import option
 from torchkiln.errors import BackendError
 
@@ -40,6 +45,10 @@ class OrtOptions(OnnxOptions):
     intra_op_threads: int = option(0, "threads used inside one op (0 = ONNX Runtime's default)")
     inter_op_threads: int = option(0, "threads used across ops (0 = ONNX Runtime's default)")
     save_optimized: bool = option(False, f"also save ONNX Runtime's optimized graph as {OPTIMIZED_FILE}")
+    inplace_cache: bool = option(
+        True, "generation writes each step's keys and values into one preallocated buffer per layer "
+        "(GroupQueryAttention with IO binding, CPU) instead of concatenating a new cache every step"
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -70,7 +79,14 @@ class OrtArtifact(OnnxArtifact):
     backend = "onnxruntime"
     options_class = OrtOptions
 
-    def create_session(self) -> Any:
+    def __init__(self, directory: Path, options: OnnxOptions, owns_directory: bool = False):
+        super().__init__(directory, options, owns_directory)
+        #: (past input, present output) pairs -> the session of the graph rewritten for them (or None)
+        self._shared: dict[tuple[tuple[str, str], ...], Any] = {}
+
+    def create_session(self, model: bytes | None = None) -> Any:
+        """The artifact's session, or one of ``model`` (a graph rewritten in memory) with the same
+        options (never writing the optimized copy)."""
         import onnxruntime as ort
 
         options: OrtOptions = self.options  # type: ignore[assignment]
@@ -80,11 +96,36 @@ class OrtArtifact(OnnxArtifact):
         )
         session_options.intra_op_num_threads = options.intra_op_threads
         session_options.inter_op_num_threads = options.inter_op_threads
-        if options.save_optimized and not self.loading:  # a loaded artifact already holds its copy
+        if options.save_optimized and not self.loading and model is None:  # a loaded artifact already holds its copy
             session_options.optimized_model_filepath = str(self.directory / OPTIMIZED_FILE)
         return ort.InferenceSession(
-            str(self.model_path), session_options, providers=resolve_providers(options.providers)
-        )
+            str(self.model_path) if model is None else model, session_options,
+            providers=resolve_providers(options.providers),
+        )  # fmt: skip
+
+    def cache_session(
+        self, pairs: Sequence[tuple[int, int]], initial: Sequence[torch.Tensor], capacity: int
+    ) -> CacheSession | None:
+        """The cache in place (:mod:`torchkiln.backends.ort_cache`) when the option is on, the provider
+        is the CPU's and the graph has the form; else None (the cache passed in and out)."""
+        options: OrtOptions = self.options  # type: ignore[assignment]
+        if not options.inplace_cache or resolve_providers(options.providers) != ["CPUExecutionProvider"]:
+            return None
+        inputs = [i.name for i in self.session.get_inputs()]
+        outputs = [o.name for o in self.session.get_outputs()]
+        named = tuple((inputs[i], outputs[o]) for i, o in pairs)
+        if named not in self._shared:  # rewritten and loaded once per artifact, on its first generation
+            import onnx
+
+            rewritten = shared_cache_model(onnx.load(str(self.model_path)), named)
+            try:
+                self._shared[named] = None if rewritten is None else self.create_session(rewritten.SerializeToString())
+            except Exception as exc:  # ONNX Runtime refused the rewritten graph: keep passing the cache
+                warnings.warn(f"ONNX Runtime cannot load {self.model_path} with its cache in place ({exc}); "
+                              "generating with the cache passed in and out", RuntimeWarning, stacklevel=2)  # fmt: skip
+                self._shared[named] = None
+        session = self._shared[named]
+        return None if session is None else SharedCacheSession(session, named, initial, capacity, str(self.model_path))
 
     def files(self) -> list[str]:
         return super().files() + ([OPTIMIZED_FILE] if (self.directory / OPTIMIZED_FILE).exists() else [])
