@@ -56,7 +56,10 @@ PASSES = {  # row -> (passes, backend, backend options)
     "torchkiln fp32 on OpenVINO": ("cleanup", "openvino", {}),
     "torchkiln int8 (dynamic) on OpenVINO": ("cleanup,quantize:mode=dynamic", "openvino", {}),
     "torchkiln int4 (block 32) on OpenVINO": (INT4, "openvino", {}),
-    # the cache passed in and out on every step instead of kept inside OpenVINO (its stateful form)
+    # the cache passed in and out on every step instead of in place (ONNX Runtime: GroupQueryAttention
+    # over shared buffers) or kept inside OpenVINO (its stateful form)
+    "torchkiln fp32 (cache passed)": ("cleanup", "onnxruntime", {"inplace_cache": False}),
+    "torchkiln int8 (dynamic) (cache passed)": ("cleanup,quantize:mode=dynamic", "onnxruntime", {"inplace_cache": False}),
     "torchkiln int8 (dynamic) on OpenVINO (cache passed)": ("cleanup,quantize:mode=dynamic", "openvino",
                                                            {"stateful_cache": False}),
 }

@@ -31,6 +31,8 @@ from torchkiln.errors import BackendError
 
 #: the rewritten graph's extra input: how many positions the cache holds before this step
 PAST_LENGTH = "torchkiln_past_length"
+#: and its extra output: how many it holds after the step (checked against the step's tokens)
+CACHED_LENGTH = "torchkiln_cached_length"
 _PREFIX = "torchkiln_cache"
 _TWO_GB = 2**31 - 1
 
@@ -73,12 +75,17 @@ def shared_cache_model(model: Any, pairs: Sequence[tuple[str, str]]) -> Any | No
             removed.add(id(shape))
             added += _cached_shape(shape)
     for output in graph.output:
-        if output.name in rewritten or output.name in present_of.values():
+        if output.name in present_of.values():
             dims = output.type.tensor_type.shape.dim
             if len(dims) == 4:
                 dims[2].Clear()
                 dims[2].dim_param = "capacity"
+    taken = {i.name for i in graph.input} | {o.name for o in graph.output}
+    if PAST_LENGTH in taken or CACHED_LENGTH in taken:
+        return None
     graph.input.append(onnx.helper.make_tensor_value_info(PAST_LENGTH, onnx.TensorProto.INT64, [1]))
+    graph.output.append(onnx.helper.make_tensor_value_info(CACHED_LENGTH, onnx.TensorProto.INT64, [1]))
+    added.append(onnx.helper.make_node("Identity", [f"{_PREFIX}_1_total1"], [CACHED_LENGTH]))
     nodes = [n for n in graph.node if id(n) not in removed] + _constants() + added
     del graph.node[:]
     graph.node.extend(_topological(nodes, {i.name for i in graph.input} | {t.name for t in graph.initializer}))
@@ -104,9 +111,10 @@ def _attention_layer(
     for concat, part in ((key, "key"), (value, "value")):
         if concat is None or concat.op_type != "Concat" or len(concat.input) != 2:
             return None
-        if helper.get_attribute_value(concat.attribute[0]) not in (2, -2) or concat.input[0] not in present_of:
+        axis = {a.name: helper.get_attribute_value(a) for a in concat.attribute}.get("axis")
+        if axis not in (2, -2) or concat.input[0] not in present_of:
             return None
-        if present_of[concat.input[0]] != concat.output[0] or [n.name for n in readers.get(concat.output[0], [])] != [node.name]:
+        if present_of[concat.input[0]] != concat.output[0] or [id(n) for n in readers.get(concat.output[0], [])] != [id(node)]:
             return None
         layer[f"past_{part}"], layer[f"new_{part}"], layer[f"{part}_concat"] = concat.input[0], concat.input[1], concat
     query, past = _dims(shapes.get(inputs[0])), _dims(shapes.get(layer["past_key"]))
@@ -250,7 +258,7 @@ class SharedCacheSession(CacheSession):
         cached = {past for past, _ in pairs}
         present = {out for _, out in pairs}
         self.inputs = [i.name for i in session.get_inputs() if i.name not in cached and i.name != PAST_LENGTH]
-        self.outputs = [o.name for o in session.get_outputs() if o.name not in present]
+        self.outputs = [o.name for o in session.get_outputs() if o.name not in present and o.name != CACHED_LENGTH]
         self.length = int(initial[0].shape[2]) if initial else 0
         self.binding = session.io_binding()
         self.buffers = []
@@ -258,15 +266,17 @@ class SharedCacheSession(CacheSession):
             if start.dim() != 4 or start.shape[2] != self.length or self.length > capacity:
                 raise BackendError(f"the cache '{past}' starts as {list(start.shape)}: not [batch, heads, "
                                    f"{self.length} positions, head] within {capacity}")  # fmt: skip
-            buffer = np.zeros((*start.shape[:2], capacity, start.shape[3]), dtype=start.numpy().dtype)
-            buffer[:, :, : self.length] = start.numpy()
+            buffer = np.zeros((*start.shape[:2], capacity, start.shape[3]), dtype=start.detach().numpy().dtype)
+            buffer[:, :, : self.length] = start.detach().numpy()
             value = ort.OrtValue.ortvalue_from_numpy(buffer)
             self.buffers.append((buffer, value))  # the array must outlive the OrtValue that shares it
             self.binding.bind_ortvalue_input(past, value)
         self.presents = [(out, value) for (_, out), (_, value) in zip(pairs, self.buffers)]
 
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        new = int(inputs[0].shape[1]) if inputs and inputs[0].dim() == 2 else 0
+        if not inputs or inputs[0].dim() != 2 or inputs[0].is_floating_point():
+            raise BackendError("the cache in place needs the step's tokens [batch, n] as the first input")
+        new = int(inputs[0].shape[1])
         if self.length + new > self.capacity:
             raise BackendError(f"the in-place cache holds {self.capacity} positions; this step would need "
                                f"{self.length + new}")  # fmt: skip
@@ -279,16 +289,20 @@ class SharedCacheSession(CacheSession):
         binding.clear_binding_outputs()
         for name, value in self.presents:
             binding.bind_ortvalue_output(name, value)
-        for name in self.outputs:
+        for name in [*self.outputs, CACHED_LENGTH]:
             binding.bind_output(name, "cpu")
         try:
             self.session.run_with_iobinding(binding)
         except Exception as exc:
             raise BackendError(f"ONNX Runtime failed to run {self.path} (cache in place): {exc}") from exc
-        self.length += new
         results = binding.get_outputs()
-        if len(results) != len(self.presents) + len(self.outputs):
+        if len(results) != len(self.presents) + len(self.outputs) + 1:
             raise BackendError(f"ONNX Runtime returned {len(results)} outputs for {self.path}, expected "
-                               f"{len(self.presents) + len(self.outputs)}")  # fmt: skip
-        # get_outputs lists the cache buffers first (bound first), then the others in order
-        return [torch.from_numpy(value.numpy()) for value in results[len(self.buffers) :]]
+                               f"{len(self.presents) + len(self.outputs) + 1}")  # fmt: skip
+        cached = int(results[-1].numpy()[0])
+        if cached != self.length + new:  # the graph wrote other than the step's tokens' positions
+            raise BackendError(f"the cache in place of {self.path} holds {cached} positions after a step of {new} "
+                               f"from {self.length}")  # fmt: skip
+        self.length = cached
+        # get_outputs follows the binding order: the cache buffers, the others in order, the count
+        return [torch.from_numpy(value.numpy()) for value in results[len(self.presents) : -1]]
