@@ -134,3 +134,21 @@ def test_the_buffer_is_held_to_its_capacity(llama):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert compiled.artifact.cache_session(pairs[:1], [torch.zeros(1, 2, 0, 8)], 4) is None  # one of four: not in place
+
+
+def test_a_rewritten_graph_onnx_runtime_refuses_falls_back_with_a_warning(llama, monkeypatch, tmp_path, steps):
+    lm, compiled = llama
+    loaded = torchkiln.load(compiled.save(tmp_path / "lm"))
+    create = type(loaded.artifact).create_session
+
+    def refuse(self, model=None):
+        if model is not None:
+            raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : invalid model")
+        return create(self)
+
+    monkeypatch.setattr(type(loaded.artifact), "create_session", refuse)
+    ids = torch.randint(3, 128, (2, 7))
+    expected = lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    with pytest.warns(RuntimeWarning, match="cannot load .* with its cache in place"):
+        assert torch.equal(loaded.generate(ids, max_new_tokens=4, min_new_tokens=4), expected)
+    assert not steps
