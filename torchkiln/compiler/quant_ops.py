@@ -124,11 +124,27 @@ def pack_blocks(weight: torch.Tensor, bits: int, block_size: int) -> tuple[torch
     top = 2 ** (bits - 1) - 1
     scale = w.abs().amax(-1) / top
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.clamp(torch.round(w / scale[..., None]), -top - 1, top).to(torch.int16) + 2 ** (bits - 1)
-    q = q.to(torch.uint8)
+    q = torch.clamp(torch.round(w / scale[..., None]), -top - 1, top).to(torch.int16)
+    return pack_integers(q.view(n, -1)[:, :k], scale, bits, block_size)
+
+
+def pack_integers(
+    q: torch.Tensor, scales: torch.Tensor, bits: int, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Signed integers ``q`` [N, K] in ``bits`` bits with ``scales`` [N, blocks] → pack_blocks' format
+    (how the integers were chosen is the caller's: round to nearest, GPTQ)."""
+    n, k = q.shape
+    blocks = -(-k // block_size)
+    if scales.shape != (n, blocks):
+        raise ValueError(f"scales {list(scales.shape)} do not fit [{n}, {blocks}] blocks of {block_size}")
+    top = 2 ** (bits - 1) - 1
+    if bool((q < -top - 1).any() or (q > top).any()):
+        raise ValueError(f"integers outside {bits} bits")
+    padded = torch.nn.functional.pad(q.to(torch.int16), (0, blocks * block_size - k)).view(n, blocks, block_size)
+    stored = (padded + 2 ** (bits - 1)).to(torch.uint8)
     if bits == 4:
-        q = q[..., 0::2] | (q[..., 1::2] << 4)
-    return q.contiguous(), scale.reshape(-1).contiguous()
+        stored = stored[..., 0::2] | (stored[..., 1::2] << 4)
+    return stored.contiguous(), scales.float().reshape(-1).contiguous()
 
 
 def unpack_blocks(

@@ -39,7 +39,7 @@ from torchkiln.compiler.ranks import join_process_group
 from torchkiln.compiler.verify import Tolerance
 from torchkiln.errors import InputError
 from torchkiln.passes.layers import Layer, find_layers, find_layers_and_skips, ignored, weight_ops
-from torchkiln.passes.quantize import coverage, half, linear, sensitivity, static
+from torchkiln.passes.quantize import coverage, gptq, half, linear, sensitivity, static
 
 Mode = Literal["int8", "dynamic", "weight_only", "fp16", "bf16"]
 _INTEGER = ("int8", "dynamic", "weight_only")
@@ -47,9 +47,10 @@ _STATIC = ("int8",)
 _HALF = ("fp16", "bf16")
 # Options that mean something only in some modes: setting one elsewhere is a mistake, not a no-op.
 _MODES_OF = {
-    "calibrator": _STATIC, "percentile": _STATIC, "calibration_batches": _STATIC, "target": _STATIC,
+    "calibrator": _STATIC, "percentile": _STATIC, "calibration_batches": ("int8", "weight_only"), "target": _STATIC,
     "op_types": _STATIC, "max_error": _STATIC, "sensitivity": _STATIC, "sensitivity_batches": _STATIC,
     "reduce_range": ("int8", "dynamic"), "bits": ("weight_only",), "block_size": ("weight_only",),
+    "method": ("weight_only",), "damp": ("weight_only",),
     "ignore": _INTEGER, "min_macs": _INTEGER, "min_cosine": _INTEGER, "keep_fp32": _HALF, "fp32_io": _HALF,
 }  # fmt: skip
 
@@ -79,6 +80,11 @@ class QuantizeConfig(PassConfig):
     min_cosine: float = option(0.99, "promise checked against eager: output cosine similarity floor")
     bits: Literal[4, 8] = option(4, "weight_only: bits per weight")
     block_size: int = option(32, "weight_only: inputs sharing one scale (a power of 2, >= 16)")
+    method: Literal["rtn", "gptq"] = option(
+        "rtn", "weight_only: how the integers are chosen: rtn (round to nearest) or gptq (calibrated: each "
+        "column's rounding error spread over the rest by the inputs' Hessian)"
+    )
+    damp: float = option(0.01, "gptq: dampening added to the Hessian's diagonal, as a fraction of its mean")
     keep_fp32: tuple[str, ...] = option(
         half.DEFAULT_KEEP_FP32, "fp16/bf16: ops that stay in float32 (router: a mixture of experts' scoring and topk)"
     )
@@ -99,6 +105,8 @@ class QuantizeConfig(PassConfig):
         for key in ("calibration_batches", "min_macs"):
             if getattr(self, key) < 0:
                 self.fail(key, f"must be >= 0, got {getattr(self, key)}")
+        if not 0.0 < self.damp <= 1.0:
+            self.fail("damp", f"must be in (0, 1], got {self.damp}")
         if self.sensitivity_batches < 1:
             self.fail("sensitivity_batches", f"must be >= 1, got {self.sensitivity_batches}")
 
@@ -142,12 +150,15 @@ class Quantize(Pass):
         if chosen and self.config.mode == "dynamic":
             linear.quantize_dynamic(gm, chosen, self.config.reduce_range != "off")
         elif chosen and self.config.mode == "weight_only":
-            linear.quantize_weights(gm, chosen, self.config.bits, self.config.block_size)
+            found = self._gptq_hessians(gm, program, chosen, notes) if self.config.method == "gptq" else None
+            linear.quantize_weights(gm, chosen, self.config.bits, self.config.block_size, found, self.config.damp)
         elif chosen:
             chosen = self._static(gm, program, chosen, notes, float_reasons)
         done = [node for node, why in experts.items() if why is None]
         if done:
             bits = self.config.bits if self.config.mode == "weight_only" else None  # None: dynamic int8
+            if bits is not None and self.config.method == "gptq":
+                notes.append(f"{len(done)} expert matmul(s): round to nearest (GPTQ covers Linear layers)")
             linear.quantize_expert_weights(gm, done, bits, self.config.block_size, self.config.reduce_range != "off")
         stats, accounting = coverage.account(
             census, layers, chosen, float_reasons, skipped, self.config.mode, experts
@@ -226,15 +237,31 @@ class Quantize(Pass):
         )
         return chosen
 
+    def _gptq_hessians(
+        self, gm: fx.GraphModule, program: Program, chosen: list[Layer], notes: list[str]
+    ) -> dict[str, torch.Tensor]:
+        """Each chosen layer's input Hessian from one float pass over the calibration data; a layer
+        the data never reaches stays round-to-nearest, and the notes say which."""
+        batches = self._calibration_batches(program, [], itertools.count(1))
+        found = gptq.hessians(gm, [layer.node for layer in chosen], batches)
+        missed = [layer.name for layer in chosen if layer.node.name not in found]
+        notes.append(
+            f"GPTQ (damp {self.config.damp}) on {len(chosen) - len(missed)} of {len(chosen)} layer(s)"
+            + (f"; round to nearest (no calibration input reached them): {', '.join(missed)}" if missed else "")
+        )
+        return found
+
     def _calibration_batches(
         self, program: Program, kept: list[tuple[torch.Tensor, ...]], seen: Iterator[int]
     ) -> Iterator[tuple[torch.Tensor, ...]]:
         if program.calibration is None:
+            what = "mode=int8" if self.config.mode == "int8" else "method=gptq"
             raise InputError(
-                "quantize mode=int8 needs calibration data",
+                f"quantize {what} needs calibration data",
                 where="quantize",
                 hint="pass calibration_data=[...] to torchkiln.compile (kiln: --calibration FILE|random:N), "
-                "or use mode=dynamic / weight_only, which need none",
+                + ("or use mode=dynamic / weight_only, which need none" if self.config.mode == "int8"
+                   else "or method=rtn (round to nearest), which needs none"),
             )
         limit = self.config.calibration_batches or None
         progress = program.progress or no_progress

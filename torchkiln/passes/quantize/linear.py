@@ -20,6 +20,7 @@ from torch import fx
 from torchkiln.compiler import graph as G
 from torchkiln.compiler.quant_ops import pack_blocks, quantize_weight_per_channel
 from torchkiln.passes.layers import Layer
+from torchkiln.passes.quantize import gptq
 
 
 def _bias(gm: fx.GraphModule, layer: Layer) -> torch.Tensor:
@@ -52,10 +53,17 @@ def quantize_dynamic(gm: fx.GraphModule, layers: Sequence[Layer], reduce_range: 
     gm.recompile()
 
 
-def quantize_weights(gm: fx.GraphModule, layers: Sequence[Layer], bits: int, block_size: int) -> None:
+def quantize_weights(
+    gm: fx.GraphModule, layers: Sequence[Layer], bits: int, block_size: int,
+    hessians: dict[str, torch.Tensor] | None = None, damp: float = 0.01,
+) -> None:  # fmt: skip
+    """Round to nearest, or GPTQ for each layer whose inputs' Hessian is in ``hessians`` (by node name)."""
     for layer in layers:
         weight = G.get_attr_value(gm, str(layer.weight.target))  # type: ignore[union-attr]
-        packed, scales = pack_blocks(weight, bits, block_size)
+        if hessians and layer.node.name in hessians:
+            packed, scales = gptq.quantize(weight, hessians[layer.node.name], bits, block_size, damp)
+        else:
+            packed, scales = pack_blocks(weight, bits, block_size)
         op = torch.ops.torchkiln.weight_only_linear.default
         _replace(gm, layer, op, (packed, scales, _bias(gm, layer)), (bits, block_size))
     gm.graph.eliminate_dead_code()
