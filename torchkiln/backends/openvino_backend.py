@@ -130,16 +130,7 @@ class OpenVinoArtifact(Artifact):
             weakref.finalize(self, remove_private, directory)
 
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        # set_input_tensor on tensors sharing the arrays, then infer(): ~15 us per call of a tiny
-        # model, where infer(list) costs ~40 us (it builds a result dictionary each time)
-        request, tensor = self.request, self._tensor
-        try:
-            for index, value in enumerate(inputs):
-                request.set_input_tensor(index, tensor(value.detach().cpu().contiguous().numpy(), shared_memory=True))
-            request.infer()
-        except Exception as exc:
-            raise BackendError(f"OpenVINO failed to run {self.directory / FILES[0]}: {exc}") from exc
-        return [torch.from_numpy(self.request.get_output_tensor(i).data.copy()) for i in range(self.output_count)]
+        return _infer(self.request, self._tensor, inputs, self.output_count, str(self.directory / FILES[0]))
 
     def cache_session(
         self, pairs: Sequence[tuple[int, int]], initial: Sequence[torch.Tensor], capacity: int
@@ -283,14 +274,19 @@ class _StatefulSession(CacheSession):
             state.state = ov.Tensor(start[state.name].detach().cpu().contiguous().numpy())
 
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        request, tensor = self.request, self.tensor
-        try:
-            for index, value in enumerate(inputs):
-                request.set_input_tensor(index, tensor(value.detach().cpu().contiguous().numpy(), shared_memory=True))
-            request.infer()
-        except Exception as exc:
-            raise BackendError(f"OpenVINO failed to run {self.directory / FILES[0]} (stateful cache): {exc}") from exc
-        return [torch.from_numpy(request.get_output_tensor(i).data.copy()) for i in range(self.outputs)]
+        return _infer(self.request, self.tensor, inputs, self.outputs, f"{self.directory / FILES[0]} (stateful cache)")
+
+
+def _infer(request: Any, tensor: Any, inputs: Sequence[torch.Tensor], outputs: int, what: str) -> list[torch.Tensor]:
+    """One call of ``request``: set_input_tensor on tensors sharing the arrays, then infer() (~15 us
+    per call of a tiny model, where infer(list) costs ~40 us: it builds a result dictionary)."""
+    try:
+        for index, value in enumerate(inputs):
+            request.set_input_tensor(index, tensor(value.detach().cpu().contiguous().numpy(), shared_memory=True))
+        request.infer()
+    except Exception as exc:
+        raise BackendError(f"OpenVINO failed to run {what}: {exc}") from exc
+    return [torch.from_numpy(request.get_output_tensor(i).data.copy()) for i in range(outputs)]
 
 
 def _integer_note(model: Any, options: OpenVinoOptions) -> list[str]:
