@@ -84,3 +84,34 @@ SMALL_ZOO = models.small_models()
 # The secondary per-pass sweeps (cluster, compare, lowrank, prune) to ONNX Runtime: mobilenet_v2, the
 # slowest export (12-20 s a case), runs there only under `slow`; backends, quantize and fp16 keep it in CI.
 SWEEP_ZOO = [pytest.param(n, marks=pytest.mark.slow) if n == "mobilenet_v2" else n for n in SMALL_ZOO]
+
+
+def tiny_llama() -> nn.Module:
+    """A 2-layer Llama with grouped heads (4 query, 2 KV), vocabulary 128, seeded."""
+    import transformers
+
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
+                                      bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def generates_like(lm: nn.Module, compiled, new: int = 5) -> None:
+    """Batch 2, the same left-padded, then one prompt: each equals transformers' greedy generation
+    (a batch of another size after a generation starts from its own empty cache)."""
+    ids = torch.randint(3, 128, (2, 7))
+    mask = torch.ones_like(ids)
+    padded = mask.clone()
+    padded[1, :3] = 0
+    for batch, attention in ((ids, mask), (ids, padded), (ids[:1], mask[:1])):
+        expected = lm.generate(batch, attention_mask=attention, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        assert torch.equal(compiled.generate(batch, attention, max_new_tokens=new, min_new_tokens=new), expected)
+
+
+def count_runs(monkeypatch, cls) -> list[int]:
+    """A list that grows by one at every ``cls.run`` call (the call itself unchanged)."""
+    counted: list[int] = []
+    run = cls.run
+    monkeypatch.setattr(cls, "run", lambda self, inputs: counted.append(1) or run(self, inputs))
+    return counted

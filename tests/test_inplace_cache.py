@@ -10,7 +10,7 @@ import warnings
 import onnx
 import pytest
 import torch
-from conftest import compile_quietly
+from conftest import compile_quietly, count_runs, generates_like, tiny_llama
 
 import torchkiln
 from torchkiln.backends import ort_cache
@@ -20,18 +20,10 @@ from torchkiln.errors import BackendError
 transformers = pytest.importorskip("transformers")
 
 
-def _llama():
-    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
-                                      bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval()
-
-
 @pytest.fixture(scope="module")
 def llama():
     """Grouped heads (4 query, 2 KV), compiled with its cache and a mask from one prompt (batch 1)."""
-    lm = _llama()
+    lm = tiny_llama()
     prompt = torch.randint(3, 128, (1, 6))
     return lm, compile_quietly(lm, {"input_ids": prompt, "attention_mask": torch.ones_like(prompt)}, backend="onnxruntime")
 
@@ -39,21 +31,7 @@ def llama():
 @pytest.fixture
 def steps(monkeypatch) -> list[int]:
     """Counts the steps run with the cache in place."""
-    counted: list[int] = []
-    run = ort_cache.SharedCacheSession.run
-    monkeypatch.setattr(ort_cache.SharedCacheSession, "run", lambda self, inputs: counted.append(1) or run(self, inputs))
-    return counted
-
-
-def _generations(lm, compiled) -> None:
-    """Batch 2, left-padded, then one prompt: each equals transformers' greedy generation."""
-    ids = torch.randint(3, 128, (2, 7))
-    mask = torch.ones_like(ids)
-    padded = mask.clone()
-    padded[1, :3] = 0
-    for batch, attention in ((ids, mask), (ids, padded), (ids[:1], mask[:1])):
-        expected = lm.generate(batch, attention_mask=attention, max_new_tokens=5, min_new_tokens=5, do_sample=False)
-        assert torch.equal(compiled.generate(batch, attention, max_new_tokens=5, min_new_tokens=5), expected)
+    return count_runs(monkeypatch, ort_cache.SharedCacheSession)
 
 
 def test_the_attention_becomes_group_query_attention_over_shared_buffers(llama):
@@ -78,7 +56,7 @@ def test_the_attention_becomes_group_query_attention_over_shared_buffers(llama):
 
 
 def test_generation_with_the_cache_in_place_equals_transformers(llama, steps):
-    _generations(*llama)
+    generates_like(*llama)
     assert len(steps) == 3 * 5  # every step (the prompt and four decode steps, three times) in place
 
 
@@ -88,15 +66,15 @@ def test_the_option_off_and_opset_18_pass_the_cache(llama, steps, tmp_path):
     before = sorted(p.name for p in saved.iterdir())
     loaded = torchkiln.load(saved)
     loaded.artifact.options = dataclasses.replace(loaded.artifact.options, inplace_cache=False)
-    _generations(lm, loaded)
+    generates_like(lm, loaded)
     assert not steps
     prompt = torch.randint(3, 128, (1, 6))
     decomposed = compile_quietly(lm, {"input_ids": prompt, "attention_mask": torch.ones_like(prompt)},
                                  backend="onnxruntime", backend_options={"opset": 18})  # fmt: skip
-    _generations(lm, decomposed)  # attention as plain ops: not the rewritten form
+    generates_like(lm, decomposed)  # attention as plain ops: not the rewritten form
     assert not steps
     in_place = torchkiln.load(saved)
-    _generations(lm, in_place)
+    generates_like(lm, in_place)
     assert len(steps) == 15 and sorted(p.name for p in saved.iterdir()) == before  # nothing written
 
 

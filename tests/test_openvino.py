@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compile_quietly
+from conftest import compile_quietly, count_runs, generates_like, tiny_llama
 from torch import nn
 
 import torchkiln
@@ -175,22 +175,15 @@ def test_auto_and_kiln_bench_offer_openvino(tmp_path, capsys):
 def llama():
     """A Llama with grouped heads compiled with its cache from one prompt (batch 1) on OpenVINO; opset
     18 by default (OpenVINO 2026.4 could not compile opset 23's Attention over such a cache)."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
-                                      bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
-    torch.manual_seed(0)
-    lm = transformers.LlamaForCausalLM(config).eval()
+    pytest.importorskip("transformers")
+    lm = tiny_llama()
     prompt = torch.randint(3, 128, (1, 6))
     return lm, compile_quietly(lm, {"input_ids": prompt, "attention_mask": torch.ones_like(prompt)}, backend="openvino")
 
 
 def stateful_steps(monkeypatch) -> list[int]:
     """Counts the steps run on OpenVINO's stateful form (the cache kept inside OpenVINO)."""
-    steps: list[int] = []
-    run = openvino_backend._StatefulSession.run
-    monkeypatch.setattr(openvino_backend._StatefulSession, "run", lambda self, inputs: steps.append(1) or run(self, inputs))
-    return steps
+    return count_runs(monkeypatch, openvino_backend._StatefulSession)
 
 
 def test_a_causal_lm_generates_like_transformers_with_its_cache_kept_inside_openvino(llama, monkeypatch):
@@ -198,13 +191,7 @@ def test_a_causal_lm_generates_like_transformers_with_its_cache_kept_inside_open
     states (a batch of another size after it, too), every step on the stateful form."""
     lm, compiled = llama
     steps = stateful_steps(monkeypatch)
-    ids = torch.randint(3, 128, (2, 7))
-    mask = torch.ones_like(ids)
-    padded_mask = mask.clone()
-    padded_mask[1, :3] = 0
-    for batch, attention in ((ids, mask), (ids, padded_mask), (ids[:1], mask[:1])):
-        expected = lm.generate(batch, attention_mask=attention, max_new_tokens=5, min_new_tokens=5, do_sample=False)
-        assert torch.equal(compiled.generate(batch, attention, max_new_tokens=5, min_new_tokens=5), expected)
+    generates_like(lm, compiled)
     assert len(steps) == 3 * 5  # the prompt and four decode steps, three times
 
 

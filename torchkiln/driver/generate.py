@@ -213,7 +213,7 @@ class _Session:
     def _plain(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The step with the cache passed in and out: the logits [batch, n, vocab]."""
         out = self.model(**inputs, **self.past)
-        self.past = {name: out["present_" + name.removeprefix(PAST)] for name in self.past}
+        self.past = {name: out[_present(name)] for name in self.past}
         return out["logits"]
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -230,22 +230,28 @@ class _KeptCache:
     OpenVINO's stateful form): a step passes the other inputs and reads the logits; the cache never
     crosses into torch."""
 
-    def __init__(self, model: Any, session: CacheSession, past: dict[str, torch.Tensor], logits: int):
+    def __init__(self, model: Any, session: CacheSession, past: dict[str, torch.Tensor], cache_outputs: set[int], logits: int):
         self.session = session
         self.specs = [spec for spec in model.inputs if spec.name not in past]
-        outputs = [i for i in range(len(model.outputs)) if i not in {_present(model, n) for n in past}]
+        outputs = [i for i in range(len(model.outputs)) if i not in cache_outputs]
         self.logits = outputs.index(logits)
         self.checked = [model.outputs[i] for i in outputs] if model.declared_outputs else None
 
     @classmethod
     def open(cls, model: Any, past: dict[str, torch.Tensor], capacity: int) -> _KeptCache | None:
         artifact = getattr(model, "artifact", None)
-        if artifact is None or not past or not isinstance(_output_index(model), dict):
+        if artifact is None or not past:
+            return None
+        # the output structure with each output's flat index in place of its tensor
+        index = pytree.tree_unflatten(list(range(len(model.outputs))), model.out_spec)
+        if not isinstance(index, dict):
             return None
         names = [spec.name for spec in model.inputs]
-        pairs = [(names.index(name), _present(model, name)) for name in past]
+        pairs = [(names.index(name), int(index[_present(name)])) for name in past]
         session = artifact.cache_session(pairs, list(past.values()), capacity)
-        return None if session is None else cls(model, session, past, _output_index(model)["logits"])
+        if session is None:
+            return None
+        return cls(model, session, past, {o for _, o in pairs}, int(index["logits"]))
 
     def run(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         results = self.session.run(bind_inputs(self.specs, (), inputs))
@@ -254,14 +260,9 @@ class _KeptCache:
         return results[self.logits]
 
 
-def _output_index(model: Any) -> Any:
-    """The model's output structure with each output's flat index in place of its tensor."""
-    return pytree.tree_unflatten(list(range(len(model.outputs))), model.out_spec)
-
-
-def _present(model: Any, past: str) -> int:
-    """The flat index of the output that is the next value of the cache input ``past``."""
-    return int(_output_index(model)["present_" + past.removeprefix(PAST)])
+def _present(past: str) -> str:
+    """The output that is the next value of the cache input ``past``."""
+    return "present_" + past.removeprefix(PAST)
 
 
 class _CausalSession(_Session):
