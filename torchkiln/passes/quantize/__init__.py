@@ -243,13 +243,19 @@ class Quantize(Pass):
         """Each chosen layer's input Hessian from one float pass over the calibration data; a layer
         the data never reaches stays round-to-nearest, and the notes say which."""
         batches = self._calibration_batches(program, [], itertools.count(1))
-        found = gptq.hessians(gm, [layer.node for layer in chosen], batches)
+        found, rows = gptq.hessians(gm, [layer.node for layer in chosen], batches)
         missed = [layer.name for layer in chosen if layer.node.name not in found]
+        # fewer rows than inputs: a singular Hessian, which GPTQ would overfit (gptq module docstring)
+        few = {layer.name: (rows[layer.node.name], found[layer.node.name].shape[0]) for layer in chosen
+               if layer.node.name in found and rows[layer.node.name] < found[layer.node.name].shape[0]}  # fmt: skip
+        kept = {name: h for name, h in found.items() if rows[name] >= h.shape[0]}
         notes.append(
-            f"GPTQ (damp {self.config.damp}) on {len(chosen) - len(missed)} of {len(chosen)} layer(s)"
+            f"GPTQ (damp {self.config.damp}) on {len(kept)} of {len(chosen)} layer(s)"
             + (f"; round to nearest (no calibration input reached them): {', '.join(missed)}" if missed else "")
+            + ("; round to nearest (fewer calibration rows than inputs — give more calibration data): "
+               + ", ".join(f"{name} ({n} < {k})" for name, (n, k) in few.items()) if few else "")
         )
-        return found
+        return kept
 
     def _calibration_batches(
         self, program: Program, kept: list[tuple[torch.Tensor, ...]], seen: Iterator[int]

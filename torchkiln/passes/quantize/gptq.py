@@ -11,7 +11,9 @@ columns. Scales are those of :func:`~torchkiln.compiler.quant_ops.pack_blocks` (
 artifact format and kernels (MatMulNBits, Inductor's) are unchanged: only the integers differ.
 
 The Hessians come from one float pass over the calibration batches (every layer's inputs as the
-float model computes them: the "parallel" variant, not layer after quantized layer).
+float model computes them: the "parallel" variant, not layer after quantized layer). A layer seen on
+fewer input rows (tokens) than it has inputs has a singular Hessian: GPTQ would fit the few
+directions the data spans and raise the error everywhere else, so such a layer stays round to nearest.
 """
 
 from __future__ import annotations
@@ -46,13 +48,14 @@ class _Hessians(fx.Interpreter):
 
 def hessians(
     gm: fx.GraphModule, nodes: Sequence[fx.Node], batches: Iterable[tuple[torch.Tensor, ...]]
-) -> dict[str, torch.Tensor]:
-    """Each node's ``X^T X / rows`` (float64) over the batches; a node never reached is absent."""
+) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Each node's ``X^T X / rows`` (float64) over the batches, and its rows; a node never reached
+    is absent."""
     recorder = _Hessians(gm, nodes)
     with torch.no_grad():
         for batch in batches:
             recorder.run(*batch)
-    return {name: total / recorder.rows[name] for name, total in recorder.sums.items()}
+    return {name: total / recorder.rows[name] for name, total in recorder.sums.items()}, dict(recorder.rows)
 
 
 def quantize(
