@@ -138,6 +138,45 @@ def test_two_rank_calibration_gives_exactly_the_single_process_parameters(tmp_pa
     assert ranks[0] == expected and ranks[1] == expected  # bit for bit: scales and zero points
 
 
+WEIGHT_METHOD = """
+import os, sys, torch, torchkiln
+from torchkiln import models
+entry = models.get("mlp")
+batches = [entry.example_inputs(batch=16, seed=100 + i) for i in range(9)]  # 8 calibrate: 128 rows (>= 128 inputs, <= AWQ's sample)
+compiled = torchkiln.compile(entry.build(), entry.example_inputs(batch=16), backend="torch", latency_runs=0, verify=False,
+                             passes="cleanup,fold_batchnorm,quantize:mode=weight_only,bits=4,method=" + sys.argv[2],
+                             calibration_data=batches)
+module = compiled.artifact.module
+stored = {n.target: getattr(module, n.target).detach().clone() for n in module.graph.nodes if n.op == "get_attr"}
+torch.save((stored, compiled.report.passes[-1].notes), sys.argv[1] + f"/weights{os.environ.get('RANK', '0')}.pt")
+"""
+
+
+@pytest.mark.parametrize("method", ["gptq", pytest.param("awq", marks=pytest.mark.slow)])
+def test_two_ranks_choose_the_single_process_weights(tmp_path, method):
+    """GPTQ's Hessians and AWQ's statistics and search errors summed over a torchrun group: every
+    rank stores the single process's integers (scales equal to float rounding)."""
+    script = tmp_path / "weights.py"
+    script.write_text(WEIGHT_METHOD)
+    single = subprocess.run([sys.executable, str(script), str(tmp_path), method], capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    expected, notes = torch.load(tmp_path / "weights0.pt")
+    (tmp_path / "weights0.pt").unlink()
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               str(tmp_path), method]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert any(("GPTQ" if method == "gptq" else "AWQ") + " " in note and "on 3 of 3 layer(s)" in note for note in notes)
+    for rank in (0, 1):
+        stored, rank_notes = torch.load(tmp_path / f"weights{rank}.pt")
+        assert rank_notes == notes and stored.keys() == expected.keys()
+        for name, tensor in expected.items():
+            if tensor.dtype == torch.uint8:  # packed codes
+                assert torch.equal(stored[name], tensor), name
+            else:
+                torch.testing.assert_close(stored[name], tensor, rtol=1e-5, atol=1e-7, msg=name)
+
+
 @pytest.mark.slow  # ~40 s: the digits CNN trained and built three times
 def test_a_recipe_built_by_two_ranks_evaluates_like_one_process_and_rank_0_writes(tmp_path):
     """kiln build under torchrun: data-parallel calibration and evaluation, one artifact written."""

@@ -224,14 +224,24 @@ def test_qparams_keep_zero_exact():
     assert s.dtype is torch.int8 and s.zero_point == 0 and math.isclose(s.scale, 3.0 / 127)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_block_packing_round_trips(bits):
-    weight = torch.randn(6, 70)  # 70 inputs: padded to 3 blocks of 32
-    packed, scales = pack_blocks(weight, bits, 32)
-    assert packed.dtype is torch.uint8 and packed.shape == (6, 3, 32 * bits // 8) and scales.numel() == 18
-    restored = unpack_blocks(packed, scales, bits, 32, 70)
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_block_packing_round_trips(bits, symmetric):
+    weight = torch.randn(6, 70)  # 70 inputs: padded to 3 blocks of 32 (odd: the 4-bit zero points pad a nibble)
+    packed, scales, zeros = pack_blocks(weight, bits, 32, symmetric)
+    store = 8 if bits == 8 else 4
+    assert packed.dtype is torch.uint8 and packed.shape == (6, 3, 32 * store // 8) and scales.numel() == 18
+    assert (zeros is None) == symmetric
+    if zeros is not None:
+        assert zeros.dtype is torch.uint8 and zeros.numel() == 6 * (2 if store == 4 else 3)
+    restored = unpack_blocks(packed, scales, bits, 32, 70, zeros)
     step = scales.view(6, 3).repeat_interleave(32, 1)[:, :70]
     assert ((restored - weight).abs() <= step / 2 + 1e-6).all()
+    # every block uses at most 2**bits levels: the grid of ``bits``, whatever the storage
+    levels = torch.round(restored / step)
+    for block in range(3):
+        part = levels[:, block * 32 : (block + 1) * 32]
+        assert int((part.amax(1) - part.amin(1)).max()) <= 2**bits - 1
 
 
 class ConvNet(nn.Module):

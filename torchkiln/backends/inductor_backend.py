@@ -276,6 +276,7 @@ def quantized_layers(gm: fx.GraphModule) -> dict[str, int]:
         quant_ops.DEQUANTIZE_CHANNEL: "static int8",
         torch.ops.torchkiln.dynamic_linear.default: "dynamic int8",
         torch.ops.torchkiln.weight_only_linear.default: "weight-only",
+        torch.ops.torchkiln.weight_only_linear_zp.default: "weight-only",
         torch.ops.torchkiln.grouped_weight_only_mm.default: "weight-only",
         torch.ops.torchkiln.grouped_dynamic_mm.default: "dynamic int8",
     }
@@ -380,9 +381,17 @@ def decompositions() -> dict[Any, Any]:
         weight = quant_ops.unpack_blocks(packed, scales, bits, block_size, x.shape[-1]).to(x.dtype)
         return torch.nn.functional.linear(x, weight, bias if bias.numel() == packed.shape[0] else None)
 
+    def weight_only_linear_zp(
+        x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias: torch.Tensor,
+        bits: int, block_size: int,
+    ) -> torch.Tensor:  # fmt: skip
+        weight = quant_ops.unpack_blocks(packed, scales, bits, block_size, x.shape[-1], zeros).to(x.dtype)
+        return torch.nn.functional.linear(x, weight, bias if bias.numel() == packed.shape[0] else None)
+
     table = {
         torch.ops.torchkiln.dynamic_linear.default: dynamic_linear,
         torch.ops.torchkiln.weight_only_linear.default: weight_only_linear,
+        torch.ops.torchkiln.weight_only_linear_zp.default: weight_only_linear_zp,
     }
     grouped = getattr(getattr(torch.ops, "transformers", None), "grouped_mm_fallback", None)
     if grouped is not None:  # a mixture of experts' quantized grouped matmul: the experts unpacked to float

@@ -45,7 +45,7 @@ def _translations(nbits_accuracy_level: int, compressed_dynamic: bool = False) -
     import onnxscript
     from onnxscript import opset18 as op
 
-    import torchkiln.compiler.quant_ops  # noqa: F401 - the ops must exist to be keys
+    from torchkiln.compiler.quant_ops import storage_bits  # importing it registers the ops (the keys below)
 
     _register_matmul_nbits_schema()
     msft = onnxscript.values.Opset(MSFT_DOMAIN, 1)
@@ -63,7 +63,17 @@ def _translations(nbits_accuracy_level: int, compressed_dynamic: bool = False) -
         n, blocks, _ = packed.shape
         in_features = x.shape[-1]
         level = {"accuracy_level": nbits_accuracy_level} if nbits_accuracy_level else {}
-        y = msft.MatMulNBits(x, packed, scales, K=int(in_features), N=int(n), bits=bits, block_size=block_size, **level)
+        y = msft.MatMulNBits(x, packed, scales, K=int(in_features), N=int(n), bits=storage_bits(bits),
+                             block_size=block_size, **level)  # fmt: skip
+        return y if _static_size(bias) == 0 else op.Add(y, bias)
+
+    def weight_only_linear_zp(
+        x: Any, packed: Any, scales: Any, zeros: Any, bias: Any, bits: int, block_size: int
+    ) -> Any:  # zero points: MatMulNBits' fourth input, packed as its codes
+        n = packed.shape[0]
+        level = {"accuracy_level": nbits_accuracy_level} if nbits_accuracy_level else {}
+        y = msft.MatMulNBits(x, packed, scales, zeros, K=int(x.shape[-1]), N=int(n), bits=storage_bits(bits),
+                             block_size=block_size, **level)  # fmt: skip
         return y if _static_size(bias) == 0 else op.Add(y, bias)
 
     def expert_slices(x: Any, offsets: Any, experts: int) -> list[Any]:
@@ -96,7 +106,7 @@ def _translations(nbits_accuracy_level: int, compressed_dynamic: bool = False) -
             index = o.Constant(value_int=e)
             pieces.append(msft.MatMulNBits(
                 rows, o.Gather(packed, index, axis=0), o.Gather(scales, index, axis=0), K=int(x.shape[-1]), N=n,
-                bits=bits, block_size=block_size, **level,
+                bits=storage_bits(bits), block_size=block_size, **level,
             ))  # fmt: skip
         return o.Concat(*pieces, axis=0)
 
@@ -112,6 +122,7 @@ def _translations(nbits_accuracy_level: int, compressed_dynamic: bool = False) -
     ops = torch.ops.torchkiln
     table = {
         ops.dynamic_linear.default: dynamic_linear, ops.weight_only_linear.default: weight_only_linear,
+        ops.weight_only_linear_zp.default: weight_only_linear_zp,
         ops.grouped_weight_only_mm.default: grouped_weight_only_mm, ops.grouped_dynamic_mm.default: grouped_dynamic_mm,
     }  # fmt: skip
     return table, grouped_mm
@@ -146,7 +157,8 @@ def _register_matmul_nbits_schema() -> None:
         "MatMulNBits",
         MSFT_DOMAIN,
         1,
-        inputs=[formal("A", "T1"), formal("B", "T2"), formal("scales", "T1")],
+        inputs=[formal("A", "T1"), formal("B", "T2"), formal("scales", "T1"),
+                formal("zero_points", "T2", param_option=OpSchema.FormalParameterOption.Optional)],
         outputs=[formal("Y", "T1")],
         type_constraints=[("T1", ["tensor(float)", "tensor(float16)"], ""), ("T2", ["tensor(uint8)"], "")],
         attributes=[

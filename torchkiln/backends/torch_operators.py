@@ -92,7 +92,7 @@ IR = frozenset("""
     quantized_decomposed::dequantize_per_channel.default quantized_decomposed::dequantize_per_tensor.default
     quantized_decomposed::quantize_per_tensor.default torchkiln::dynamic_linear.default
     torchkiln::grouped_dynamic_mm.default torchkiln::grouped_weight_only_mm.default
-    torchkiln::weight_only_linear.default
+    torchkiln::weight_only_linear.default torchkiln::weight_only_linear_zp.default
 """.split())
 
 COMMON = frozenset("""

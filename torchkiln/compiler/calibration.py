@@ -60,14 +60,36 @@ def take(source: Iterable[Any], limit: int | None, what: str, progress: Progress
     return batches
 
 
+def held_back_count(source: Any) -> int:
+    """How many of a list's batches :func:`hold_back` keeps back: ``max(1, min(4, n // 8))`` of
+    ``n >= 2``; none of other iterables."""
+    if not isinstance(source, Sequence) or isinstance(source, (str, bytes, torch.Tensor)) or len(source) < 2:
+        return 0
+    return max(1, min(MAX_HELD_BACK, len(source) // 8))
+
+
+#: a dynamic axis that may be 0 in a batch: a prompt's empty cache (causal_lm names it)
+CACHE_AXIS = "past"
+
+
+class Expanded(list):  # type: ignore[type-arg]
+    """Graph inputs expanded from the user's batches (a prompt → its prefill and decode steps): the
+    last ``held_back`` come from the batches held back; ``what`` says how they were expanded."""
+
+    def __init__(self, calibrate: Iterable[Any], held: Iterable[Any], what: str):
+        held = list(held)
+        super().__init__([*calibrate, *held])
+        self.held_back, self.what = len(held), what
+
+
 def hold_back(source: Any) -> tuple[Any, list[Any]]:
     """Split calibration data into batches to calibrate on and batches held back to check lossy
     promises on data the calibration never saw: the last ``max(1, min(4, n // 8))`` of a list of
     ``n >= 2`` batches. Other iterables (generators, DataLoaders) are streamed whole and hold
     nothing back (the report says so)."""
-    if not isinstance(source, Sequence) or isinstance(source, (str, bytes, torch.Tensor)) or len(source) < 2:
+    count = source.held_back if isinstance(source, Expanded) else held_back_count(source)
+    if not count:
         return source, []
-    count = max(1, min(MAX_HELD_BACK, len(source) // 8))
     return list(source[: len(source) - count]), list(source[len(source) - count :])
 
 
@@ -123,7 +145,8 @@ class CalibrationData:
                     where=spec.name,
                     hint="calibration ranges would be meaningless; clean the data first",
                 )
-            if tensor.numel() == 0:
+            empty = [axis for axis, size in enumerate(tensor.shape) if size == 0]
+            if empty and not all(axis < len(spec.shape) and spec.shape[axis] == CACHE_AXIS for axis in empty):
                 raise InputError(
                     f"calibration batch {index}: input '{spec.name}' has no elements (shape {list(tensor.shape)})",
                     where=spec.name,

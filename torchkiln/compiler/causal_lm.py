@@ -24,15 +24,17 @@ the number of positions); it goes into the artifact's manifest.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from torchkiln.compiler.calibration import CACHE_AXIS, Expanded, held_back_count
 from torchkiln.errors import InputError
 
 EXAMPLE_PAST = 2  # past length traced with: 0 and 1 would be specialized by torch.export
+DECODE_STEPS = 4  # calibration: greedy decode steps run after each prompt's prefill
 TOTAL = "past+sequence"  # the mask's axis: a sum, so the widened check grows it by two (export.widen)
 
 
@@ -82,9 +84,88 @@ def with_cache(
         for kind, shape in (("key", key), ("value", value)):
             name = f"past_{kind}_{i}"
             inputs[name] = torch.randn(ids.shape[0], shape[0], EXAMPLE_PAST, shape[1], generator=generator)
-            axes[name] = {0: "batch", 2: "past"}
+            axes[name] = {0: "batch", 2: CACHE_AXIS}
     names = [*inputs]
     return _wrapper(model, names, len(shapes)), inputs, axes
+
+
+def calibration_steps(wrapped: nn.Module, example: Mapping[str, torch.Tensor], source: Any) -> Any:
+    """Calibration prompts as the cached graph's inputs: each prompt batch (``{'input_ids': ids[,
+    'attention_mask': mask]}`` or an ids tensor) as its prefill (a past of 0 positions), then
+    :data:`DECODE_STEPS` greedy decode steps of one token with the cache the eager model returned —
+    what generation feeds the graph. A batch that already holds the graph's inputs (``past_key_0``,
+    ...) is used as it is. A list is expanded now (prompts held back stay held back, whole); other
+    iterables are expanded as they are read."""
+    what = f"each calibration prompt runs as a prefill, then {DECODE_STEPS} greedy decode steps"
+    if isinstance(source, Sequence) and not isinstance(source, (str, bytes, torch.Tensor)):
+        count = held_back_count(source)
+        expand = [list(_steps(wrapped, example, prompt, index)) for index, prompt in enumerate(source)]
+        flat = [[item for items in part for item in items] for part in (expand[: len(expand) - count], expand[len(expand) - count :])]
+        return Expanded(flat[0], flat[1] if count else [], what)
+    if isinstance(source, (str, bytes, torch.Tensor)) or not isinstance(source, Iterable):
+        return source  # CalibrationData says what is wrong with it
+    return _Streamed(wrapped, example, source)
+
+
+class _Streamed:
+    """A non-list iterable of prompts expanded as it is read (re-iterable when the source is)."""
+
+    def __init__(self, wrapped: nn.Module, example: Mapping[str, torch.Tensor], source: Iterable[Any]):
+        self.wrapped, self.example, self.source = wrapped, example, source
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for index, prompt in enumerate(self.source):
+            yield from _steps(self.wrapped, self.example, prompt, index)
+
+
+def _steps(
+    wrapped: nn.Module, example: Mapping[str, torch.Tensor], prompt: Any, index: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    if isinstance(prompt, Mapping) and "past_key_0" in prompt:
+        yield dict(prompt)
+        return
+    if isinstance(prompt, torch.Tensor):
+        prompt = {"input_ids": prompt}
+    extra = sorted(set(prompt) - {"input_ids", "attention_mask"}) if isinstance(prompt, Mapping) else None
+    ids = prompt.get("input_ids") if isinstance(prompt, Mapping) else None
+    if extra or not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point() or not ids.numel():
+        raise InputError(
+            f"calibration batch {index}: a causal LM compiled with its cache is calibrated on prompts",
+            where=f"calibration batch {index}",
+            hint="give {'input_ids': ids [batch, sequence] (integers), 'attention_mask': mask} or an ids tensor; "
+            "each prompt runs as a prefill, then greedy decode steps",
+        )
+    batch = ids.shape[0]
+    inputs: dict[str, torch.Tensor] = {"input_ids": ids}
+    mask = None
+    if "attention_mask" in example:
+        mask = prompt.get("attention_mask")
+        if not isinstance(mask, torch.Tensor) or mask.shape != ids.shape:
+            mask = torch.ones_like(ids)
+        mask = mask.to(example["attention_mask"].dtype)
+        inputs["attention_mask"] = mask
+    if "position_ids" in example:
+        inputs["position_ids"] = positions(mask, ids.shape[1])  # type: ignore[arg-type]
+    names = [n for n in example if n.startswith("past_")]
+    for name in names:
+        shape = example[name].shape
+        inputs[name] = example[name].new_zeros(batch, shape[1], 0, shape[3])
+    for step in range(DECODE_STEPS + 1):
+        yield inputs
+        if step == DECODE_STEPS:
+            return
+        with torch.no_grad():
+            out = wrapped(**inputs)
+        token = out["logits"][:, -1].argmax(-1, keepdim=True).to(ids.dtype)
+        following: dict[str, torch.Tensor] = {"input_ids": token}
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(batch, 1)], 1)
+            following["attention_mask"] = mask
+        if "position_ids" in example:
+            following["position_ids"] = positions(mask, 1)  # type: ignore[arg-type]
+        for name in names:
+            following[name] = out[name.replace("past_", "present_")].detach()
+        inputs = following
 
 
 def positions(mask: torch.Tensor, sequence: int) -> torch.Tensor:

@@ -13,7 +13,10 @@ them: the ONNX backend maps each to ONNX / ONNX Runtime operators (``backends/on
   zero point rounded half to even), times a per-output-channel int8 weight.
 * ``torchkiln::weight_only_linear(x, packed, scales, bias, bits, block_size)``: weights quantized
   symmetrically in blocks of ``block_size`` along the input dim, stored as ONNX Runtime's
-  MatMulNBits layout: unsigned ``q + 2**(bits-1)``, two 4-bit values per byte (low nibble first).
+  MatMulNBits layout: unsigned ``q + 2**(bits-1)``, two 4-bit values per byte (low nibble first);
+  ``bits=3`` keeps 3-bit values in 4-bit codes (:func:`block_grid`).
+* ``torchkiln::weight_only_linear_zp(x, packed, scales, zeros, bias, bits, block_size)``: the same
+  with a stored zero point per block (asymmetric), packed as MatMulNBits' ``zero_points``.
 * ``torchkiln::grouped_weight_only_mm(x, packed, scales, offsets, bits, block_size)``: a mixture of
   experts' grouped matmul (rows of ``x`` sorted by expert, ``offsets`` the running row count per
   expert) whose every expert's [out, in] weight is stored as ``weight_only_linear``'s blocks.
@@ -72,6 +75,24 @@ def _(
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
 
 
+@torch.library.custom_op("torchkiln::weight_only_linear_zp", mutates_args=())
+def weight_only_linear_zp(
+    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias: torch.Tensor,
+    bits: int, block_size: int,
+) -> torch.Tensor:  # fmt: skip
+    """``weight_only_linear`` with a stored zero point per block (asymmetric grids, see :func:`block_grid`)."""
+    weight = unpack_blocks(packed, scales, bits, block_size, x.shape[-1], zeros).to(x.dtype)
+    return torch.nn.functional.linear(x, weight, _no_bias(bias, packed.shape[0]))
+
+
+@weight_only_linear_zp.register_fake
+def _(
+    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias: torch.Tensor,
+    bits: int, block_size: int,
+) -> torch.Tensor:  # fmt: skip
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
 @torch.library.custom_op("torchkiln::grouped_weight_only_mm", mutates_args=())
 def grouped_weight_only_mm(
     x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, bits: int, block_size: int
@@ -112,50 +133,96 @@ def _(
     return x.new_empty((x.shape[0], packed.shape[1]))
 
 
-def pack_blocks(weight: torch.Tensor, bits: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``weight`` [N, K] → (packed uint8 [N, blocks, block_size * bits / 8], scales [N * blocks]).
+def storage_bits(bits: int) -> int:
+    """The bits each stored code takes: 3-bit values live in 4-bit codes (MatMulNBits and Inductor
+    read 4 and 8 bits; a 3-bit grid keeps 3 bits' accuracy at 4 bits' size)."""
+    return 4 if bits == 3 else bits
 
-    Each block of ``block_size`` input weights gets ``scale = max |w| / (2**(bits-1) - 1)`` and
-    ``q = clamp(round(w / scale), -2**(bits-1), 2**(bits-1) - 1)``; K is zero-padded to whole blocks.
+
+def block_grid(
+    w: torch.Tensor, bits: int, symmetric: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """The grid of each block of ``w`` [..., block]: (scale [...], zero [...], lowest code, highest code).
+
+    A weight is stored as an unsigned code of :func:`storage_bits` bits and means ``(code - zero) *
+    scale``. Symmetric: ``zero = 2**(storage-1)`` (implicit in the file), ``scale = max |w| / (2**(bits-1)
+    - 1)``, codes ``zero - 2**(bits-1) .. zero + 2**(bits-1) - 1``. Asymmetric: the block's range
+    (widened to hold 0) over codes ``0 .. 2**bits - 1``, ``zero = round(-min / scale)`` (stored).
     """
+    middle = 2 ** (storage_bits(bits) - 1)
+    if symmetric:
+        top = 2 ** (bits - 1) - 1
+        scale = w.abs().amax(-1) / top
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return scale, torch.full_like(scale, float(middle)), middle - top - 1, middle + top
+    high = 2**bits - 1
+    low_w, high_w = w.amin(-1).clamp(max=0.0), w.amax(-1).clamp(min=0.0)
+    scale = (high_w - low_w) / high
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = torch.clamp(torch.round(-low_w / scale), 0, high)
+    return scale, zero, 0, high
+
+
+def to_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, low: int, high: int) -> torch.Tensor:
+    """``w`` [..., n] on the grid (scale, zero [...] broadcast over the last dim): unsigned codes."""
+    return torch.clamp(torch.round(w / scale[..., None]) + zero[..., None], low, high)
+
+
+def pack_blocks(
+    weight: torch.Tensor, bits: int, block_size: int, symmetric: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``weight`` [N, K] rounded to nearest on :func:`block_grid` → :func:`pack_codes`' format (packed,
+    scales, zero points or None when symmetric); K is zero-padded to whole blocks."""
     n, k = weight.shape
     blocks = -(-k // block_size)
     w = torch.nn.functional.pad(weight.detach().float(), (0, blocks * block_size - k)).view(n, blocks, block_size)
-    top = 2 ** (bits - 1) - 1
-    scale = w.abs().amax(-1) / top
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.clamp(torch.round(w / scale[..., None]), -top - 1, top).to(torch.int16)
-    return pack_integers(q.view(n, -1)[:, :k], scale, bits, block_size)
+    scale, zero, low, high = block_grid(w, bits, symmetric)
+    codes = to_codes(w, scale, zero, low, high)
+    return pack_codes(codes.view(n, -1)[:, :k], scale, bits, block_size, None if symmetric else zero)
 
 
-def pack_integers(
-    q: torch.Tensor, scales: torch.Tensor, bits: int, block_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Signed integers ``q`` [N, K] in ``bits`` bits with ``scales`` [N, blocks] → pack_blocks' format
-    (how the integers were chosen is the caller's: round to nearest, GPTQ)."""
-    n, k = q.shape
+def pack_codes(
+    codes: torch.Tensor, scales: torch.Tensor, bits: int, block_size: int, zeros: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Unsigned codes [N, K] with scales (and zero points) [N, blocks] → ONNX Runtime's MatMulNBits
+    layout: packed uint8 [N, blocks, block_size * storage / 8] (two 4-bit codes per byte, low nibble
+    first), scales [N * blocks], zero points uint8 [N * ceil(blocks * storage / 8)] packed the same way
+    (None: symmetric, the implicit middle code). How the codes were chosen is the caller's."""
+    n, k = codes.shape
     blocks = -(-k // block_size)
-    if scales.shape != (n, blocks):
-        raise ValueError(f"scales {list(scales.shape)} do not fit [{n}, {blocks}] blocks of {block_size}")
-    top = 2 ** (bits - 1) - 1
-    if bool((q < -top - 1).any() or (q > top).any()):
-        raise ValueError(f"integers outside {bits} bits")
-    padded = torch.nn.functional.pad(q.to(torch.int16), (0, blocks * block_size - k)).view(n, blocks, block_size)
-    stored = (padded + 2 ** (bits - 1)).to(torch.uint8)
-    if bits == 4:
-        stored = stored[..., 0::2] | (stored[..., 1::2] << 4)
-    return stored.contiguous(), scales.float().reshape(-1).contiguous()
+    store = storage_bits(bits)
+    if scales.shape != (n, blocks) or (zeros is not None and zeros.shape != (n, blocks)):
+        raise ValueError(f"scales / zero points do not fit [{n}, {blocks}] blocks of {block_size}")
+    if bool((codes < 0).any() or (codes > 2**store - 1).any()):
+        raise ValueError(f"codes outside {store} bits")
+    padded = torch.nn.functional.pad(codes.to(torch.int16), (0, blocks * block_size - k), value=2 ** (store - 1))
+    stored = _nibbles(padded.view(n, blocks, block_size).to(torch.uint8), store)
+    packed_zeros = None
+    if zeros is not None:
+        z = zeros.to(torch.uint8)
+        if store == 4 and blocks % 2:
+            z = torch.nn.functional.pad(z, (0, 1), value=2 ** (store - 1))
+        packed_zeros = _nibbles(z, store).reshape(-1).contiguous()
+    return stored.contiguous(), scales.float().reshape(-1).contiguous(), packed_zeros
+
+
+def _nibbles(values: torch.Tensor, store: int) -> torch.Tensor:
+    return values[..., 0::2] | (values[..., 1::2] << 4) if store == 4 else values
 
 
 def unpack_blocks(
-    packed: torch.Tensor, scales: torch.Tensor, bits: int, block_size: int, in_features: int
-) -> torch.Tensor:
+    packed: torch.Tensor, scales: torch.Tensor, bits: int, block_size: int, in_features: int,
+    zeros: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
     n, blocks, _ = packed.shape
-    if bits == 4:
-        q = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(n, blocks, block_size)
+    store = storage_bits(bits)
+    q = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(n, blocks, block_size) if store == 4 else packed
+    if zeros is None:
+        zero = torch.full((n, blocks, 1), float(2 ** (store - 1)))
     else:
-        q = packed
-    values = (q.to(torch.int16) - 2 ** (bits - 1)).float() * scales.view(n, blocks, 1)
+        z = torch.stack([zeros & 0x0F, zeros >> 4], dim=-1).reshape(n, -1) if store == 4 else zeros.reshape(n, -1)
+        zero = z[:, :blocks].float().view(n, blocks, 1)
+    values = (q.float() - zero) * scales.view(n, blocks, 1)
     return values.reshape(n, blocks * block_size)[:, :in_features]
 
 

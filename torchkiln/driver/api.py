@@ -22,7 +22,14 @@ from torchkiln.backends import Artifact, BackendOptions, get_backend
 from torchkiln.backends import backend_options as backend_options_for
 from torchkiln.compiler import causal_lm, seq2seq, state_space
 from torchkiln.compiler import graph as G
-from torchkiln.compiler.calibration import CalibrationData, hold_back, no_progress, take, tqdm_progress
+from torchkiln.compiler.calibration import (
+    CalibrationData,
+    Expanded,
+    hold_back,
+    no_progress,
+    take,
+    tqdm_progress,
+)
 from torchkiln.compiler.files import remove_private
 from torchkiln.compiler.manager import PassManager, default_instruments
 from torchkiln.compiler.passes import Pass, PassItem, parse_pipeline
@@ -125,6 +132,8 @@ def compile(  # noqa: A001 - the public name users expect
             None if d is None else take(d, None, label)
             for d, label in ((calibration_data, "calibration_data"), (train_data, "train_data"), (val_data, "val_data"))
         )
+    if calibration_data is not None and generation is not None and "past_key_0" in example_inputs:
+        calibration_data = causal_lm.calibration_steps(model, example_inputs, calibration_data)
     stage = Stage(
         model, example_inputs, pipeline, dynamic_axes, calibration_data, train_data, val_data,
         verify, tolerance, frontend, tuple(leaf_modules), name,
@@ -260,6 +269,8 @@ def _attach_calibration(stage: Stage, program: Program) -> None:
     calibrate_on, held_back = hold_back(stage.calibration_data)
     program.calibration = CalibrationData(calibrate_on, program.inputs, program.constants)
     program.held_back = _eager_checks(stage.model, program, held_back)
+    if isinstance(stage.calibration_data, Expanded):
+        program.notes.append(stage.calibration_data.what)
     program.notes.append(
         f"{len(held_back)} calibration batch(es) held back: lossy promises are checked on them too"
         if held_back

@@ -5,7 +5,9 @@ Modes (``quantize:mode=...``):
 * ``int8`` (static): activation ranges calibrated on ``compile(..., calibration_data=...)``;
   Q/DQ placed where runtimes fuse them into integer kernels (:mod:`.static`).
 * ``dynamic``: Linear layers with int8 weights, activations quantized per call (:mod:`.linear`).
-* ``weight_only``: Linear weights in ``bits`` = 8 or 4 with a scale per ``block_size`` inputs.
+* ``weight_only``: Linear weights in ``bits`` = 8, 4 or 3 with a scale (and with ``symmetric=false`` a
+  zero point) per ``block_size`` inputs; the integers rounded to nearest, or chosen with calibration
+  data by GPTQ (:mod:`.gptq`) or AWQ (:mod:`.awq`).
 * ``fp16`` / ``bf16``: low-precision compute, ``keep_fp32`` ops and fp32 I/O (:mod:`.half`).
 
 Layers named in ``ignore`` (module paths, ``*`` globs) or with fewer than ``min_macs``
@@ -39,7 +41,7 @@ from torchkiln.compiler.ranks import join_process_group
 from torchkiln.compiler.verify import Tolerance
 from torchkiln.errors import InputError
 from torchkiln.passes.layers import Layer, find_layers, find_layers_and_skips, ignored, weight_ops
-from torchkiln.passes.quantize import coverage, gptq, half, linear, sensitivity, static
+from torchkiln.passes.quantize import awq, coverage, gptq, half, linear, sensitivity, static
 
 Mode = Literal["int8", "dynamic", "weight_only", "fp16", "bf16"]
 _INTEGER = ("int8", "dynamic", "weight_only")
@@ -50,7 +52,8 @@ _MODES_OF = {
     "calibrator": _STATIC, "percentile": _STATIC, "calibration_batches": ("int8", "weight_only"), "target": _STATIC,
     "op_types": _STATIC, "max_error": _STATIC, "sensitivity": _STATIC, "sensitivity_batches": _STATIC,
     "reduce_range": ("int8", "dynamic"), "bits": ("weight_only",), "block_size": ("weight_only",),
-    "method": ("weight_only",), "damp": ("weight_only",),
+    "method": ("weight_only",), "damp": ("weight_only",), "symmetric": ("weight_only",),
+    "act_order": ("weight_only",), "awq_grid": ("weight_only",),
     "ignore": _INTEGER, "min_macs": _INTEGER, "min_cosine": _INTEGER, "keep_fp32": _HALF, "fp32_io": _HALF,
 }  # fmt: skip
 
@@ -78,13 +81,19 @@ class QuantizeConfig(PassConfig):
     sensitivity: bool = option(False, "measure and report each layer's sensitivity (SQNR when alone)")
     sensitivity_batches: int = option(4, "calibration batches used to measure sensitivity and error")
     min_cosine: float = option(0.99, "promise checked against eager: output cosine similarity floor")
-    bits: Literal[4, 8] = option(4, "weight_only: bits per weight")
+    bits: Literal[3, 4, 8] = option(4, "weight_only: bits per weight (3: 3-bit values stored in 4-bit codes)")
     block_size: int = option(32, "weight_only: inputs sharing one scale (a power of 2, >= 16)")
-    method: Literal["rtn", "gptq"] = option(
-        "rtn", "weight_only: how the integers are chosen: rtn (round to nearest) or gptq (calibrated: each "
-        "column's rounding error spread over the rest by the inputs' Hessian)"
+    symmetric: bool = option(
+        True, "weight_only: a grid symmetric about 0 per block (false: the block's min..max with a stored zero point)"
+    )
+    method: Literal["rtn", "gptq", "awq"] = option(
+        "rtn", "weight_only: how the integers are chosen: rtn (round to nearest), gptq (calibrated: each "
+        "column's rounding error spread over the rest by the inputs' Hessian) or awq (calibrated: salient input "
+        "channels scaled up before rounding, the inverse folded into the op before)"
     )
     damp: float = option(0.01, "gptq: dampening added to the Hessian's diagonal, as a fraction of its mean")
+    act_order: bool = option(False, "gptq: quantize columns in order of decreasing Hessian diagonal")
+    awq_grid: int = option(20, "awq: migration strengths tried per layer group (alpha = 0, 1/n, ..., (n-1)/n)")
     keep_fp32: tuple[str, ...] = option(
         half.DEFAULT_KEEP_FP32, "fp16/bf16: ops that stay in float32 (router: a mixture of experts' scoring and topk)"
     )
@@ -105,6 +114,14 @@ class QuantizeConfig(PassConfig):
         for key in ("calibration_batches", "min_macs"):
             if getattr(self, key) < 0:
                 self.fail(key, f"must be >= 0, got {getattr(self, key)}")
+        needs = {"damp": "gptq", "act_order": "gptq", "awq_grid": "awq"}
+        for key in self.changed():
+            if key in needs and self.method != needs[key]:
+                self.fail(key, f"applies to method={needs[key]} only, not method={self.method}")
+        if "calibration_batches" in self.changed() and self.mode == "weight_only" and self.method == "rtn":
+            self.fail("calibration_batches", "method=rtn uses no calibration data (method=gptq or awq does)")
+        if not 2 <= self.awq_grid <= 100:
+            self.fail("awq_grid", f"must be in [2, 100], got {self.awq_grid}")
         if not 0.0 < self.damp <= 1.0:
             self.fail("damp", f"must be in (0, 1], got {self.damp}")
         if self.sensitivity_batches < 1:
@@ -150,15 +167,15 @@ class Quantize(Pass):
         if chosen and self.config.mode == "dynamic":
             linear.quantize_dynamic(gm, chosen, self.config.reduce_range != "off")
         elif chosen and self.config.mode == "weight_only":
-            found = self._gptq_hessians(gm, program, chosen, notes) if self.config.method == "gptq" else None
-            linear.quantize_weights(gm, chosen, self.config.bits, self.config.block_size, found, self.config.damp)
+            self._weight_only(gm, program, chosen, notes)
         elif chosen:
             chosen = self._static(gm, program, chosen, notes, float_reasons)
         done = [node for node, why in experts.items() if why is None]
         if done:
             bits = self.config.bits if self.config.mode == "weight_only" else None  # None: dynamic int8
-            if bits is not None and self.config.method == "gptq":
-                notes.append(f"{len(done)} expert matmul(s): round to nearest (GPTQ covers Linear layers)")
+            if bits is not None and (self.config.method != "rtn" or not self.config.symmetric):
+                notes.append(f"{len(done)} expert matmul(s): round to nearest on a symmetric grid "
+                             f"({self.config.method.upper()} and zero points cover Linear layers)")
             linear.quantize_expert_weights(gm, done, bits, self.config.block_size, self.config.reduce_range != "off")
         stats, accounting = coverage.account(
             census, layers, chosen, float_reasons, skipped, self.config.mode, experts
@@ -237,20 +254,42 @@ class Quantize(Pass):
         )
         return chosen
 
+    def _weight_only(self, gm: fx.GraphModule, program: Program, chosen: list[Layer], notes: list[str]) -> None:
+        config = self.config
+        grid = f"int{config.bits}" + (" (in 4-bit codes)" if config.bits == 3 else "") + (
+            ", symmetric" if config.symmetric else ", asymmetric (zero point per block)")
+        notes.append(f"weights {grid}, blocks of {config.block_size} inputs")
+        choose = None
+        if config.method == "gptq":
+            found = self._gptq_hessians(gm, program, chosen, notes)
+
+            def choose(layer: Layer, weight: torch.Tensor) -> Any:
+                hessian = found.get(layer.node.name)
+                return None if hessian is None else gptq.quantize(
+                    weight, hessian, config.bits, config.block_size, config.damp, config.symmetric, config.act_order)
+        elif config.method == "awq":
+            batches = self._calibration_batches(program, [], itertools.count(1))
+            notes.extend(awq.scale(gm, chosen, batches, awq.Grid(config.bits, config.block_size, config.symmetric),
+                                   config.awq_grid, *join_process_group()))  # fmt: skip
+        progress = program.progress or no_progress
+        layers = progress(chosen, len(chosen), config.method.upper()) if config.method == "gptq" else chosen
+        linear.quantize_weights(gm, layers, config.bits, config.block_size, config.symmetric, choose)
+
     def _gptq_hessians(
         self, gm: fx.GraphModule, program: Program, chosen: list[Layer], notes: list[str]
     ) -> dict[str, torch.Tensor]:
         """Each chosen layer's input Hessian from one float pass over the calibration data; a layer
         the data never reaches stays round-to-nearest, and the notes say which."""
         batches = self._calibration_batches(program, [], itertools.count(1))
-        found, rows = gptq.hessians(gm, [layer.node for layer in chosen], batches)
+        found, rows = gptq.hessians(gm, [layer.node for layer in chosen], batches, *join_process_group())
         missed = [layer.name for layer in chosen if layer.node.name not in found]
         # fewer rows than inputs: a singular Hessian, which GPTQ would overfit (gptq module docstring)
         few = {layer.name: (rows[layer.node.name], found[layer.node.name].shape[0]) for layer in chosen
                if layer.node.name in found and rows[layer.node.name] < found[layer.node.name].shape[0]}  # fmt: skip
         kept = {name: h for name, h in found.items() if rows[name] >= h.shape[0]}
         notes.append(
-            f"GPTQ (damp {self.config.damp}) on {len(kept)} of {len(chosen)} layer(s)"
+            f"GPTQ (damp {self.config.damp}{', act order' if self.config.act_order else ''}) on {len(kept)} of "
+            f"{len(chosen)} layer(s)"
             + (f"; round to nearest (no calibration input reached them): {', '.join(missed)}" if missed else "")
             + ("; round to nearest (fewer calibration rows than inputs — give more calibration data): "
                + ", ".join(f"{name} ({n} < {k})" for name, (n, k) in few.items()) if few else "")
@@ -261,7 +300,7 @@ class Quantize(Pass):
         self, program: Program, kept: list[tuple[torch.Tensor, ...]], seen: Iterator[int]
     ) -> Iterator[tuple[torch.Tensor, ...]]:
         if program.calibration is None:
-            what = "mode=int8" if self.config.mode == "int8" else "method=gptq"
+            what = "mode=int8" if self.config.mode == "int8" else f"method={self.config.method}"
             raise InputError(
                 f"quantize {what} needs calibration data",
                 where="quantize",

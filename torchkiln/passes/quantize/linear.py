@@ -12,7 +12,7 @@ whose weight is stored quantized:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import fx
@@ -20,7 +20,6 @@ from torch import fx
 from torchkiln.compiler import graph as G
 from torchkiln.compiler.quant_ops import pack_blocks, quantize_weight_per_channel
 from torchkiln.passes.layers import Layer
-from torchkiln.passes.quantize import gptq
 
 
 def _bias(gm: fx.GraphModule, layer: Layer) -> torch.Tensor:
@@ -35,7 +34,8 @@ def _replace(gm: fx.GraphModule, layer: Layer, op: object, tensors: Sequence[tor
     with gm.graph.inserting_before(node):
         attrs = [
             gm.graph.get_attr(G.add_attribute(gm, f"{layer.name}_{suffix}", t, parameter=suffix == "weight"))
-            for suffix, t in zip(("weight", "scale", "bias"), tensors)
+            for suffix, t in zip(("weight", "scale", "zero_point", "bias") if len(tensors) == 4
+                                 else ("weight", "scale", "bias"), tensors)  # fmt: skip
         ]
         call = gm.graph.call_function(op, (node.args[0], *attrs, *extra))  # type: ignore[arg-type]
     call.meta = dict(node.meta)
@@ -53,19 +53,26 @@ def quantize_dynamic(gm: fx.GraphModule, layers: Sequence[Layer], reduce_range: 
     gm.recompile()
 
 
+#: a layer's weight [out, in] → (packed, scales, zero points or None), or None for round to nearest
+Chooser = Callable[[Layer, torch.Tensor], "tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None"]
+
+
 def quantize_weights(
-    gm: fx.GraphModule, layers: Sequence[Layer], bits: int, block_size: int,
-    hessians: dict[str, torch.Tensor] | None = None, damp: float = 0.01,
+    gm: fx.GraphModule, layers: Iterable[Layer], bits: int, block_size: int, symmetric: bool = True,
+    choose: Chooser | None = None,
 ) -> None:  # fmt: skip
-    """Round to nearest, or GPTQ for each layer whose inputs' Hessian is in ``hessians`` (by node name)."""
+    """Each layer's weight in ``bits``-bit blocks: as ``choose`` picks the codes (GPTQ), else rounded
+    to nearest; asymmetric grids store a zero point per block (``weight_only_linear_zp``)."""
     for layer in layers:
         weight = G.get_attr_value(gm, str(layer.weight.target))  # type: ignore[union-attr]
-        if hessians and layer.node.name in hessians:
-            packed, scales = gptq.quantize(weight, hessians[layer.node.name], bits, block_size, damp)
+        chosen = choose(layer, weight) if choose is not None else None
+        packed, scales, zeros = chosen if chosen is not None else pack_blocks(weight, bits, block_size, symmetric)
+        if zeros is None:
+            _replace(gm, layer, torch.ops.torchkiln.weight_only_linear.default, (packed, scales, _bias(gm, layer)),
+                     (bits, block_size))  # fmt: skip
         else:
-            packed, scales = pack_blocks(weight, bits, block_size)
-        op = torch.ops.torchkiln.weight_only_linear.default
-        _replace(gm, layer, op, (packed, scales, _bias(gm, layer)), (bits, block_size))
+            _replace(gm, layer, torch.ops.torchkiln.weight_only_linear_zp.default,
+                     (packed, scales, zeros, _bias(gm, layer)), (bits, block_size))  # fmt: skip
     gm.graph.eliminate_dead_code()
     G.drop_unused_attributes(gm)
     gm.recompile()
@@ -107,7 +114,7 @@ def quantize_expert_weights(
             pairs = [quantize_weight_per_channel(w.t(), 63 if reduce_range else 127) for w in weight]
             op, extra = torch.ops.torchkiln.grouped_dynamic_mm.default, ()
         else:
-            pairs = [pack_blocks(w.t(), bits, block_size) for w in weight]
+            pairs = [pack_blocks(w.t(), bits, block_size)[:2] for w in weight]
             op, extra = torch.ops.torchkiln.grouped_weight_only_mm.default, (bits, block_size)
         stored, scales = torch.stack([p for p, _ in pairs]), torch.stack([s for _, s in pairs])
         name = G.module_path(node) or node.name
