@@ -21,6 +21,8 @@ PASSES = {
     "int8": ("cleanup,fold_batchnorm,quantize", Tolerance(min_cosine=0.9)),
     "dynamic": ("cleanup,quantize:mode=dynamic", Tolerance(min_cosine=0.9)),
     "weight_only": ("cleanup,quantize:mode=weight_only", Tolerance(min_cosine=0.9)),
+    # zero points (weight_only_linear_zp) and AWQ's scales (folded, or a multiply)
+    "weight_only_awq": ("cleanup,quantize:mode=weight_only,symmetric=false,method=awq", Tolerance(min_cosine=0.9)),
 }
 
 
@@ -52,7 +54,7 @@ def test_operators_with_effects_are_refused_by_their_schema_or_the_list(name):
 
 ZOO_CASES = [(name, mode) for name in models.small_models() for mode in ("lossless", "int8")] + [
     (name, mode) for name in ("text_encoder", "lstm") for mode in ("dynamic", "weight_only")
-]
+] + [("text_encoder", "weight_only_awq")]
 FAST_INT8 = {"resnet", "vit", "text_encoder", "digits_cnn"}  # the other int8 cases (CI time) are slow
 
 
@@ -70,6 +72,8 @@ def test_the_zoo_saves_inside_the_allow_list(name, mode):
                                calibration_data=calibration, tolerance=tolerance)  # fmt: skip
     ops = saved_ops(compiled)
     assert ops and {op for op in ops if op.startswith(("aten::", "torchkiln::", "quantized_"))} <= ALLOWED
+    if mode == "weight_only_awq":
+        assert "torchkiln::weight_only_linear_zp.default" in ops
 
 
 FAST_ARCHITECTURES = {"bert", "llama", "vit", "lstm-gru"}
