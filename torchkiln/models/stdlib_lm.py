@@ -12,8 +12,11 @@ the first 90% of their text trains, the last 10% is held out.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
+import os
 import sysconfig
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -69,17 +72,68 @@ def train_tokenizer(text: str, directory: str | Path, vocab_size: int = VOCAB) -
     return tokenizer
 
 
-def build(vocab_size: int = VOCAB) -> nn.Module:
-    """Llama-style: 4 layers, 192 wide, 6 query heads over 2 KV heads, rotary positions (2.0M
-    parameters). Special tokens: pad 0, bos 1, eos 2 (as :func:`train_tokenizer` numbers them)."""
+#: model shapes and training budgets: "small" (2.0M parameters, ~150 s on 2 cores) for tests,
+#: "medium" (~21M, ~25 min on 2 cores; trained once and cached by :func:`trained`) for benchmarks
+SIZES: dict[str, dict[str, int]] = {
+    "small": dict(hidden=192, layers=4, heads=6, kv_heads=2, intermediate=512, steps=600, batch=16),
+    "medium": dict(hidden=512, layers=6, heads=8, kv_heads=4, intermediate=1536, steps=800, batch=16),
+}
+
+
+def build(vocab_size: int = VOCAB, size: str = "small") -> nn.Module:
+    """Llama-style, rotary positions; "small": 4 layers, 192 wide, 6 query heads over 2 KV heads
+    (2.0M parameters). Special tokens: pad 0, bos 1, eos 2 (as :func:`train_tokenizer` numbers them)."""
     import transformers
 
+    shape = _size(size)
     config = transformers.LlamaConfig(
-        vocab_size=vocab_size, hidden_size=192, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2,
-        intermediate_size=512, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        tie_word_embeddings=False,
+        vocab_size=vocab_size, hidden_size=shape["hidden"], num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
+        intermediate_size=shape["intermediate"], max_position_embeddings=512, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, tie_word_embeddings=False,
     )  # fmt: skip
     return transformers.LlamaForCausalLM(config)
+
+
+def _size(size: str) -> dict[str, int]:
+    if size not in SIZES:
+        raise ConfigError(f"unknown stdlib LM size {size!r}", hint=f"one of {', '.join(SIZES)}")
+    return SIZES[size]
+
+
+def trained(
+    size: str = "small", cache: str | Path | None = None, progress: Callable[[str], None] | None = None
+) -> tuple[nn.Module, Any, Split]:
+    """(model, tokenizer, split) of the ``size`` LM, trained with seed 0 — or loaded from ``cache``
+    (default ``$TORCHKILN_LM_CACHE`` or ``~/.cache/torchkiln/lm``) where an earlier call saved it under a
+    hash of the corpus, the shape and the training budget. Saved whole or not at all (written
+    beside, then renamed); loading reads safetensors and a tokenizer file, never code."""
+    import transformers
+
+    shape = _size(size)
+    text = corpus()
+    key = hashlib.sha256(repr((sorted(shape.items()), VOCAB, WINDOW, MODULES, transformers.__version__.split(".")[0],
+                               hashlib.sha256(text.encode()).hexdigest())).encode()).hexdigest()[:16]  # fmt: skip
+    root = Path(cache or os.environ.get("TORCHKILN_LM_CACHE") or Path.home() / ".cache" / "torchkiln" / "lm")
+    directory = root / f"stdlib-{size}-{key}"
+    if (directory / "model.safetensors").is_file():
+        tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(str(directory))
+        model = transformers.LlamaForCausalLM.from_pretrained(str(directory), use_safetensors=True).eval()
+        return model, tokenizer, split(tokenizer, text)
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=f".stdlib-{size}-") as work:
+        tokenizer = train_tokenizer(text, work)
+        data = split(tokenizer, text)
+        torch.manual_seed(0)
+        model = train(build(size=size), data.train, steps=shape["steps"], batch=shape["batch"], progress=progress)
+        model.save_pretrained(work, safe_serialization=True)  # type: ignore[operator]
+        try:
+            os.rename(work, directory)  # whole, or an earlier process's whole copy stays
+        except OSError:
+            pass
+        else:
+            os.mkdir(work)  # the context manager removes its (now renamed) directory: give it an empty one
+    return model, tokenizer, data
 
 
 @dataclasses.dataclass(frozen=True)

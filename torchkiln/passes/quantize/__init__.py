@@ -3,7 +3,8 @@
 Modes (``quantize:mode=...``):
 
 * ``int8`` (static): activation ranges calibrated on ``compile(..., calibration_data=...)``;
-  Q/DQ placed where runtimes fuse them into integer kernels (:mod:`.static`).
+  Q/DQ placed where runtimes fuse them into integer kernels (:mod:`.static`); ``smoothquant``
+  migrates activation outliers into the weights first (:mod:`.smoothquant`).
 * ``dynamic``: Linear layers with int8 weights, activations quantized per call (:mod:`.linear`).
 * ``weight_only``: Linear weights in ``bits`` = 8, 4 or 3 with a scale (and with ``symmetric=false`` a
   zero point) per ``block_size`` inputs; the integers rounded to nearest, or chosen with calibration
@@ -41,7 +42,7 @@ from torchkiln.compiler.ranks import join_process_group
 from torchkiln.compiler.verify import Tolerance
 from torchkiln.errors import InputError
 from torchkiln.passes.layers import Layer, find_layers, find_layers_and_skips, ignored, weight_ops
-from torchkiln.passes.quantize import awq, coverage, gptq, half, linear, sensitivity, static
+from torchkiln.passes.quantize import awq, coverage, gptq, half, linear, sensitivity, smoothquant, static
 
 Mode = Literal["int8", "dynamic", "weight_only", "fp16", "bf16"]
 _INTEGER = ("int8", "dynamic", "weight_only")
@@ -53,7 +54,7 @@ _MODES_OF = {
     "op_types": _STATIC, "max_error": _STATIC, "sensitivity": _STATIC, "sensitivity_batches": _STATIC,
     "reduce_range": ("int8", "dynamic"), "bits": ("weight_only",), "block_size": ("weight_only",),
     "method": ("weight_only",), "damp": ("weight_only",), "symmetric": ("weight_only",),
-    "act_order": ("weight_only",), "awq_grid": ("weight_only",),
+    "act_order": ("weight_only",), "awq_grid": ("weight_only",), "smoothquant": _STATIC,
     "ignore": _INTEGER, "min_macs": _INTEGER, "min_cosine": _INTEGER, "keep_fp32": _HALF, "fp32_io": _HALF,
 }  # fmt: skip
 
@@ -71,6 +72,10 @@ class QuantizeConfig(PassConfig):
     )
     reduce_range: Literal["auto", "on", "off"] = option(
         "auto", "7-bit weights (AVX2 without VNNI saturates 8-bit); auto = on for dynamic only"
+    )
+    smoothquant: Literal["off", "auto"] | float = option(
+        "off", "int8: SmoothQuant before calibration: migration strength alpha in (0, 1] (0.5 in the paper), "
+        "or auto (searched per input group); off = none"
     )
     op_types: tuple[Literal["conv", "linear", "matmul"], ...] = option(
         ("conv", "linear", "matmul"), "layer kinds to quantize (int8 mode)"
@@ -120,6 +125,8 @@ class QuantizeConfig(PassConfig):
                 self.fail(key, f"applies to method={needs[key]} only, not method={self.method}")
         if "calibration_batches" in self.changed() and self.mode == "weight_only" and self.method == "rtn":
             self.fail("calibration_batches", "method=rtn uses no calibration data (method=gptq or awq does)")
+        if isinstance(self.smoothquant, float) and not 0.0 < self.smoothquant <= 1.0:
+            self.fail("smoothquant", f"must be off, auto or in (0, 1], got {self.smoothquant}")
         if not 2 <= self.awq_grid <= 100:
             self.fail("awq_grid", f"must be in [2, 100], got {self.awq_grid}")
         if not 0.0 < self.damp <= 1.0:
@@ -232,6 +239,11 @@ class Quantize(Pass):
         signed = self.config.target == "tensorrt"
         levels = 63 if self.config.reduce_range == "on" else 127
         kept: list[tuple[torch.Tensor, ...]] = []
+        if self.config.smoothquant != "off":  # one more pass over the data, before the ranges
+            alpha = None if self.config.smoothquant == "auto" else float(self.config.smoothquant)
+            linears = [layer for layer in chosen if layer.kind == "linear"]
+            notes.extend(smoothquant.smooth(gm, linears, self._calibration_batches(program, [], itertools.count(1)),
+                                            alpha, signed, *join_process_group()))  # fmt: skip
         seen = itertools.count(1)
         batches = self._calibration_batches(program, kept, seen)
         observed = static.plan(gm, chosen)

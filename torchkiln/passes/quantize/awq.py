@@ -10,18 +10,16 @@ output error of the rounded group on a sample of calibration rows; ``alpha = 0``
 so the chosen scaling is never worse than it on that sample.
 
 The ``1 / s`` is folded into the op that produces the input when every reader of it is in the
-group: a LayerNorm's weight and bias, an RMSNorm's weight multiply, a Linear's output rows (also
-through a ReLU, or one factor of a product such as Llama's ``silu(gate) * up``). Otherwise an
-elementwise multiply by ``1 / s`` is inserted before the group, and the notes name it. Statistics
-come from one float pass over the calibration batches (data-parallel under torchrun: sums and
-search errors are added over the ranks). AutoAWQ's weight-clipping search is not done.
+group, else an elementwise multiply is inserted before the group (:mod:`.scaling`); the notes say
+which. Statistics come from one float pass over the calibration batches (data-parallel under
+torchrun: sums and search errors are added over the ranks). AutoAWQ's weight-clipping search is not
+done.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 import torch
 from torch import fx
@@ -29,10 +27,7 @@ from torch import fx
 from torchkiln.compiler import graph as G
 from torchkiln.compiler.quant_ops import block_grid, to_codes
 from torchkiln.passes.layers import Layer
-
-aten = torch.ops.aten
-#: calibration rows kept per group (a uniform sample of all rows) to measure the search's error
-SAMPLE = 512
+from torchkiln.passes.quantize import scaling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,62 +46,14 @@ class Grid:
         return ((codes - zero[..., None]) * scale[..., None]).view(n, -1)[:, :k]
 
 
-class _Stats(fx.Interpreter):
-    """Runs the float graph; per watched input: the sum of |x| per channel, the row count, and a
-    uniform sample of rows (reservoir sampling with a fixed seed)."""
-
-    def __init__(self, gm: fx.GraphModule, inputs: set[str]):
-        super().__init__(gm)
-        self.inputs = inputs
-        self.sums: dict[str, torch.Tensor] = {}
-        self.rows: dict[str, int] = {}
-        self.samples: dict[str, torch.Tensor] = {}
-        self.generator = torch.Generator().manual_seed(0)
-
-    def run_node(self, n: fx.Node) -> Any:
-        value = super().run_node(n)
-        if n.name in self.inputs and isinstance(value, torch.Tensor) and value.is_floating_point():
-            flat = value.detach().reshape(-1, value.shape[-1]).float()
-            self.sums[n.name] = self.sums.get(n.name, 0) + flat.abs().double().sum(0)  # type: ignore[operator]
-            seen = self.rows.get(n.name, 0)
-            self.rows[n.name] = seen + flat.shape[0]
-            self._sample(n.name, flat, seen)
-        return value
-
-    def _sample(self, name: str, flat: torch.Tensor, seen: int) -> None:
-        kept = self.samples.get(name)
-        room = SAMPLE - (0 if kept is None else kept.shape[0])
-        if room > 0:
-            taken = flat[:room]
-            self.samples[name] = taken.clone() if kept is None else torch.cat([kept, taken])
-            flat, seen = flat[room:], seen + taken.shape[0]
-        if flat.shape[0]:
-            # row t (0-based, overall) replaces slot r ~ U[0, t] when r < SAMPLE: each row equally likely kept
-            slots = (torch.rand(flat.shape[0], generator=self.generator, dtype=torch.float64)
-                     * torch.arange(seen + 1, seen + 1 + flat.shape[0], dtype=torch.float64)).long()  # fmt: skip
-            hit = slots < SAMPLE
-            if bool(hit.any()):
-                self.samples[name][slots[hit]] = flat[hit]
-
-
 def scale(
     gm: fx.GraphModule, layers: Sequence[Layer], batches: Iterable[tuple[torch.Tensor, ...]], grid: Grid,
     steps: int, rank: int = 0, world: int = 1,
 ) -> list[str]:  # fmt: skip
     """Scale each group of ``layers`` sharing an input (weights replaced in ``gm``, the inverse folded
     or inserted); returns the notes."""
-    groups: dict[fx.Node, list[Layer]] = {}
-    for layer in layers:
-        source = layer.node.args[0]
-        if isinstance(source, fx.Node):
-            groups.setdefault(source, []).append(layer)
-    stats = _Stats(gm, {node.name for node in groups})
-    with torch.no_grad():
-        for index, batch in enumerate(batches):
-            if index % world == rank:
-                stats.run(*batch)
-    if world > 1:
-        _sum_over_ranks(gm, stats, list(groups), groups)
+    groups = scaling.groups_of(layers)
+    stats = scaling.collect(gm, groups, batches, rank, world)
     alphas: list[float] = []
     folded: dict[str, list[str]] = {}
     missed: list[str] = []
@@ -120,15 +67,12 @@ def scale(
         alphas.append(alpha)
         if alpha == 0.0:
             continue
-        s = _scales(mean, alpha)
-        for layer, weight in zip(group, weights):
-            _set_argument(gm, layer.node, 1, weight * s[None, :], f"{layer.name}_awq_weight")
-        how = _fold(gm, source, group, 1.0 / s)
-        folded.setdefault(how, []).append(group[0].name + (f" (+{len(group) - 1})" if len(group) > 1 else ""))
+        how = scaling.apply(gm, source, group, _scales(mean, alpha), "awq")
+        folded.setdefault(str(how), []).append(scaling.label(group))
     changed = sum(1 for a in alphas if a > 0)
     notes = [
         f"AWQ ({steps} strengths) on {len(layers) - len(missed)} of {len(layers)} layer(s) in {len(alphas)} "
-        f"input group(s): {changed} scaled (median strength {_median(alphas):.2f}), {len(alphas) - changed} best "
+        f"input group(s): {changed} scaled (median strength {scaling.median(alphas):.2f}), {len(alphas) - changed} best "
         "unscaled (round to nearest)"
     ]
     if missed:
@@ -162,117 +106,3 @@ def _search(
     return int(torch.argmin(errors)) / steps
 
 
-def _median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2] if values else 0.0
-
-
-def _set_argument(gm: fx.GraphModule, node: fx.Node, index: int, value: torch.Tensor, name: str) -> None:
-    """``node.args[index]`` replaced by a new stored tensor (the old one may be shared: a tied weight)."""
-    old = node.args[index]
-    parameter = isinstance(old, fx.Node) and isinstance(G.get_attr_value(gm, str(old.target)), torch.nn.Parameter)
-    with gm.graph.inserting_before(node):
-        attr = gm.graph.get_attr(G.add_attribute(gm, name, value.detach().clone(), parameter=parameter))
-    node.update_arg(index, attr)
-
-
-def _stored(gm: fx.GraphModule, arg: Any) -> torch.Tensor | None:
-    if isinstance(arg, fx.Node) and arg.op == "get_attr":
-        value = G.get_attr_value(gm, str(arg.target))
-        return value.detach().float() if isinstance(value, torch.Tensor) else None
-    return None
-
-
-def _fold(gm: fx.GraphModule, source: fx.Node, group: list[Layer], inverse: torch.Tensor) -> str:
-    """Divide ``source``'s output channels by ``s`` where an op can absorb it; else insert a multiply.
-    Returns how (for the notes)."""
-    readers = {layer.node for layer in group}
-    if set(source.users) <= readers:
-        where = _fold_into(gm, source, inverse)
-        if where is not None:
-            return f"folded into {where}"
-    with gm.graph.inserting_after(source):
-        attr = gm.graph.get_attr(G.add_attribute(gm, f"{group[0].name}_awq_inverse", inverse, parameter=False))
-    with gm.graph.inserting_after(attr):
-        scaled = gm.graph.call_function(aten.mul.Tensor, (source, attr))
-    scaled.meta = dict(source.meta)
-    for node in readers:
-        node.replace_input_with(source, scaled)
-    return "kept as a multiply before"
-
-
-_AFFINE_NORMS = (torch.nn.LayerNorm, *((torch.nn.RMSNorm,) if hasattr(torch.nn, "RMSNorm") else ()))
-_RELUS = {aten.relu.default, torch.relu, torch.nn.functional.relu}
-
-
-def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(str(node.target)), torch.nn.ReLU)
-    return node.op == "call_function" and node.target in _RELUS and not node.kwargs.get("inplace", False)
-
-
-def _single_reader(node: Any, reader: fx.Node) -> bool:
-    return isinstance(node, fx.Node) and set(node.users) == {reader}
-
-
-def _fold_into(gm: fx.GraphModule, node: fx.Node, inverse: torch.Tensor) -> str | None:
-    """Scale ``node``'s output channels (last dim) by ``inverse`` through its own stored tensors;
-    returns what absorbed it, or None where nothing can."""
-    width = inverse.shape[0]
-    if node.target == aten.linear.default:
-        weight = _stored(gm, node.args[1])
-        if weight is None or weight.shape[0] != width:
-            return None
-        _set_argument(gm, node, 1, weight * inverse[:, None], f"{node.name}_awq_rows")
-        bias = _stored(gm, node.args[2]) if len(node.args) > 2 else None
-        if bias is not None:
-            _set_argument(gm, node, 2, bias * inverse, f"{node.name}_awq_bias")
-        return "the rows of the linear before"
-    if node.target == aten.layer_norm.default and len(node.args) > 2:
-        weight = _stored(gm, node.args[2])
-        if weight is None or weight.shape != (width,):
-            return None
-        _set_argument(gm, node, 2, weight * inverse, f"{node.name}_awq_weight")
-        bias = _stored(gm, node.args[3]) if len(node.args) > 3 else None
-        if bias is not None:
-            _set_argument(gm, node, 3, bias * inverse, f"{node.name}_awq_bias")
-        return "a norm's weight"
-    if _is_relu(gm, node) and _single_reader(node.args[0], node):  # relu(z) / s = relu(z / s), s > 0
-        return "the linear before the ReLU" if _fold_into(gm, node.args[0], inverse) else None  # type: ignore[arg-type]
-    if node.op == "call_module" and G.call_module_count(gm, str(node.target)) == 1:
-        module = gm.get_submodule(str(node.target))
-        weight = getattr(module, "weight", None)
-        if isinstance(module, _AFFINE_NORMS) and isinstance(weight, torch.Tensor) and weight.shape == (width,):
-            with torch.no_grad():  # the pass works on its own copy of the graph module
-                weight.mul_(inverse.to(weight.dtype))
-                bias = getattr(module, "bias", None)
-                if isinstance(bias, torch.Tensor):
-                    bias.mul_(inverse.to(bias.dtype))
-            return "a norm's weight"
-        return None
-    if node.target == aten.mul.Tensor and len(node.args) == 2:
-        for index, arg in enumerate(node.args):
-            value = _stored(gm, arg)
-            if value is not None and value.shape == (width,) and len(arg.users) == 1:  # type: ignore[union-attr]
-                _set_argument(gm, node, index, value * inverse, f"{node.name}_awq_weight")
-                return "a norm's weight"
-        for arg in node.args:  # a product's factor made by a linear read only here (silu(gate) * up)
-            if _single_reader(arg, node) and arg.target == aten.linear.default and _fold_into(gm, arg, inverse):  # type: ignore[union-attr,arg-type]
-                return "the rows of a product's linear factor"
-    return None
-
-
-def _sum_over_ranks(gm: fx.GraphModule, stats: _Stats, sources: list[fx.Node], groups: dict[fx.Node, list[Layer]]) -> None:
-    """Sums and row counts added over the ranks, input by input in graph order."""
-    import torch.distributed as dist
-
-    rows = torch.tensor([stats.rows.get(node.name, 0) for node in sources], dtype=torch.float64)
-    dist.all_reduce(rows)
-    for node, count in zip(sources, rows.tolist()):
-        if count == 0:
-            continue
-        mine = stats.sums.get(node.name)
-        if mine is None:
-            width = G.get_attr_value(gm, str(groups[node][0].weight.target)).shape[1]  # type: ignore[union-attr]
-            mine = torch.zeros(width, dtype=torch.float64)
-        dist.all_reduce(mine)
-        stats.sums[node.name], stats.rows[node.name] = mine, int(count)
