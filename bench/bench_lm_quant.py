@@ -1,5 +1,6 @@
-"""Weight-only quantization quality on trained LMs: held-out perplexity of round to nearest, GPTQ
-and AWQ (int4 at blocks 128 and 32, int3 at block 64) against NNCF's ``compress_weights``, side by side.
+"""Quantization quality on trained LMs: held-out perplexity of weight-only round to nearest, GPTQ
+and AWQ (int4 at blocks 128 and 32, int3 at block 64) against NNCF's ``compress_weights``, and of
+W8A8 (static int8, with and without SmoothQuant) against dynamic int8, side by side.
 
 The LM is :mod:`torchkiln.models.stdlib_lm` (``--size small``: 2.0M parameters, trained in ~150 s;
 ``medium``: ~20M, trained once in ~16 min and cached). Calibration: ``--calibration`` windows of 128
@@ -50,6 +51,10 @@ ROWS: dict[str, Any] = {
     "int3 b64 RTN asym": W + "bits=3,block_size=64,symmetric=false",
     "int3 b64 GPTQ asym act-order": W + "bits=3,block_size=64,symmetric=false,method=gptq,act_order=true",
     "int3 b64 AWQ asym": W + "bits=3,block_size=64,symmetric=false,method=awq",
+    "int8 dynamic (W8, activations per call)": "cleanup,quantize:mode=dynamic",
+    "W8A8 static": "cleanup,quantize",
+    "W8A8 static + SmoothQuant 0.5": "cleanup,quantize:smoothquant=0.5",
+    "W8A8 static + SmoothQuant auto": "cleanup,quantize:smoothquant=auto",
     "NNCF fp32 (OpenVINO)": {},
     "NNCF int4 b128 asym (data-free)": {"group_size": 128},
     "NNCF int4 b128 asym AWQ + scale estimation": {"group_size": 128, "awq": True, "scale_estimation": True},

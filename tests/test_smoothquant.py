@@ -75,3 +75,13 @@ def test_smoothquant_options_are_checked(trained):
     for passes in ("quantize:smoothquant=1.5", "quantize:smoothquant=sometimes", "quantize:mode=dynamic,smoothquant=0.5"):
         with pytest.raises(ConfigError, match="smoothquant"):
             compile_quietly(model, held_out[:8], passes=passes, backend="torch")
+
+
+def test_a_one_shot_generator_is_refused_with_a_fix(trained):
+    from torchkiln.errors import PassError
+
+    model, train, held_out = trained
+    with pytest.raises(PassError, match="reads the calibration data twice") as caught:
+        compile_quietly(model, held_out[:8], passes="quantize:smoothquant=0.5", backend="torch",
+                        calibration_data=((batch,) for batch in train.split(200)))  # fmt: skip
+    assert "list" in (caught.value.hint or "")

@@ -240,6 +240,12 @@ class Quantize(Pass):
         levels = 63 if self.config.reduce_range == "on" else 127
         kept: list[tuple[torch.Tensor, ...]] = []
         if self.config.smoothquant != "off":  # one more pass over the data, before the ranges
+            source = program.calibration.source if program.calibration is not None else None
+            if source is not None and iter(source) is source:
+                raise InputError(
+                    "quantize smoothquant reads the calibration data twice, and it is a one-shot iterator",
+                    where="quantize", hint="pass a list of batches (or a re-iterable such as a DataLoader)",
+                )  # fmt: skip
             alpha = None if self.config.smoothquant == "auto" else float(self.config.smoothquant)
             linears = [layer for layer in chosen if layer.kind == "linear"]
             notes.extend(smoothquant.smooth(gm, linears, self._calibration_batches(program, [], itertools.count(1)),
