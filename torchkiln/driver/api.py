@@ -132,8 +132,11 @@ def compile(  # noqa: A001 - the public name users expect
             None if d is None else take(d, None, label)
             for d, label in ((calibration_data, "calibration_data"), (train_data, "train_data"), (val_data, "val_data"))
         )
-    if calibration_data is not None and generation is not None and "past_key_0" in example_inputs:
-        calibration_data = causal_lm.calibration_steps(model, example_inputs, calibration_data)
+    if generation is not None and "past_key_0" in example_inputs:  # prompts → the cached graph's inputs
+        calibration_data, train_data, val_data = (
+            None if d is None else causal_lm.calibration_steps(model, example_inputs, d)
+            for d in (calibration_data, train_data, val_data)
+        )
     stage = Stage(
         model, example_inputs, pipeline, dynamic_axes, calibration_data, train_data, val_data,
         verify, tolerance, frontend, tuple(leaf_modules), name,

@@ -249,25 +249,31 @@ class Distill(Pass):
         return None
 
     def run(self, program: Program) -> PassResult:
-        if program.training is None or program.teacher is None:
-            raise InputError(
-                "distill needs training data", where="distill",
-                hint="pass train_data=[...] (batches of inputs, or (inputs, labels)) to torchkiln.compile",
-            )  # fmt: skip
-        gm = program.graph_module
-        specs = program.inputs
-
-        def run_student(inputs: Any) -> Any:
-            if isinstance(inputs, dict):
-                return gm(*fresh(bind_inputs(specs, (), inputs, program.constants)))
-            args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-            return gm(*fresh(bind_inputs(specs, args, {}, program.constants)))
-
-        trainer = Trainer(self.config, program.progress or no_progress)
-        result = trainer.fit(gm, run_student, _caller(program.teacher), program.training, program.validation)
-        for p in gm.parameters():
-            p.requires_grad_(False)
+        result = train_graph(program, program.graph_module, self.config, "distill")
         last = result.history[-1]
         notes = [f"epoch {h['epoch'] + 1}: train loss {h['train_loss']:.4f}, score {h['score']:.4f}" for h in result.history]
         stats = {"epochs": len(result.history), "best_epoch": result.best_epoch + 1, "train_loss": round(last["train_loss"], 5)}
         return PassResult(True, stats, notes)
+
+
+def train_graph(program: Program, gm: nn.Module, config: DistillConfig, what: str) -> DistillResult:
+    """Train ``gm`` (the program's graph or a pass's copy of it) toward the eager model on the
+    program's training data; its parameters are frozen again afterwards."""
+    if program.training is None or program.teacher is None:
+        raise InputError(
+            f"{what} needs training data", where=what,
+            hint="pass train_data=[...] (batches of inputs, or (inputs, labels)) to torchkiln.compile",
+        )  # fmt: skip
+    specs = program.inputs
+
+    def run_student(inputs: Any) -> Any:
+        if isinstance(inputs, dict):
+            return gm(*fresh(bind_inputs(specs, (), inputs, program.constants)))
+        args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        return gm(*fresh(bind_inputs(specs, args, {}, program.constants)))
+
+    trainer = Trainer(config, program.progress or no_progress)
+    result = trainer.fit(gm, run_student, _caller(program.teacher), program.training, program.validation)
+    for p in gm.parameters():
+        p.requires_grad_(False)
+    return result

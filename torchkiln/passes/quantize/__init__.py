@@ -41,8 +41,9 @@ from torchkiln.compiler.program import Program
 from torchkiln.compiler.ranks import join_process_group
 from torchkiln.compiler.verify import Tolerance
 from torchkiln.errors import InputError
+from torchkiln.passes.distill import DistillConfig, train_graph
 from torchkiln.passes.layers import Layer, find_layers, find_layers_and_skips, ignored, weight_ops
-from torchkiln.passes.quantize import awq, coverage, gptq, half, linear, sensitivity, smoothquant, static
+from torchkiln.passes.quantize import awq, coverage, gptq, half, linear, qat, sensitivity, smoothquant, static
 
 Mode = Literal["int8", "dynamic", "weight_only", "fp16", "bf16"]
 _INTEGER = ("int8", "dynamic", "weight_only")
@@ -55,6 +56,7 @@ _MODES_OF = {
     "reduce_range": ("int8", "dynamic"), "bits": ("weight_only",), "block_size": ("weight_only",),
     "method": ("weight_only",), "damp": ("weight_only",), "symmetric": ("weight_only",),
     "act_order": ("weight_only",), "awq_grid": ("weight_only",), "smoothquant": _STATIC,
+    "qat_epochs": ("dynamic", "weight_only"), "qat_lr": ("dynamic", "weight_only"),
     "ignore": _INTEGER, "min_macs": _INTEGER, "min_cosine": _INTEGER, "keep_fp32": _HALF, "fp32_io": _HALF,
 }  # fmt: skip
 
@@ -99,6 +101,11 @@ class QuantizeConfig(PassConfig):
     damp: float = option(0.01, "gptq: dampening added to the Hessian's diagonal, as a fraction of its mean")
     act_order: bool = option(False, "gptq: quantize columns in order of decreasing Hessian diagonal")
     awq_grid: int = option(20, "awq: migration strengths tried per layer group (alpha = 0, 1/n, ..., (n-1)/n)")
+    qat_epochs: int = option(
+        0, "dynamic / weight_only: first fine-tune toward the eager model through the weights' quantization "
+        "(straight-through estimator) for this many epochs on compile(train_data=...); 0 = none"
+    )
+    qat_lr: float = option(1e-4, "qat: peak learning rate (AdamW, cosine schedule)")
     keep_fp32: tuple[str, ...] = option(
         half.DEFAULT_KEEP_FP32, "fp16/bf16: ops that stay in float32 (router: a mixture of experts' scoring and topk)"
     )
@@ -127,6 +134,12 @@ class QuantizeConfig(PassConfig):
             self.fail("calibration_batches", "method=rtn uses no calibration data (method=gptq or awq does)")
         if isinstance(self.smoothquant, float) and not 0.0 < self.smoothquant <= 1.0:
             self.fail("smoothquant", f"must be off, auto or in (0, 1], got {self.smoothquant}")
+        if self.qat_epochs < 0:
+            self.fail("qat_epochs", f"must be >= 0, got {self.qat_epochs}")
+        if self.qat_epochs and self.method != "rtn":
+            self.fail("qat_epochs", f"trains toward round to nearest's grid; method={self.method} would re-choose the integers")
+        if not 0.0 < self.qat_lr <= 1.0:
+            self.fail("qat_lr", f"must be in (0, 1], got {self.qat_lr}")
         if not 2 <= self.awq_grid <= 100:
             self.fail("awq_grid", f"must be in [2, 100], got {self.awq_grid}")
         if not 0.0 < self.damp <= 1.0:
@@ -171,6 +184,8 @@ class Quantize(Pass):
         notes: list[str] = []
         chosen, float_reasons = self._select(layers)
         experts = self._experts(gm, census)
+        if chosen and self.config.qat_epochs:
+            notes.extend(self._qat(gm, program, chosen))
         if chosen and self.config.mode == "dynamic":
             linear.quantize_dynamic(gm, chosen, self.config.reduce_range != "off")
         elif chosen and self.config.mode == "weight_only":
@@ -271,6 +286,16 @@ class Quantize(Pass):
             + (" (7-bit)" if levels == 63 else "")
         )
         return chosen
+
+    def _qat(self, gm: fx.GraphModule, program: Program, chosen: list[Layer]) -> list[str]:
+        """Fine-tune ``gm`` through the chosen layers' weight quantization (:mod:`.qat`)."""
+        config = self.config
+        grid = (qat.per_channel(63 if config.reduce_range != "off" else 127) if config.mode == "dynamic"
+                else awq.Grid(config.bits, config.block_size, config.symmetric).round_trip)  # fmt: skip
+        with qat.fake_quantized(gm, chosen, grid):
+            result = train_graph(program, gm, DistillConfig(epochs=config.qat_epochs, lr=config.qat_lr), "quantize qat")
+        return [f"quantization-aware fine-tune of {len(chosen)} layer(s), {len(result.history)} epoch(s), best "
+                f"{result.best_epoch + 1}: " + ", ".join(f"train loss {h['train_loss']:.4f}" for h in result.history)]
 
     def _weight_only(self, gm: fx.GraphModule, program: Program, chosen: list[Layer], notes: list[str]) -> None:
         config = self.config
