@@ -85,3 +85,23 @@ def test_a_one_shot_generator_is_refused_with_a_fix(trained):
         compile_quietly(model, held_out[:8], passes="quantize:smoothquant=0.5", backend="torch",
                         calibration_data=((batch,) for batch in train.split(200)))  # fmt: skip
     assert "list" in (caught.value.hint or "")
+
+
+@pytest.mark.parametrize("passes", ["cleanup,quantize", "cleanup,quantize:smoothquant=auto"])
+def test_a_cached_lm_in_static_int8_keeps_its_promise_on_held_back_prompts_and_generates(passes):
+    """Prompts (prefill + decode steps) calibrate the cached graph; the promise is checked on the
+    example (its past the model's own cache for two tokens) and on the held-back prompt's steps."""
+    pytest.importorskip("transformers", reason="transformers is a dev extra")
+    from conftest import tiny_llama
+
+    lm = tiny_llama()
+    ids = torch.randint(3, 128, (1, 8))
+    generator = torch.Generator().manual_seed(0)
+    prompts = [{"input_ids": torch.randint(3, 128, (2, 16), generator=generator)} for _ in range(8)]
+    compiled = compile_quietly(lm, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, passes=passes,
+                               backend="onnxruntime", calibration_data=prompts)  # fmt: skip
+    record = compiled.report.passes[-1]
+    assert record.held_back_batches == 5 and record.held_back_cosine >= 0.99 and record.cosine >= 0.99
+    assert record.stats["quantized"] == 15
+    out = compiled.generate(ids, max_new_tokens=6, min_new_tokens=6)
+    assert out.shape == (1, 14) and torch.equal(out[:, :8], ids)

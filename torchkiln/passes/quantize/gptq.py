@@ -27,6 +27,7 @@ from torch import fx
 
 from torchkiln.compiler import graph as G
 from torchkiln.compiler.quant_ops import block_grid, pack_codes
+from torchkiln.passes.quantize.scaling import run_share
 
 
 class _Hessians(fx.Interpreter):
@@ -56,10 +57,7 @@ def hessians(
     is absent. With ``world`` > 1 (a torchrun group) rank r runs batches r, r + world, … and the
     sums are added over the ranks (every rank gets them all)."""
     recorder = _Hessians(gm, nodes)
-    with torch.no_grad():
-        for index, batch in enumerate(batches):
-            if index % world == rank:
-                recorder.run(*batch)
+    run_share(recorder, batches, rank, world)
     if world > 1:
         _sum_over_ranks(gm, recorder, nodes)
     return {name: total / recorder.rows[name] for name, total in recorder.sums.items()}, dict(recorder.rows)

@@ -44,16 +44,21 @@ def label(group: list[Layer]) -> str:
     return group[0].name + (f" (+{len(group) - 1})" if len(group) > 1 else "")
 
 
+def run_share(interpreter: fx.Interpreter, batches: Iterable[tuple[torch.Tensor, ...]], rank: int, world: int) -> None:
+    """Runs ``interpreter`` on this rank's share of the batches (r, r + world, ...), without gradients."""
+    with torch.no_grad():
+        for index, batch in enumerate(batches):
+            if index % world == rank:
+                interpreter.run(*batch)
+
+
 def collect(
     gm: fx.GraphModule, groups: dict[fx.Node, list[Layer]], batches: Iterable[tuple[torch.Tensor, ...]],
     rank: int = 0, world: int = 1,
 ) -> Stats:  # fmt: skip
     """One float pass (this rank's share of the batches); with ``world`` > 1, gathered over the ranks."""
     stats = Stats(gm, {node.name for node in groups})
-    with torch.no_grad():
-        for index, batch in enumerate(batches):
-            if index % world == rank:
-                stats.run(*batch)
+    run_share(stats, batches, rank, world)
     if world > 1:
         gather(gm, stats, groups)
     return stats
