@@ -46,7 +46,7 @@ def _error(model, compiled, held_out) -> float:
         return float(((compiled(held_out) - reference) ** 2).mean() / (reference**2).mean())
 
 
-@pytest.mark.parametrize("alpha", ["0.5", "auto"])
+@pytest.mark.parametrize("alpha", ["0.5", pytest.param("auto", marks=pytest.mark.slow)])
 def test_smoothquant_static_int8_error_is_far_below_plain_static_int8(trained, alpha):
     model, train, held_out = trained
     calibration = [(batch,) for batch in train.split(200)]
@@ -87,7 +87,8 @@ def test_a_one_shot_generator_is_refused_with_a_fix(trained):
     assert "list" in (caught.value.hint or "")
 
 
-@pytest.mark.parametrize("passes", ["cleanup,quantize", "cleanup,quantize:smoothquant=auto"])
+@pytest.mark.parametrize("passes", [pytest.param("cleanup,quantize", marks=pytest.mark.slow),
+                                    "cleanup,quantize:smoothquant=auto"])  # fmt: skip
 def test_a_cached_lm_in_static_int8_keeps_its_promise_on_held_back_prompts_and_generates(passes):
     """Prompts (prefill + decode steps) calibrate the cached graph; the promise is checked on the
     example (its past the model's own cache for two tokens) and on the held-back prompt's steps."""

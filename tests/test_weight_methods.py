@@ -45,14 +45,15 @@ def _error(model, compiled, held_out) -> float:
 
 
 #: (grid, method): measured held-out error ratio to round to nearest, Intel Xeon 2026-12-04, in the comment
+SLOW = pytest.mark.slow  # CI keeps one case of each method and grid kind
 CASES = [
     ("bits=4,block_size=32", "gptq"),  # 0.17
-    ("bits=4,block_size=64", "gptq"),  # 0.21
-    ("bits=8,block_size=32", "gptq"),  # 0.23
+    pytest.param("bits=4,block_size=64", "gptq", marks=SLOW),  # 0.21
+    pytest.param("bits=8,block_size=32", "gptq", marks=SLOW),  # 0.23
     ("bits=4,block_size=32", "gptq,act_order=true"),  # 0.09
     ("bits=3,block_size=32,symmetric=false", "gptq"),  # 0.26
     ("bits=4,block_size=32", "awq"),  # 0.03
-    ("bits=4,block_size=32,symmetric=false", "awq"),  # 0.05
+    pytest.param("bits=4,block_size=32,symmetric=false", "awq", marks=SLOW),  # 0.05
     ("bits=3,block_size=32,symmetric=false", "awq"),  # 0.09
 ]
 
@@ -194,7 +195,7 @@ def test_method_options_are_checked_against_the_method(trained):
         compile_quietly(model, held_out[:8], passes="quantize:mode=weight_only,method=awq", backend="torch")
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq"])
+@pytest.mark.parametrize("method", ["gptq", pytest.param("awq", marks=SLOW)])
 def test_a_causal_lm_with_its_cache_calibrates_on_prompts_and_generates(method):
     """Prompts (batch 1 and 2) run as the cached graph's prefill and greedy decode steps; the
     quantized LM keeps its promise on the held-back prompt and generates like transformers."""
@@ -227,8 +228,8 @@ def test_a_prompt_that_is_not_one_says_what_a_cached_lm_is_calibrated_on():
                         calibration_data=[ids, {"input_ids": ids, "labels": ids}])  # fmt: skip
 
 
-@pytest.mark.parametrize("grid", ["mode=weight_only,bits=4,block_size=32", "mode=weight_only,bits=3,block_size=32",
-                                  "mode=dynamic"])  # fmt: skip
+@pytest.mark.parametrize("grid", ["mode=weight_only,bits=4,block_size=32",
+                                  pytest.param("mode=weight_only,bits=3,block_size=32", marks=SLOW), "mode=dynamic"])  # fmt: skip
 def test_quantization_aware_fine_tuning_lowers_the_error_of_round_to_nearest(trained, grid):
     """Fine-tuned toward the float model through the weights' rounding (straight-through), then rounded
     to the same grid: the held-out error falls below plain rounding's."""
