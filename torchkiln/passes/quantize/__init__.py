@@ -293,7 +293,8 @@ class Quantize(Pass):
         grid = (qat.per_channel(63 if config.reduce_range != "off" else 127) if config.mode == "dynamic"
                 else awq.Grid(config.bits, config.block_size, config.symmetric).round_trip)  # fmt: skip
         with qat.fake_quantized(gm, chosen, grid):
-            result = train_graph(program, gm, DistillConfig(epochs=config.qat_epochs, lr=config.qat_lr), "quantize qat")
+            result = train_graph(program, gm, DistillConfig(epochs=config.qat_epochs, lr=config.qat_lr, temperature=1.0),
+                                 "quantize qat")  # temperature 1: the output distribution itself, as LLM QAT does
         return [f"quantization-aware fine-tune of {len(chosen)} layer(s), {len(result.history)} epoch(s), best "
                 f"{result.best_epoch + 1}: " + ", ".join(f"train loss {h['train_loss']:.4f}" for h in result.history)]
 
