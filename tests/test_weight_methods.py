@@ -168,7 +168,7 @@ def test_awq_folds_its_scales_into_the_ops_before_and_keeps_the_function(bits):
                                calibration_data=[(x,)], verify=False)  # fmt: skip
     notes = compiled.report.passes[-1].notes
     assert "AWQ: 1/s folded into a norm's weight: a (+1)" in notes
-    assert "AWQ: 1/s folded into the linear before the ReLU: d" in notes
+    assert "AWQ: 1/s folded into the rows of the linear before, through a ReLU: d" in notes
     assert not any("multiply" in note for note in notes)
     graph = compiled.artifact.module.graph
     assert not any(n.op == "call_function" and "mul" in str(n.target) for n in graph.nodes)
@@ -255,3 +255,17 @@ def test_qat_needs_training_data_and_round_to_nearest(trained):
                    "quantize:mode=weight_only,qat_lr=0"):  # fmt: skip
         with pytest.raises(ConfigError, match="qat"):
             compile_quietly(model, held_out[:8], passes=passes, backend="torch", train_data=[(train[:100],)])
+
+
+def test_awq_folds_into_an_eval_batch_norm_through_a_relu():
+    """The zoo MLP: Linear → BatchNorm1d → ReLU → Linear; 1/s goes into the batch norm's weight and
+    bias (``weight * normalized + bias`` per channel), only the model's input keeps a multiply."""
+    from torchkiln import models
+
+    entry = models.get("mlp")
+    calibration = [entry.example_inputs(batch=16, seed=s) for s in range(12)]
+    compiled = compile_quietly(entry.build(), entry.example_inputs(batch=16), backend="torch", calibration_data=calibration,
+                               passes="cleanup,quantize:mode=weight_only,method=awq,symmetric=false")  # fmt: skip
+    notes = compiled.report.passes[-1].notes
+    assert "AWQ: 1/s folded into a norm's weight, through a ReLU: features.4, classifier" in notes, notes
+    assert "AWQ: 1/s kept as a multiply before: features.0" in notes

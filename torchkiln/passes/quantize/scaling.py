@@ -150,7 +150,11 @@ def _stored(gm: fx.GraphModule, arg: Any) -> torch.Tensor | None:
     return None
 
 
-_AFFINE_NORMS = (torch.nn.LayerNorm, *((torch.nn.RMSNorm,) if hasattr(torch.nn, "RMSNorm") else ()))
+#: norms whose output is ``weight * normalized + bias`` per channel (batch norm: in eval, as the IR runs)
+_AFFINE_NORMS = (
+    torch.nn.LayerNorm, torch.nn.modules.batchnorm._BatchNorm,
+    *((torch.nn.RMSNorm,) if hasattr(torch.nn, "RMSNorm") else ()),
+)  # fmt: skip
 _RELUS = {aten.relu.default, torch.relu, torch.nn.functional.relu}
 Change = Callable[[torch.Tensor], None]
 
@@ -195,7 +199,7 @@ def _fold_plan(gm: fx.GraphModule, node: fx.Node, width: int) -> tuple[str, list
         return "a norm's weight", changes
     if _is_relu(gm, node) and _single_reader(node.args[0], node):  # relu(z) / s = relu(z / s), s > 0
         inner = _fold_plan(gm, node.args[0], width)  # type: ignore[arg-type]
-        return None if inner is None else ("the linear before the ReLU", inner[1])
+        return None if inner is None else (f"{inner[0]}, through a ReLU", inner[1])
     if node.op == "call_module":
         module = gm.get_submodule(str(node.target))
         weight = getattr(module, "weight", None)
