@@ -140,6 +140,11 @@ def _nncf(model: Any, inputs: dict[str, torch.Tensor], prompts: list[Any], recip
     fp32 = torchkiln.compile(model, inputs, passes="cleanup", backend="openvino", latency_runs=0, verify=False)
     ov_model = ov.Core().read_model(str(fp32.artifact.directory / "model.xml"))
     if recipe:
+        # constant folding first: the weights' Transpose from the ONNX MatMul folded into the constants
+        # (NNCF's GPTQ refused "Transpose is not supported"; its AWQ + scale estimation gave perplexity 666)
+        from openvino._offline_transformations import apply_moc_transformations
+
+        apply_moc_transformations(ov_model, cf=True)
         steps = calibration_steps(fp32, example_graph_inputs(fp32), prompts)  # the graph's own inputs
         dataset = nncf.Dataset([{k: v.numpy() for k, v in step.items()} for step in steps])
         options = dict(recipe)
