@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration", type=int, default=32, help="calibration windows of 128 tokens")
     parser.add_argument("--train", type=int, default=64, help="QAT rows: training windows of 128 tokens")
     parser.add_argument("--rows", nargs="*", help="substrings of the rows to run (default: all)")
+    parser.add_argument("--skip", nargs="*", default=[], help="substrings of rows to leave out")
     args = parser.parse_args(argv)
     logging.getLogger("nncf").setLevel(logging.ERROR)
     say = functools.partial(print, file=sys.stderr, flush=True)
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|")
     reference: dict[str, float] = {"ONNX Runtime": eager}
     for row, recipe in ROWS.items():
-        if args.rows and not any(part in row for part in args.rows):
+        if (args.rows and not any(part in row for part in args.rows)) or any(part in row for part in args.skip):
             continue
         say(f"{row} ...")
         start = time.perf_counter()
