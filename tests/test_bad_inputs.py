@@ -134,7 +134,7 @@ COMPILE_CASES = [
     ),
     ("unknown-calibrator", LINEAR, X, {"passes": "quantize:calibrator=kl"}, ConfigError, "'kl' is not one of"),
     ("unknown-quantize-mode", LINEAR, X, {"passes": "quantize:mode=int2"}, ConfigError, "is not one of"),
-    ("bad-bits", LINEAR, X, {"passes": "quantize:mode=weight_only,bits=3"}, ConfigError, "is not one of"),
+    ("bad-bits", LINEAR, X, {"passes": "quantize:mode=weight_only,bits=2"}, ConfigError, "is not one of"),
     (
         "bad-block-size",
         LINEAR,

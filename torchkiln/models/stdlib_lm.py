@@ -16,7 +16,6 @@ import hashlib
 import math
 import os
 import sysconfig
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchkiln.compiler import files
 from torchkiln.errors import ConfigError
 
 #: modules of plain, varied Python (no generated tables), ~1.4 MB together
@@ -106,8 +106,10 @@ def trained(
 ) -> tuple[nn.Module, Any, Split]:
     """(model, tokenizer, split) of the ``size`` LM, trained with seed 0 — or loaded from ``cache``
     (default ``$TORCHKILN_LM_CACHE`` or ``~/.cache/torchkiln/lm``) where an earlier call saved it under a
-    hash of the corpus, the shape and the training budget. Saved whole or not at all (written
-    beside, then renamed); loading reads safetensors and a tokenizer file, never code."""
+    hash of the corpus, the shape and the training budget. Saved whole or not at all through the
+    destination policy (``compiler.files``: written beside and swapped in; a directory there that is
+    not our cache entry is refused before the training); loading reads safetensors and a tokenizer
+    file, never code."""
     import transformers
 
     shape = _size(size)
@@ -116,23 +118,18 @@ def trained(
                                hashlib.sha256(text.encode()).hexdigest())).encode()).hexdigest()[:16]  # fmt: skip
     root = Path(cache or os.environ.get("TORCHKILN_LM_CACHE") or Path.home() / ".cache" / "torchkiln" / "lm")
     directory = root / f"stdlib-{size}-{key}"
-    if (directory / "model.safetensors").is_file():
+    if files.is_ours(directory, "cache") and (directory / "model.safetensors").is_file():
         tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(str(directory))
         model = transformers.LlamaForCausalLM.from_pretrained(str(directory), use_safetensors=True).eval()
         return model, tokenizer, split(tokenizer, text)
-    root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=root, prefix=f".stdlib-{size}-") as work:
+    files.check_destination(directory, "cache")  # before the training: a directory not ours is refused
+    with files.atomic_directory(directory, "cache") as work:
         tokenizer = train_tokenizer(text, work)
         data = split(tokenizer, text)
         torch.manual_seed(0)
         model = train(build(size=size), data.train, steps=shape["steps"], batch=shape["batch"], progress=progress)
         model.save_pretrained(work, safe_serialization=True)  # type: ignore[operator]
-        try:
-            os.rename(work, directory)  # whole, or an earlier process's whole copy stays
-        except OSError:
-            pass
-        else:
-            os.mkdir(work)  # the context manager removes its (now renamed) directory: give it an empty one
+        files.write_marker(work, "cache", what=f"stdlib LM {size}", key=key)
     return model, tokenizer, data
 
 
