@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import compile_quietly
+from conftest import compile_quietly, fit_digits
 from torch import nn
 
 from torchkiln.compiler.quant_ops import pack_blocks, pack_codes, unpack_blocks
@@ -27,15 +27,7 @@ def trained():
     y = torch.tensor(digits.target)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 128), nn.GELU(), nn.Linear(128, 10))
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(300):
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(x[:1400]), y[:1400]).backward()
-        optimizer.step()
-    model.eval()
-    accuracy = (model(x[1400:]).argmax(1) == y[1400:]).float().mean().item()
-    assert accuracy > 0.9, accuracy  # trained, not random weights
-    return model, x[:1400], x[1400:]
+    return fit_digits(model, x, y, 300), x[:1400], x[1400:]
 
 
 def _error(model, compiled, held_out) -> float:
