@@ -168,16 +168,32 @@ def to_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, low: int,
     return torch.clamp(torch.round(w / scale[..., None]) + zero[..., None], low, high)
 
 
+def _block_codes(
+    weight: torch.Tensor, bits: int, block_size: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``weight`` [N, K] zero-padded to whole blocks and rounded to nearest on :func:`block_grid`:
+    (codes [N, blocks, block_size], scale [N, blocks], zero [N, blocks])."""
+    n, k = weight.shape
+    blocks = -(-k // block_size)
+    w = torch.nn.functional.pad(weight.detach().float(), (0, blocks * block_size - k)).view(n, blocks, block_size)
+    scale, zero, low, high = block_grid(w, bits, symmetric)
+    return to_codes(w, scale, zero, low, high), scale, zero
+
+
+def round_trip_blocks(weight: torch.Tensor, bits: int, block_size: int, symmetric: bool = True) -> torch.Tensor:
+    """``weight`` [N, K] rounded to nearest on the block grid and back to float (what it computes as)."""
+    n, k = weight.shape
+    codes, scale, zero = _block_codes(weight, bits, block_size, symmetric)
+    return ((codes - zero[..., None]) * scale[..., None]).view(n, -1)[:, :k]
+
+
 def pack_blocks(
     weight: torch.Tensor, bits: int, block_size: int, symmetric: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``weight`` [N, K] rounded to nearest on :func:`block_grid` → :func:`pack_codes`' format (packed,
     scales, zero points or None when symmetric); K is zero-padded to whole blocks."""
     n, k = weight.shape
-    blocks = -(-k // block_size)
-    w = torch.nn.functional.pad(weight.detach().float(), (0, blocks * block_size - k)).view(n, blocks, block_size)
-    scale, zero, low, high = block_grid(w, bits, symmetric)
-    codes = to_codes(w, scale, zero, low, high)
+    codes, scale, zero = _block_codes(weight, bits, block_size, symmetric)
     return pack_codes(codes.view(n, -1)[:, :k], scale, bits, block_size, None if symmetric else zero)
 
 
@@ -224,6 +240,12 @@ def unpack_blocks(
         zero = z[:, :blocks].float().view(n, blocks, 1)
     values = (q.float() - zero) * scales.view(n, blocks, 1)
     return values.reshape(n, blocks * block_size)[:, :in_features]
+
+
+def round_trip_per_channel(weight: torch.Tensor, levels: int = 127) -> torch.Tensor:
+    """``weight`` through :func:`quantize_weight_per_channel` and back to float."""
+    q, scale = quantize_weight_per_channel(weight, levels)
+    return q.float() * scale.view((-1,) + (1,) * (weight.dim() - 1))
 
 
 def quantize_weight_per_channel(weight: torch.Tensor, levels: int = 127) -> tuple[torch.Tensor, torch.Tensor]:

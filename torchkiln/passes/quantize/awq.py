@@ -25,7 +25,7 @@ import torch
 from torch import fx
 
 from torchkiln.compiler import graph as G
-from torchkiln.compiler.quant_ops import block_grid, to_codes
+from torchkiln.compiler.quant_ops import round_trip_blocks
 from torchkiln.passes.layers import Layer
 from torchkiln.passes.quantize import scaling
 
@@ -38,12 +38,7 @@ class Grid:
 
     def round_trip(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` [N, K] rounded to nearest on this grid and back to float."""
-        n, k = weight.shape
-        blocks = -(-k // self.block_size)
-        w = torch.nn.functional.pad(weight, (0, blocks * self.block_size - k)).view(n, blocks, self.block_size)
-        scale, zero, low, high = block_grid(w, self.bits, self.symmetric)
-        codes = to_codes(w, scale, zero, low, high)
-        return ((codes - zero[..., None]) * scale[..., None]).view(n, -1)[:, :k]
+        return round_trip_blocks(weight, self.bits, self.block_size, self.symmetric)
 
 
 def scale(

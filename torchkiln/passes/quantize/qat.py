@@ -11,12 +11,14 @@ float weights stay, for the pass to round to exactly the values the forward pass
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
+from torchkiln.compiler.quant_ops import round_trip_per_channel
 from torchkiln.passes.layers import Layer
 
 RoundTrip = Callable[[torch.Tensor], torch.Tensor]
@@ -34,12 +36,7 @@ class _Straight(nn.Module):
 def per_channel(levels: int) -> RoundTrip:
     """Symmetric int8 per output channel (``levels`` = 127, or 63 for the 7-bit range), as the
     dynamic mode stores weights."""
-
-    def round_trip(weight: torch.Tensor) -> torch.Tensor:
-        step = (weight.abs().amax(1, keepdim=True) / levels).clamp(min=1e-12)
-        return torch.clamp(torch.round(weight / step), -levels, levels) * step
-
-    return round_trip
+    return functools.partial(round_trip_per_channel, levels=levels)
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ import torch
 from torch import fx
 
 from torchkiln.compiler import graph as G
+from torchkiln.compiler.quant_ops import round_trip_per_channel
 from torchkiln.passes.layers import Layer
 from torchkiln.passes.quantize import scaling
 
@@ -76,11 +77,6 @@ def _fake_int8(x: torch.Tensor, signed: bool) -> torch.Tensor:
     return (torch.clamp(torch.round(x / step) + zero, 0, 255) - zero) * step
 
 
-def _per_channel_int8(w: torch.Tensor) -> torch.Tensor:
-    step = (w.abs().amax(1, keepdim=True) / 127).clamp(min=1e-12)
-    return torch.clamp(torch.round(w / step), -127, 127) * step
-
-
 def _search(
     peak: torch.Tensor, weights: list[torch.Tensor], sample: torch.Tensor | None, signed: bool, world: int
 ) -> float:
@@ -90,7 +86,7 @@ def _search(
             s = _scales(peak, weights, alpha)
             x = _fake_int8(sample / s, signed)
             for w in weights:
-                errors[index] += float((x @ _per_channel_int8(w * s).T - sample @ w.T).pow(2).sum())
+                errors[index] += float((x @ round_trip_per_channel(w * s).T - sample @ w.T).pow(2).sum())
     if world > 1:
         import torch.distributed as dist
 
