@@ -311,6 +311,7 @@ RECIPE = """
 [model]
 source = "mlp"
 inputs = [{ name = "x", shape = [1, 64], dynamic = { 0 = "batch" } }]
+kv_cache = "float"
 
 [[passes]]
 name = "cleanup"

@@ -6,6 +6,7 @@
     source = "resnet"                 # zoo name, path/to/file.py:factory or package.module:factory
     weights = "weights.pt"            # optional: a state dict, loaded with weights_only=True
     inputs = [{ name = "x", shape = [1, 3, 32, 32], dtype = "float32", dynamic = { 0 = "batch" } }]
+    kv_cache = "float"                # a causal LM's KV cache: float, int8, int8-calibrated
 
     [[passes]]
     name = "fold_batchnorm"
@@ -50,9 +51,11 @@ import tomllib
 
 from torchkiln.errors import ConfigError
 
+KV_CACHES = ("float", "int8", "int8-calibrated")  # torchkiln.compiler.kv_cache.MODES (recipe.py imports no torch)
+
 # table -> key -> (type, required)
 _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
-    "model": {"source": (str, True), "weights": (str, False), "inputs": (list, False)},
+    "model": {"source": (str, True), "weights": (str, False), "inputs": (list, False), "kv_cache": (str, False)},
     "passes": {"name": (str, True), "options": (dict, False)},
     "calibration": {"source": (str, True), "batches": (int, False)},
     "training": {"source": (str, True), "batches": (int, False), "validation": (str, False)},
@@ -105,6 +108,7 @@ class Recipe:
     partition: Mapping[str, Any] | None = None
     tune: Mapping[str, Any] | None = None  # checked in full by torchkiln.tuning
     training: Mapping[str, Any] | None = None  # batches for distill (train_data / val_data)
+    kv_cache: str = "float"  # a causal LM's KV cache (torchkiln.compiler.kv_cache.MODES)
 
     def resolve(self, relative: str) -> Path:
         """A path in the recipe, relative to the recipe's directory."""
@@ -133,6 +137,8 @@ def load_recipe(path: str | Path) -> Recipe:
     checker.tables(data)
     model = checker.table(data, "model", required=True)
     assert model is not None  # required: table() raised otherwise
+    if model.get("kv_cache", "float") not in KV_CACHES:
+        checker.fail("model", "kv_cache", f"must be one of {', '.join(KV_CACHES)}, got '{model['kv_cache']}'")
     passes = data.get("passes", [])
     if not isinstance(passes, list):
         checker.fail("passes", None, "write each pass as a [[passes]] table")
@@ -143,6 +149,8 @@ def load_recipe(path: str | Path) -> Recipe:
     if "min_cosine" in verify and ("atol" in verify or "rtol" in verify):
         checker.fail("verify", "min_cosine", "give min_cosine or atol/rtol, not both")
     partition = checker.table(data, "partition")
+    if partition is not None and model.get("kv_cache", "float") != "float":
+        checker.fail("model", "kv_cache", "an int8 KV cache is not supported with [partition]: drop one of them")
     if partition is not None and partition["stages"] < 1:
         checker.fail("partition", "stages", f"must be >= 1, got {partition['stages']}")
     if partition is not None and partition.get("balance", "latency") not in ("latency", "memory", "params"):
@@ -172,6 +180,7 @@ def load_recipe(path: str | Path) -> Recipe:
         partition=partition,
         tune=checker.table(data, "tune"),
         training=training,
+        kv_cache=model.get("kv_cache", "float"),
     )
 
 

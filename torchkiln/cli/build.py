@@ -144,6 +144,7 @@ def build_and_check(
         backend=recipe.backend, backend_options=recipe.backend_options, dynamic_axes=data.axes,
         calibration_data=data.calibration, train_data=data.training, val_data=data.validation,
         tolerance=_tolerance(recipe), name=Path(recipe.model).stem, progress=say, latency_runs=50, cache=cache,
+        kv_cache=recipe.kv_cache,
     )  # fmt: skip
     evaluation = _evaluate(recipe, data.model, compiled, data.inputs)
     measured = measures(compiled, evaluation, measure_size)

@@ -19,6 +19,7 @@ from torchkiln.cli.common import (
     tolerance_from_flags,
 )
 from torchkiln.compiler.files import check_destination
+from torchkiln.compiler.kv_cache import MODES
 from torchkiln.compiler.verify import Tolerance
 from torchkiln.driver.api import DEFAULT_PASSES
 from torchkiln.driver.auto import AutoOptions
@@ -63,6 +64,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "example input), or random:N for N random batches (a smoke test, not real ranges)",
     )
     parser.add_argument("--dynamic-batch", action="store_true", help="make axis 0 of every input dynamic")
+    parser.add_argument(
+        "--kv-cache",
+        choices=MODES,
+        default="float",
+        help="a causal LM's KV cache: float (default), int8 (per-head scales set per step) or int8-calibrated "
+        "(per-head scales set on the --calibration prompts)",
+    )
     parser.add_argument(
         "--dynamic",
         action="append",
@@ -135,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
         frontend=args.frontend,
         name=args.model if entry else None,
         progress=progress,
+        kv_cache=args.kv_cache,
     )
     compiled.save(args.output)
     if not args.quiet:

@@ -24,13 +24,16 @@ the number of positions); it goes into the artifact's manifest.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from torchkiln.compiler.calibration import CACHE_AXIS, Expanded, held_back_count
+from torchkiln.compiler import kv_cache
+from torchkiln.compiler.calibration import CACHE_AXIS, Expanded, held_back_count, hold_back
+from torchkiln.compiler.verify import cosine_similarity
 from torchkiln.errors import InputError
 
 EXAMPLE_PAST = 2  # past length traced with: 0 and 1 would be specialized by torch.export
@@ -53,10 +56,11 @@ def wants_cache(model: nn.Module, example_inputs: Any) -> bool:
 
 
 def with_cache(
-    model: nn.Module, example_inputs: Mapping[str, Any]
+    model: nn.Module, example_inputs: Mapping[str, Any], kv: str = "float", prompts: Any = None
 ) -> tuple[nn.Module, dict[str, torch.Tensor], dict[str, dict[int, str]]]:
     """The wrapped model, its example inputs (with a past of ``EXAMPLE_PAST`` positions) and its
-    dynamic axes."""
+    dynamic axes. ``kv`` is the cache's form (:data:`kv_cache.MODES`); ``int8-calibrated`` sets
+    its scales on ``prompts`` (calibration prompts; those held back are not read)."""
     extra = sorted(set(example_inputs) - {"input_ids", "attention_mask", "use_cache"})
     if "input_ids" not in example_inputs or extra:
         raise InputError(
@@ -80,13 +84,25 @@ def with_cache(
         inputs["position_ids"] = positions(inputs["attention_mask"], ids.shape[1])
         axes["position_ids"] = {0: "batch", 1: "sequence"}
     past = _real_past(model, ids, shapes)
+    fixed = None
+    if kv == "int8-calibrated":
+        float_inputs = inputs | {f"past_{name}": tensor for name, tensor in past.items()}
+        steps = calibration_steps(_wrapper(model, [*float_inputs], len(shapes)), float_inputs, prompts)
+        fixed = kv_cache.calibrated_scales(hold_back(steps)[0], len(shapes))
     for i in range(len(shapes)):
         for kind in ("key", "value"):
-            name = f"past_{kind}_{i}"
-            inputs[name] = past[f"{kind}_{i}"]
-            axes[name] = {0: "batch", 2: CACHE_AXIS}
-    names = [*inputs]
-    return _wrapper(model, names, len(shapes)), inputs, axes
+            tensor = past[f"{kind}_{i}"]
+            if kv != "float":
+                tensor, scale = kv_cache.quantize(
+                    tensor, None if fixed is None else fixed[i][kind == "value"]
+                )
+            inputs[f"past_{kind}_{i}"] = tensor
+            if kv_cache.per_step(kv):
+                inputs[f"past_{kind}_scale_{i}"] = scale
+            for name in (f"past_{kind}_{i}", f"past_{kind}_scale_{i}"):
+                if name in inputs:
+                    axes[name] = {0: "batch", 2: CACHE_AXIS}
+    return _wrapper(model, [*inputs], len(shapes), kv, fixed), inputs, axes
 
 
 def calibration_steps(wrapped: nn.Module, example: Mapping[str, torch.Tensor], source: Any) -> Any:
@@ -124,48 +140,100 @@ def _steps(
     if isinstance(prompt, Mapping) and "past_key_0" in prompt:
         yield dict(prompt)
         return
-    if isinstance(prompt, torch.Tensor):
-        prompt = {"input_ids": prompt}
-    extra = sorted(set(prompt) - {"input_ids", "attention_mask"}) if isinstance(prompt, Mapping) else None
-    ids = prompt.get("input_ids") if isinstance(prompt, Mapping) else None
-    if extra or not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point() or not ids.numel():
-        raise InputError(
-            f"calibration batch {index}: a causal LM compiled with its cache is calibrated on prompts",
-            where=f"calibration batch {index}",
-            hint="give {'input_ids': ids [batch, sequence] (integers), 'attention_mask': mask} or an ids tensor; "
-            "each prompt runs as a prefill, then greedy decode steps",
-        )
-    batch = ids.shape[0]
-    inputs: dict[str, torch.Tensor] = {"input_ids": ids}
-    mask = None
-    if "attention_mask" in example:
-        mask = prompt.get("attention_mask")
-        if not isinstance(mask, torch.Tensor) or mask.shape != ids.shape:
-            mask = torch.ones_like(ids)
-        mask = mask.to(example["attention_mask"].dtype)
-        inputs["attention_mask"] = mask
-    if "position_ids" in example:
-        inputs["position_ids"] = positions(mask, ids.shape[1])  # type: ignore[arg-type]
-    names = [n for n in example if n.startswith("past_")]
-    for name in names:
-        shape = example[name].shape
-        inputs[name] = example[name].new_zeros(batch, shape[1], 0, shape[3])
+    rollout = _Rollout(wrapped, example, prompt, index)
     for step in range(DECODE_STEPS + 1):
-        yield inputs
-        if step == DECODE_STEPS:
-            return
-        with torch.no_grad():
-            out = wrapped(**inputs)
-        token = out["logits"][:, -1].argmax(-1, keepdim=True).to(ids.dtype)
-        following: dict[str, torch.Tensor] = {"input_ids": token}
-        if mask is not None:
-            mask = torch.cat([mask, mask.new_ones(batch, 1)], 1)
-            following["attention_mask"] = mask
+        yield rollout.inputs
+        if step < DECODE_STEPS:
+            rollout.advance(rollout.run())
+
+
+class _Rollout:
+    """A prompt's prefill, then one token at a time with the cache the wrapped model returned."""
+
+    def __init__(self, wrapped: nn.Module, example: Mapping[str, torch.Tensor], prompt: Any, index: int):
+        if isinstance(prompt, torch.Tensor):
+            prompt = {"input_ids": prompt}
+        extra = sorted(set(prompt) - {"input_ids", "attention_mask"}) if isinstance(prompt, Mapping) else None
+        ids = prompt.get("input_ids") if isinstance(prompt, Mapping) else None
+        if (
+            extra
+            or not isinstance(ids, torch.Tensor)
+            or ids.dim() != 2
+            or ids.is_floating_point()
+            or not ids.numel()
+        ):
+            raise InputError(
+                f"calibration batch {index}: a causal LM compiled with its cache is calibrated on prompts",
+                where=f"calibration batch {index}",
+                hint="give {'input_ids': ids [batch, sequence] (integers), 'attention_mask': mask} or an ids tensor; "
+                "each prompt runs as a prefill, then greedy decode steps",
+            )
+        assert isinstance(prompt, Mapping)
+        self.wrapped, self.example, self.batch, self.dtype = wrapped, example, ids.shape[0], ids.dtype
+        self.inputs: dict[str, torch.Tensor] = {"input_ids": ids}
+        self.mask = None
+        if "attention_mask" in example:
+            mask = prompt.get("attention_mask")
+            if not isinstance(mask, torch.Tensor) or mask.shape != ids.shape:
+                mask = torch.ones_like(ids)
+            self.mask = mask.to(example["attention_mask"].dtype)
+            self.inputs["attention_mask"] = self.mask
         if "position_ids" in example:
-            following["position_ids"] = positions(mask, 1)  # type: ignore[arg-type]
-        for name in names:
+            self.inputs["position_ids"] = positions(self.mask, ids.shape[1])  # type: ignore[arg-type]
+        self.names = [n for n in example if n.startswith("past_")]
+        for name in self.names:
+            shape = example[name].shape
+            self.inputs[name] = example[name].new_zeros(self.batch, shape[1], 0, shape[3])
+
+    def run(self) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return dict(self.wrapped(**self.inputs))
+
+    def advance(self, out: Mapping[str, torch.Tensor], token: torch.Tensor | None = None) -> None:
+        """The next step's inputs: ``token`` [batch, 1] (the greedy one when None) after ``out``."""
+        if token is None:
+            token = out["logits"][:, -1].argmax(-1, keepdim=True)
+        following: dict[str, torch.Tensor] = {"input_ids": token.to(self.dtype)}
+        if self.mask is not None:
+            self.mask = torch.cat([self.mask, self.mask.new_ones(self.batch, 1)], 1)
+            following["attention_mask"] = self.mask
+        if "position_ids" in self.example:
+            following["position_ids"] = positions(self.mask, 1)  # type: ignore[arg-type]
+        for name in self.names:
             following[name] = out[name.replace("past_", "present_")].detach()
-        inputs = following
+        self.inputs = following
+
+
+def kv_deviation(
+    wrapped: nn.Module, example: Mapping[str, torch.Tensor], prompts: Sequence[Any]
+) -> dict[str, Any]:
+    """How far the int8 cache of ``wrapped`` moves its logits from the float cache's: each prompt
+    runs as a prefill, then :data:`DECODE_STEPS` greedy steps (the float cache's tokens, fed to
+    both); the least cosine and the largest absolute difference over every step's logits."""
+    assert isinstance(wrapped, CausalLMWithCache)
+    float_example = {
+        name: tensor.float() if name.startswith("past_") else tensor
+        for name, tensor in example.items()
+        if "_scale_" not in name
+    }
+    twin = _wrapper(wrapped.model, [*float_example], wrapped.layers)
+    worst_cosine, worst_abs, steps = 1.0, 0.0, 0
+    for index, prompt in enumerate(prompts):
+        exact, rounded = (
+            _Rollout(twin, float_example, prompt, index),
+            _Rollout(wrapped, example, prompt, index),
+        )
+        for step in range(DECODE_STEPS + 1):
+            want, got = exact.run(), rounded.run()
+            cosine = cosine_similarity(got["logits"], want["logits"])
+            worst_cosine = min(worst_cosine, cosine if math.isfinite(cosine) else -1.0)
+            worst_abs = max(worst_abs, float((got["logits"] - want["logits"]).abs().max()))
+            steps += 1
+            if step < DECODE_STEPS:
+                token = want["logits"][:, -1].argmax(-1, keepdim=True)
+                exact.advance(want, token)
+                rounded.advance(got, token)
+    return {"min_cosine": worst_cosine, "max_abs_error": worst_abs, "prompts": len(prompts), "steps": steps}
 
 
 def _real_past(
@@ -197,8 +265,23 @@ def positions(mask: torch.Tensor, sequence: int) -> torch.Tensor:
     return counted.masked_fill(mask == 0, 1)[:, mask.shape[1] - sequence :]
 
 
-def past_names(layers: int) -> list[str]:
-    return [f"past_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
+def cache_layers(example: Mapping[str, torch.Tensor]) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """(heads, head dim) of every layer's keys and values, read from the cached graph's inputs."""
+    count = sum(1 for name in example if name.startswith("past_key_") and "_scale_" not in name)
+    return [
+        tuple(
+            (example[f"past_{kind}_{i}"].shape[1], example[f"past_{kind}_{i}"].shape[3])
+            for kind in ("key", "value")
+        )  # type: ignore[misc]
+        for i in range(count)
+    ]
+
+
+def past_names(layers: int, kv: str = "float") -> list[str]:
+    """The cache inputs in the wrapper's order: per layer its keys then values (each followed by its
+    scales when the int8 cache sets them per step)."""
+    scales = ("", "_scale") if kv_cache.per_step(kv) else ("",)
+    return [f"past_{kind}{scale}_{i}" for i in range(layers) for kind in ("key", "value") for scale in scales]
 
 
 _POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_positions", "max_target_positions")
@@ -259,23 +342,52 @@ def returned_cache(output: Any) -> Any:
 class CausalLMWithCache(nn.Module):
     """``model`` with its cache as tensors; forward's signature is set per layer count."""
 
-    def __init__(self, model: nn.Module, layers: int):
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: int,
+        kv: str = "float",
+        fixed: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ):
         super().__init__()
-        self.model, self.layers = model, layers
+        self.model, self.layers, self.kv = model, layers, kv
+        for i, pair in enumerate(fixed or []):  # int8-calibrated: the per-head scales, constants of the graph
+            self.register_buffer(f"key_scale_{i}", pair[0])
+            self.register_buffer(f"value_scale_{i}", pair[1])
 
     def run(self, inputs: dict[str, torch.Tensor], past: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         import transformers
 
-        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.layers)]
         # Full-length layers even where the config has a sliding window: a cropped cache would count
         # its positions from its kept length, misplacing a padded batch's mask; the model's
         # sliding-window mask applies the window to the full cache instead (same tokens attended).
-        cache = transformers.DynamicCache(ddp_cache_data=pairs)
+        if self.kv == "float":
+            cache = transformers.DynamicCache(
+                ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.layers)]
+            )
+        elif kv_cache.per_step(self.kv):
+            cache = kv_cache.cache([past[4 * i : 4 * i + 4] for i in range(self.layers)], None)
+        else:
+            fixed = [
+                (getattr(self, f"key_scale_{i}"), getattr(self, f"value_scale_{i}"))
+                for i in range(self.layers)
+            ]
+            cache = kv_cache.cache(
+                [(past[2 * i], None, past[2 * i + 1], None) for i in range(self.layers)], fixed
+            )
         keyword = cache_keyword(self.model)
         out = self.model(**inputs, use_cache=True, **{keyword: cache})
         result = {"logits": out.logits}
         for i, layer in enumerate(returned_cache(out).layers):
-            result[f"present_key_{i}"], result[f"present_value_{i}"] = layer.keys, layer.values
+            if self.kv == "float":
+                result[f"present_key_{i}"], result[f"present_value_{i}"] = layer.keys, layer.values
+                continue
+            result[f"present_key_{i}"] = layer.codes[0]
+            if kv_cache.per_step(self.kv):
+                result[f"present_key_scale_{i}"] = layer.scales[0]
+            result[f"present_value_{i}"] = layer.codes[1]
+            if kv_cache.per_step(self.kv):
+                result[f"present_value_scale_{i}"] = layer.scales[1]
         return result
 
 
@@ -293,11 +405,17 @@ def with_signature(cls: type[nn.Module], name: str, names: list[str], run: Any) 
     return type(name, (cls,), {"forward": forward})
 
 
-def _wrapper(model: nn.Module, names: list[str], layers: int) -> nn.Module:
-    cached = past_names(layers)
+def _wrapper(
+    model: nn.Module,
+    names: list[str],
+    layers: int,
+    kv: str = "float",
+    fixed: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> nn.Module:
+    cached = past_names(layers, kv)
 
     def run(self: CausalLMWithCache, bound: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self.run({n: bound[n] for n in names if n not in cached}, [bound[n] for n in cached])
 
     cls = with_signature(CausalLMWithCache, f"{type(model).__name__}WithCache", names, run)
-    return cls(model, layers).eval()
+    return cls(model, layers, kv, fixed).eval()

@@ -85,6 +85,8 @@ class Report:
     cache: dict[str, str] = dataclasses.field(default_factory=dict)
     #: what ``backend="auto"`` tried, the chosen one first
     candidates: list[CandidateRecord] = dataclasses.field(default_factory=list)
+    #: a causal LM's int8 KV cache: its mode, bytes per cached position and distance from the float cache
+    kv_cache: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -133,11 +135,22 @@ class Report:
         lines.extend(f"  note: {n}" for n in self.notes)
         if self.cache:
             lines.append("  cache: " + ", ".join(f"{stage} {state}" for stage, state in self.cache.items()))
+        if self.kv_cache:
+            lines.append(_kv_line(self.kv_cache))
         if self.artifact:
             lines.append(_artifact_line(self.artifact, self.params, self.param_bytes))
             lines.extend(f"  note ({self.artifact.backend}): {n}" for n in self.artifact.notes)
         lines.extend(_candidate_line(c) for c in self.candidates)
         return "\n".join(lines)
+
+
+def _kv_line(kv: dict[str, Any]) -> str:
+    ratio = kv["bytes_per_position"] / kv["float_bytes_per_position"]
+    return (
+        f"  kv cache: {kv['mode']} ({kv['scales']}), {kv['bytes_per_position']:,} bytes per position "
+        f"({ratio:.2f}x float32's {kv['float_bytes_per_position']:,}); logits vs the float cache: min cosine "
+        f"{kv['min_cosine']:.6f} (promise >= {kv['promise']}), max abs err {kv['max_abs_error']:.3g} on {kv['checked_on']}"
+    )
 
 
 def _candidate_line(c: CandidateRecord) -> str:

@@ -22,9 +22,11 @@ from torchkiln.backends import Artifact, BackendOptions, get_backend
 from torchkiln.backends import backend_options as backend_options_for
 from torchkiln.compiler import causal_lm, seq2seq, state_space
 from torchkiln.compiler import graph as G
+from torchkiln.compiler import kv_cache as kv_cache_module
 from torchkiln.compiler.calibration import (
     CalibrationData,
     Expanded,
+    held_back_count,
     hold_back,
     no_progress,
     take,
@@ -64,6 +66,7 @@ def compile(  # noqa: A001 - the public name users expect
     name: str | None = None,
     progress: Callable[[str], None] | None = None,
     cache: str | os.PathLike[str] | None = None,
+    kv_cache: str = "float",
 ) -> CompiledModel:
     """Compile ``model`` for ``example_inputs`` (a tensor, a tuple, or a dict of keyword tensors).
 
@@ -89,12 +92,25 @@ def compile(  # noqa: A001 - the public name users expect
     ``cache`` is a directory in which the two stages — optimize (trace + passes) and lower (the
     backend) — keep their outputs under a content hash of their inputs (:mod:`torchkiln.driver.cache`);
     the report's ``cache`` says which stages were hits. Data iterables are read into lists first.
+
+    ``kv_cache`` is the form of a causal LM's KV cache (:mod:`torchkiln.compiler.kv_cache`):
+    ``"float"``, ``"int8"`` (per-head scales set per step) or ``"int8-calibrated"`` (per-head scales
+    set on ``calibration_data``'s prompts). The int8 cache's distance from the float cache (logits
+    over prompts run as prefill and decode steps) is checked and reported (``report.kv_cache``).
     """
     say = progress or (lambda _: None)
     pipeline = parse_pipeline(passes)
     # Eager runs (checks, latency, the distillation teacher) use this copy, never the user's module;
     # trace makes its own full copy to rewrite.
     model = private_copy(model, share_parameters=True)
+    kv_cache_module.check_mode(kv_cache)
+    if kv_cache != "float" and not causal_lm.wants_cache(model, example_inputs):
+        raise ConfigError(
+            f"kv_cache={kv_cache} applies to a causal LM compiled with its KV cache; {type(model).__name__} "
+            "with these example inputs has none",
+            where="kv_cache",
+            hint="leave kv_cache at float, or give a Hugging Face causal LM's {'input_ids': ...} without use_cache=False",
+        )
     if seq2seq.wants_cache(model, example_inputs):  # an encoder and a decoder with its cache
         if any(d is not None for d in (calibration_data, train_data, val_data)):
             raise ConfigError(
@@ -118,12 +134,24 @@ def compile(  # noqa: A001 - the public name users expect
             parts.append(compile(module, inputs, dynamic_axes=axes, name=label, progress=progress, **common))
         return CompiledEncoderDecoder(parts[0], parts[1], pair_settings)
     generation: dict[str, int | None] | None = None
+    kv_record: dict[str, Any] | None = None
     if state_space.wants_state(model, example_inputs):  # Mamba: one token over the recurrent states
         generation = causal_lm.generation_settings(model)
         model, example_inputs, dynamic_axes = state_space.with_state(model, example_inputs)
     elif causal_lm.wants_cache(model, example_inputs):  # the KV cache as tensors in and out
         generation = causal_lm.generation_settings(model)
-        model, example_inputs, dynamic_axes = causal_lm.with_cache(model, example_inputs)
+        prompts = example_inputs
+        if kv_cache == "int8-calibrated":
+            if calibration_data is None:
+                raise ConfigError(
+                    "kv_cache=int8-calibrated sets its scales on calibration prompts; none were given",
+                    where="calibration_data",
+                    hint="pass calibration_data (prompts: {'input_ids': ids} or ids tensors), or use kv_cache=int8",
+                )
+            calibration_data = take(calibration_data, None, "calibration_data")  # read twice: scales, then passes
+        model, example_inputs, dynamic_axes = causal_lm.with_cache(model, example_inputs, kv_cache, calibration_data)
+        if kv_cache != "float":
+            kv_record = _kv_check(model, example_inputs, prompts, calibration_data, kv_cache, verify)
     auto_options = auto.AutoOptions.parse(backend_options) if backend == "auto" else None
     options = backend_options_for(backend, backend_options) if auto_options is None else None
     store = Cache(cache) if cache is not None else None
@@ -149,6 +177,7 @@ def compile(  # noqa: A001 - the public name users expect
         assert options is not None
         artifact, record = build(backend, options, strict=verify)
     report.artifact = record
+    report.kv_cache = kv_record
     if latency_runs > 0:
         _measure_latency(model, program, artifact, record, latency_runs)
     names = [p.spec for p in pipeline]
@@ -156,6 +185,41 @@ def compile(  # noqa: A001 - the public name users expect
         artifact, program.inputs, program.outputs, program.out_spec, report, options, names, program.constants,
         generation,
     )  # fmt: skip
+
+
+def _kv_check(
+    wrapped: nn.Module, example: dict[str, torch.Tensor], prompt: Any, calibration: Any, mode: str, strict: bool
+) -> dict[str, Any]:
+    """The int8 cache against the float cache (:func:`causal_lm.kv_deviation`) on the calibration
+    prompts held back (else the first 4 of a list) and the example's prompt; what it costs in
+    bytes per cached position. Below :data:`kv_cache.PROMISE` it fails unless ``strict`` is off."""
+    prompts: list[Any] = [{k: v for k, v in prompt.items() if k in ("input_ids", "attention_mask")}]
+    which = "the example's prompt"
+    if isinstance(calibration, list) and calibration:
+        count = held_back_count(calibration)
+        chosen = calibration[len(calibration) - count :] if count else calibration[:4]
+        prompts += chosen
+        which += f" and {len(chosen)} calibration prompt{'s' * (len(chosen) > 1)}{' held back' if count else ''}"
+    measured = causal_lm.kv_deviation(wrapped, example, prompts)
+    layers = causal_lm.cache_layers(example)
+    record = {
+        "mode": mode,
+        "scales": "per head, set per step" if kv_cache_module.per_step(mode) else "per head, set at calibration",
+        "bytes_per_position": kv_cache_module.bytes_per_position(layers, mode),
+        "float_bytes_per_position": kv_cache_module.bytes_per_position(layers, "float"),
+        "promise": kv_cache_module.PROMISE,
+        "checked_on": f"{which}: prefill + {causal_lm.DECODE_STEPS} greedy decode steps each "
+        f"({measured['steps']} steps' logits)",
+        **{k: measured[k] for k in ("min_cosine", "max_abs_error")},
+    }
+    if strict and not measured["min_cosine"] >= kv_cache_module.PROMISE:
+        raise VerificationError(
+            f"kv_cache={mode} moves the logits from the float cache's: cosine {measured['min_cosine']:.5f} < "
+            f"{kv_cache_module.PROMISE} on {record['checked_on']}",
+            where="kv_cache",
+            hint="use kv_cache=int8 (scales per step) or float, or verify=False to accept it",
+        )
+    return record
 
 
 @dataclasses.dataclass

@@ -26,7 +26,7 @@ from torch.utils import _pytree as pytree
 
 from torchkiln.backends.base import CacheSession
 from torchkiln.compiler.causal_lm import positions
-from torchkiln.compiler.program import bind_inputs
+from torchkiln.compiler.program import bind_inputs, dtype_from_name
 from torchkiln.compiler.seq2seq import PROMPT, SPEECH
 from torchkiln.compiler.state_space import is_state, state_names
 from torchkiln.compiler.verify import cosine_similarity
@@ -311,9 +311,12 @@ class _DecoderSession(_Session):
 
 
 def empty_past(model: Any, batch: int) -> dict[str, torch.Tensor]:
-    """The cache inputs of a prompt: every ``past_*`` input with 0 positions."""
+    """The cache inputs of a prompt: every ``past_*`` input with 0 positions (int8 codes and their
+    scales where the cache is int8)."""
     return {
-        s.name: torch.zeros(batch, s.shape[1], 0, s.shape[3]) for s in model.inputs if s.name.startswith(PAST)
+        s.name: torch.zeros(batch, s.shape[1], 0, s.shape[3], dtype=dtype_from_name(s.dtype))
+        for s in model.inputs
+        if s.name.startswith(PAST)
     }
 
 
