@@ -50,6 +50,10 @@ class DistillConfig(PassConfig):
     warmup_steps: int = option(0, "steps of linear warm-up")
     patience: int = option(0, "stop after this many epochs without a better validation score (0 = never)")
     seed: int = option(0, "seed for initialisation order and data shuffling")
+    group_lasso: float = option(
+        0.0, "weight of a group-lasso term: the L2 norm of each prunable channel (its filters in every coupled "
+        "layer), summed; whole channels shrink toward zero for a following prune:structured=true (0 = off)",
+    )
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -60,7 +64,7 @@ class DistillConfig(PassConfig):
             self.fail("alpha", f"must be in [0, 1], got {self.alpha}")
         if self.lr <= 0:
             self.fail("lr", f"must be > 0, got {self.lr}")
-        for key in ("weight_decay", "warmup_steps", "patience"):
+        for key in ("weight_decay", "warmup_steps", "patience", "group_lasso"):
             if getattr(self, key) < 0:
                 self.fail(key, f"must be >= 0, got {getattr(self, key)}")
 
@@ -121,6 +125,7 @@ def first_output(value: Any) -> torch.Tensor:
 class Trainer:
     def __init__(self, config: DistillConfig, progress: ProgressBar = no_progress):
         self.config, self.progress = config, progress
+        self.penalty: Callable[[], torch.Tensor] | None = None
 
     def fit(
         self,
@@ -129,8 +134,11 @@ class Trainer:
         run_teacher: Callable[[Any], Any],
         train_data: Iterable[Any],
         val_data: Iterable[Any] | None,
+        penalty: Callable[[], torch.Tensor] | None = None,
     ) -> DistillResult:
+        """``penalty`` (a term of the parameters, e.g. the group lasso) is added to every step's loss."""
         cfg = self.config
+        self.penalty = penalty
         torch.manual_seed(cfg.seed)
         batches = list(train_data)
         if not batches:
@@ -158,9 +166,9 @@ class Trainer:
                 stale += 1
                 if cfg.patience and stale >= cfg.patience:
                     break
-        if best_state is not None:
+        if best_state is not None and penalty is None:  # a penalty's job is the last epoch's weights (sparser)
             student.load_state_dict(best_state)
-        return DistillResult(student.eval(), history, best_epoch)
+        return DistillResult(student.eval(), history, best_epoch if penalty is None else len(history) - 1)
 
     def _epoch(
         self,
@@ -179,6 +187,8 @@ class Trainer:
             with torch.no_grad():
                 target = first_output(run_teacher(inputs)).detach()
             loss = self._loss(first_output(call(inputs)), target, labels)
+            if self.penalty is not None:
+                loss = loss + self.penalty()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -249,16 +259,63 @@ class Distill(Pass):
         return None
 
     def run(self, program: Program) -> PassResult:
-        result = train_graph(program, program.graph_module, self.config, "distill")
+        gm = program.graph_module
+        lasso, notes = (GroupLasso(program, self.config.group_lasso) if self.config.group_lasso else None), []
+        result = train_graph(program, gm, self.config, "distill", lasso)
         last = result.history[-1]
-        notes = [f"epoch {h['epoch'] + 1}: train loss {h['train_loss']:.4f}, score {h['score']:.4f}" for h in result.history]
-        stats = {"epochs": len(result.history), "best_epoch": result.best_epoch + 1, "train_loss": round(last["train_loss"], 5)}
+        notes += [f"epoch {h['epoch'] + 1}: train loss {h['train_loss']:.4f}, score {h['score']:.4f}" for h in result.history]
+        stats: dict[str, Any] = {"epochs": len(result.history), "best_epoch": result.best_epoch + 1,
+                                 "train_loss": round(last["train_loss"], 5)}  # fmt: skip
+        if lasso is not None:
+            stats |= lasso.summary()
+            notes += lasso.notes
         return PassResult(True, stats, notes)
 
 
-def train_graph(program: Program, gm: nn.Module, config: DistillConfig, what: str) -> DistillResult:
+class GroupLasso:
+    """``weight · Σ_groups Σ_c ||filters of channel c||₂``: the channels of every group structured
+    pruning may shrink (:func:`torchkiln.passes.prune.channel_groups`), each channel's filters taken
+    together over the group's producers, so that whole channels go toward zero together. Groups
+    pruning would leave alone are not penalized; the notes name them."""
+
+    SMALL = 0.05  # a channel "shrunk": its norm below this share of its group's largest
+
+    def __init__(self, program: Program, weight: float):
+        from torchkiln.compiler import graph as G
+        from torchkiln.passes.layers import find_layers
+        from torchkiln.passes.prune import channel_groups
+
+        gm = program.graph_module
+        G.annotate(gm, program.example_inputs)
+        layers, self.notes = find_layers(gm)
+        groups, _ = channel_groups(gm, layers, (), self.notes)
+        self.weight = weight
+        self.groups = [[G.get_attr_value(gm, str(p.weight.target)) for p in g.producers] for g in groups]  # type: ignore[union-attr]
+        self.channels = sum(g.channels for g in groups)
+        if not self.groups:
+            raise ConfigError(
+                "distill group_lasso: the graph has no channel group structured pruning could shrink",
+                where="distill.group_lasso",
+                hint="leave group_lasso at 0 for this model (the notes of prune:structured=true say why each layer is frozen)",
+            )
+
+    def norms(self, weights: list[torch.Tensor]) -> torch.Tensor:
+        return sum(w.reshape(w.shape[0], -1).pow(2).sum(1) for w in weights).clamp(min=1e-12).sqrt()  # type: ignore[union-attr]
+
+    def __call__(self) -> torch.Tensor:
+        return self.weight * sum(self.norms(weights).sum() for weights in self.groups)  # type: ignore[return-value]
+
+    def summary(self) -> dict[str, Any]:
+        with torch.no_grad():
+            small = sum(int((n < self.SMALL * n.max()).sum()) for n in (self.norms(w) for w in self.groups))
+        return {"lasso_groups": len(self.groups), "lasso_channels": self.channels, "lasso_shrunk": small}
+
+
+def train_graph(
+    program: Program, gm: nn.Module, config: DistillConfig, what: str, penalty: Callable[[], torch.Tensor] | None = None
+) -> DistillResult:
     """Train ``gm`` (the program's graph or a pass's copy of it) toward the eager model on the
-    program's training data; its parameters are frozen again afterwards."""
+    program's training data (``penalty`` added to the loss); its parameters are frozen again afterwards."""
     if program.training is None or program.teacher is None:
         raise InputError(
             f"{what} needs training data", where=what,
@@ -273,7 +330,7 @@ def train_graph(program: Program, gm: nn.Module, config: DistillConfig, what: st
         return gm(*fresh(bind_inputs(specs, args, {}, program.constants)))
 
     trainer = Trainer(config, program.progress or no_progress)
-    result = trainer.fit(gm, run_student, _caller(program.teacher), program.training, program.validation)
+    result = trainer.fit(gm, run_student, _caller(program.teacher), program.training, program.validation, penalty)
     for p in gm.parameters():
         p.requires_grad_(False)
     return result

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Literal
 
 import torch
@@ -113,23 +113,7 @@ class Prune(Pass):
         return PassResult(True, {"layers": len(masks), "zeros": zeros, "sparsity": round(sparsity, 4)}, notes)
 
     def _structured(self, gm: fx.GraphModule, layers: list[Layer], notes: list[str]) -> PassResult:
-        attention = [h for h in heads.find_heads(gm, layers) if not self._ignored(h.layers)]
-        in_heads = {layer for group in attention for layer in group.layers}
-        builder = channels.GroupBuilder(gm, layers)
-        groups, seen = [], set(in_heads)
-        for layer in layers:
-            if layer in seen or layer.weight is None or (layer.kind == "conv" and channels.groups(layer) != 1):
-                continue
-            try:
-                group = builder.build(layer)
-            except channels.Frozen as reason:
-                notes.append(f"{layer.name}: channels not pruned, {reason}")
-                continue
-            seen.update(group.producers)
-            if self._ignored(group.producers + group.depthwise):
-                notes.append(f"{group.name}: channels not pruned, a member is named in ignore")
-            else:
-                groups.append(group)
+        groups, attention = channel_groups(gm, layers, self.config.ignore, notes)
         before = after = 0
         keeps = {}
         scores = {group: channels.importance(gm, group, self.config.importance) for group in groups}
@@ -176,9 +160,6 @@ class Prune(Pass):
             counts[group] = channels.kept_count(group.channels, share, round_to)
         return counts
 
-    def _ignored(self, layers: Iterable[Layer]) -> bool:
-        return any(ignored(layer, self.config.ignore) for layer in layers)
-
     def _masks(self, gm: fx.GraphModule, layers: list[Layer], notes: list[str]) -> dict[Layer, torch.Tensor]:
         weights = {layer: G.get_attr_value(gm, str(layer.weight.target)).detach() for layer in layers}  # type: ignore[union-attr]
         if self.config.pattern == "2:4":
@@ -193,6 +174,35 @@ class Prune(Pass):
             threshold = kth_magnitude(torch.cat([w.abs().flatten() for w in weights.values()]), self.config.ratio)
             return {layer: w.abs() > threshold for layer, w in weights.items()}
         return {layer: w.abs() > kth_magnitude(w.abs().flatten(), self.config.ratio) for layer, w in weights.items()}
+
+
+def channel_groups(
+    gm: fx.GraphModule, layers: list[Layer], ignore: Sequence[str], notes: list[str]
+) -> tuple[list[channels.Group], list[heads.Heads]]:
+    """The coupled channel groups structured pruning may shrink, and the attention head groups
+    (their layers belong to no channel group); each group left alone gets a note saying why.
+    ``gm`` must be annotated with shapes (``G.annotate``)."""
+
+    def named(members: Iterable[Layer]) -> bool:
+        return any(ignored(layer, ignore) for layer in members)
+
+    attention = [h for h in heads.find_heads(gm, layers) if not named(h.layers)]
+    builder = channels.GroupBuilder(gm, layers)
+    groups, seen = [], {layer for group in attention for layer in group.layers}
+    for layer in layers:
+        if layer in seen or layer.weight is None or (layer.kind == "conv" and channels.groups(layer) != 1):
+            continue
+        try:
+            group = builder.build(layer)
+        except channels.Frozen as reason:
+            notes.append(f"{layer.name}: channels not pruned, {reason}")
+            continue
+        seen.update(group.producers)
+        if named(group.producers + group.depthwise):
+            notes.append(f"{group.name}: channels not pruned, a member is named in ignore")
+        else:
+            groups.append(group)
+    return groups, attention
 
 
 def kth_magnitude(magnitudes: torch.Tensor, ratio: float) -> float:
