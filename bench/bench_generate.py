@@ -65,6 +65,12 @@ PASSES = {  # row -> (passes, backend, backend options)
     "torchkiln int8 (dynamic) on OpenVINO (cache passed)": ("cleanup,quantize:mode=dynamic", "openvino",
                                                            {"stateful_cache": False}),
 }
+# the KV cache in int8 (kv_cache=): a quarter of the float cache's bytes (plus per-step scales); its
+# cache is passed in and out (ONNX Runtime's in-place GroupQueryAttention takes a float cache)
+PASSES["torchkiln fp32 + int8 KV cache"] = ("cleanup", "onnxruntime", {})
+PASSES["torchkiln int8 (dynamic) + int8 KV cache"] = ("cleanup,quantize:mode=dynamic", "onnxruntime", {})
+PASSES["torchkiln int8 (dynamic) + int8 KV cache on OpenVINO"] = ("cleanup,quantize:mode=dynamic", "openvino", {})
+KV_INT8 = {label for label in PASSES if "int8 KV cache" in label}
 CALIBRATED = {"torchkiln int8 (static + SmoothQuant)"}  # rows compiled with calibration prompts
 STATIC = "HF static cache + torch.compile"
 SIZES = {  # (gpt2 config, llama config) keyword arguments
@@ -235,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                     compiled = torchkiln.compile(
                         model, {"input_ids": example, "attention_mask": torch.ones_like(example)}, passes=passes, latency_runs=0,
                         backend=backend, backend_options=options, calibration_data=prompts if static else None,
+                        kv_cache="int8" if label in KV_INT8 else "float",
                         verify=False,  # random weights: int4 misses its cosine promise; accuracy is the perplexity table's
                     )
                 variants[label] = ours(compiled)

@@ -11,7 +11,8 @@ artifact with an empty cache. torchkiln rows run on ONNX Runtime; NNCF rows comp
 OpenVINO IR of the same graph with the same calibration inputs and run on OpenVINO (their fp32 row
 is the reference for them). NNCF's default keeps the embedding and the last Linear (``lm_head``) in
 int8 ("backup mode"); the torchkiln rows marked "lm_head int8" do the same, the others quantize
-``lm_head`` to the row's grid (the embedding stays float: a lookup).
+``lm_head`` to the row's grid (the embedding stays float: a lookup). Rows with an int8 KV cache
+(``kv_cache=``) read every position of the window through it (attention reads the cache as stored).
 
     python bench/bench_lm_quant.py                 # small LM, every row (~10 min)
     python bench/bench_lm_quant.py --size medium   # ~20M LM (trains once, ~16 min, then ~25 min)
@@ -58,6 +59,12 @@ ROWS: dict[str, Any] = {
     "W8A8 static": "cleanup,quantize",
     "W8A8 static + SmoothQuant 0.5": "cleanup,quantize:smoothquant=0.5",
     "W8A8 static + SmoothQuant auto": "cleanup,quantize:smoothquant=auto",
+    # the KV cache in int8 (kv_cache=...): attention reads the cache as stored, so a prompt's
+    # perplexity already reads every position through it
+    "fp32 weights, int8 KV cache (scales per step)": ("kv=int8", "cleanup"),
+    "fp32 weights, int8 KV cache (scales calibrated)": ("kv=int8-calibrated", "cleanup"),
+    "int4 b128 GPTQ asym + int8 KV cache (per step)": ("kv=int8", W + "bits=4,block_size=128,symmetric=false,method=gptq"),
+    "W8A8 static + SmoothQuant 0.5 + int8 KV cache (per step)": ("kv=int8", "cleanup,quantize:smoothquant=0.5"),
     "NNCF fp32 (OpenVINO)": {},
     "NNCF int4 b128 asym (data-free)": {"group_size": 128},
     "NNCF int4 b128 asym AWQ + scale estimation": {"group_size": 128, "awq": True, "scale_estimation": True},
@@ -66,7 +73,13 @@ ROWS: dict[str, Any] = {
 }
 
 
+def _kv(recipe: Any) -> str:
+    return recipe[0].removeprefix("kv=") if isinstance(recipe, tuple) and recipe[0].startswith("kv=") else "float"
+
+
 def _passes(recipe: Any) -> str:
+    if isinstance(recipe, tuple) and recipe[0].startswith("kv="):
+        return str(recipe[1])
     if isinstance(recipe, tuple):  # lm_head in int8 by a second quantize (only it is left as a Linear)
         passes = recipe[1]
         head, _, grid = passes.partition("quantize:mode=weight_only,")
@@ -114,8 +127,12 @@ def main(argv: list[str] | None = None) -> int:
                 passes = _passes(recipe)
                 compiled = torchkiln.compile(model, inputs, passes=passes, backend="onnxruntime", calibration_data=prompts,
                                              train_data=training if "qat" in passes else None, latency_runs=0,
-                                             verify=False)  # fmt: skip
+                                             verify=False, kv_cache=_kv(recipe))  # fmt: skip
                 runtime, size = "ONNX Runtime", compiled.report.artifact.file_bytes
+                if compiled.report.kv_cache:
+                    kv = compiled.report.kv_cache
+                    say(f"  kv cache {kv['bytes_per_position']} of {kv['float_bytes_per_position']} bytes per position; "
+                        f"logits vs the float cache: min cosine {kv['min_cosine']:.6f}")  # fmt: skip
                 logits_of = functools.partial(prompt_logits, compiled)
             seconds = time.perf_counter() - start
             measured = stdlib_lm.perplexity(logits_of, data.held_out)

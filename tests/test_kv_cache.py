@@ -147,6 +147,13 @@ def test_kv_cache_on_a_model_without_one_is_refused():
     assert caught.value.where == "kv_cache"
     with pytest.raises(ConfigError, match="applies to a causal LM"):  # the cache switched off by the inputs
         compile_quietly(tiny_llama(), {**_example(), "use_cache": False}, kv_cache="int8")
+    from coverage_models import GENERATORS
+    from test_seq2seq import _t5
+
+    mamba = next(g for g in GENERATORS if g.name == "mamba").build()  # states, not a KV cache
+    for model in (mamba, _t5().eval()):  # and an encoder-decoder's pair
+        with pytest.raises(ConfigError, match="applies to a causal LM"):
+            compile_quietly(model, {"input_ids": torch.tensor([[5, 6, 7]])}, kv_cache="int8")
 
 
 def test_recipe_kv_cache_is_validated(tmp_path):

@@ -104,7 +104,9 @@ def compile(  # noqa: A001 - the public name users expect
     # trace makes its own full copy to rewrite.
     model = private_copy(model, share_parameters=True)
     kv_cache_module.check_mode(kv_cache)
-    if kv_cache != "float" and not causal_lm.wants_cache(model, example_inputs):
+    if kv_cache != "float" and (
+        not causal_lm.wants_cache(model, example_inputs) or state_space.wants_state(model, example_inputs)
+    ):  # an encoder-decoder's cache, a state-space model's states: not this option's
         raise ConfigError(
             f"kv_cache={kv_cache} applies to a causal LM compiled with its KV cache; {type(model).__name__} "
             "with these example inputs has none",
