@@ -56,9 +56,9 @@ def test_every_legal_cut_of_an_int8_resnet_builds_and_composes():
     dequantized_weights = [n for n in gm.graph.nodes if "dequantize_per_channel" in str(n.target)]
     assert dequantized_weights and all(program.kinds[n] == "constant" for n in dequantized_weights)
     # a cut inside a residual block (its quantized skip path is live) is legal: the float value
-    # crosses and the receiving stage quantizes it again (every cut: slow; CI builds every eighth)
+    # crosses and the receiving stage quantizes it again (every cut: slow; CI builds every sixteenth)
     assert len(torchkiln.legal_cuts(whole, entry.example_inputs(batch=2))) >= len(program.order) - 2
-    _every_legal_cut_composes(entry, whole, every=8)
+    _every_legal_cut_composes(entry, whole, every=16)
 
 
 @pytest.mark.slow
@@ -67,9 +67,9 @@ def test_every_single_legal_cut_of_an_int8_resnet_builds_and_composes():
     assert _every_legal_cut_composes(entry, whole) >= 26
 
 
-def test_every_twelfth_legal_cut_of_an_int8_encoder_builds_and_composes():
-    entry, whole = _int8("text_encoder")
-    assert _every_legal_cut_composes(entry, whole, every=12) >= 40
+def test_every_twenty_fourth_legal_cut_of_an_int8_encoder_builds_and_composes():
+    entry, whole = _int8("text_encoder")  # every cut: slow, below
+    assert _every_legal_cut_composes(entry, whole, every=24) >= 40
 
 
 @pytest.mark.slow
