@@ -61,6 +61,7 @@ PASSES = {  # row -> (passes, backend, backend options)
     "torchkiln fp32 (cache passed)": ("cleanup", "onnxruntime", {"inplace_cache": False}),
     # W8A8: static int8 (activations calibrated on prompts: prefill and decode steps), SmoothQuant first
     "torchkiln int8 (static + SmoothQuant)": ("cleanup,quantize:smoothquant=0.5", "onnxruntime", {}),
+    "torchkiln int8 (static + SmoothQuant) on OpenVINO": ("cleanup,quantize:smoothquant=0.5", "openvino", {}),
     "torchkiln int8 (dynamic) (cache passed)": ("cleanup,quantize:mode=dynamic", "onnxruntime", {"inplace_cache": False}),
     "torchkiln int8 (dynamic) on OpenVINO (cache passed)": ("cleanup,quantize:mode=dynamic", "openvino",
                                                            {"stateful_cache": False}),
@@ -71,7 +72,7 @@ PASSES["torchkiln fp32 + int8 KV cache"] = ("cleanup", "onnxruntime", {})
 PASSES["torchkiln int8 (dynamic) + int8 KV cache"] = ("cleanup,quantize:mode=dynamic", "onnxruntime", {})
 PASSES["torchkiln int8 (dynamic) + int8 KV cache on OpenVINO"] = ("cleanup,quantize:mode=dynamic", "openvino", {})
 KV_INT8 = {label for label in PASSES if "int8 KV cache" in label}
-CALIBRATED = {"torchkiln int8 (static + SmoothQuant)"}  # rows compiled with calibration prompts
+CALIBRATED = {"torchkiln int8 (static + SmoothQuant)", "torchkiln int8 (static + SmoothQuant) on OpenVINO"}  # rows compiled with calibration prompts
 STATIC = "HF static cache + torch.compile"
 SIZES = {  # (gpt2 config, llama config) keyword arguments
     "small": (
