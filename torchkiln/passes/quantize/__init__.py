@@ -105,7 +105,7 @@ class QuantizeConfig(PassConfig):
         0, "dynamic / weight_only: first fine-tune toward the eager model through the weights' quantization "
         "(straight-through estimator) for this many epochs on compile(train_data=...); 0 = none"
     )
-    qat_lr: float = option(1e-4, "qat: peak learning rate (AdamW, cosine schedule)")
+    qat_lr: float = option(1e-5, "qat: peak learning rate (AdamW, cosine schedule)")
     keep_fp32: tuple[str, ...] = option(
         half.DEFAULT_KEEP_FP32, "fp16/bf16: ops that stay in float32 (router: a mixture of experts' scoring and topk)"
     )
