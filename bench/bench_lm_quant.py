@@ -48,6 +48,8 @@ ROWS: dict[str, Any] = {
     "int4 b128 AWQ asym, lm_head int8": ("lm_head", W + "bits=4,block_size=128,symmetric=false,method=awq"),
     "int4 b128 GPTQ asym, lm_head int8": ("lm_head", W + "bits=4,block_size=128,symmetric=false,method=gptq"),
     "int4 b128 RTN asym + QAT (2 epochs)": W + "bits=4,block_size=128,symmetric=false,qat_epochs=2",
+    "int4 b128 RTN asym + QAT (2 epochs, lr 5e-6; run with --train 1024)":
+        W + "bits=4,block_size=128,symmetric=false,qat_epochs=2,qat_lr=0.000005",
     "int4 b32 RTN sym": W + "bits=4,block_size=32",
     "int4 b32 GPTQ sym": W + "bits=4,block_size=32,method=gptq",
     "int4 b32 AWQ sym": W + "bits=4,block_size=32,method=awq",
