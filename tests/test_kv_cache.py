@@ -106,6 +106,24 @@ def test_calibrated_scales_are_constants_set_on_the_prompts_not_held_back(tmp_pa
     assert torch.equal(loaded.generate(prompts[7]["input_ids"], max_new_tokens=5, min_new_tokens=5), expected_tokens)
 
 
+def test_the_prompt_step_is_checked_and_inductor_generates_as_the_others_do():
+    """Every pass and backend of a cached LM is also checked on a generation's first step (a past of 0
+    positions), which the traced example (past 2) and its widened check never run: Inductor wrote
+    wrong int8 codes concatenating onto an empty int8 past there (logits right, the cache wrong), so
+    its generations went astray from the second new token on."""
+    lm = tiny_llama()
+    wrapped, example, _ = causal_lm.with_cache(lm, _example(), "int8")
+    step = causal_lm.prompt_step(wrapped, example)
+    assert step["past_key_0"].shape == (1, HEADS, 0, DIM) and step["past_key_0"].dtype == torch.int8
+    assert step["past_key_scale_0"].shape == (1, HEADS, 0, 1) and step["attention_mask"].shape == (1, 4)
+    assert causal_lm.prompt_step(torch.nn.Linear(2, 2), {"x": torch.zeros(1)}) is None
+    ids = torch.randint(3, 128, (1, 4), generator=torch.Generator().manual_seed(5))
+    expected = lm.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                           **{causal_lm.cache_keyword(lm): _empty_int8_cache(1)})  # fmt: skip
+    compiled = compile_quietly(lm, _example(), kv_cache="int8", backend="inductor")
+    assert torch.equal(compiled.generate(ids, max_new_tokens=5, min_new_tokens=5), expected)
+
+
 def test_the_promise_is_checked_and_a_miss_fails_by_name(monkeypatch):
     lm = tiny_llama()
     monkeypatch.setattr(kv_cache, "PROMISE", 1.0)  # no int8 cache is exact: the check must fire

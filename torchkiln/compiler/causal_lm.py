@@ -204,6 +204,18 @@ class _Rollout:
         self.inputs = following
 
 
+def prompt_step(wrapped: nn.Module, example: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """The graph's inputs for the example's prompt with an empty cache (a past of 0 positions) — the
+    first step of every generation, which the traced example (a past of ``EXAMPLE_PAST``) and its
+    widened check never run; None when ``wrapped`` is not a cached causal LM."""
+    if not isinstance(wrapped, CausalLMWithCache) or "past_key_0" not in example:
+        return None
+    prompt = {"input_ids": example["input_ids"]}
+    if "attention_mask" in example:
+        prompt["attention_mask"] = example["attention_mask"][:, EXAMPLE_PAST:]
+    return dict(_Rollout(wrapped, example, prompt, 0).inputs)
+
+
 def kv_deviation(
     wrapped: nn.Module, example: Mapping[str, torch.Tensor], prompts: Sequence[Any]
 ) -> dict[str, Any]:

@@ -93,7 +93,9 @@ def _layer_class() -> type:
             read = []
             for part, new in enumerate((key_states, value_states)):
                 codes, scale = quantize(new, None if self.fixed is None else self.fixed[part])
-                self.codes[part] = torch.cat([self.codes[part], codes], dim=-2)
+                # concatenated as float: Inductor (torch 2.13) wrote wrong int8 codes concatenating onto an
+                # empty int8 past (the prompt's step), while float concatenation is right
+                self.codes[part] = torch.cat([self.codes[part].float(), codes.float()], dim=-2).to(torch.int8)
                 if self.fixed is None:
                     self.scales[part] = torch.cat([self.scales[part], scale], dim=-2)
                 read.append(dequantize(codes, scale).to(new.dtype))
