@@ -397,7 +397,7 @@ def _optimize(
     )  # fmt: skip
     prompt = causal_lm.prompt_step(stage.model, stage.example_inputs)
     if prompt is not None:  # every pass and backend is also checked on a generation's first step
-        program.checks.append(*_eager_checks(stage.model, program, [prompt]))
+        program.checks.extend(_eager_checks(stage.model, program, [prompt]))
     if stage.calibration_data is not None:
         _attach_calibration(stage, program)
     elif any(not p.lossless for p in stage.pipeline):
