@@ -270,3 +270,21 @@ def test_generation_settings_are_refused_before_any_token_is_printed(exported, c
     code = main(["generate", str(root / "artifact"), "--prompt-ids", "5,6,7", *flags])
     captured = capsys.readouterr()
     assert code == 2 and message in captured.err and captured.out == ""
+
+
+def test_an_encoder_decoder_reports_the_tokens_it_made(tmp_path, capsys):
+    """``kiln generate`` counts the loop's steps: an encoder-decoder's output is the decoder's sequence,
+    so the output's length less the prompt's printed negative counts and tokens/s (issue 31)."""
+    from test_seq2seq import _bart
+
+    torch.manual_seed(0)
+    _bart().eval().save_pretrained(tmp_path / "bart")
+    assert main(["export", str(tmp_path / "bart"), "-o", str(tmp_path / "artifact"), "--quiet"]) == 0
+    capsys.readouterr()
+    argv = ["generate", str(tmp_path / "artifact"), "--prompt-ids", "5,6,7,8,9,10,11", "--max-new-tokens", "3",
+            "--min-new-tokens", "3"]  # fmt: skip
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    match = re.search(r"kiln: (-?\d+) tokens in [\d.]+ s \((-?[\d.]+) tokens/s", err)
+    assert match is not None, err
+    assert int(match.group(1)) == 3 and float(match.group(2)) > 0

@@ -69,12 +69,14 @@ def run(args: argparse.Namespace) -> int:
     ))  # fmt: skip
     printer = _Printer(tokenizer, ids[0].tolist())
     start = time.perf_counter()
-    out = compiled.generate(
+    compiled.generate(
         ids, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, do_sample=args.do_sample,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, on_token=printer,
     )  # fmt: skip
     seconds = time.perf_counter() - start
-    new = out.shape[1] - ids.shape[1]
+    # the steps the loop made, not the output's length less the prompt's: an encoder-decoder returns
+    # the decoder's sequence (its start tokens and the new ones), which the prompt's length does not measure
+    new = printer.steps
     print(flush=True)
     print(
         f"kiln: {new} tokens in {seconds:.2f} s ({new / seconds:.1f} tokens/s, prompt {ids.shape[1]} tokens)",
@@ -110,12 +112,13 @@ class _Printer:
     multi-token characters appear whole), else the token id."""
 
     def __init__(self, tokenizer: Any, prompt: list[int]):
-        self.tokenizer, self.tokens = tokenizer, list(prompt)
+        self.tokenizer, self.tokens, self.steps = tokenizer, list(prompt), 0
         self.shown = len(tokenizer.decode(prompt)) if tokenizer is not None else 0
         if tokenizer is not None:
             print(tokenizer.decode(prompt), end="", flush=True)
 
     def __call__(self, step: torch.Tensor) -> None:
+        self.steps += 1
         token = int(step[0])
         self.tokens.append(token)
         if self.tokenizer is None:
