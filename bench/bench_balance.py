@@ -23,7 +23,7 @@ import torch
 
 import torchkiln
 from torchkiln import models
-from torchkiln.benchmark import machine_line
+from torchkiln.driver.benchmark import machine_line
 
 
 def resnet18() -> tuple[torch.nn.Module, dict[str, torch.Tensor], str, Any]:

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 import torchkiln
-from torchkiln.benchmark import machine_line
+from torchkiln.driver.benchmark import machine_line
 from torchkiln.driver.generate import prompt_logits
 from torchkiln.models import stdlib_lm
 

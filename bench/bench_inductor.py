@@ -41,8 +41,8 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 
 import torchkiln
 from torchkiln import models
-from torchkiln.benchmark import interleaved_times, machine_line
 from torchkiln.compiler.verify import cosine_similarity
+from torchkiln.driver.benchmark import interleaved_times, machine_line
 
 Row = dict[str, Any]
 

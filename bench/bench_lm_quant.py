@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 import torchkiln
-from torchkiln.benchmark import machine_line
+from torchkiln.driver.benchmark import machine_line
 from torchkiln.driver.generate import empty_past, prompt_logits, step_inputs
 from torchkiln.models import stdlib_lm
 

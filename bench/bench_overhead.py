@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 import torchkiln
-from torchkiln.benchmark import interleaved_times, machine_line
+from torchkiln.driver.benchmark import interleaved_times, machine_line
 
 GOAL_US = 50.0
 

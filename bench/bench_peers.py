@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         case, batch = args.worker[0].split(":")
         print(json.dumps(worker(case, int(batch), args.worker[1], Path(args.worker[2]), int(args.worker[3]))))
         return 0
-    from torchkiln.benchmark import machine_line
+    from torchkiln.driver.benchmark import machine_line
 
     labels = [r.strip() for r in args.runtimes.split(",") if r.strip()]
     unknown = sorted(set(labels) - set(RUNTIMES))

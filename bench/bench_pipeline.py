@@ -26,12 +26,12 @@ import torch
 
 import torchkiln
 from torchkiln import models
-from torchkiln.benchmark import machine_line
+from torchkiln.driver.benchmark import machine_line
 
 WORKER = """
 import json, sys, time, torch, torch.distributed as dist
 from torchkiln import models
-from torchkiln.pipeline import join_group, run_pipeline
+from torchkiln.workflows.pipeline import join_group, run_pipeline
 directory, model, batch, microbatches, runs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 torch.set_num_threads(1)
 rank, world = join_group()

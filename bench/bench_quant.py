@@ -36,8 +36,8 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 
 import torchkiln
 from torchkiln import models
-from torchkiln.benchmark import interleaved_times
 from torchkiln.compiler.verify import cosine_similarity
+from torchkiln.driver.benchmark import interleaved_times
 from torchkiln.models.digits import DigitsCNN, accuracy, load_digits_split, train_digits
 
 INTEGER_KERNELS = {"QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
@@ -162,7 +162,7 @@ def bench_row(name: str, batch: int, runs: int, directory: Path) -> dict[str, An
 
 
 def interleaved_ms(calls: dict[str, Callable[[], Any]], runs: int, block: int = 20) -> dict[str, float]:
-    """Median ms per call, the candidates timed in alternating blocks (torchkiln.benchmark)."""
+    """Median ms per call, the candidates timed in alternating blocks (torchkiln.driver.benchmark)."""
     return {key: statistics.median(values) for key, values in interleaved_times(calls, runs, block).items()}
 
 

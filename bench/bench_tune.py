@@ -42,9 +42,9 @@ from typing import Any
 import torch
 
 import torchkiln
-from torchkiln.benchmark import interleaved_times, machine_line
 from torchkiln.cli import main
-from torchkiln.tuning import toml_text
+from torchkiln.driver.benchmark import interleaved_times, machine_line
+from torchkiln.workflows.tuning import toml_text
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "digits"
 CLEANUP = [{"name": "cleanup"}, {"name": "fold_batchnorm"}]

@@ -25,7 +25,7 @@ import torch
 
 import torchkiln
 from torchkiln import models
-from torchkiln.benchmark import interleaved_times, machine_line
+from torchkiln.driver.benchmark import interleaved_times, machine_line
 
 BATCHES = (1, 32)
 

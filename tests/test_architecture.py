@@ -1,6 +1,8 @@
 """The layers import one way: compiler/ (IR, tracing, pass infrastructure, verification) and
-passes/ never import a backend or the driver; backends never import passes or the driver; only the
-driver (compile, CompiledModel, the cache, auto) and the CLI sit above both."""
+passes/ never import a backend or the driver; backends never import passes or the driver; the
+driver (compile, CompiledModel, the cache, auto) sits above both, workflows/ (build, tune, compare,
+bench, the pipeline runtime) above the driver, and cli/ on top: a command parses its arguments,
+calls a workflow and prints, and never imports another command's module."""
 
 from __future__ import annotations
 
@@ -27,9 +29,12 @@ def imported_modules(path: Path) -> set[str]:
 @pytest.mark.parametrize(
     ("layer", "forbidden"),
     [
-        ("compiler", ("torchkiln.backends", "torchkiln.driver", "torchkiln.passes", "torchkiln.cli")),
-        ("passes", ("torchkiln.backends", "torchkiln.driver", "torchkiln.cli")),
-        ("backends", ("torchkiln.passes", "torchkiln.driver", "torchkiln.cli")),
+        ("compiler", ("torchkiln.backends", "torchkiln.driver", "torchkiln.passes", "torchkiln.cli", "torchkiln.workflows")),
+        ("passes", ("torchkiln.backends", "torchkiln.driver", "torchkiln.cli", "torchkiln.workflows")),
+        ("backends", ("torchkiln.passes", "torchkiln.driver", "torchkiln.cli", "torchkiln.workflows")),
+        ("driver", ("torchkiln.workflows", "torchkiln.cli")),
+        ("workflows", ("torchkiln.cli",)),
+        ("models", ("torchkiln.workflows", "torchkiln.cli")),
     ],
 )
 def test_a_layer_imports_nothing_above_it(layer, forbidden):
@@ -44,3 +49,53 @@ def test_the_checker_sees_imports_inside_functions(tmp_path):
     source = tmp_path / "module.py"
     source.write_text("def f():\n    from torchkiln.driver.cache import Hasher\n")
     assert "torchkiln.driver.cache" in imported_modules(source)
+
+
+#: what every command may share: the argument helpers (cli/common.py) and the entry point
+CLI_SHARED = {"common", "main"}
+
+
+def test_a_command_imports_no_other_command():
+    offenders = {}
+    for path in sorted((PACKAGE / "cli").glob("*.py")):
+        if path.name in ("__init__.py", "__main__.py", "common.py"):
+            continue
+        cli = [m.split(".") for m in imported_modules(path) if m.startswith("torchkiln.cli.")]
+        others = {".".join(parts[:3]) for parts in cli if parts[2] not in CLI_SHARED}
+        if others:
+            offenders[path.name] = sorted(others)
+    assert offenders == {}
+
+
+def test_the_package_root_holds_only_the_api_and_the_error_vocabulary():
+    loose = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert loose == ["__init__.py", "errors.py"]
+
+
+def test_a_recipe_through_kiln_build_never_returns_to_the_cli(tmp_path):
+    """Every torchkiln module a build executes, from the moment cli/build.py hands over to the
+    workflow: none is a cli module (the frames of the call, traced)."""
+    import sys
+
+    from torchkiln.cli import main
+
+    (tmp_path / "kiln.toml").write_text('[model]\nsource = "mlp"\n\n[[passes]]\nname = "cleanup"\n\n[backend]\nname = "torch"\n')
+    seen: list[str] = []
+    entered = [False]
+
+    def tracer(frame, event, arg):
+        if event == "call":
+            module = frame.f_globals.get("__name__", "")
+            if module == "torchkiln.workflows.build" and frame.f_code.co_name == "build":
+                entered[0] = True
+            elif entered[0] and module.startswith("torchkiln."):
+                seen.append(f"{module}.{frame.f_code.co_name}")
+        return None
+
+    sys.setprofile(tracer)
+    try:
+        code = main(["build", str(tmp_path / "kiln.toml"), "--no-cache", "--quiet"])
+    finally:
+        sys.setprofile(None)
+    assert code == 0 and entered[0]
+    assert seen and not [s for s in seen if s.startswith("torchkiln.cli")], sorted(set(seen))

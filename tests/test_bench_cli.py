@@ -9,8 +9,9 @@ import sys
 import pytest
 import torch
 
-from torchkiln.benchmark import Latency, PeakMemory, interleaved_times
-from torchkiln.cli import bench, main
+from torchkiln.cli import main
+from torchkiln.driver.benchmark import Latency, PeakMemory, interleaved_times
+from torchkiln.workflows import bench
 
 
 def bench_json(capsys, *argv: str) -> dict:
@@ -44,9 +45,22 @@ def test_by_default_every_cpu_runtime_and_the_gpu_ones_are_listed_as_skipped(cap
     assert timed == {"eager", "torch.compile", "ort-fp32", "ort-int8"}
     skipped = {r["runtime"]: r["note"] for r in report["rows"] if not r["latency"]}
     assert skipped == {
-        "eager-cuda, torch-cuda-fp16, tensorrt-fp16, tensorrt-int8": "skipped: no CUDA device",
-        "openvino-fp32, openvino-int8": "skipped: openvino is not installed",
+        **dict.fromkeys(("eager-cuda", "torch-cuda-fp16", "tensorrt-fp16", "tensorrt-int8"), "skipped: no CUDA device"),
+        **dict.fromkeys(("openvino-fp32", "openvino-int8"), "skipped: openvino is not installed"),
     }
+    assert report["machine"].startswith("CPU: ")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_the_table_fits_120_columns_and_groups_what_was_not_timed(capsys, monkeypatch):
+    monkeypatch.setattr(bench, "_has_openvino", lambda: False)
+    assert main(["bench", "mlp", "--runs", "3", "--runtimes", "eager,ort-fp32,tensorrt-fp16", "--quiet"]) == 0
+    main(["bench", "mlp", "--runs", "3", "--quiet"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("CPU: ") and max(len(line) for line in lines) <= 120, lines
+    assert any(line.startswith("  not timed: eager-cuda, torch-cuda-fp16, tensorrt-fp16, tensorrt-int8: skipped: no CUDA")
+               for line in lines)  # fmt: skip
+    assert any(line.startswith("  not timed: tensorrt-fp16 b1: failed: BackendError") for line in lines)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")

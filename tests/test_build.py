@@ -10,7 +10,7 @@ import pytest
 
 from torchkiln.cli import main
 from torchkiln.errors import ConfigError
-from torchkiln.recipe import load_recipe
+from torchkiln.workflows.recipe import load_recipe
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "digits" / "kiln.toml"
 

@@ -12,7 +12,7 @@ import torch
 from tests.conftest import SWEEP_ZOO, compile_quietly
 from torchkiln import Tolerance, models
 from torchkiln.cli import main
-from torchkiln.compare import compare_artifact
+from torchkiln.workflows.compare import compare_artifact
 
 
 def zoo(name: str):

@@ -137,7 +137,7 @@ def test_kiln_bench_refuses_to_overwrite_a_users_png_before_timing(tmp_path, cap
 
 def test_a_plot_we_wrote_carries_our_marker_and_is_replaced(tmp_path):
     pytest.importorskip("matplotlib")
-    from torchkiln.cli.plots import latency_plot
+    from torchkiln.workflows.plots import latency_plot
 
     path = tmp_path / "latency.png"
     assert latency_plot(path, {"torch": [(1, 10.0), (2, 18.0)]}) is None

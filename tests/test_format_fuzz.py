@@ -32,11 +32,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 import torchkiln
-from torchkiln import tuning
 from torchkiln.compiler.files import sha256
 from torchkiln.compiler.program import dtype_name
 from torchkiln.errors import KilnError
-from torchkiln.recipe import load_recipe
+from torchkiln.workflows import tuning
+from torchkiln.workflows.recipe import load_recipe
 
 EXAMPLES = int(os.environ.get("TORCHKILN_FORMAT_FUZZ_EXAMPLES", "25"))
 SEED = int(os.environ.get("TORCHKILN_FUZZ_SEED", "20261203"))

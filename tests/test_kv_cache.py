@@ -16,7 +16,7 @@ from torchkiln.cli import main
 from torchkiln.compiler import causal_lm, kv_cache
 from torchkiln.driver.generate import empty_past, step_inputs
 from torchkiln.errors import ConfigError, VerificationError
-from torchkiln.recipe import KV_CACHES, load_recipe
+from torchkiln.workflows.recipe import KV_CACHES, load_recipe
 
 pytestmark = pytest.mark.xdist_group("kv_cache")
 

@@ -92,7 +92,7 @@ def test_static_int8_runs_as_fake_quantize_and_weight_only_as_compressed_weights
 def test_bf16_is_lossy_and_needs_a_tolerance_that_allows_it():
     entry = models.get("mlp")
     model, x = entry.build().eval(), entry.example_inputs()
-    flags = torchkiln.machine.cpu_flags() or frozenset()
+    flags = torchkiln.compiler.machine.cpu_flags() or frozenset()
     if not flags & {"avx512_bf16", "amx_bf16"}:
         pytest.skip("this CPU has no bf16 instructions: OpenVINO computes in f32 whatever the hint")
     with pytest.raises(VerificationError):

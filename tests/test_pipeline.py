@@ -20,8 +20,8 @@ from torchkiln import models
 from torchkiln.cli import main
 from torchkiln.driver.partition import Boundary
 from torchkiln.errors import ArtifactError, ConfigError, PipelineError
-from torchkiln.pipeline import check_boundary
-from torchkiln.pipeline import main as pipeline_main
+from torchkiln.workflows.pipeline import check_boundary
+from torchkiln.workflows.pipeline import main as pipeline_main
 
 pytestmark = pytest.mark.xdist_group("pipeline")  # the torchrun cases share the two cores' ports and time
 
@@ -71,7 +71,7 @@ def test_save_load_and_refusing_a_directory_that_is_not_ours(tmp_path):
 def _torchrun(tmp_path, directory, inputs, timeout_s=60, microbatches=4):
     np.savez(tmp_path / "in.npz", **{k: v.numpy() for k, v in inputs.items()})
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "torchkiln.pipeline", str(directory), "--inputs", str(tmp_path / "in.npz"),
+               "-m", "torchkiln.workflows.pipeline", str(directory), "--inputs", str(tmp_path / "in.npz"),
                "--microbatches", str(microbatches), "-o", str(tmp_path / "out.npz"), "--timeout", str(timeout_s)]  # fmt: skip
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
 

@@ -65,8 +65,8 @@ def _trials(recipe: Path) -> list[dict]:
 def _study(recipe: Path):
     import optuna
 
-    from torchkiln import tuning
-    from torchkiln.recipe import load_recipe
+    from torchkiln.workflows import tuning
+    from torchkiln.workflows.recipe import load_recipe
 
     loaded = load_recipe(recipe)
     return optuna.load_study(study_name=tuning.study_name(loaded), storage=tuning.storage_url(loaded, None))
@@ -168,8 +168,8 @@ def test_a_trial_whose_cheap_proxy_misses_the_accuracy_gate_is_pruned_before_its
 
 
 def test_the_proxy_is_the_passes_up_to_the_first_lossy_one_unless_distill_follows(tmp_path):
-    from torchkiln import tuning
-    from torchkiln.recipe import load_recipe
+    from torchkiln.workflows import tuning
+    from torchkiln.workflows.recipe import load_recipe
 
     (tmp_path / "toy.py").write_text(TOY)
     recipe = load_recipe(_recipe(tmp_path, TOY_RECIPE.replace('name = "prune"', 'name = "cleanup"\n\n[[passes]]\nname = "prune"')))
@@ -185,8 +185,8 @@ def test_the_proxy_is_the_passes_up_to_the_first_lossy_one_unless_distill_follow
 def test_backend_options_are_sampled_only_for_a_backend_that_declares_them(tmp_path):
     import optuna
 
-    from torchkiln import tuning
-    from torchkiln.recipe import load_recipe
+    from torchkiln.workflows import tuning
+    from torchkiln.workflows.recipe import load_recipe
 
     text = MLP + '\n[tune]\ntrials = 4\nspace = { "backend" = ["onnxruntime", "inductor"], "backend.dtype" = ["float32", "bfloat16"] }\n'
     recipe = load_recipe(_recipe(tmp_path, text))
@@ -229,8 +229,8 @@ def test_the_digits_search_meets_the_gates_and_best_toml_rebuilds_it(tmp_path):
 def test_an_option_that_does_not_apply_beside_the_ones_before_it_is_not_sampled(tmp_path):
     import optuna
 
-    from torchkiln import tuning
-    from torchkiln.recipe import load_recipe
+    from torchkiln.workflows import tuning
+    from torchkiln.workflows.recipe import load_recipe
 
     text = MLP + '\n[tune]\ntrials = 4\nspace = { "quantize.mode" = ["int8", "fp16"], "quantize.calibrator" = ["minmax", "percentile"] }\n'
     recipe = load_recipe(_recipe(tmp_path, text.replace('options = { mode = "dynamic" }\n', "")))
@@ -242,8 +242,8 @@ def test_an_option_that_does_not_apply_beside_the_ones_before_it_is_not_sampled(
 
 
 def test_a_trial_that_raises_anything_is_a_failed_trial_with_its_error_and_counts(tmp_path):
-    from torchkiln import tuning
-    from torchkiln.recipe import load_recipe
+    from torchkiln.workflows import tuning
+    from torchkiln.workflows.recipe import load_recipe
 
     recipe = load_recipe(_recipe(tmp_path, MLP + '\n[tune]\ntrials = 2\nsampler = "random"\nspace = { "quantize" = "optional" }\n'))
 
@@ -258,8 +258,8 @@ def test_a_trial_that_raises_anything_is_a_failed_trial_with_its_error_and_count
 def test_the_readme_tune_example_is_a_valid_table_and_unquoted_dotted_keys_are_named(tmp_path, capsys):
     import re
 
-    from torchkiln import tuning
-    from torchkiln.recipe import load_recipe
+    from torchkiln.workflows import tuning
+    from torchkiln.workflows.recipe import load_recipe
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     example = re.search(r"```toml\n(\[tune\]\n.*?)```", readme, re.S).group(1)
@@ -288,7 +288,7 @@ def test_timeout_starts_no_trial_after_it_and_bad_flags_are_errors(tmp_path, cap
 
 
 def test_best_toml_paths_are_rewritten_for_its_directory(tmp_path):
-    from torchkiln.tuning import relocated
+    from torchkiln.workflows.tuning import relocated
 
     for name in ("toy.py", "weights.pt"):
         (tmp_path / name).write_text("")
@@ -306,8 +306,8 @@ SEARCH = ('\n[tune]\ntrials = {trials}\nobjectives = ["size_mb", "latency_ms"]\n
 
 def _fake_search(directory: Path, trials: int, sampler: str = "random", metrics=None, say=None):
     """run_study with a deterministic stand-in for the build; the study and the recipes it built."""
-    from torchkiln import tuning
-    from torchkiln.recipe import load_recipe
+    from torchkiln.workflows import tuning
+    from torchkiln.workflows.recipe import load_recipe
 
     directory.mkdir(exist_ok=True)
     recipe = load_recipe(_recipe(directory, MLP + SEARCH.format(trials=trials, sampler=sampler)))
@@ -355,13 +355,13 @@ def test_a_killed_runs_trial_is_failed_at_once_and_the_search_goes_on(tmp_path):
 
 
 def test_a_repeated_proposal_is_asked_again_not_built_and_not_counted(tmp_path):
-    from torchkiln import tuning
+    from torchkiln.workflows import tuning
 
     heard: list[str] = []
     # the space holds two option sets (with and without quantize), the budget asks for five
     recipe_text = MLP + '\n[tune]\ntrials = 5\nobjectives = ["size_mb"]\nsampler = "random"\nspace = { "quantize" = "optional" }\n'
     (tmp_path / "kiln.toml").write_text(recipe_text)
-    from torchkiln.recipe import load_recipe
+    from torchkiln.workflows.recipe import load_recipe
 
     recipe = load_recipe(tmp_path / "kiln.toml")
     built = []
@@ -378,7 +378,7 @@ def test_a_repeated_proposal_is_asked_again_not_built_and_not_counted(tmp_path):
 
 
 def test_the_search_starts_from_the_recipe_and_never_returns_less_than_it(tmp_path):
-    from torchkiln import tuning
+    from torchkiln.workflows import tuning
 
     def metrics(candidate):  # dropping quantize is faster but 4x larger: not better than the recipe
         quantized = any(n == "quantize" for n, _ in candidate.passes)
@@ -400,8 +400,8 @@ def test_the_search_starts_from_the_recipe_and_never_returns_less_than_it(tmp_pa
 def test_the_warm_start_queues_the_recipe_each_pass_alone_and_without_at_most_half_the_budget(tmp_path, trials, queued):
     import optuna
 
-    from torchkiln import tuning
-    from torchkiln.recipe import load_recipe
+    from torchkiln.workflows import tuning
+    from torchkiln.workflows.recipe import load_recipe
 
     recipe = load_recipe(_recipe(tmp_path, MLP + f'\n[tune]\ntrials = {trials}\nobjectives = ["size_mb"]\n'
                                  'space = { "cleanup" = "optional", "quantize" = "optional" }\n'))  # fmt: skip
@@ -420,7 +420,7 @@ def test_latencies_within_the_timing_noise_are_a_tie_decided_by_size():
     the clock's 0.7% is not a reason to hand back a 3x larger artifact."""
     from types import SimpleNamespace
 
-    from torchkiln import tuning
+    from torchkiln.workflows import tuning
 
     tune = SimpleNamespace(objectives=("latency_ms", "size_mb"))
     rows = [{"number": 0, "state": "COMPLETE", "feasible": True, "latency_ms": 0.8499, "size_mb": 0.7218},
@@ -447,8 +447,8 @@ def test_a_storage_lost_mid_search_is_a_typed_error(tmp_path, monkeypatch):
 
 
 def test_an_unmeasured_objective_is_a_failed_trial_not_an_endless_search(tmp_path):
-    from torchkiln import tuning
-    from torchkiln.recipe import load_recipe
+    from torchkiln.workflows import tuning
+    from torchkiln.workflows.recipe import load_recipe
 
     recipe = load_recipe(_recipe(tmp_path, MLP + '\n[tune]\ntrials = 2\nsampler = "random"\nobjectives = ["size_mb", "latency_ms"]\n'
                                  'space = { "quantize" = "optional" }\n'))  # fmt: skip
@@ -466,7 +466,7 @@ def test_sizes_are_the_bytes_an_artifact_writes_on_every_backend(tmp_path):
     from conftest import compile_quietly
 
     from torchkiln import models
-    from torchkiln.cli.build import measures
+    from torchkiln.workflows.build import measures
 
     entry = models.get("mlp")
     for backend in ("torch", "onnxruntime"):
@@ -496,8 +496,8 @@ def test_a_refused_password_fails_at_once_without_retries(monkeypatch):
     import optuna
     import sqlalchemy.exc
 
-    from torchkiln import tuning
     from torchkiln.errors import ConfigError
+    from torchkiln.workflows import tuning
 
     calls = []
 

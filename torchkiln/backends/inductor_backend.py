@@ -48,10 +48,10 @@ from torchkiln.compiler import quant_ops
 from torchkiln.compiler.export import export_graph, quiet
 from torchkiln.compiler.files import remove_private
 from torchkiln.compiler.graph import add_attribute, drop_unused_attributes, get_attr_value, module_path
+from torchkiln.compiler.machine import cpu_flags, cpu_model, flag_of_compiler_option
 from torchkiln.compiler.options import option
 from torchkiln.compiler.program import Program
 from torchkiln.errors import ArtifactError, BackendError, ExportError
-from torchkiln.machine import cpu_flags, cpu_model, flag_of_compiler_option
 
 FILES = ("model.pt2", "inductor.json")
 FORMAT = 1

@@ -45,10 +45,10 @@ from torchkiln.backends.base import Artifact, Backend, BackendOptions, CacheSess
 from torchkiln.backends.onnx_backend import MODEL_FILE, OnnxOptions, export_onnx
 from torchkiln.compiler import quant_ops  # noqa: F401 - registers the torchkiln ops counted below
 from torchkiln.compiler.files import remove_private
+from torchkiln.compiler.machine import cpu_flags, cpu_model
 from torchkiln.compiler.options import option
 from torchkiln.compiler.program import Program
 from torchkiln.errors import ArtifactError, BackendError
-from torchkiln.machine import cpu_flags, cpu_model
 
 FILES = ("model.xml", "model.bin")
 _PRECISIONS = {"f32": "f32", "bf16": "bf16", "f16": "f16"}

@@ -1,26 +1,23 @@
-"""What the CLI commands share: loading MODEL arguments and parsing --input / --dynamic."""
+"""What the CLI commands share: the MODEL / --input / --dynamic arguments and the stage printer.
+
+Loading what MODEL names is :mod:`torchkiln.workflows.loading` (a Python user calls it too)."""
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import importlib
-import importlib.util
 import math
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from torchkiln import models
 from torchkiln.compiler.program import dtype_from_name
 from torchkiln.compiler.verify import Tolerance
-from torchkiln.data import load_batches
 from torchkiln.errors import ConfigError, InputError
+from torchkiln.workflows.data import load_batches
 
 INTEGER_HIGH = 100
 
@@ -71,78 +68,6 @@ def stage_printer(quiet: bool) -> Callable[[str], None] | None:
         return None
     prefix = f"kiln [rank {os.environ.get('RANK', '0')}]" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "kiln"
     return lambda stage: print(f"{prefix}: {stage}", file=sys.stderr, flush=True)
-
-
-def load_model(spec: str, task: str | None = None) -> tuple[nn.Module, models.ZooEntry | None]:
-    """A zoo name, ``file.py:factory``, ``package.module:factory`` or a Hugging Face model
-    directory (for ``task``, see :mod:`torchkiln.cli.tasks`) → model in eval mode."""
-    from torchkiln.cli import tasks
-
-    if tasks.is_pretrained_directory(spec):
-        return tasks.load_pretrained(spec, task), None
-    if ":" not in spec:
-        entry = models.get(spec)
-        return entry.build(), entry
-    location, _, factory_name = spec.rpartition(":")
-    module = _import(location, spec)
-    factory = getattr(module, factory_name, None)
-    if not callable(factory):
-        raise ConfigError(
-            f"'{factory_name}' is not a callable in {location}", where=spec, hint="MODEL is path.py:factory"
-        )
-    try:
-        model = factory()
-    except Exception as exc:
-        raise ConfigError(
-            f"calling {factory_name}() failed: {type(exc).__name__}: {exc}", where=spec
-        ) from exc
-    if not isinstance(model, nn.Module):
-        raise ConfigError(
-            f"{factory_name}() returned a {type(model).__name__}, not a torch.nn.Module", where=spec
-        )
-    return model.eval(), None
-
-
-def load_callable(spec: str, what: str = "function") -> Any:
-    """``path/to/file.py:name`` or ``package.module:name`` → the callable."""
-    location, _, name = spec.rpartition(":")
-    if not location or not name:
-        raise ConfigError(
-            f"bad {what} '{spec}'", where=spec, hint="write path/to/file.py:name or package.module:name"
-        )
-    found = getattr(_import(location, spec), name, None)
-    if not callable(found):
-        raise ConfigError(f"'{name}' is not a callable in {location}", where=spec)
-    return found
-
-
-def _import(location: str, spec: str) -> Any:
-    if location.endswith(".py"):
-        path = Path(location)
-        if not path.is_file():
-            raise ConfigError(f"model file {path} does not exist", where=spec)
-        # A unique module name: the file's bare stem could shadow a real package (a model file
-        # called onnx.py or json.py would replace `onnx` for everything imported after it).
-        digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
-        module_name = f"torchkiln_user.{_identifier(path.stem)}_{digest}"
-        module_spec = importlib.util.spec_from_file_location(module_name, path)
-        assert module_spec is not None and module_spec.loader is not None
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[module_name] = module
-        try:
-            module_spec.loader.exec_module(module)
-        except Exception as exc:
-            raise ConfigError(f"importing {path} failed: {type(exc).__name__}: {exc}", where=spec) from exc
-        return module
-    try:
-        return importlib.import_module(location)
-    except ImportError as exc:
-        raise ConfigError(f"cannot import module '{location}': {exc}", where=spec) from exc
-
-
-def _identifier(text: str) -> str:
-    cleaned = "".join(c if c.isalnum() or c == "_" else "_" for c in text)
-    return cleaned if cleaned[:1].isalpha() or cleaned[:1] == "_" else f"m_{cleaned}"
 
 
 def parse_input(text: str, default_name: str) -> tuple[str, tuple[int, ...], torch.dtype, int]:

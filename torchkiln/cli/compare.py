@@ -16,13 +16,13 @@ from torchkiln.cli.common import (
     add_model_arguments,
     add_native_code_argument,
     example_inputs,
-    load_model,
     tolerance_from_flags,
 )
-from torchkiln.compare import compare_artifact
 from torchkiln.compiler.verify import Tolerance
 from torchkiln.driver.compiled import load
 from torchkiln.errors import ConfigError
+from torchkiln.workflows.compare import compare_artifact
+from torchkiln.workflows.loading import load_model
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

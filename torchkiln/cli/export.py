@@ -8,12 +8,10 @@ import sys
 
 import torchkiln
 from torchkiln.backends import BACKEND_NAMES, get_backend
-from torchkiln.cli import tasks
 from torchkiln.cli.common import (
     add_model_arguments,
     calibration_batches,
     example_inputs,
-    load_model,
     parse_dynamic,
     stage_printer,
     tolerance_from_flags,
@@ -25,6 +23,8 @@ from torchkiln.driver.api import DEFAULT_PASSES
 from torchkiln.driver.auto import AutoOptions
 from torchkiln.driver.compiled import CompiledEncoderDecoder
 from torchkiln.errors import ConfigError
+from torchkiln.workflows import tasks
+from torchkiln.workflows.loading import load_model
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

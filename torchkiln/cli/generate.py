@@ -11,10 +11,10 @@ from typing import Any
 import torch
 
 import torchkiln
-from torchkiln.cli import tasks
 from torchkiln.cli.common import add_native_code_argument
 from torchkiln.driver.generate import SPEECH, check_settings, vocabulary
 from torchkiln.errors import InputError
+from torchkiln.workflows import tasks
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

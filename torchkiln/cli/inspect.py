@@ -6,9 +6,10 @@ import argparse
 import json
 from typing import Any
 
-from torchkiln.cli.common import add_model_arguments, example_inputs, load_model
+from torchkiln.cli.common import add_model_arguments, example_inputs
 from torchkiln.compiler import graph as G
 from torchkiln.compiler.trace import trace
+from torchkiln.workflows.loading import load_model
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

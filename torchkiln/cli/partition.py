@@ -1,5 +1,5 @@
 """``kiln partition``: cut a model into pipeline stages, each its own artifact, for
-``torchrun -m torchkiln.pipeline``."""
+``torchrun -m torchkiln.workflows.pipeline``."""
 
 from __future__ import annotations
 
@@ -7,16 +7,17 @@ import argparse
 import sys
 
 from torchkiln.backends import BACKEND_NAMES
-from torchkiln.cli.common import add_model_arguments, example_inputs, load_model
+from torchkiln.cli.common import add_model_arguments, example_inputs
 from torchkiln.compiler.files import check_destination
 from torchkiln.driver.api import DEFAULT_PASSES
 from torchkiln.driver.partition import partition
+from torchkiln.workflows.loading import load_model
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "partition",
-        help="cut MODEL into pipeline stages (one artifact each) for torchrun -m torchkiln.pipeline",
+        help="cut MODEL into pipeline stages (one artifact each) for torchrun -m torchkiln.workflows.pipeline",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -15,7 +15,7 @@ Candidates (labels, as ``backend_options={"candidates": "..."}`` names them):
   program), and ``tensorrt`` when it is importable.
 
 Each is built through the lower stage (so the stage cache serves a rebuild), verified like a single
-backend, and timed with the interleaved timer (:func:`torchkiln.benchmark.interleaved_times`) on
+backend, and timed with the interleaved timer (:func:`torchkiln.driver.benchmark.interleaved_times`) on
 the example inputs: in alternating blocks, each after a short sleep so that the runtime timed before
 it has its spinning worker threads idle, then the two fastest once more, the choice made on their samples of
 both rounds. The report lists every candidate: its latency (median, p10 and p90), error and why it
@@ -34,12 +34,12 @@ import torch
 
 from torchkiln.backends import Artifact, BackendOptions
 from torchkiln.backends import backend_options as backend_options_for
-from torchkiln.benchmark import interleaved_times
+from torchkiln.compiler.machine import cpu_flags
 from torchkiln.compiler.options import Options, option
 from torchkiln.compiler.program import Program, fresh
 from torchkiln.compiler.report import ArtifactRecord, CandidateRecord, Report
+from torchkiln.driver.benchmark import interleaved_times
 from torchkiln.errors import BackendError, ConfigError, KilnError, VerificationError
-from torchkiln.machine import cpu_flags
 
 #: label -> (backend, options); which of them apply is decided by :func:`candidates`
 CANDIDATES: dict[str, tuple[str, dict[str, Any]]] = {

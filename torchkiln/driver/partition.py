@@ -78,7 +78,7 @@ class StageRecord:
 @dataclasses.dataclass
 class Partition:
     """The stages (compiled models), run in sequence by ``__call__`` or across ranks by
-    :mod:`torchkiln.pipeline`."""
+    :mod:`torchkiln.workflows.pipeline`."""
 
     stages: list[CompiledModel]
     records: list[StageRecord]

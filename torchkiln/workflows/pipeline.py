@@ -1,6 +1,6 @@
 """The pipeline runtime: rank r of a ``torchrun`` group runs stage r of a partition.
 
-    torchrun --nproc-per-node 2 -m torchkiln.pipeline DIR --inputs data.npz --microbatches 4 -o out.npz
+    torchrun --nproc-per-node 2 -m torchkiln.workflows.pipeline DIR --inputs data.npz --microbatches 4 -o out.npz
 
 Rank 0 reads the inputs (``.npz``, one array per model input, batch first) and cuts them into
 micro-batches along the batch axis; each rank runs its stage on a micro-batch and sends what the
@@ -59,7 +59,7 @@ def join_group(timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, int]:
     if not dist.is_initialized():
         if "RANK" not in os.environ:
             raise ConfigError("the pipeline runs under torchrun (RANK / WORLD_SIZE are not set)",
-                              hint="torchrun --nproc-per-node N -m torchkiln.pipeline DIR ...")  # fmt: skip
+                              hint="torchrun --nproc-per-node N -m torchkiln.workflows.pipeline DIR ...")  # fmt: skip
         gpu = torch.cuda.is_available() and torch.cuda.device_count() > int(os.environ.get("LOCAL_RANK", 0))
         if gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -189,7 +189,7 @@ def _receive(source: int, boundary: list[Boundary], device: torch.device) -> dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m torchkiln.pipeline", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m torchkiln.workflows.pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("directory", help="a partition written by kiln partition / Partition.save")
     parser.add_argument("--inputs", required=True, help=".npz with one array per model input (read on rank 0)")

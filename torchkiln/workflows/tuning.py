@@ -68,7 +68,7 @@ from typing import Any
 from torchkiln.backends import BACKEND_NAMES
 from torchkiln.compiler.passes import get_pass
 from torchkiln.errors import ConfigError, KilnError, StorageError
-from torchkiln.recipe import PATH_KEYS, Recipe, line_in
+from torchkiln.workflows.recipe import PATH_KEYS, Recipe, line_in
 
 OBJECTIVES = ("accuracy_drop", "latency_ms", "size_mb")
 SAMPLERS = ("tpe", "nsga2", "random")

@@ -1,4 +1,4 @@
-"""``torchkiln.compare``: find the first layer where an artifact stops agreeing with the eager model.
+"""``torchkiln.workflows.compare``: find the first layer where an artifact stops agreeing with the eager model.
 
 The eager model runs with a forward hook on every module, recording each call's output; the ONNX
 artifact runs once with every module's output exposed (:mod:`torchkiln.backends.onnx_intermediates`).

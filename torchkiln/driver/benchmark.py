@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from torchkiln.machine import KERNEL_FLAGS, cpu_flags, cpu_model
+from torchkiln.compiler.machine import KERNEL_FLAGS, cpu_flags, cpu_model
 
 K = TypeVar("K")
 

@@ -106,7 +106,7 @@ class Recipe:
     gate: Mapping[str, float]
     raw: Mapping[str, Any]  # the parsed file, for the manifest
     partition: Mapping[str, Any] | None = None
-    tune: Mapping[str, Any] | None = None  # checked in full by torchkiln.tuning
+    tune: Mapping[str, Any] | None = None  # checked in full by torchkiln.workflows.tuning
     training: Mapping[str, Any] | None = None  # batches for distill (train_data / val_data)
     kv_cache: str = "float"  # a causal LM's KV cache (torchkiln.compiler.kv_cache.MODES)
 
