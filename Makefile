@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-slow coverage lm-quality lint bench fuzz-long gpu-check clean
+.PHONY: demo test test-slow coverage lm-quality lint docs bench fuzz-long gpu-check clean
 
 # torch is pinned in its own step: an open range would pull the CUDA build (several GB).
 $(STAMP): pyproject.toml
@@ -29,9 +29,13 @@ test-slow: $(STAMP)
 lm-quality: $(STAMP)
 	$(BIN)/python -m pytest -m slow -s tests/test_lm_quality.py
 
-# The whole model- and generation-coverage matrices; rewrite README's two tables from what they measured.
+# The whole model- and generation-coverage matrices; rewrite docs/coverage.md's two tables from what they measured.
 coverage: $(STAMP)
 	TORCHKILN_WRITE_COVERAGE=1 $(BIN)/python -m pytest tests/test_model_coverage.py tests/test_generation_coverage.py
+
+# The documentation site (docs/ + mkdocs.yml) into site/; --strict: a broken link, anchor or API reference fails.
+docs: $(STAMP)
+	$(BIN)/python -m mkdocs build --strict
 
 lint: $(STAMP)
 	$(BIN)/ruff check torchkiln tests bench
@@ -54,4 +58,4 @@ gpu-check:
 	PYTHON=$(PYTHON) bash bench/gpu_check.sh
 
 clean:
-	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) out site .pytest_cache .mypy_cache .ruff_cache

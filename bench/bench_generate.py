@@ -30,6 +30,7 @@ import copy
 import importlib.util
 import io
 import logging
+import math
 import statistics
 import subprocess
 import sys
@@ -200,9 +201,28 @@ def measure(variants: dict[str, Variant], batch: int, prompt: int, new: int, rep
             one = statistics.median(timed(lambda v=variant: v.generate(ids, 1)) for _ in range(3))
             whole = timed(lambda v=variant: v.generate(ids, new))
             prefill[name].append(first * 1e3)
-            decode[name].append(batch * (new - 1) / (whole - one))  # the first new token comes with the prompt
-            print(f"  batch {batch} {name}: prefill {first * 1e3:.1f} ms, decode {decode[name][-1]:.1f} tokens/s", file=sys.stderr)
+            decode[name].append(decode_rate(batch, new, whole, one))
+            print(f"  batch {batch} {name}: prefill {first * 1e3:.1f} ms, decode {_rate(decode[name][-1])} tokens/s", file=sys.stderr)
     return {name: (statistics.median(prefill[name]), statistics.median(decode[name])) for name in variants}
+
+
+#: the decode steps must take at least this share of the whole generation to be timed apart from the prompt
+MIN_DECODE_SHARE = 0.1
+
+
+def decode_rate(batch: int, new: int, whole: float, one: float) -> float:
+    """Tokens/s of the ``new - 1`` decode steps (the first new token comes with the prompt): NaN
+    when they are not measurable — one new token, or the steps lost in the timing noise of the
+    prompt (whole - one below :data:`MIN_DECODE_SHARE` of whole; a tiny model or a drifting machine
+    made that difference negative)."""
+    steps = whole - one
+    if new < 2 or steps < MIN_DECODE_SHARE * whole:
+        return math.nan
+    return batch * (new - 1) / steps
+
+
+def _rate(value: float) -> str:
+    return "not measured (decode lost in the timing noise; raise --new)" if math.isnan(value) else f"{value:.1f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -267,8 +287,12 @@ def table(rows: list[tuple[str, int, str, float, float]]) -> str:
     lines = ["| model | batch | runtime | prefill ms | decode tokens/s | vs HF eager | vs HF static+compile | vs torchkiln fp32 |",
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for model, batch, label, prefill, rate in rows:
-        ratios = [f"{rate / ref[model, batch]:.2f}x" if (model, batch) in ref else "-" for ref in references]
-        lines.append(f"| {model} | {batch} | {label} | {prefill:.1f} | {rate:.1f} | {' | '.join(ratios)} |")
+        ratios = [f"{rate / ref[model, batch]:.2f}x" if (model, batch) in ref and not math.isnan(rate / ref[model, batch]) else "-"
+                  for ref in references]  # fmt: skip
+        cell = "-" if math.isnan(rate) else f"{rate:.1f}"
+        lines.append(f"| {model} | {batch} | {label} | {prefill:.1f} | {cell} | {' | '.join(ratios)} |")
+    if any(math.isnan(rate) for *_, rate in rows):
+        lines.append(f"\n'-' decode: not measurable — the decode steps took under {MIN_DECODE_SHARE:.0%} of the generation's time (raise --new)")
     return "\n".join(lines)
 
 

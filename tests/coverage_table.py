@@ -1,4 +1,4 @@
-"""README tables written by a test: each run compares the cells it measured with README's and fails
+"""The coverage tables of docs/coverage.md, written by a test: each run compares the cells it measured with README's and fails
 on a stale one; with ``TORCHKILN_WRITE_COVERAGE=1`` and every case measured it rewrites the table.
 Used by the model coverage and generation coverage tests."""
 
@@ -9,7 +9,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parent.parent / "docs" / "coverage.md"
 
 
 class Table:
@@ -34,7 +34,7 @@ class Table:
     def parse(self, text: str) -> dict[str, dict[str, str]]:
         """README's table back into {row: {case: cell}}."""
         match = re.search(re.escape(self.begin) + r"(.*?)" + re.escape(self.end), text, re.S)
-        assert match, f"README.md has no {self.begin} ... {self.end} section (run `make {self.target}` to write it)"
+        assert match, f"docs/coverage.md has no {self.begin} ... {self.end} section (run `make {self.target}` to write it)"
         lines = [line for line in match.group(1).splitlines() if line.startswith("|")]
         assert lines, f"README's {self.begin} table is empty (run `make {self.target}` to write it)"
         header = [c.strip() for c in lines[0].strip("|").split("|")]

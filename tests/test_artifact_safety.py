@@ -357,7 +357,7 @@ def test_export_refuses_to_replace_a_directory_that_is_not_an_artifact(tmp_path,
     project = tmp_path / "myproj"
     project.mkdir()
     (project / "train.py").write_text("print('my work')")
-    assert main(["export", "mlp", "-o", str(project), "--quiet"]) == 1
+    assert main(["export", "mlp", "-o", str(project), "--quiet"]) == 2  # a destination that may not be written: a usage error
     assert "not a torchkiln artifact; refusing to replace it" in capsys.readouterr().err
     assert (project / "train.py").read_text() == "print('my work')"
     with pytest.raises(ArtifactError, match="not a torchkiln artifact"):
@@ -370,7 +370,7 @@ def test_export_to_the_current_directory_is_a_clear_error(tmp_path, monkeypatch,
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
-    assert main(["export", "mlp", "-o", output, "--quiet"]) == 1
+    assert main(["export", "mlp", "-o", output, "--quiet"]) == 2
     assert "is the current directory or one of its parents" in capsys.readouterr().err
 
 
@@ -388,7 +388,7 @@ def test_build_refuses_a_setuptools_build_directory(tmp_path, capsys):
     recipe.write_text('[model]\nsource = "mlp"\n')
     (tmp_path / "build" / "lib").mkdir(parents=True)
     (tmp_path / "build" / "lib" / "module.py").write_text("x = 1")
-    assert main(["build", str(recipe), "--quiet", "--no-cache"]) == 1
+    assert main(["build", str(recipe), "--quiet", "--no-cache"]) == 2
     assert "not a torchkiln artifact" in capsys.readouterr().err
     assert (tmp_path / "build" / "lib" / "module.py").read_text() == "x = 1"
 

@@ -462,7 +462,7 @@ CLI_CASES = [
     (["export", "mlp", "--rtol", "-1", "-o", "{tmp}/o"], 2, "tolerance rtol must be a finite number >= 0"),
     (["export", "mlp", "--passes", "quantize", "--calibration", "{tmp}/empty.npz", "-o", "{tmp}/o"], 2,
      "no rows to split into batches"),
-    (["export", "mlp", "-o", "{tmp}"], 1, "not a torchkiln artifact; refusing to replace it"),
+    (["export", "mlp", "-o", "{tmp}"], 2, "not a torchkiln artifact; refusing to replace it"),
 ]  # fmt: skip
 
 _MLP_RECIPE = '[model]\nsource = "mlp"\n[backend]\nname = "onnxruntime"\n'

@@ -117,3 +117,29 @@ def test_peak_memory_sees_an_allocation():
         block = torch.ones(64 * 2**20 // 4)  # 64 MB, written so the pages are resident
         del block
     assert peak.growth_bytes is not None and peak.growth_bytes >= 32 * 2**20
+
+
+def _bench_script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_script_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_generate_never_prints_a_negative_or_noise_decode_rate():
+    """A tiny model's decode steps can take less time than the noise in timing the prompt: the rate
+    was printed negative (bench_generate --size tiny). It is now not measured, and says so."""
+    import math
+
+    script = _bench_script("bench_generate")
+    assert script.decode_rate(1, 16, whole=0.010, one=0.002) == pytest.approx(15 / 0.008)
+    assert math.isnan(script.decode_rate(1, 16, whole=0.010, one=0.011))  # negative difference
+    assert math.isnan(script.decode_rate(1, 16, whole=0.010, one=0.0095))  # 5% of the whole: noise
+    assert math.isnan(script.decode_rate(8, 1, whole=0.010, one=0.002))  # no decode step to time
+    rows = [("tiny", 1, "HF eager", 1.0, 100.0), ("tiny", 1, "torchkiln fp32", 1.0, math.nan)]
+    text = script.table(rows)
+    assert "| tiny | 1 | torchkiln fp32 | 1.0 | - | - |" in text and "not measurable" in text and "nan" not in text

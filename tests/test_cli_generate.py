@@ -63,7 +63,8 @@ def test_export_infers_the_task_and_generate_prints_tokens_and_speed(exported, c
         theirs = lm.generate(
             prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, min_new_tokens=6
         )
-    assert [int(t) for t in out.split()] == theirs[0, 3:].tolist()
+    echoed, _, new = out.partition(" | ")  # the prompt's ids first, then each new token
+    assert echoed.split() == ["5", "6", "7"] and [int(t) for t in new.split()] == theirs[0, 3:].tolist()
     assert "kiln: 6 tokens in " in err and "tokens/s, prompt 3 tokens)" in err
 
     assert main(["generate", str(root / "artifact"), "--prompt", "def main(", "--tokenizer", str(root / "tokenizer"),
@@ -138,7 +139,8 @@ def test_an_encoder_decoder_directory_exports_as_two_parts_and_generates(capsys,
     with torch.no_grad():
         prompt = torch.tensor([[5, 6, 7, 8]])
         theirs = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, do_sample=False)
-    assert [int(t) for t in out.split()] == theirs[0, 1:].tolist()
+    echoed, _, new = out.partition(" | ")
+    assert echoed == "5 6 7 8" and [int(t) for t in new.split()] == theirs[0, 1:].tolist()
 
 
 def _whisper(**extra):
@@ -288,3 +290,12 @@ def test_an_encoder_decoder_reports_the_tokens_it_made(tmp_path, capsys):
     match = re.search(r"kiln: (-?\d+) tokens in [\d.]+ s \((-?[\d.]+) tokens/s", err)
     assert match is not None, err
     assert int(match.group(1)) == 3 and float(match.group(2)) > 0
+
+
+def test_the_cli_makes_as_many_tokens_as_the_api_by_default(exported, capsys):
+    from torchkiln.driver.generate import MAX_NEW_TOKENS
+
+    _, _, root = exported
+    assert main(["generate", str(root / "artifact"), "--prompt-ids", "5,6,7", "--min-new-tokens", str(MAX_NEW_TOKENS)]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.partition(" | ")[2].split()) == MAX_NEW_TOKENS == 20 and f"kiln: {MAX_NEW_TOKENS} tokens in " in err

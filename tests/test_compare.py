@@ -67,6 +67,9 @@ def test_an_int8_artifact_is_judged_by_cosine_and_a_broken_layer_still_shows():
     passes = "cleanup,fold_batchnorm,quantize"
     good = compile_quietly(model, inputs, passes=passes, calibration_data=calibration)
     assert compare_artifact(model, good, inputs, Tolerance(min_cosine=0.99)).passed
+    by_default = compare_artifact(model, good, inputs)  # the artifact's own promise, from its report
+    assert by_default.passed and by_default.tolerance == Tolerance(min_cosine=0.99)
+    assert not compare_artifact(model, good, inputs, Tolerance()).passed  # int8 is not within fp32 bounds
     bad = compile_quietly(broken(model, "features.3.0"), inputs, passes=passes, calibration_data=calibration)
     result = compare_artifact(model, bad, inputs, Tolerance(min_cosine=0.99))
     assert result.first_failure.module == "features.3.0"
@@ -81,6 +84,24 @@ def test_the_cli_names_the_layer_and_exits_1(tmp_path, capsys):
     assert main(["compare", "resnet", str(tmp_path / "good"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["passed"] and report["first_failure"] is None and report["layers"]
+
+
+def test_the_cli_compares_an_int8_artifact_at_its_promise_by_default(tmp_path, capsys):
+    model, inputs, entry = zoo("digits_cnn")
+    calibration = [entry.example_inputs(seed=s) for s in range(8)]
+    compile_quietly(model, inputs, passes="cleanup,quantize", calibration_data=calibration).save(tmp_path / "q")
+    assert main(["compare", "digits_cnn", str(tmp_path / "q"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tolerance"] == "cosine similarity >= 0.99"
+    assert main(["compare", "digits_cnn", str(tmp_path / "q"), "--atol", "1e-5"]) == 1  # asked for fp32 bounds
+
+
+def test_a_tolerance_reads_back_what_it_wrote():
+    from torchkiln.errors import ConfigError
+
+    for tolerance in (Tolerance(), Tolerance(min_cosine=0.99), Tolerance(atol=0.5, rtol=2e-3)):
+        assert Tolerance.parse(str(tolerance)) == tolerance
+    with pytest.raises(ConfigError, match="not a tolerance"):
+        Tolerance.parse("close enough")
 
 
 @pytest.mark.parametrize(

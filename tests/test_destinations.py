@@ -86,7 +86,7 @@ def test_kiln_tune_refuses_a_users_directory_holding_a_trials_json(tmp_path, cap
     recipe = tmp_path / "kiln.toml"
     recipe.write_text(MLP_TUNE)
     mine = _user_directory(tmp_path / "mine", "trials.json", "thesis.tex")
-    assert main(["tune", str(recipe), "-o", str(mine), "--no-cache"]) == 1
+    assert main(["tune", str(recipe), "-o", str(mine), "--no-cache"]) == 2  # the destination: a usage error
     assert "refusing to replace" in capsys.readouterr().err
     assert sorted(p.name for p in mine.iterdir()) == ["thesis.tex", "trials.json"]
     assert not (tmp_path / "tune.db").exists()  # refused before the study was made
@@ -97,7 +97,7 @@ def test_kiln_build_checks_the_partition_destination_before_writing_the_build(tm
     recipe.write_text('[model]\nsource = "mlp"\n\n[[passes]]\nname = "cleanup"\n\n[backend]\nname = "torch"\n\n'
                       '[partition]\nstages = 2\nbalance = "params"\n')  # fmt: skip
     mine = _user_directory(tmp_path / "build.partition", "keep.txt")
-    assert main(["build", str(recipe), "--no-cache"]) == 1
+    assert main(["build", str(recipe), "--no-cache"]) == 2
     assert "build.partition" in capsys.readouterr().err
     assert not (tmp_path / "build").exists()  # the build was not written, then found unpartitionable
     assert [p.name for p in mine.iterdir()] == ["keep.txt"]
@@ -143,3 +143,20 @@ def test_a_plot_we_wrote_carries_our_marker_and_is_replaced(tmp_path):
     assert latency_plot(path, {"torch": [(1, 10.0), (2, 18.0)]}) is None
     assert files.check_file_destination(path, "png") == path
     assert latency_plot(path, {"torch": [(1, 11.0), (2, 19.0)]}) is None
+
+
+def test_a_destination_that_may_not_be_written_is_a_usage_error_exit_2(tmp_path, capsys, monkeypatch):
+    """`-o .` and `-o` a directory that is not ours: the user's configuration (exit 2, as README says),
+    refused before any work; a Python caller still catches it as an ArtifactError."""
+    from torchkiln.errors import ArtifactError, ConfigError, DestinationError
+
+    monkeypatch.chdir(tmp_path)
+    mine = _user_directory(tmp_path / "mine", "notes.txt")
+    assert main(["export", "mlp", "-o", "."]) == 2
+    assert "it is the current directory" in capsys.readouterr().err
+    assert main(["export", "mlp", "-o", str(mine)]) == 2
+    assert "not a torchkiln artifact" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    with pytest.raises(DestinationError) as caught:
+        files.check_destination(mine, "artifact")
+    assert isinstance(caught.value, ArtifactError) and isinstance(caught.value, ConfigError)

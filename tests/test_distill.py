@@ -48,6 +48,7 @@ def test_half_the_channels_then_distillation_loses_at_most_one_point(digits):
     assert recovered.report.params < 0.5 * recovered.report.passes[0].params_before
 
 
+@pytest.mark.slow  # ~35 s: two 8-epoch fine-tunes; CI keeps the refusal test and docs/passes.md's distillation run
 def test_group_lasso_fine_tune_makes_half_the_channels_removable(digits):
     """The group-lasso term during distillation pushes whole channels toward zero, so the structured
     pruning after it loses far less than after the same fine-tune without it (no recovery after)."""

@@ -12,7 +12,7 @@ transformers' greedy generate gives.
 A state-space LM (Mamba) is compiled as one step over its states and runs the prompt through it
 token by token (torchkiln.compiler.state_space).
 
-README's "Generation coverage" table is this test's output (``make coverage`` rewrites it, see
+docs/coverage.md's "Generation coverage" table is this test's output (``make coverage`` rewrites it, see
 tests/coverage_table.py). One model per family runs in CI (``Generator.ci``: the padded case; the
 maskless one on Falcon, whose rotary positions are computed in the graph), the rest are ``slow``.
 """

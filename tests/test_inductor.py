@@ -232,8 +232,10 @@ def test_kiln_export_and_a_recipe_take_backend_auto(tmp_path, capsys):
     out = tmp_path / "fastest"
     assert main(["export", "mlp", "--backend", "auto", "--backend-option", "candidates=onnxruntime,torch",
                  "--backend-option", "runs=5", "-o", str(out)]) == 0  # fmt: skip
-    printed = capsys.readouterr().out
+    printed, progress = capsys.readouterr()
     assert "auto candidate onnxruntime:" in printed and "auto candidate torch:" in printed
+    assert "kiln: auto: candidate 1/2: onnxruntime" in progress and "kiln: auto: candidate 2/2: torch" in progress
+    assert "kiln: auto: timing 2 candidate(s) side by side, 5 calls each" in progress
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["backend"] in ("onnxruntime", "torch")  # the winner's own backend, loadable as such
     assert torchkiln.load(out).backend == manifest["backend"]

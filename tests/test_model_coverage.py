@@ -7,8 +7,8 @@ that multiplies by a stored weight (``weight_ops``) minus the documented exclusi
 lookups, recurrent layers, conv layers in dynamic mode, a mixture of experts' grouped matmuls in
 static int8, weights computed in the graph.
 
-README's "Model coverage" table is this test's output: every case that runs compares its cell with
-README's (a stale README fails), and ``TORCHKILN_WRITE_COVERAGE=1`` with the whole matrix run
+The table of docs/coverage.md is this test's output: every case that runs compares its cell with
+the page's (a stale page fails), and ``TORCHKILN_WRITE_COVERAGE=1`` with the whole matrix run
 (``make coverage``) rewrites it. ONNX Runtime cases take 10-25 s each (an ONNX export each),
 so CI runs them on an encoder (``CI_ARCHITECTURES``; decoders reach ONNX Runtime in test_causal_lm; T5, ViT and recurrent models
 reach ONNX Runtime in test_huggingface, test_backends and test_quantize_coverage) and the rest are marked ``slow``; the

@@ -104,7 +104,12 @@ def test_a_rank_that_fails_ends_the_run_with_its_error(tmp_path):
 def test_kiln_partition_writes_the_stages(tmp_path, capsys):
     assert main(["partition", "resnet", "--stages", "2", "--balance", "params", "-o", str(tmp_path / "p")]) == 0
     assert (tmp_path / "p" / "partition.json").exists() and (tmp_path / "p" / "stage1" / "manifest.json").exists()
-    assert "balance=params" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "balance=params" in out
+    phases = ["tracing and optimizing", "costing", "choosing 2 stages", "compiling stage 1/2", "compiling stage 2/2",
+              "verifying the stages", "timing each stage"]  # fmt: skip
+    positions = [err.find(f"kiln: {phase}") for phase in phases]  # each long phase says so, in order
+    assert -1 not in positions and positions == sorted(positions), err
 
 
 CALIBRATE = """

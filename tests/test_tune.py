@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import shutil
@@ -261,7 +262,7 @@ def test_the_readme_tune_example_is_a_valid_table_and_unquoted_dotted_keys_are_n
     from torchkiln.workflows import tuning
     from torchkiln.workflows.recipe import load_recipe
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "tuning.md").read_text()
     example = re.search(r"```toml\n(\[tune\]\n.*?)```", readme, re.S).group(1)
     (tmp_path / "data.py").write_text("def batches():\n    return []\n")
     base = MLP.replace('[backend]', '[[passes]]\nname = "prune"\n\n[[passes]]\nname = "distill"\n\n'
@@ -480,7 +481,10 @@ def test_sizes_are_the_bytes_an_artifact_writes_on_every_backend(tmp_path):
     ("storage", "message"),
     [("not a url", "is not a database URL"), ("sqlite:///{tmp}/notdb.db", "is not an SQLite database"),
      ("sqlite:////nonexistent/dir/x.db", "does not exist"),
-     ("postgresql://user:secret@127.0.0.1:1/db", "cannot open the study storage postgresql://user:***@")],
+     ("postgresql://user:secret@127.0.0.1:1/db",
+      "cannot open the study storage postgresql://user:***@" if importlib.util.find_spec("psycopg")
+      else "the postgresql driver 'psycopg' is not installed [at --storage] (hint: pip install 'psycopg[binary]'"),
+     ("nosuchdb://user:secret@host/db", "no database called 'nosuchdb'")],
 )  # fmt: skip
 def test_a_bad_storage_is_a_config_error_before_any_work(tmp_path, capsys, storage, message):
     (tmp_path / "notdb.db").write_text("my notes, not a database")
@@ -506,6 +510,7 @@ def test_a_refused_password_fails_at_once_without_retries(monkeypatch):
         raise sqlalchemy.exc.OperationalError("connect", None, Exception("password authentication failed for user"))
 
     monkeypatch.setattr(optuna.storages, "RDBStorage", refuse)
+    monkeypatch.setattr(tuning, "_check_driver", lambda parsed, shown: None)  # as if psycopg were installed
     with pytest.raises(ConfigError, match="password authentication failed") as info:
         tuning._storage("postgresql://user:secret@db.invalid/study")
     assert len(calls) == 1 and "secret" not in info.value.message

@@ -63,6 +63,11 @@ class ArtifactError(KilnError):
     """A saved artifact directory is missing, corrupt, or cannot be written."""
 
 
+class DestinationError(ArtifactError, ConfigError):
+    """An output path that may not be written (the current directory, a file, a directory that is
+    not ours), refused before any work: the user's configuration to fix (the CLI's exit code 2)."""
+
+
 class GateError(KilnError):
     """A build met none of its failures but missed a quality gate (accuracy, latency, size)."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 
@@ -34,7 +35,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for command in (build, tune, export, partition, generate, bench, compare, inspect, passes, models):
         command.add_parser(sub)
+    for command_parser in sub.choices.values():  # module docstrings are reST: --help shows plain text
+        command_parser.description = plain(command_parser.description)
+        for action in command_parser._actions:
+            action.help = plain(action.help) if action.help != argparse.SUPPRESS else action.help
     return parser
+
+
+def plain(text: str | None) -> str | None:
+    """reST inline markup (``code``, :mod:`x`, :class:`~a.b`) as plain text."""
+    if text is None:
+        return None
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", lambda m: m.group(1).rsplit(".", 1)[-1] if m.group(0).count("~") else m.group(1), text)
+    return text.replace("``", "")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,5 +1,6 @@
 """``kiln compare MODEL ARTIFACT``: run the eager model and a saved ONNX artifact on the same inputs,
-compare every module's output, and name the first module whose output is over the tolerance.
+compare every module's output, and name the first module whose output is over the tolerance (by
+default the one the artifact was verified against, from its manifest: cosine >= 0.99 for int8).
 
 The tool for "the exported model gives different answers". Exit code 0 when everything agrees,
 1 when a module or an output is over the tolerance.
@@ -9,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-
-import torch
 
 from torchkiln.cli.common import (
     add_model_arguments,
@@ -22,7 +21,7 @@ from torchkiln.compiler.verify import Tolerance
 from torchkiln.driver.compiled import load
 from torchkiln.errors import ConfigError
 from torchkiln.workflows.compare import compare_artifact
-from torchkiln.workflows.loading import load_model
+from torchkiln.workflows.loading import load_model, load_weights
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,10 +31,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     add_model_arguments(parser)
     parser.add_argument("artifact", metavar="ARTIFACT", help="directory written by kiln export / kiln build")
-    parser.add_argument("--weights", help="state dict for MODEL (torch.load with weights_only=True)")
-    parser.add_argument("--atol", type=float, help="absolute tolerance (default 1e-5)")
-    parser.add_argument("--rtol", type=float, help="tolerance relative to each output's scale (default 1e-4)")
-    parser.add_argument("--min-cosine", type=float, help="compare by cosine similarity instead (int8: 0.99)")
+    parser.add_argument("--weights", help="state dict for MODEL, loaded with torch.load(weights_only=True) (default: "
+                        "MODEL's own weights)")  # fmt: skip
+    parser.add_argument("--atol", type=float,
+                        help="absolute tolerance (default: the artifact's promise; fp32: 1e-5)")  # fmt: skip
+    parser.add_argument("--rtol", type=float,
+                        help="tolerance relative to each output's scale (default: the artifact's promise; fp32: 1e-4)")  # fmt: skip
+    parser.add_argument("--min-cosine", type=float,
+                        help="compare by cosine similarity instead (default: the artifact's promise; int8: 0.99)")  # fmt: skip
     parser.add_argument(
         "--no-optimize", action="store_true", help="run ONNX Runtime without graph optimizations"
     )
@@ -47,12 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     model, entry = load_model(args.model)
     if args.weights:
-        try:
-            model.load_state_dict(torch.load(args.weights, weights_only=True, map_location="cpu"))
-        except Exception as exc:
-            raise ConfigError(
-                f"cannot load weights {args.weights}: {type(exc).__name__}: {exc}", where=args.weights
-            ) from None
+        load_weights(model, args.weights, args.weights)
     compiled = load(args.artifact, allow_native_code=args.allow_native_code)
     inputs = example_inputs(args, entry)
     comparison = compare_artifact(

@@ -47,21 +47,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--passes",
         default=",".join(DEFAULT_PASSES),
-        help="pass pipeline, e.g. cleanup,fold_batchnorm (see `kiln passes`); '' for none",
+        help=f"pass pipeline, comma-separated, options after a colon: quantize:mode=weight_only,bits=4 "
+        f"(see kiln passes; '' for none; default: {','.join(DEFAULT_PASSES)})",
     )
-    parser.add_argument("--backend", choices=(*BACKEND_NAMES, "auto"), default="onnxruntime")
+    parser.add_argument("--backend", choices=(*BACKEND_NAMES, "auto"), default="onnxruntime",
+                        help="runtime of the artifact; auto builds the candidates, verifies and times each, keeps "
+                        "the fastest within the promise (default: onnxruntime)")  # fmt: skip
     parser.add_argument(
         "--backend-option",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="backend option, e.g. opset=19 (repeatable)",
+        help="backend option, e.g. opset=19 (repeatable; see the backend's options in the docs; default: none)",
     )
     parser.add_argument(
         "--calibration",
         metavar="SOURCE",
         help="calibration data for quantize mode=int8: FILE.pt / FILE.npz (split into batches like the "
-        "example input), or random:N for N random batches (a smoke test, not real ranges)",
+        "example input), or random:N for N random batches (a smoke test, not real ranges) (default: none)",
     )
     parser.add_argument("--dynamic-batch", action="store_true", help="make axis 0 of every input dynamic")
     parser.add_argument(
@@ -76,7 +79,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="INPUT:AXIS=NAME",
-        help="make one axis dynamic (repeatable)",
+        help="make one axis dynamic, e.g. input_ids:1=sequence (repeatable; default: all axes static)",
     )
     parser.add_argument(
         "--atol",

@@ -12,7 +12,7 @@ import torch
 
 import torchkiln
 from torchkiln.cli.common import add_native_code_argument
-from torchkiln.driver.generate import SPEECH, check_settings, vocabulary
+from torchkiln.driver.generate import MAX_NEW_TOKENS, SPEECH, check_settings, vocabulary
 from torchkiln.errors import InputError
 from torchkiln.workflows import tasks
 
@@ -25,16 +25,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "artifact", metavar="ARTIFACT", help="artifact directory (kiln export --task text-generation)"
     )
     prompt = parser.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--prompt", help="prompt text (needs --tokenizer)")
-    prompt.add_argument("--prompt-ids", metavar="IDS", help="prompt token ids, comma-separated: 1,2,3")
-    parser.add_argument("--tokenizer", metavar="DIR", help="a local Hugging Face tokenizer directory")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--min-new-tokens", type=int, default=0)
-    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, help="seed for sampling (reproducible output)")
+    prompt.add_argument("--prompt", help="prompt text (needs --tokenizer); this or --prompt-ids is required")
+    prompt.add_argument("--prompt-ids", metavar="IDS",
+                        help="prompt token ids, comma-separated: 1,2,3; this or --prompt is required")  # fmt: skip
+    parser.add_argument("--tokenizer", metavar="DIR",
+                        help="a local Hugging Face tokenizer directory (default: none; tokens print as ids)")  # fmt: skip
+    parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS,
+                        help=f"stop after this many new tokens (default: {MAX_NEW_TOKENS}, as generate() in Python)")  # fmt: skip
+    parser.add_argument("--min-new-tokens", type=int, default=0,
+                        help="the end-of-sequence token is not picked before this many (default: 0)")  # fmt: skip
+    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding (default: greedy)")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="with --do-sample: divide the logits by this; < 1 sharpens (default: 1.0)")  # fmt: skip
+    parser.add_argument("--top-k", type=int, default=0,
+                        help="with --do-sample: sample among the k likeliest tokens; 0 = all (default: 0)")  # fmt: skip
+    parser.add_argument("--top-p", type=float, default=1.0,
+                        help="with --do-sample: sample among the likeliest tokens whose probabilities sum to p "
+                        "(default: 1.0 = all)")  # fmt: skip
+    parser.add_argument("--seed", type=int, help="seed for sampling, for reproducible output (default: none)")
     add_native_code_argument(parser)
     parser.set_defaults(run=run)
 
@@ -114,8 +122,10 @@ class _Printer:
     def __init__(self, tokenizer: Any, prompt: list[int]):
         self.tokenizer, self.tokens, self.steps = tokenizer, list(prompt), 0
         self.shown = len(tokenizer.decode(prompt)) if tokenizer is not None else 0
-        if tokenizer is not None:
+        if tokenizer is not None:  # the prompt first, then each token as it comes
             print(tokenizer.decode(prompt), end="", flush=True)
+        else:
+            print(" ".join(map(str, prompt)), end=" | ", flush=True)
 
     def __call__(self, step: torch.Tensor) -> None:
         self.steps += 1

@@ -48,7 +48,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from torchkiln.errors import ArtifactError
+from torchkiln.errors import ArtifactError, DestinationError
 
 LOCK_TIMEOUT_S = 600.0
 _RENAME_EXCHANGE = 2
@@ -96,7 +96,7 @@ def write_marker(directory: Path, kind: str, **content: Any) -> None:
 
 
 def check_destination(destination: str | os.PathLike[str], kind: str) -> Path:
-    """The directory a writer of ``kind`` will replace, refused (:class:`ArtifactError`) when
+    """The directory a writer of ``kind`` will replace, refused (:class:`DestinationError`, an ArtifactError) when
     replacing it could lose something that is not ours: a file, a non-empty directory that is not
     a ``kind`` of ours, the current directory or one of its parents."""
     if kind not in MARKERS:
@@ -106,12 +106,12 @@ def check_destination(destination: str | os.PathLike[str], kind: str) -> Path:
         dest = Path(os.path.realpath(dest))
     _refuse_current_directory(dest, destination)
     if dest.exists() and not dest.is_dir():
-        raise ArtifactError(
+        raise DestinationError(
             f"{dest} exists and is not a directory", where=str(dest), hint="choose another output path"
         )
     if dest.is_dir() and not _is_empty(dest) and not is_ours(dest, kind):
         what = "torchkiln artifact" if kind == "artifact" else f"torchkiln {kind} directory"
-        raise ArtifactError(
+        raise DestinationError(
             f"{dest} is a directory that is not a {what}; refusing to replace it",
             where=str(dest),
             hint=f"choose a new path, e.g. {dest / kind}, or remove the directory yourself",
@@ -125,13 +125,13 @@ def check_file_destination(destination: str | os.PathLike[str], kind: str) -> Pa
     suffix = FILE_KINDS[kind]
     dest = Path(destination)
     if dest.suffix != suffix:
-        raise ArtifactError(f"{destination}: the output must be a {suffix} file", where=str(destination),
+        raise DestinationError(f"{destination}: the output must be a {suffix} file", where=str(destination),
                             hint=f"name a file ending in {suffix}")  # fmt: skip
     _refuse_current_directory(dest, destination)
     if dest.is_symlink() or (dest.exists() and not dest.is_file()):
-        raise ArtifactError(f"{dest} exists and is not a plain file", where=str(dest), hint="choose another output path")
+        raise DestinationError(f"{dest} exists and is not a plain file", where=str(dest), hint="choose another output path")
     if dest.exists() and not _file_is_ours(dest, kind):
-        raise ArtifactError(
+        raise DestinationError(
             f"{dest} is a file torchkiln did not write; refusing to replace it",
             where=str(dest),
             hint="choose a new file name, or remove the file yourself",
@@ -142,7 +142,7 @@ def check_file_destination(destination: str | os.PathLike[str], kind: str) -> Pa
 def _refuse_current_directory(dest: Path, given: str | os.PathLike[str]) -> None:
     here, absolute = Path.cwd().resolve(), dest.resolve()
     if dest.name in ("", ".", "..") or absolute == here or absolute in here.parents:
-        raise ArtifactError(
+        raise DestinationError(
             f"cannot write to {given}: it is the current directory or one of its parents",
             where=str(given),
             hint="name a new subdirectory, e.g. -o ./artifact",

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import textwrap
 from typing import Any
+
+#: the widest line of a report's table (``table(width=None)``, ``--verbose``: everything)
+WIDTH = 120
 
 
 @dataclasses.dataclass
@@ -48,6 +52,8 @@ class ArtifactRecord:
     tolerance: str | None = None
     eager_ms: float | None = None
     artifact_ms: float | None = None
+    #: calls each of the quick latency sample took (eager and artifact interleaved)
+    latency_runs: int = 0
     notes: list[str] = dataclasses.field(default_factory=list)
     #: the same check on calibration batches held back from calibration (lossy pipelines)
     held_back_batches: int = 0
@@ -110,7 +116,10 @@ class Report:
             **data, passes=passes, artifact=ArtifactRecord(**artifact) if artifact else None, candidates=candidates
         )
 
-    def table(self) -> str:
+    def table(self, width: int | None = WIDTH) -> str:
+        """The report as text, each line at most ``width`` columns: a pass's long "ops changed /
+        stats" cell is cut (the count of what was left out said; ``to_dict()`` and ``width=None``
+        have all of it), prose lines wrap."""
         lines = [f"torchkiln report: {self.model} (captured with {self.flavour}, {self.trace_seconds:.2f} s)"]
         header = ("pass", "modified", "seconds", "params", "max abs err", "ops changed / stats")
         rows = [header]
@@ -129,7 +138,9 @@ class Report:
             )
         widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
         for row in rows:
-            lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
+            start = "  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  "
+            lines.append(start + _cut(row[-1], None if width is None else width - len(start)))
+        table_rows = len(lines)
         for p in self.passes:
             lines.extend(f"  note ({p.name}): {n}" for n in p.notes)
         lines.extend(f"  note: {n}" for n in self.notes)
@@ -141,7 +152,30 @@ class Report:
             lines.append(_artifact_line(self.artifact, self.params, self.param_bytes))
             lines.extend(f"  note ({self.artifact.backend}): {n}" for n in self.artifact.notes)
         lines.extend(_candidate_line(c) for c in self.candidates)
+        if width is not None:
+            lines = lines[:table_rows] + [
+                wrapped for line in lines[table_rows:]
+                for wrapped in textwrap.wrap(line, width, initial_indent="", subsequent_indent="      ",
+                                             break_on_hyphens=False, drop_whitespace=True) or [""]
+            ]  # fmt: skip
         return "\n".join(lines)
+
+
+def _cut(cell: str, room: int | None) -> str:
+    """``cell`` in ``room`` columns: whole items ("a -1, b +2; k=v") while they fit, then how many
+    were left out."""
+    if room is None or len(cell) <= room:
+        return cell
+    items = [item for part in cell.split("; ") for item in part.split(", ")]
+    kept: list[str] = []
+    for index, item in enumerate(items):
+        rest = len(items) - index - 1
+        suffix = f", ... {rest} more (--verbose)" if rest else ""
+        if len(", ".join([*kept, item])) + len(suffix) > room:
+            break
+        kept.append(item)
+    left = len(items) - len(kept)
+    return ", ".join(kept) + (f"{', ' if kept else ''}... {left} more (--verbose)" if left else "")
 
 
 def _kv_line(kv: dict[str, Any]) -> str:
@@ -201,7 +235,9 @@ def _artifact_line(a: ArtifactRecord, params: int, param_bytes: int) -> str:
             f"{a.held_back_max_abs_error:.2e}, cosine {a.held_back_cosine:.5f}"
         )
     if a.eager_ms is not None and a.artifact_ms is not None:
-        parts.append(
-            f"latency {a.artifact_ms:.3f} ms vs eager {a.eager_ms:.3f} ms ({a.eager_ms / a.artifact_ms:.2f}x)"
+        calls = f"{a.latency_runs} calls each, " if a.latency_runs else ""
+        parts.append(  # a sample taken while building: not a speed claim (kiln bench times runtimes properly)
+            f"quick latency sample ({calls}interleaved; not a benchmark, see kiln bench): "
+            f"artifact {a.artifact_ms:.3f} ms, eager {a.eager_ms:.3f} ms"
         )
     return "  " + "; ".join(parts)

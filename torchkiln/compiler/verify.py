@@ -47,6 +47,20 @@ class Tolerance:
             return f"cosine similarity >= {self.min_cosine:g}"
         return f"atol={self.atol:g} + rtol={self.rtol:g} x output scale"
 
+    @classmethod
+    def parse(cls, text: str) -> Tolerance:
+        """The tolerance ``str()`` wrote (a report's or manifest's ``tolerance``); ConfigError otherwise."""
+        import re
+
+        cosine = re.fullmatch(r"cosine similarity >= ([0-9.eE+-]+)", text.strip())
+        if cosine:
+            return cls(min_cosine=float(cosine.group(1)))
+        bounds = re.fullmatch(r"atol=([0-9.eE+-]+) \+ rtol=([0-9.eE+-]+) x output scale", text.strip())
+        if bounds:
+            return cls(atol=float(bounds.group(1)), rtol=float(bounds.group(2)))
+        raise ConfigError(f"not a tolerance: {text!r}", where="tolerance",
+                          hint="write 'cosine similarity >= 0.99' or 'atol=1e-05 + rtol=0.0001 x output scale'")  # fmt: skip
+
 
 FP32 = Tolerance()
 

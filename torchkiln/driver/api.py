@@ -576,10 +576,17 @@ def _loosest(promises: Sequence[Tolerance]) -> Tolerance:
 def _measure_latency(
     model: nn.Module, program: Program, artifact: Artifact, record: ArtifactRecord, runs: int
 ) -> None:
+    """A quick sample, not a benchmark: ``runs`` calls of each, eager and artifact in alternating
+    blocks (a machine that slows down mid-sample slows both), medians recorded with the count."""
+    from torchkiln.driver.benchmark import interleaved_times
+
     inputs = fresh(program.example_inputs)  # a model that writes into its inputs changes these only
     by_name = program.eager_kwargs(inputs)
-    record.eager_ms = median_ms(lambda: model(**by_name), runs)
-    record.artifact_ms = median_ms(lambda: artifact.run(inputs), runs)
+    times = interleaved_times({"eager": lambda: model(**by_name), "artifact": lambda: artifact.run(inputs)},
+                              runs, block=max(1, runs // 5))  # fmt: skip
+    record.eager_ms = statistics.median(times["eager"])
+    record.artifact_ms = statistics.median(times["artifact"])
+    record.latency_runs = len(times["artifact"])
 
 
 def measure_error(

@@ -89,6 +89,9 @@ class Build(Protocol):
     report: Report
     program: Program
 
+    @property
+    def say(self) -> Callable[[str], None]: ...
+
     def __call__(self, backend: str, options: BackendOptions, strict: bool) -> tuple[Artifact, ArtifactRecord]: ...
 
 
@@ -134,13 +137,17 @@ def choose(build: Build, options: AutoOptions, strict: bool) -> tuple[Artifact, 
     quantized = is_quantized(build.program)
     records: list[CandidateRecord] = []
     built: dict[str, tuple[Artifact, BackendOptions, ArtifactRecord]] = {}
-    for label, why_not in candidates(build.program, options.labels).items():
+    listed = candidates(build.program, options.labels)
+    applicable = [label for label, why_not in listed.items() if not why_not]
+    for label, why_not in listed.items():
         backend, backend_options = _options(label, quantized)
         record = CandidateRecord(label, backend, backend_options.to_dict(), "failed", why_not)
         records.append(record)
         if why_not:
             record.verdict = "not applicable"
             continue
+        native = " (AOTInductor compiles C++: up to a minute)" if backend == "inductor" else ""
+        build.say(f"auto: candidate {applicable.index(label) + 1}/{len(applicable)}: {label}{native}")
         try:
             artifact, artifact_record = build(backend, backend_options, strict=strict)
         except VerificationError as exc:
@@ -155,6 +162,7 @@ def choose(build: Build, options: AutoOptions, strict: bool) -> tuple[Artifact, 
         built[label] = (artifact, backend_options, artifact_record)
     if not built:
         raise _nothing_passed(records)
+    build.say(f"auto: timing {len(built)} candidate(s) side by side, {options.runs} calls each")
     best = _time(build.program, built, records, options.runs, strict)
     artifact, backend_options, artifact_record = built[best]
     tried = len([r for r in records if r.verdict != "not applicable"])

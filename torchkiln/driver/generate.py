@@ -42,6 +42,9 @@ class _FromModel:
         return "FROM_MODEL"
 
 
+#: how many tokens generate() makes unless told (the CLI's --max-new-tokens default too)
+MAX_NEW_TOKENS = 20
+
 #: a setting's default: the model's own value (``CompiledModel.generation``)
 FROM_MODEL: Any = _FromModel()
 
@@ -51,7 +54,7 @@ def generate(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     *,
-    max_new_tokens: int = 20,
+    max_new_tokens: int = MAX_NEW_TOKENS,
     min_new_tokens: int = 0,
     do_sample: bool = False,
     temperature: float = 1.0,

@@ -29,7 +29,7 @@ import dataclasses
 import json
 import os
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -227,16 +227,21 @@ def partition(
     tolerance: Tolerance | None = None,
     calibration_data: Any = None,
     cuts: Sequence[int] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> Partition:
     """Optimize ``model`` (``passes``, calibrated on ``calibration_data``; a ``CompiledModel`` of the
     torch backend is used as it is), cut it into ``stages`` stages balanced by ``balance`` (or at
     the given ``cuts``: positions from :func:`legal_cuts`) and compile each stage with ``backend``.
     ``tolerance`` holds each stage artifact to its stage graph and the composition to the whole
     program (default fp32; an int8 program on ONNX Runtime needs a cosine floor, its kernels round
-    differently from the IR)."""
+    differently from the IR). ``progress`` receives a line per phase (``kiln partition`` prints them)."""
+    say = progress or (lambda _: None)
     _check_settings(stages, balance, example_inputs)
+    say("tracing and optimizing the model")
     program, flat, names = _program(model, example_inputs, passes, dynamic_axes, calibration_data)
+    say(f"costing {len(program.gm.graph.nodes)} nodes by {balance}" + (" (each timed)" if balance == "latency" else ""))
     costs = node_costs(program, balance, flat)
+    say(f"choosing {stages} stages")
     if cuts is None:
         chosen = choose_cuts(program, costs, stages)
         if balance == "latency":
@@ -248,12 +253,15 @@ def partition(
     # boundary tensors are named by graph nodes: stages keep a dynamic batch (axis 0), nothing else
     stage_axes = "batch" if program.batch else None
     for module, record in zip(modules, records):
+        say(f"compiling stage {record.index + 1}/{len(records)} ({backend})")
         part = compile_stage(module, _stage_inputs(program, record, names, flat), backend, backend_options,
                              stage_axes, tolerance, record.index)  # fmt: skip
         record.backend = part.backend
         compiled.append(part)
     result = Partition(compiled, records, balance, names)
+    say("verifying the stages together against the whole program")
     _verify(result, program.gm, flat, dict(example_inputs), tolerance or FP32)
+    say("timing each stage")
     _measure(result, program, names, flat)
     return result
 

@@ -182,7 +182,7 @@ def _partition(
         model, inputs, stages=int(table["stages"]), balance=table.get("balance", "latency"),
         backend=table.get("backend", recipe.backend), passes=[(n, dict(o)) for n, o in recipe.passes],
         dynamic_axes=axes, calibration_data=calibration,
-        tolerance=Tolerance(min_cosine=0.99) if lossy else _tolerance(recipe),
+        tolerance=Tolerance(min_cosine=0.99) if lossy else _tolerance(recipe), progress=say,
     )  # fmt: skip
     return part
 

@@ -104,6 +104,12 @@ class Comparison:
         }
 
 
+def promise(compiled: CompiledModel) -> Tolerance:
+    """The tolerance the artifact was verified against (its report's), else fp32's."""
+    recorded = getattr(compiled.report.artifact, "tolerance", None)
+    return Tolerance.parse(recorded) if recorded else FP32
+
+
 def compare_artifact(
     model: nn.Module,
     artifact: CompiledModel | str | os.PathLike[str],
@@ -113,7 +119,9 @@ def compare_artifact(
 ) -> Comparison:
     """Compare every module output of ``model`` with the artifact's (a saved directory or a
     :class:`CompiledModel` with an ONNX artifact) on ``inputs`` (keyword tensors, a tuple of
-    positional ones, or one tensor). ``model`` itself is not touched: a copy carries the hooks."""
+    positional ones, or one tensor). ``model`` itself is not touched: a copy carries the hooks.
+    ``tolerance`` defaults to the artifact's own promise, as its report recorded it (an int8
+    artifact: cosine similarity >= 0.99; a lossless one: fp32 bounds)."""
     from torchkiln.backends.onnx_intermediates import module_values, run_values
 
     if not isinstance(model, nn.Module):
@@ -125,7 +133,7 @@ def compare_artifact(
             f"compare needs an ONNX artifact; this one is '{compiled.backend}'",
             hint="build with the onnx or onnxruntime backend",
         )
-    tolerance = tolerance or FP32
+    tolerance = tolerance or promise(compiled)
     if isinstance(inputs, Mapping):
         flat = bind_inputs(compiled.inputs, (), dict(inputs), compiled.constants)
     else:

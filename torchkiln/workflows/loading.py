@@ -13,23 +13,27 @@ import importlib
 import importlib.util
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from torchkiln import models
 from torchkiln.errors import ConfigError
 from torchkiln.workflows import tasks
 
+if TYPE_CHECKING:
+    from torchkiln.models import ZooEntry
 
-def load_model(spec: str, task: str | None = None) -> tuple[nn.Module, models.ZooEntry | None]:
+
+def load_model(spec: str, task: str | None = None) -> tuple[nn.Module, ZooEntry | None]:
     """A zoo name, ``file.py:factory``, ``package.module:factory`` or a Hugging Face model
     directory (for ``task``, see :mod:`torchkiln.workflows.tasks`) → model in eval mode."""
 
     if tasks.is_pretrained_directory(spec):
         return tasks.load_pretrained(spec, task), None
     if ":" not in spec:
+        from torchkiln import models  # the zoo only when asked for: `import torchkiln` stays light
+
         entry = models.get(spec)
         return entry.build(), entry
     location, _, factory_name = spec.rpartition(":")

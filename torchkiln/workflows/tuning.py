@@ -615,6 +615,7 @@ def check_storage(url: str) -> str:
         raise ConfigError(f"--storage {url!r} is not a database URL: {exc}", where="--storage",
                           hint="e.g. sqlite:///tune.db or postgresql://user@host/db") from None  # fmt: skip
     shown = parsed.render_as_string(hide_password=True)
+    _check_driver(parsed, shown)
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         path = Path(parsed.database)
         if not path.parent.is_dir():
@@ -626,6 +627,25 @@ def check_storage(url: str) -> str:
                 raise ConfigError(f"{path} is not an SQLite database, so it cannot hold the study", where=shown,
                                   hint="name another file with --storage sqlite:///PATH")  # fmt: skip
     return shown
+
+
+def _check_driver(parsed: Any, shown: str) -> None:
+    """The URL's database is known and its Python driver imports (else: which package to install)."""
+    import sqlalchemy.exc
+
+    try:
+        dialect = parsed.get_dialect()
+    except sqlalchemy.exc.NoSuchModuleError:
+        raise ConfigError(f"--storage {shown}: no database called {parsed.drivername!r}", where="--storage",
+                          hint="e.g. sqlite:///tune.db, postgresql://user@host/db or mysql+pymysql://user@host/db") from None  # fmt: skip
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        package = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient"}.get(
+            exc.name or "", exc.name or dialect.driver)
+        raise ConfigError(f"--storage {shown}: the {parsed.get_backend_name()} driver {dialect.driver!r} is not installed",
+                          where="--storage", hint=f"pip install '{package}' (or name another driver, e.g. "
+                          f"{parsed.get_backend_name()}+<driver>://...)") from None  # fmt: skip
 
 
 def _storage(url: str, grace_period: int = 30) -> Any:
