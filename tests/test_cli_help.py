@@ -40,3 +40,24 @@ def test_help_is_plain_text(command):
     text = _commands()[command].format_help()
     for markup in ("``", ":mod:", ":func:", ":class:", ":data:"):
         assert markup not in text, (command, markup)
+
+
+def test_the_report_fits_120_columns_and_verbose_prints_it_whole(tmp_path, capsys):
+    """The transformer's cleanup changes a dozen op kinds: the cell was ~250 characters wide."""
+    from torchkiln.cli import main
+
+    argv = ["export", "text_encoder", "--passes", "cleanup,quantize:mode=dynamic", "--quiet"]
+    assert main([*argv[:-1], "-o", str(tmp_path / "a")]) == 0
+    short = capsys.readouterr().out.splitlines()
+    assert max(map(len, short)) <= 120, max(short, key=len)
+    assert "torchkiln.dynamic_linear +13" in "\n".join(short) and any("quick latency sample" in line for line in short)
+    assert main([*argv[:-1], "-o", str(tmp_path / "b"), "--verbose"]) == 0
+    whole = capsys.readouterr().out.splitlines()
+    assert max(map(len, whole)) > 120 and "torchkiln.dynamic_linear +13" in "\n".join(whole)
+
+
+def test_a_cell_too_long_for_its_line_is_cut_with_a_count():
+    from torchkiln.compiler.report import _cut
+
+    cell = "add -3, aten.add -1, aten.arange -2, aten.expand -4; noops_removed=3, reshapes_removed=2"
+    assert _cut(cell, 50) == "add -3, aten.add -1, ... 4 more (--verbose)" and _cut(cell, None) == cell

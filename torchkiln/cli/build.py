@@ -15,6 +15,7 @@ import json
 import sys
 
 from torchkiln.cli.common import stage_printer
+from torchkiln.compiler.report import WIDTH
 from torchkiln.workflows.build import build
 
 
@@ -31,6 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write the stage cache")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    parser.add_argument("--verbose", action="store_true",
+                        help="the report's lines in full (default: cut to 120 columns; --json has everything)")  # fmt: skip
     parser.set_defaults(run=run)
 
 
@@ -39,6 +42,6 @@ def run(args: argparse.Namespace) -> int:
                    progress=stage_printer(args.quiet))  # fmt: skip
     if result.output is None or args.quiet:  # a torchrun rank other than 0 wrote nothing
         return 0
-    print(json.dumps(result.report, indent=2, default=str) if args.json else result.summary())
+    print(json.dumps(result.report, indent=2, default=str) if args.json else result.summary(width=None if args.verbose else WIDTH))
     print(f"kiln: wrote {result.output}", file=sys.stderr)
     return 0

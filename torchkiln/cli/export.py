@@ -18,6 +18,7 @@ from torchkiln.cli.common import (
 )
 from torchkiln.compiler.files import check_destination
 from torchkiln.compiler.kv_cache import MODES
+from torchkiln.compiler.report import WIDTH
 from torchkiln.compiler.verify import Tolerance
 from torchkiln.driver.api import DEFAULT_PASSES
 from torchkiln.driver.auto import AutoOptions
@@ -97,6 +98,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("-o", "--output", required=True, help="artifact directory (created, or replaced atomically if it is an artifact)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    parser.add_argument("--verbose", action="store_true",
+                        help="the report's lines in full (default: cut to 120 columns; --json has everything)")  # fmt: skip
     parser.set_defaults(run=run)
 
 
@@ -149,14 +152,15 @@ def run(args: argparse.Namespace) -> int:
         kv_cache=args.kv_cache,
     )
     compiled.save(args.output)
+    width = None if args.verbose else WIDTH
     if not args.quiet:
         if isinstance(compiled, CompiledEncoderDecoder):  # two artifacts, two reports
             parts = {"encoder": compiled.encoder.report, "decoder": compiled.decoder.report}
             if args.json:
                 print(json.dumps({part: report.to_dict() for part, report in parts.items()}, indent=2, default=str))
             else:
-                print("\n".join(f"{part}: {report.table()}" for part, report in parts.items()))
+                print("\n".join(f"{part}: {report.table(width)}" for part, report in parts.items()))
         else:
-            print(compiled.report.to_json() if args.json else compiled.report.table())
+            print(compiled.report.to_json() if args.json else compiled.report.table(width))
         print(f"kiln: wrote {args.output}", file=sys.stderr)
     return 0

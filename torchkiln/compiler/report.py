@@ -9,6 +9,8 @@ from typing import Any
 
 #: the widest line of a report's table (``table(width=None)``, ``--verbose``: everything)
 WIDTH = 120
+#: the narrowest "ops changed / stats" cell kept on its row's line (else it goes below the row)
+MIN_CELL = 24
 
 
 @dataclasses.dataclass
@@ -139,7 +141,12 @@ class Report:
         widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
         for row in rows:
             start = "  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  "
-            lines.append(start + _cut(row[-1], None if width is None else width - len(start)))
+            if width is None or len(start) + min(len(row[-1]), MIN_CELL) <= width:
+                lines.append(start + _cut(row[-1], None if width is None else width - len(start)))
+                continue
+            # too wide for one line (long params / error cells): the row wraps, its ops go below it
+            lines += textwrap.wrap(start.rstrip(), width, subsequent_indent=" " * 6, drop_whitespace=False) or [""]
+            lines.append(" " * 6 + _cut(row[-1], width - 6))
         table_rows = len(lines)
         for p in self.passes:
             lines.extend(f"  note ({p.name}): {n}" for n in p.notes)

@@ -33,6 +33,7 @@ from torchkiln.compiler.files import atomic_directory, check_destination, sha256
 from torchkiln.compiler.graph import parameter_stats
 from torchkiln.compiler.program import dtype_from_name
 from torchkiln.compiler.ranks import join_process_group
+from torchkiln.compiler.report import WIDTH
 from torchkiln.compiler.verify import Tolerance
 from torchkiln.driver.cache import Hasher, default_directory, model_fingerprint
 from torchkiln.driver.partition import Partition, partition
@@ -59,9 +60,9 @@ class BuildResult:
     output: Path | None
     partition: Path | None = None
 
-    def summary(self) -> str:
+    def summary(self, width: int | None = WIDTH) -> str:
         """The report table and the evaluation and gate lines ``kiln build`` prints."""
-        return "\n".join([self.compiled.report.table(), *_summary(self.evaluation, self.gates)])
+        return "\n".join([self.compiled.report.table(width), *_summary(self.evaluation, self.gates)])
 
 
 def build(
@@ -374,7 +375,7 @@ def _summary(evaluation: dict[str, Any], gates: list[dict[str, Any]]) -> list[st
 def _markdown(
     recipe: Recipe, compiled: Any, evaluation: dict[str, Any], gates: list[dict[str, Any]], plot: str
 ) -> str:
-    lines = [f"# Build report: {recipe.path.name}", "", "```", compiled.report.table(), "```", ""]
+    lines = [f"# Build report: {recipe.path.name}", "", "```", compiled.report.table(None), "```", ""]
     lines += [line.strip() for line in _summary(evaluation, gates)]
     lines += ["", f"![{evaluation.get('metric')} vs size and latency]({plot})" if plot == PLOT_FILE else plot]
     return "\n".join(lines) + "\n"
