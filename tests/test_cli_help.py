@@ -61,3 +61,17 @@ def test_a_cell_too_long_for_its_line_is_cut_with_a_count():
 
     cell = "add -3, aten.add -1, aten.arange -2, aten.expand -4; noops_removed=3, reshapes_removed=2"
     assert _cut(cell, 50) == "add -3, aten.add -1, ... 4 more (--verbose)" and _cut(cell, None) == cell
+
+
+def test_kiln_passes_prints_plain_text_and_a_closed_pipe_is_no_error(capsys):
+    import subprocess
+    import sys
+
+    from torchkiln.cli import main
+
+    assert main(["passes", "quantize"]) == 0
+    out = capsys.readouterr().out
+    assert "mode (int8|dynamic|weight_only|fp16|bf16" in out and "``" not in out and ":mod:" not in out
+    done = subprocess.run(f"{sys.executable} -m torchkiln.cli passes | head -1", shell=True, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.stdout.startswith("cleanup:") and "error" not in done.stderr, done.stderr

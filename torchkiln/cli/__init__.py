@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import re
+import os
 import sys
 from collections.abc import Sequence
 
+from torchkiln.cli.common import plain
 from torchkiln.errors import ConfigError, InputError, KilnError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
@@ -42,14 +43,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def plain(text: str | None) -> str | None:
-    """reST inline markup (``code``, :mod:`x`, :class:`~a.b`) as plain text."""
-    if text is None:
-        return None
-    text = re.sub(r":[a-z]+:`~?([^`]+)`", lambda m: m.group(1).rsplit(".", 1)[-1] if m.group(0).count("~") else m.group(1), text)
-    return text.replace("``", "")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -65,6 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             line += f" (hint: {exc.hint})"
         print(line.replace("\n", " "), file=sys.stderr)
         return EXIT_USAGE if isinstance(exc, (ConfigError, InputError)) else EXIT_FAILED
+    except BrokenPipeError:  # the reader went away (`kiln passes | head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return EXIT_OK
     except KeyboardInterrupt:
         print(f"kiln {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -173,3 +174,11 @@ def parse_dynamic(items: list[str], batch: bool, names: list[str]) -> dict[str, 
             )
         axes.setdefault(name, {})[int(axis)] = dim or f"{name}_dim{axis}"
     return axes or None
+
+
+def plain(text: str | None) -> str | None:
+    """reST inline markup (``code``, :mod:`x`, :class:`~a.b`) as plain text."""
+    if text is None:
+        return None
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", lambda m: m.group(1).rsplit(".", 1)[-1] if m.group(0).count("~") else m.group(1), text)
+    return text.replace("``", "")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from torchkiln.cli.common import plain
 from torchkiln.compiler.passes import get_pass, registered_passes
 
 
@@ -29,11 +30,11 @@ def run(args: argparse.Namespace) -> int:
         }
         print(json.dumps(data, indent=2))
         return 0
-    for name, cls in passes.items():
-        print(f"{name}: {(cls.__doc__ or '').strip().splitlines()[0]}")
+    for name, cls in passes.items():  # docstrings are reST; the terminal gets plain text
+        print(plain(f"{name}: {(cls.__doc__ or '').strip().splitlines()[0]}"))
         if args.name:
             module_doc = (__import__(cls.__module__, fromlist=["_"]).__doc__ or "").strip()
-            print("\n" + module_doc + "\n")
+            print("\n" + str(plain(module_doc)) + "\n")
         for option, type_name, default, doc in cls.Config.describe():
-            print(f"    {option} ({type_name}, default {default}): {doc}")
+            print(plain(f"    {option} ({type_name}, default {default}): {doc}"))
     return 0
