@@ -146,7 +146,8 @@ def candidates(case: str, model: torch.nn.Module, inputs: Any, calibration: list
         if backend == "auto":
             label += f" -> {compiled.report.candidates[0].label}"
             for candidate in compiled.report.candidates:
-                print(f"  auto candidate {candidate.label}: {candidate.verdict} {candidate.latency_ms} ms", file=sys.stderr)
+                shown = "-" if candidate.latency_ms is None else f"{candidate.latency_ms:.3f}"
+                print(f"  auto candidate {candidate.label}: {candidate.verdict} {shown} ms", file=sys.stderr)
         built[label] = keywords(compiled)
         notes = "; ".join(compiled.report.artifact.notes)
         print(f"  {label}: built in {time.perf_counter() - start:.0f} s; {notes}", file=sys.stderr, flush=True)

@@ -134,13 +134,18 @@ def test_an_encoder_decoder_directory_exports_as_two_parts_and_generates(capsys,
     reports = json.loads(capsys.readouterr().out)
     assert reports["encoder"]["model"] == "BartForConditionalGenerationEncoder"
     assert reports["decoder"]["model"] == "BartForConditionalGenerationDecoderWithCache"
-    assert main(["generate", str(tmp_path / "artifact"), "--prompt-ids", "5,6,7,8", "--max-new-tokens", "5"]) == 0
-    out = capsys.readouterr().out
+    argv = ["generate", str(tmp_path / "artifact"), "--prompt-ids", "5,6,7,8", "--max-new-tokens", "5", "--min-new-tokens", "5"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
     with torch.no_grad():
         prompt = torch.tensor([[5, 6, 7, 8]])
-        theirs = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, do_sample=False)
+        theirs = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, min_new_tokens=5,
+                                do_sample=False)  # fmt: skip
     echoed, _, new = out.partition(" | ")
     assert echoed == "5 6 7 8" and [int(t) for t in new.split()] == theirs[0, 1:].tolist()
+    # the steps the loop made: the output (the decoder's sequence, 1 + 5) less the prompt (4) printed 2
+    match = re.search(r"kiln: (-?\d+) tokens in [\d.]+ s \((-?[\d.]+) tokens/s", err)
+    assert match is not None and int(match.group(1)) == 5 and float(match.group(2)) > 0, err
 
 
 def _whisper(**extra):
@@ -272,24 +277,6 @@ def test_generation_settings_are_refused_before_any_token_is_printed(exported, c
     code = main(["generate", str(root / "artifact"), "--prompt-ids", "5,6,7", *flags])
     captured = capsys.readouterr()
     assert code == 2 and message in captured.err and captured.out == ""
-
-
-def test_an_encoder_decoder_reports_the_tokens_it_made(tmp_path, capsys):
-    """``kiln generate`` counts the loop's steps: an encoder-decoder's output is the decoder's sequence,
-    so the output's length less the prompt's printed negative counts and tokens/s (issue 31)."""
-    from test_seq2seq import _bart
-
-    torch.manual_seed(0)
-    _bart().eval().save_pretrained(tmp_path / "bart")
-    assert main(["export", str(tmp_path / "bart"), "-o", str(tmp_path / "artifact"), "--quiet"]) == 0
-    capsys.readouterr()
-    argv = ["generate", str(tmp_path / "artifact"), "--prompt-ids", "5,6,7,8,9,10,11", "--max-new-tokens", "3",
-            "--min-new-tokens", "3"]  # fmt: skip
-    assert main(argv) == 0
-    err = capsys.readouterr().err
-    match = re.search(r"kiln: (-?\d+) tokens in [\d.]+ s \((-?[\d.]+) tokens/s", err)
-    assert match is not None, err
-    assert int(match.group(1)) == 3 and float(match.group(2)) > 0
 
 
 def test_the_cli_makes_as_many_tokens_as_the_api_by_default(exported, capsys):

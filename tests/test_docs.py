@@ -1,8 +1,8 @@
 """Every code block of README.md and docs/*.md runs, so an example cannot drift from the code.
 
 A page is run top to bottom in a fresh directory holding a copy of ``examples/``, as a reader would
-type it: each ``python`` block in its own interpreter (so a block that leans on another's imports
-fails), each ``bash`` block with ``bash -euo pipefail`` and ``kiln`` on the PATH, each ``toml``
+type it: each ``python`` block in a namespace of its own (so a block that leans on another's imports
+or names fails; run in the test's process, which has torch imported already), each ``bash`` block with ``bash -euo pipefail`` and ``kiln`` on the PATH, each ``toml``
 block that is a recipe through the recipe checker (``load_recipe``). Blocks marked ``text`` are
 output or syntax and are not run. An HTML comment right above a block steers it:
 
@@ -21,6 +21,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,7 +119,13 @@ def _run(block: Block, cwd: Path) -> None:
             (cwd / "doc-recipe.toml").write_text(code)
             load_recipe(cwd / "doc-recipe.toml")
         return
-    command = [sys.executable, "-c", code] if block.language == "python" else ["bash", "-euo", "pipefail", "-c", code]
+    if block.language == "python":
+        try:
+            exec(compile(code, block.where, "exec"), {"__name__": "__main__"})  # noqa: S102 - our own docs
+        except Exception as exc:
+            raise AssertionError(f"{block.where}: the python block failed: {type(exc).__name__}: {exc}\n{code}") from exc
+        return
+    command = ["bash", "-euo", "pipefail", "-c", code]
     try:
         done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=BLOCK_SECONDS)
     except subprocess.TimeoutExpired:
@@ -127,17 +134,21 @@ def _run(block: Block, cwd: Path) -> None:
 
 
 @pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
-def test_every_block_of_the_page_runs(page, tmp_path):
+def test_every_block_of_the_page_runs(page, tmp_path, monkeypatch):
     runnable = [b for b in blocks(page) if b.language in RUN]
     if not runnable:
         pytest.skip(f"{page.name} has no code block to run")
     shutil.copytree(ROOT / "examples", tmp_path / "examples", ignore=shutil.ignore_patterns("build", "tune*", "__pycache__"))
+    monkeypatch.chdir(tmp_path)  # the python blocks write where the bash blocks read
+    monkeypatch.setenv("TORCHKILN_CACHE_DIR", str(tmp_path / ".cache"))
     skipped = []
     for block in runnable:
         if block.skip is not None:
             skipped.append(f"{block.where}: {block.skip}")
             continue
+        started = time.perf_counter()
         _run(block, tmp_path)
+        print(f"{block.where}: {block.language} block ran in {time.perf_counter() - started:.1f} s")
     assert len(skipped) < len(runnable) or not runnable, f"every block of {page.name} is skipped: {skipped}"
 
 

@@ -187,6 +187,7 @@ def test_recipe_kv_cache_is_validated(tmp_path):
     assert load_recipe(path).kv_cache == "int8"
 
 
+@pytest.mark.slow  # ~12 s; CI builds README's LM recipe (kv_cache int8) and generates from it with kiln generate
 def test_cli_export_with_an_int8_cache_then_generate(tmp_path, capsys):
     lm = tiny_llama()
     lm.save_pretrained(tmp_path / "hf")

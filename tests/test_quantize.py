@@ -161,10 +161,11 @@ def test_matmul_nbits_accuracy_level_is_a_backend_option():
 @pytest.mark.parametrize(
     ("name", "mode"),
     [
-        pytest.param(n, m, marks=pytest.mark.slow) if (n, m) == ("mobilenet_v2", "dynamic") else (n, m)
+        pytest.param(n, m, marks=pytest.mark.slow) if (n, m) in (("mobilenet_v2", "dynamic"), ("resnet_bottleneck", "int8")) else (n, m)
         for m in ("int8", "dynamic")
         for n in SMALL_ZOO
-    ],  # mobilenet_v2 has one Linear: its static int8 (depthwise convs, ReLU6) is the case CI keeps
+    ],  # mobilenet_v2 has one Linear: its static int8 (depthwise convs, ReLU6) is the case CI keeps;
+    # resnet_bottleneck's int8 has resnet's op kinds (CI keeps resnet's) and its dynamic case
 )
 def test_zoo_quantizes_and_runs_on_onnxruntime(name, mode):
     entry = models.get(name)
