@@ -32,6 +32,7 @@ def linear_params(module: nn.Module) -> int:
     return sum(p.numel() for n, p in gm.named_parameters() if p.dim() == 2)
 
 
+@pytest.mark.slow  # ~1 min in CI; docs/passes.md's distillation example (run in CI) asserts the same within one point
 def test_half_the_channels_then_distillation_loses_at_most_one_point(digits):
     teacher, data, train, val = digits
     before = accuracy(teacher, data.x_test, data.y_test)
@@ -76,6 +77,7 @@ def test_group_lasso_without_a_prunable_group_is_refused():
         compile_quietly(model, torch.randn(2, 4), passes="distill:group_lasso=-1", train_data=[torch.randn(8, 4)])
 
 
+@pytest.mark.slow  # ~1 min in CI; lowrank's own tests (test_lowrank.py) stay in CI
 def test_svd_to_half_the_linear_parameters_then_distillation_loses_at_most_one_point(digits):
     teacher, data, train, val = digits
     before = accuracy(teacher, data.x_test, data.y_test)

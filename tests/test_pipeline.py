@@ -89,6 +89,7 @@ def test_the_pipeline_over_two_ranks_returns_the_single_artifacts_outputs(tmp_pa
     torch.testing.assert_close(got, single(**inputs), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow  # ~25 s under torchrun in CI; the pipeline's other torchrun runs stay in CI
 def test_a_rank_that_fails_ends_the_run_with_its_error(tmp_path):
     entry, part = _partition("resnet")
     directory = part.save(tmp_path / "part")

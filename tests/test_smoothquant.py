@@ -16,6 +16,10 @@ from torchkiln.errors import ConfigError
 sklearn = pytest.importorskip("sklearn.datasets")
 
 
+# one worker trains the module's model once (spread over two, each trained it: ~40 s more in CI)
+pytestmark = pytest.mark.xdist_group("smoothquant")
+
+
 @pytest.fixture(scope="module")
 def trained():
     digits = sklearn.load_digits()
