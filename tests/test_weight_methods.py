@@ -17,6 +17,10 @@ from torchkiln.passes.quantize import gptq
 sklearn = pytest.importorskip("sklearn.datasets")
 
 
+# one worker trains the module's model once (spread over two, each trained it)
+pytestmark = pytest.mark.xdist_group("weight_methods")
+
+
 @pytest.fixture(scope="module")
 def trained():
     """An MLP trained on sklearn's digits whose 64 inputs include 6 outlier channels (x40): the
