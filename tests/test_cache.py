@@ -52,6 +52,23 @@ def test_calibration_data_is_part_of_the_key(tmp_path):
     assert other.report.cache["optimize"].startswith("miss")
 
 
+def test_a_cpu_whose_int8_saturates_is_part_of_the_key(tmp_path, monkeypatch):
+    """quantize's reduce_range=auto rounds weights to 7 bits on such a CPU: a cache shared with a
+    VNNI machine must not hand it (or take from it) the other grid."""
+    from torchkiln.driver import api
+    from torchkiln.passes import quantize as quantize_pass
+
+    entry = models.get("mlp")
+    model, inputs = entry.build().eval(), entry.example_inputs()
+    for saturates, verdict in ((True, "miss"), (True, "hit"), (False, "miss")):
+        monkeypatch.setattr(api, "int8_saturates", lambda s=saturates: s)
+        monkeypatch.setattr(quantize_pass, "int8_saturates", lambda s=saturates: s)
+        compiled = compile_quietly(model, inputs, passes="quantize", calibration_data=[inputs] * 4, cache=tmp_path,
+                                   backend="torch")  # its int8 is exact float math: no kernel saturates
+        assert compiled.report.cache["optimize"].startswith(verdict), (saturates, compiled.report.cache)
+        assert ("(7-bit" if saturates else "(8-bit") in " ".join(compiled.report.passes[-1].notes)
+
+
 def test_a_graph_calling_an_unnamed_function_is_not_cacheable():
     program = trace(nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval(), torch.randn(2, 4), frontend="export")
     node = next(n for n in program.graph_module.graph.nodes if n.op == "call_function")

@@ -21,6 +21,7 @@ import torchkiln
 from torchkiln import models
 from torchkiln.backends import inductor_backend
 from torchkiln.cli import main
+from torchkiln.driver import auto
 from torchkiln.errors import ArtifactError, BackendError, ConfigError, VerificationError
 
 pytestmark = [
@@ -193,7 +194,14 @@ def test_bf16_of_a_quantized_program_and_cuda_without_a_gpu_are_clear_errors(mon
         )  # fmt: skip
 
 
-def test_auto_builds_verifies_and_times_every_candidate(text_encoder_bf16, stage_cache):
+@pytest.fixture
+def bf16_cpu(monkeypatch):
+    """auto offers inductor-bf16 only on a CPU with bf16 instructions; Inductor builds (and emulates)
+    bf16 on any x86 CPU, so these tests claim the flag and run the same everywhere."""
+    monkeypatch.setattr(auto, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
+
+
+def test_auto_builds_verifies_and_times_every_candidate(text_encoder_bf16, stage_cache, bf16_cpu):
     """fp32 tolerance: the bf16 package (a cache hit here) is outside it; one of the others wins."""
     entry = models.get("text_encoder")
     compiled = compile_quietly(
@@ -213,13 +221,20 @@ def test_auto_builds_verifies_and_times_every_candidate(text_encoder_bf16, stage
     _check_against_eager(compiled, "text_encoder", torchkiln.Tolerance(atol=1e-5, rtol=1e-4), 2)
 
 
-def test_auto_with_no_candidate_within_the_tolerance_says_why_each_lost(text_encoder_bf16, stage_cache):
+def test_auto_with_no_candidate_within_the_tolerance_says_why_each_lost(text_encoder_bf16, stage_cache, bf16_cpu):
     entry = models.get("text_encoder")
     with pytest.raises(VerificationError, match="inductor-bf16: outside tolerance"):
         compile_quietly(
             entry.build(), entry.example_inputs(), backend="auto", dynamic_axes="batch", cache=stage_cache,
             backend_options={"candidates": "inductor-bf16"},
         )  # fmt: skip
+
+
+def test_auto_names_a_candidate_this_cpu_cannot_run_and_builds_none(monkeypatch):
+    monkeypatch.setattr(auto, "cpu_flags", lambda: frozenset({"avx2"}))
+    entry = models.get("mlp")
+    with pytest.raises(BackendError, match=r"inductor-bf16: not applicable \(this CPU has no bf16 instructions"):
+        compile_quietly(entry.build(), entry.example_inputs(), backend="auto", backend_options={"candidates": "inductor-bf16"})
 
 
 def test_auto_rejects_unknown_candidates():

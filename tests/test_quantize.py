@@ -6,19 +6,24 @@ from __future__ import annotations
 import collections
 import json
 import math
+import warnings
 
 import onnx
 import pytest
 import torch
 from conftest import SMALL_ZOO, SWEEP_ZOO, compile_quietly, op_count
-from torch import nn
+from torch import fx, nn
 
 import torchkiln
 from torchkiln import models
-from torchkiln.compiler.quant_ops import QUANTIZE, pack_blocks, unpack_blocks
+from torchkiln.backends import onnxruntime_backend
+from torchkiln.compiler import graph as G
+from torchkiln.compiler import machine
+from torchkiln.compiler.quant_ops import DEQUANTIZE_CHANNEL, QUANTIZE, pack_blocks, unpack_blocks
 from torchkiln.compiler.verify import cosine_similarity
 from torchkiln.errors import PassError
 from torchkiln.models.digits import accuracy
+from torchkiln.passes import quantize as quantize_pass
 from torchkiln.passes.quantize.observers import Histogram, QParams, choose_range
 
 COSINE_FLOOR = 0.99
@@ -353,7 +358,9 @@ class Sensitive(nn.Module):
 
 def test_max_error_keeps_the_most_sensitive_layer_in_float():
     model, x = Sensitive().eval(), torch.randn(16, 16)
-    compiled, gm = quantized_graph(model, x, passes="quantize:max_error=0.02,min_cosine=0.999")
+    # 8-bit weights on any CPU (the torch backend's int8 is float math): reduce_range=auto's 7-bit grid on a
+    # CPU without VNNI takes the all-int8 model below even further from eager (cosine 0.39)
+    compiled, gm = quantized_graph(model, x, passes="quantize:max_error=0.02,min_cosine=0.999,reduce_range=off")
     notes = compiled.report.passes[0].notes
     ranking = [n.strip().split(":")[0] for n in notes if "SQNR" in n]
     assert ranking[0] == "head", notes
@@ -361,7 +368,7 @@ def test_max_error_keeps_the_most_sensitive_layer_in_float():
     assert compiled.report.passes[0].stats == {"quantized": 2, "float": 1, "unrecognised": 0}
     assert op_count(gm, "aten.linear") == 3 and op_count(gm, "quantized_decomposed.dequantize_per_channel") == 2
     # without the budget the head is int8 and the error is far larger
-    plain, _ = quantized_graph(model, x, passes="quantize:min_cosine=0.5")
+    plain, _ = quantized_graph(model, x, passes="quantize:min_cosine=0.5,reduce_range=off")
     assert plain.report.passes[0].max_abs_error > 10 * compiled.report.passes[0].max_abs_error
 
 
@@ -453,6 +460,69 @@ def test_tensorrt_target_uses_symmetric_int8_activations():
     _, gm = quantized_graph(ConvNet().eval(), x, passes="quantize:target=tensorrt")
     placed = [n for n in gm.graph.nodes if n.target is QUANTIZE]
     assert placed and all(n.args[2:] == (0, -128, 127, torch.int8) for n in placed)
+
+
+def _weight_peaks(gm: fx.GraphModule) -> list[int]:
+    """The largest |integer| of each static int8 weight the graph dequantizes."""
+    return [int(G.get_attr_value(gm, n.args[0].target).abs().max()) for n in gm.graph.nodes
+            if n.target is DEQUANTIZE_CHANNEL and n.args[0].op == "get_attr"]  # fmt: skip
+
+
+@pytest.mark.parametrize(("saturates", "option", "peak"), [
+    (True, "auto", 63), (False, "auto", 127), (False, "on", 63), (True, "off", 127),
+])  # fmt: skip
+def test_static_int8_weights_are_7_bit_where_the_cpu_would_saturate_8(monkeypatch, saturates, option, peak):
+    """x86 without VNNI multiplies u8 x s8 pairs into a 16-bit sum (vpmaddubsw) that two 255 x 127
+    products overflow: on such a CPU (an AVX2 AMD EPYC) 8-bit weights cost ONNX Runtime's and
+    oneDNN's int8 kernels cosine 0.985 on a small conv net, 7-bit ones 0.9998."""
+    monkeypatch.setattr(quantize_pass, "int8_saturates", lambda: saturates)
+    x = torch.randn(2, 3, 8, 8)
+    compiled, gm = quantized_graph(ConvNet().eval(), x, passes=f"quantize:reduce_range={option}")
+    peaks = _weight_peaks(gm)
+    assert len(peaks) == 3 and max(peaks) == peak and min(peaks) >= peak - 1, peaks  # each channel's max is the grid's edge
+    note = " ".join(compiled.report.passes[-1].notes)
+    if option == "auto":
+        assert ("(7-bit: this CPU has no VNNI/AMX" if saturates else "(8-bit: on an x86 CPU without VNNI/AMX") in note, note
+    else:
+        assert ("(7-bit: reduce_range=on)" if option == "on" else "(8-bit:") in note, note
+
+
+def test_tensorrt_int8_keeps_8_bit_weights_on_any_cpu(monkeypatch):
+    monkeypatch.setattr(quantize_pass, "int8_saturates", lambda: True)
+    _, gm = quantized_graph(ConvNet().eval(), torch.randn(2, 3, 8, 8), passes="quantize:target=tensorrt")
+    assert max(_weight_peaks(gm)) == 127
+
+
+@pytest.mark.parametrize("option", ["off", "on"])
+def test_loading_8_bit_int8_weights_on_a_cpu_that_saturates_them_warns(tmp_path, monkeypatch, option):
+    """Built where 8 bits are exact (VNNI), deployed where they saturate: the load says so."""
+    monkeypatch.setattr(quantize_pass, "int8_saturates", lambda: False)
+    x = torch.randn(2, 3, 8, 8)
+    compiled = compile_quietly(ConvNet().eval(), x, passes=f"quantize:reduce_range={option}", backend="onnxruntime",
+                               calibration_data=[x, x * 0.5], verify=False)  # fmt: skip
+    compiled.save(tmp_path / "int8")
+    for saturates in (False, True):
+        monkeypatch.setattr(onnxruntime_backend, "int8_saturates", lambda s=saturates: s)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torchkiln.load(tmp_path / "int8")
+        said = [str(w.message) for w in caught if "VNNI" in str(w.message)]
+        if saturates and option == "off":
+            assert len(said) == 1 and "3 int8 weight(s) use all 8 bits" in said[0], said
+            assert "quantize:reduce_range=on" in said[0]
+        else:
+            assert not said, said
+
+
+@pytest.mark.parametrize(("arch", "flags", "saturates"), [
+    ("x86_64", {"avx2", "fma"}, True), ("x86_64", {"avx2", "avx512f"}, True), ("x86_64", {"avx2", "avx_vnni"}, False),
+    ("x86_64", {"avx512f", "avx512_vnni"}, False), ("x86_64", {"amx_int8"}, False), ("x86_64", None, True),
+    ("aarch64", {"asimd"}, False),
+])  # fmt: skip
+def test_which_cpus_saturate_8_bit_int8(monkeypatch, arch, flags, saturates):
+    monkeypatch.setattr(machine.platform, "machine", lambda: arch)
+    monkeypatch.setattr(machine, "cpu_flags", lambda: None if flags is None else frozenset(flags))
+    assert machine.int8_saturates() is saturates
 
 
 @pytest.mark.parametrize("suffix", [".npz", ".pt"])

@@ -237,9 +237,11 @@ def test_quantization_aware_fine_tuning_lowers_the_error_of_round_to_nearest(tra
     tuned = compile_quietly(model, held_out[:8], passes=f"quantize:{grid},qat_epochs=3,qat_lr={lr}", backend="torch",
                             dynamic_axes="batch", train_data=batches, verify=False)  # fmt: skip
     plain_error, error = _error(model, plain, held_out), _error(model, tuned, held_out)
-    # measured (this Xeon, KL at temperature 1): int4 0.20x, int3 0.42x; dynamic 0.91x — its error is mostly
-    # the activations' per-call rounding (planted x40 inputs), which the fine-tune does not simulate
-    assert error < (0.95 if grid == "mode=dynamic" else 0.5) * plain_error, (error, plain_error)
+    # measured (KL at temperature 1): int4 0.20x, int3 0.42x on an Intel Xeon; dynamic 0.91x there and 0.986x
+    # on an AVX2 AMD EPYC (the trained float model differs with the CPU's kernels) — dynamic's error is mostly
+    # the activations' per-call rounding (planted x40 inputs), which the fine-tune does not simulate, so it
+    # is only required not to rise (at lr 1e-3 it rose 2.8x)
+    assert error < (1.0 if grid == "mode=dynamic" else 0.5) * plain_error, (error, plain_error)
     assert any(n.startswith("quantization-aware fine-tune of 3 layer(s), 3 epoch(s)") for n in tuned.report.passes[-1].notes)
 
 

@@ -20,6 +20,7 @@ import torch
 from torchkiln.backends.base import CacheSession
 from torchkiln.backends.onnx_backend import OnnxArtifact, OnnxBackend, OnnxOptions, quiet_session_options
 from torchkiln.backends.ort_cache import SharedCacheSession, shared_cache_model
+from torchkiln.compiler.machine import cpu_model, int8_saturates
 from torchkiln.compiler.options import option
 from torchkiln.errors import BackendError
 
@@ -127,6 +128,21 @@ class OrtArtifact(OnnxArtifact):
         session = self._shared[named]
         return None if session is None else SharedCacheSession(session, named, initial, capacity, str(self.model_path))
 
+    @classmethod
+    def load(cls, directory: Path, options: dict[str, Any]) -> OnnxArtifact:
+        artifact = super().load(directory, options)
+        if int8_saturates() and "CPUExecutionProvider" in resolve_providers(artifact.options.providers)[:1]:  # type: ignore[attr-defined]
+            wide = eight_bit_weights(artifact.model_path)
+            if wide:
+                warnings.warn(
+                    f"{artifact.model_path}: {len(wide)} int8 weight(s) use all 8 bits (e.g. '{wide[0]}'), and this "
+                    f"CPU ({cpu_model()}) has no VNNI/AMX: ONNX Runtime's int8 kernels here saturate on them and the "
+                    "outputs drift from what the artifact was verified to compute; rebuild it with "
+                    "quantize:reduce_range=on (7-bit weights) for this CPU, then kiln compare it",
+                    RuntimeWarning, stacklevel=2,
+                )  # fmt: skip
+        return artifact
+
     def files(self) -> list[str]:
         return super().files() + ([OPTIMIZED_FILE] if (self.directory / OPTIMIZED_FILE).exists() else [])
 
@@ -155,6 +171,26 @@ class OrtBackend(OnnxBackend):
                 hint="try backend 'torch', or a different opset (backend option opset=...)",
             ) from exc
         return artifact  # type: ignore[return-value]
+
+
+def eight_bit_weights(model_path: Path) -> list[str]:
+    """The int8 initializers dequantized by a ``DequantizeLinear`` (QDQ weights) that use values
+    beyond ±64 (255 × 64 × 2 is the most a 16-bit sum holds) — the ones x86 CPUs without VNNI
+    saturate on. Tensors stored outside the file are not read."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    dequantized = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input}
+    wide = []
+    for tensor in model.graph.initializer:
+        if (tensor.name in dequantized and tensor.data_type == onnx.TensorProto.INT8
+                and tensor.data_location != onnx.TensorProto.EXTERNAL):
+            values = numpy_helper.to_array(tensor)
+            if values.size and int(np.abs(values.astype(np.int16)).max()) > 64:
+                wide.append(tensor.name)
+    return wide
 
 
 def _refuse_bfloat16(program: Any, options: OrtOptions) -> None:

@@ -45,3 +45,20 @@ def flag_of_compiler_option(option: str) -> str:
     renamed = {"avx512vnni": "avx512_vnni", "avx512bf16": "avx512_bf16", "avx512fp16": "avx512_fp16",
                "avxvnni": "avx_vnni", "avx512vbmi": "avx512_vbmi"}  # fmt: skip
     return renamed.get(name, name)
+
+
+#: flags whose int8 dot products accumulate u8×s8 in 32 bits (no 16-bit intermediate to saturate)
+INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def int8_saturates() -> bool:
+    """Whether this CPU's 8-bit u8×s8 kernels can saturate: x86 without VNNI or AMX.
+
+    There ONNX Runtime and oneDNN multiply pairs with ``vpmaddubsw``, whose 16-bit sum of two
+    255 × 127 products overflows; 7-bit weights (±63) keep it in range. True when the flags are
+    unknown on x86 (the safe answer); False off x86 (ARM's dot products accumulate in 32 bits).
+    """
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return False
+    flags = cpu_flags()
+    return flags is None or not any(flag in flags for flag in INT8_DOT_FLAGS)

@@ -33,6 +33,7 @@ from torchkiln.compiler.calibration import (
     tqdm_progress,
 )
 from torchkiln.compiler.files import remove_private
+from torchkiln.compiler.machine import int8_saturates
 from torchkiln.compiler.manager import PassManager, default_instruments
 from torchkiln.compiler.passes import Pass, PassItem, parse_pipeline
 from torchkiln.compiler.program import Check, Program, deterministic, fresh
@@ -278,6 +279,8 @@ class Stage:
             "tolerance": dataclasses.asdict(self.tolerance) if self.tolerance else None,
             "frontend": self.frontend, "leaf_modules": self.leaf_modules, "name": self.name,
             "code": cache_module.code_version(), "torch": torch.__version__,
+            # quantize's reduce_range=auto picks 7-bit weights on such a CPU: a different program
+            "int8_saturates": int8_saturates(),
         })  # fmt: skip
         return hasher.hexdigest()
 

@@ -35,6 +35,7 @@ from torch import fx
 import torchkiln.compiler.quant_ops  # noqa: F401 - registers the quantized IR ops
 from torchkiln.compiler import graph as G
 from torchkiln.compiler.calibration import no_progress
+from torchkiln.compiler.machine import int8_saturates
 from torchkiln.compiler.options import option
 from torchkiln.compiler.passes import Pass, PassConfig, PassResult, register_pass
 from torchkiln.compiler.program import Program
@@ -73,7 +74,8 @@ class QuantizeConfig(PassConfig):
         "onnxruntime", "activation format: uint8 asymmetric (onnxruntime) or int8 symmetric (tensorrt)"
     )
     reduce_range: Literal["auto", "on", "off"] = option(
-        "auto", "7-bit weights (AVX2 without VNNI saturates 8-bit); auto = on for dynamic only"
+        "auto", "7-bit weights (x86 without VNNI saturates 8-bit); auto = on for dynamic, and for int8 "
+        "(target onnxruntime) when the building CPU lacks VNNI/AMX"
     )
     smoothquant: Literal["off", "auto"] | float = option(
         "off", "int8: SmoothQuant before calibration: migration strength alpha in (0, 1] (0.5 in the paper), "
@@ -252,7 +254,7 @@ class Quantize(Pass):
         self, gm: fx.GraphModule, program: Program, chosen: list[Layer], notes: list[str], reasons: dict[str, str]
     ) -> list[Layer]:
         signed = self.config.target == "tensorrt"
-        levels = 63 if self.config.reduce_range == "on" else 127
+        levels = 63 if self._seven_bit(signed) else 127
         kept: list[tuple[torch.Tensor, ...]] = []
         if self.config.smoothquant != "off":  # one more pass over the data, before the ranges
             source = program.calibration.source if program.calibration is not None else None
@@ -283,9 +285,25 @@ class Quantize(Pass):
         notes.append(
             f"calibrated {len(histograms)} tensors on {next(seen) - 1} batches with {self.config.calibrator}; "
             f"activations {'int8 symmetric' if signed else 'uint8 asymmetric'}, weights int8 per channel"
-            + (" (7-bit)" if levels == 63 else "")
+            + self._weight_grid_note(levels, signed)
         )
         return chosen
+
+    def _weight_grid_note(self, levels: int, signed: bool) -> str:
+        if levels == 63:
+            return (" (7-bit: this CPU has no VNNI/AMX, and its kernels would saturate 8-bit ones; reduce_range=auto)"
+                    if self.config.reduce_range == "auto" else " (7-bit: reduce_range=on)")
+        if signed:
+            return ""
+        return (" (8-bit: on an x86 CPU without VNNI/AMX these saturate; to deploy on one, build with "
+                "reduce_range=on)")
+
+    def _seven_bit(self, signed: bool) -> bool:
+        """Static int8's weight grid: ±63 when asked, or (auto) when ONNX Runtime's / oneDNN's u8×s8
+        kernels on this CPU would saturate a 16-bit sum of two 8-bit products (x86 without VNNI)."""
+        if self.config.reduce_range != "auto":
+            return self.config.reduce_range == "on"
+        return not signed and int8_saturates()
 
     def _qat(self, gm: fx.GraphModule, program: Program, chosen: list[Layer]) -> list[str]:
         """Fine-tune ``gm`` through the chosen layers' weight quantization (:mod:`.qat`)."""
