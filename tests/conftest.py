@@ -11,6 +11,14 @@ import torchkiln
 from torchkiln import models
 from torchkiln.compiler.passes import Pass, PassResult
 
+# Two xdist workers on a 2-core machine each ran torch's and oneDNN's default of one thread per core:
+# four busy threads on two cores. Each worker (and what it starts: kiln commands, torchrun ranks)
+# gets its share of the cores instead.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _THREADS = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
+    torch.set_num_threads(_THREADS)
+
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """Modules that train a model once (``xdist_group``) rely on ``--dist loadgroup`` sending them to
