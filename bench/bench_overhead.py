@@ -44,7 +44,7 @@ def raw_call(backend: str, artifact: Any, x: torch.Tensor) -> Callable[[], Any]:
     if backend == "openvino":
         import openvino
 
-        request, tensor = artifact.request, openvino.Tensor(x.numpy(), shared_memory=True)
+        request, tensor = artifact.compiled.create_infer_request(), openvino.Tensor(x.numpy(), shared_memory=True)
 
         def infer() -> None:
             request.set_input_tensor(0, tensor)

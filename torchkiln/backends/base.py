@@ -8,11 +8,14 @@ and loads back from one. Backends never know which passes ran.
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
+import queue
 import re
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 
@@ -27,11 +30,15 @@ class BackendOptions(Options):
 
 
 class Artifact(abc.ABC):
+    """A loaded or compiled model. :meth:`run` and :meth:`cache_session` may be called from any
+    number of threads at once, and each call returns its caller's own outputs: a runtime object that
+    serves one call at a time (an infer request, an execution context) comes from a :class:`Pool`."""
+
     backend: ClassVar[str]
 
     @abc.abstractmethod
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Run on flat inputs; return flat outputs."""
+        """Run on flat inputs; return flat outputs (thread-safe, see the class docstring)."""
 
     @abc.abstractmethod
     def save(self, directory: Path) -> list[str]:
@@ -71,6 +78,45 @@ class CacheSession(abc.ABC):
     @abc.abstractmethod
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """One step: the artifact's inputs less the cache's, in order → its outputs less the cache's."""
+
+
+T = TypeVar("T")
+
+
+class Pool(Generic[T]):
+    """Runtime objects that serve one call at a time (an OpenVINO infer request, a TensorRT
+    execution context): a call takes an idle one, or makes one when every one is busy, and gives it
+    back when done. Concurrent callers never share one; the pool grows to the most calls at once."""
+
+    def __init__(self, make: Callable[[], T]):
+        self._make = make
+        self._idle: queue.SimpleQueue[T] = queue.SimpleQueue()
+
+    @contextlib.contextmanager
+    def taken(self) -> Iterator[T]:
+        try:
+            item = self._idle.get_nowait()
+        except queue.Empty:
+            item = self._make()
+        try:
+            yield item
+        finally:
+            self._idle.put(item)
+
+
+class Memo(Generic[T]):
+    """Values made once per key on first use (a session rewritten for a cache layout), by one thread
+    while any others asking for the same artifact wait."""
+
+    def __init__(self) -> None:
+        self._values: dict[Hashable, T] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, make: Callable[[], T]) -> T:
+        with self._lock:
+            if key not in self._values:
+                self._values[key] = make()
+            return self._values[key]
 
 
 class Backend(abc.ABC):

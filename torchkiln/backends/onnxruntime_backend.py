@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import torch
 
-from torchkiln.backends.base import CacheSession
+from torchkiln.backends.base import CacheSession, Memo
 from torchkiln.backends.onnx_backend import OnnxArtifact, OnnxBackend, OnnxOptions, quiet_session_options
 from torchkiln.backends.ort_cache import SharedCacheSession, shared_cache_model
 from torchkiln.compiler.machine import cpu_model, int8_saturates
@@ -83,7 +83,7 @@ class OrtArtifact(OnnxArtifact):
     def __init__(self, directory: Path, options: OnnxOptions, owns_directory: bool = False):
         super().__init__(directory, options, owns_directory)
         #: (past input, present output) pairs -> the session of the graph rewritten for them (or None)
-        self._shared: dict[tuple[tuple[str, str], ...], Any] = {}
+        self._shared: Memo[Any] = Memo()
 
     def create_session(self, model: bytes | None = None) -> Any:
         """The artifact's session, or one of ``model`` (a graph rewritten in memory) with the same
@@ -115,18 +115,20 @@ class OrtArtifact(OnnxArtifact):
         inputs = [i.name for i in self.session.get_inputs()]
         outputs = [o.name for o in self.session.get_outputs()]
         named = tuple((inputs[i], outputs[o]) for i, o in pairs)
-        if named not in self._shared:  # rewritten and loaded once per artifact, on its first generation
-            import onnx
-
-            rewritten = shared_cache_model(onnx.load(str(self.model_path)), named)
-            try:
-                self._shared[named] = None if rewritten is None else self.create_session(rewritten.SerializeToString())
-            except Exception as exc:  # ONNX Runtime refused the rewritten graph: keep passing the cache
-                warnings.warn(f"ONNX Runtime cannot load {self.model_path} with its cache in place ({exc}); "
-                              "generating with the cache passed in and out", RuntimeWarning, stacklevel=2)  # fmt: skip
-                self._shared[named] = None
-        session = self._shared[named]
+        session = self._shared.get(named, lambda: self._shared_cache_session(named))  # once per artifact
         return None if session is None else SharedCacheSession(session, named, initial, capacity, str(self.model_path))
+
+    def _shared_cache_session(self, named: tuple[tuple[str, str], ...]) -> Any:
+        """A session of the graph rewritten for the cache in place, or None where it has no such form."""
+        import onnx
+
+        rewritten = shared_cache_model(onnx.load(str(self.model_path)), named)
+        try:
+            return None if rewritten is None else self.create_session(rewritten.SerializeToString())
+        except Exception as exc:  # ONNX Runtime refused the rewritten graph: keep passing the cache
+            warnings.warn(f"ONNX Runtime cannot load {self.model_path} with its cache in place ({exc}); "
+                          "generating with the cache passed in and out", RuntimeWarning, stacklevel=3)  # fmt: skip
+            return None
 
     @classmethod
     def load(cls, directory: Path, options: dict[str, Any]) -> OnnxArtifact:

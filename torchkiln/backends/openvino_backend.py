@@ -41,7 +41,7 @@ from typing import Any, Literal
 
 import torch
 
-from torchkiln.backends.base import Artifact, Backend, BackendOptions, CacheSession
+from torchkiln.backends.base import Artifact, Backend, BackendOptions, CacheSession, Memo, Pool
 from torchkiln.backends.onnx_backend import MODEL_FILE, OnnxOptions, export_onnx
 from torchkiln.compiler import quant_ops  # noqa: F401 - registers the torchkiln ops counted below
 from torchkiln.compiler.files import remove_private
@@ -120,27 +120,28 @@ class OpenVinoArtifact(Artifact):
         model = _read(directory)
         self.built_on = _recorded(model, BUILT_ON) or "(not recorded)"
         self.compiled = _compile(model, options, cache=not loading)
-        self.request = self.compiled.create_infer_request()
+        # one infer request serves one call at a time ("Infer Request is busy", or another caller's
+        # outputs read back): each call takes its own from the pool
+        self.requests: Pool[Any] = Pool(self.compiled.create_infer_request)
         self._tensor = _openvino().Tensor
         self.input_names = [port.get_any_name() for port in self.compiled.inputs]
         self.output_count = len(self.compiled.outputs)
         self.integer_note = _integer_note(model, options)
-        self._stateful: dict[tuple[tuple[int, int], ...], tuple[Any, list[str]]] = {}
+        self._stateful: Memo[tuple[Any, list[str]]] = Memo()
         if owns_directory:
             weakref.finalize(self, remove_private, directory)
 
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        return _infer(self.request, self._tensor, inputs, self.output_count, str(self.directory / FILES[0]))
+        with self.requests.taken() as request:
+            return _infer(request, self._tensor, inputs, self.output_count, str(self.directory / FILES[0]))
 
     def cache_session(
         self, pairs: Sequence[tuple[int, int]], initial: Sequence[torch.Tensor], capacity: int
     ) -> CacheSession | None:
         if not self.options.stateful_cache:  # (OpenVINO's states grow as they need: no capacity)
             return None
-        key = tuple(pairs)
-        if key not in self._stateful:  # compiled once per artifact, on its first generation
-            self._stateful[key] = _stateful(self.directory, key, self.options)
-        compiled, variables = self._stateful[key]
+        key = tuple(pairs)  # compiled once per artifact, on its first generation
+        compiled, variables = self._stateful.get(key, lambda: _stateful(self.directory, key, self.options))
         return _StatefulSession(compiled, variables, initial, self.directory)
 
     def files(self) -> list[str]:

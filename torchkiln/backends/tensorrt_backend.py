@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from torchkiln.backends.base import Artifact, Backend, BackendOptions
+from torchkiln.backends.base import Artifact, Backend, BackendOptions, Pool
 from torchkiln.backends.onnx_backend import MODEL_FILE, OnnxOptions, export_onnx
 from torchkiln.backends.tensorrt_profiles import (
     check_compatible,
@@ -126,13 +126,18 @@ class TensorRTArtifact(Artifact):
             raise ArtifactError(
                 f"TensorRT could not deserialize {ENGINE_FILE}", where=str(directory / ENGINE_FILE)
             )
-        self.context = self.engine.create_execution_context()
+        # an execution context holds one call's shapes and buffer addresses: one per call at once
+        self.contexts: Pool[Any] = Pool(self.engine.create_execution_context)
         self._trt = trt
         if owns_directory:
             weakref.finalize(self, remove_private, directory)
 
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        trt, engine, context = self._trt, self.engine, self.context
+        with self.contexts.taken() as context:
+            return self._run(context, inputs)
+
+    def _run(self, context: Any, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        trt, engine = self._trt, self.engine
         device = torch.device("cuda", self.options.device)
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         input_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]

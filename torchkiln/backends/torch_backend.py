@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -212,6 +213,7 @@ class Placed:
         self.graphs: dict[tuple[Any, ...], tuple[Any, list[torch.Tensor], list[torch.Tensor]]] | None = (
             {} if options.cuda_graphs else None
         )
+        self._replaying = threading.Lock()  # a CUDA graph reads and writes fixed buffers: one call at a time
 
     def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         args = [self._cast(t.to(self.device)) for t in inputs]
@@ -228,13 +230,14 @@ class Placed:
     def _replay(self, args: list[torch.Tensor]) -> list[torch.Tensor]:
         assert self.graphs is not None
         key = tuple((tuple(a.shape), a.dtype) for a in args)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(args)
-        graph, static_in, static_out = self.graphs[key]
-        for slot, value in zip(static_in, args):
-            slot.copy_(value)
-        graph.replay()
-        return [o.clone() for o in static_out]
+        with self._replaying:
+            if key not in self.graphs:
+                self.graphs[key] = self._capture(args)
+            graph, static_in, static_out = self.graphs[key]
+            for slot, value in zip(static_in, args):
+                slot.copy_(value)
+            graph.replay()
+            return [o.clone() for o in static_out]
 
     def _capture(self, args: list[torch.Tensor]) -> tuple[Any, list[torch.Tensor], list[torch.Tensor]]:
         static_in = [a.clone() for a in args]

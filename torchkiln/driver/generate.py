@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -154,15 +155,28 @@ def _bookkeeping_threads(model: Any) -> Iterator[None]:
     torch ops (argmax over the vocabulary, the growing mask) would otherwise leave torch's OpenMP
     workers spinning on the cores the runtime needs (a 125M Llama int4 decode step at batch 8 on 2
     cores: 40-46 ms with torch's 2 threads, 24-27 ms with 1). The torch backend keeps its threads."""
-    threads = torch.get_num_threads()
-    if getattr(model, "backend", "torch") == "torch" or threads == 1:
+    if getattr(model, "backend", "torch") == "torch":
         yield
         return
-    torch.set_num_threads(1)
+    # torch's thread count is the process's: with generations in several threads, the first lowers
+    # it and the last one out restores it
+    with _THREADS_LOCK:
+        if not _GENERATING:
+            _GENERATING.append(torch.get_num_threads())
+            torch.set_num_threads(1)
+        _GENERATING.append(0)
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        with _THREADS_LOCK:
+            _GENERATING.pop()
+            if len(_GENERATING) == 1:
+                torch.set_num_threads(_GENERATING.pop())
+
+
+#: [torch's thread count before the first, then one entry per generation running] (_bookkeeping_threads)
+_GENERATING: list[int] = []
+_THREADS_LOCK = threading.Lock()
 
 
 def _check_positions(prompt: int, new: int, encoder_decoder: bool, settings: dict[str, Any]) -> None:
