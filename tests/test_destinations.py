@@ -103,6 +103,51 @@ def test_kiln_build_checks_the_partition_destination_before_writing_the_build(tm
     assert [p.name for p in mine.iterdir()] == ["keep.txt"]
 
 
+MODEL_PY = "import torch\n\ndef model():\n    torch.manual_seed(0)\n    return torch.nn.Linear(4, 2).eval()\n"
+
+
+def test_a_build_into_the_artifact_holding_its_recipe_and_model_is_refused_before_work(tmp_path, capsys):
+    """The user put kiln.toml and model.py into an earlier artifact and built into it again."""
+    build = tmp_path / "build"
+    recipe = tmp_path / "kiln.toml"
+    recipe.write_text('[model]\nsource = "model.py:model"\ninputs = [{ name = "input", shape = [1, 4] }]\n\n'
+                      '[[passes]]\nname = "cleanup"\n\n[backend]\nname = "torch"\n')  # fmt: skip
+    (tmp_path / "model.py").write_text(MODEL_PY)
+    assert main(["build", str(recipe), "-o", str(build), "--no-cache"]) == 0  # an artifact of ours
+    for name in ("kiln.toml", "model.py"):
+        (build / name).write_text((tmp_path / name).read_text())
+    before = sorted(p.name for p in build.iterdir())
+    assert main(["build", str(build / "kiln.toml"), "-o", str(build), "--no-cache"]) == 2
+    err = capsys.readouterr().err
+    assert "holds the recipe" in err and "which this run reads" in err
+    assert sorted(p.name for p in build.iterdir()) == before  # nothing deleted, nothing rewritten
+    # the model's source alone inside the destination is refused too, named by its key
+    (build / "kiln.toml").unlink()
+    recipe.write_text(recipe.read_text().replace("model.py:model", "build/model.py:model"))
+    assert main(["build", str(recipe), "-o", str(build), "--no-cache"]) == 2
+    assert "[model] source" in capsys.readouterr().err
+    assert (build / "model.py").exists()
+
+
+def test_kiln_export_refuses_a_destination_holding_its_model_source(tmp_path, capsys):
+    artifact = tmp_path / "artifact"
+    source = tmp_path / "model.py"
+    source.write_text(MODEL_PY)
+    assert main(["export", f"{source}:model", "--input", "input=1x4", "--backend", "torch", "-o", str(artifact)]) == 0
+    (artifact / "model.py").write_text(MODEL_PY)
+    assert main(["export", f"{artifact / 'model.py'}:model", "--input", "input=1x4", "--backend", "torch",
+                 "-o", str(artifact)]) == 2  # fmt: skip
+    assert "holds the model" in capsys.readouterr().err
+    assert (artifact / "model.py").read_text() == MODEL_PY
+
+
+def test_a_file_destination_that_is_an_input_is_refused(tmp_path):
+    data = tmp_path / "data.npz"
+    np.savez(data, x=np.zeros(3))
+    with pytest.raises(ArtifactError, match="which this run reads"):
+        files.check_file_destination(data, "npz", [("the inputs", data)])
+
+
 def test_an_output_file_is_replaced_only_if_we_wrote_it(tmp_path):
     theirs = tmp_path / "theirs.npz"
     np.savez(theirs, a=np.zeros(3))

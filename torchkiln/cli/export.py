@@ -25,7 +25,7 @@ from torchkiln.driver.auto import AutoOptions
 from torchkiln.driver.compiled import CompiledEncoderDecoder
 from torchkiln.errors import ConfigError
 from torchkiln.workflows import tasks
-from torchkiln.workflows.loading import load_model
+from torchkiln.workflows.loading import files_read, load_model
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -124,7 +124,8 @@ def _backend_options(items: list[str]) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_destination(args.output, "artifact")  # before the work, not after it
+    # before the work, not after it; never a directory holding the model or the calibration data
+    check_destination(args.output, "artifact", files_read(args.model, calibration=args.calibration))
     model, entry = load_model(args.model, args.task)
     task = args.task or (
         tasks.inferred_task(args.model) if tasks.is_pretrained_directory(args.model) else None

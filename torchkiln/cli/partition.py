@@ -11,7 +11,7 @@ from torchkiln.cli.common import add_model_arguments, example_inputs, stage_prin
 from torchkiln.compiler.files import check_destination
 from torchkiln.driver.api import DEFAULT_PASSES
 from torchkiln.driver.partition import partition
-from torchkiln.workflows.loading import load_model
+from torchkiln.workflows.loading import files_read, load_model
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -34,7 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_destination(args.output, "partition")  # before the work, not after it
+    check_destination(args.output, "partition", files_read(args.model))  # before the work, not after it
     model, entry = load_model(args.model)
     inputs = example_inputs(args, entry)
     if entry is not None and not args.input:

@@ -44,7 +44,7 @@ import tempfile
 import time
 import uuid
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -95,16 +95,20 @@ def write_marker(directory: Path, kind: str, **content: Any) -> None:
     write_atomic(directory / marker, json.dumps({"format": format_name, **content}, indent=2) + "\n")
 
 
-def check_destination(destination: str | os.PathLike[str], kind: str) -> Path:
+def check_destination(
+    destination: str | os.PathLike[str], kind: str, reads: Iterable[tuple[str, str | os.PathLike[str]]] = ()
+) -> Path:
     """The directory a writer of ``kind`` will replace, refused (:class:`DestinationError`, an ArtifactError) when
     replacing it could lose something that is not ours: a file, a non-empty directory that is not
-    a ``kind`` of ours, the current directory or one of its parents."""
+    a ``kind`` of ours, the current directory or one of its parents, or a directory holding a file
+    the writer reads (``reads``: ``(what, path)`` pairs, e.g. the recipe and the model's source)."""
     if kind not in MARKERS:
         raise ValueError(f"unknown destination kind {kind!r}")
     dest = Path(destination)
     if dest.is_symlink():  # write where the link points; the link itself stays
         dest = Path(os.path.realpath(dest))
     _refuse_current_directory(dest, destination)
+    _refuse_inputs(dest, reads)
     if dest.exists() and not dest.is_dir():
         raise DestinationError(
             f"{dest} exists and is not a directory", where=str(dest), hint="choose another output path"
@@ -119,15 +123,19 @@ def check_destination(destination: str | os.PathLike[str], kind: str) -> Path:
     return dest
 
 
-def check_file_destination(destination: str | os.PathLike[str], kind: str) -> Path:
+def check_file_destination(
+    destination: str | os.PathLike[str], kind: str, reads: Iterable[tuple[str, str | os.PathLike[str]]] = ()
+) -> Path:
     """The file a writer of ``kind`` (:data:`FILE_KINDS`) will replace: a path with the kind's suffix
-    that is missing or a file we wrote (it carries our marker); anything else is refused."""
+    that is missing or a file we wrote (it carries our marker) and not one the writer reads
+    (``reads``, as for :func:`check_destination`); anything else is refused."""
     suffix = FILE_KINDS[kind]
     dest = Path(destination)
     if dest.suffix != suffix:
         raise DestinationError(f"{destination}: the output must be a {suffix} file", where=str(destination),
                             hint=f"name a file ending in {suffix}")  # fmt: skip
     _refuse_current_directory(dest, destination)
+    _refuse_inputs(dest, reads)
     if dest.is_symlink() or (dest.exists() and not dest.is_file()):
         raise DestinationError(f"{dest} exists and is not a plain file", where=str(dest), hint="choose another output path")
     if dest.exists() and not _file_is_ours(dest, kind):
@@ -147,6 +155,19 @@ def _refuse_current_directory(dest: Path, given: str | os.PathLike[str]) -> None
             where=str(given),
             hint="name a new subdirectory, e.g. -o ./artifact",
         )
+
+
+def _refuse_inputs(dest: Path, reads: Iterable[tuple[str, str | os.PathLike[str]]]) -> None:
+    """A writer never replaces what it reads: the destination is not one of ``reads`` nor holds one."""
+    target = dest.resolve()
+    for what, path in reads:
+        source = Path(path).resolve()
+        if source == target or target in source.parents:
+            raise DestinationError(
+                f"{dest} holds {what} ({path}), which this run reads: writing there would delete it",
+                where=str(path),
+                hint="write to another path, or move the inputs out of the destination first",
+            )
 
 
 def _file_is_ours(path: Path, kind: str) -> bool:

@@ -87,9 +87,10 @@ def build(
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     output = Path(output) if output else recipe.path.parent / "build"
     stages_to = output.parent / f"{output.name}.partition" if recipe.partition is not None else None
-    check_destination(output, "artifact")  # every destination before the work, not after it
+    reads = recipe.files()  # a destination holding the recipe or its model, weights or data is refused
+    check_destination(output, "artifact", reads)  # every destination before the work, not after it
     if stages_to is not None:
-        check_destination(stages_to, "partition")
+        check_destination(stages_to, "partition", reads)
     say = progress or (lambda _: None)
     data = prepare(recipe, say)
     model, inputs, axes, calibration = data.model, data.inputs, data.axes, data.calibration

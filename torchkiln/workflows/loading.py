@@ -56,6 +56,20 @@ def load_model(spec: str, task: str | None = None) -> tuple[nn.Module, ZooEntry 
     return model.eval(), None
 
 
+def files_read(model: str, **data: str | None) -> list[tuple[str, Path]]:
+    """``(what, path)`` for the files a run reads, for the destination check (a writer never
+    replaces them): the model spec's file or directory (``file.py:factory``, a Hugging Face
+    directory; not a zoo or package name) and each named data file that exists."""
+    found = []
+    location = model.rpartition(":")[0] if ".py:" in model else model
+    if Path(location).exists():
+        found.append(("the model", Path(location)))
+    for what, value in data.items():
+        if value and Path(value).exists():
+            found.append((f"the {what}", Path(value)))
+    return found
+
+
 def load_callable(spec: str, what: str = "function") -> Any:
     """``path/to/file.py:name`` or ``package.module:name`` → the callable."""
     location, _, name = spec.rpartition(":")

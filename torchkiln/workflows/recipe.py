@@ -115,6 +115,19 @@ class Recipe:
         path = Path(relative)
         return path if path.is_absolute() else self.path.parent / path
 
+    def files(self) -> list[tuple[str, Path]]:
+        """``(what, path)`` of every file the build reads: the recipe, and each path key's file that
+        exists (``model.py`` of ``model.py:factory``, a weights or ``.npz`` file; not a zoo name)."""
+        found = [("the recipe", self.path)]
+        for table, key in PATH_KEYS:
+            section = self.raw.get(table)
+            value = section.get(key) if isinstance(section, Mapping) else None
+            if isinstance(value, str):
+                path = self.resolve(value.split(":")[0] if ".py:" in value else value)
+                if path.exists():
+                    found.append((f"[{table}] {key}", path))
+        return found
+
 
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)

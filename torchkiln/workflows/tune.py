@@ -82,7 +82,7 @@ def tune(
         settings = dataclasses.replace(settings, trials=trials)
     destination = Path(output) if output else recipe.path.parent / "tune"
     if write:
-        check_destination(destination, "tune")
+        check_destination(destination, "tune", recipe.files())
     url = tuning.storage_url(recipe, storage)
     tuning.check_storage(url)  # before the work and before any worker starts
     worker = os.environ.get("TORCHKILN_TUNE_WORKER_ID")
