@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -201,3 +202,30 @@ def test_constants_reach_calibration_and_held_back_checks():
             model, {"x": torch.randn(4, 4), "mode": "shifted"}, passes="quantize",
             calibration_data=[{"x": torch.randn(4, 4), "mode": "plain"}] * 2,
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_a_model_left_in_training_mode_compiles_its_eval_copy_and_says_so(backend):
+    """It failed with 'the <backend> artifact differs ... compare the backends' (dropout drew fresh
+    masks in the eager reference), even on the exact torch backend."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 2))
+    bn = model[1]
+    bn.running_mean.uniform_(-1, 1)
+    x = torch.randn(3, 4)
+    with pytest.warns(RuntimeWarning, match=r"training mode; compiled its eval\(\) copy .*1 \(BatchNorm1d\), 2 \(Dropout\)"):
+        compiled = compile_quietly(model, x, backend=backend)
+    assert model.training and all(m.training for m in model.modules())  # the user's model is left as it was
+    statistics = bn.running_mean.clone()
+    torch.testing.assert_close(compiled(x), model.eval()(x), atol=1e-5, rtol=1e-4)
+    assert torch.equal(bn.running_mean, statistics)
+    assert compiled.report.table().splitlines()[0].endswith("from its eval() copy: the model was in training mode")
+    assert "2 mode-dependent layer(s)" in compiled.report.eval_copy
+
+
+def test_a_model_in_eval_mode_compiles_without_the_note():
+    model, x = nn.Sequential(nn.Linear(4, 2), nn.Dropout(0.5)).eval(), torch.randn(3, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        compiled = compile_quietly(model, x, backend="torch")
+    assert compiled.report.eval_copy == "" and "training mode" not in compiled.report.table()

@@ -139,6 +139,35 @@ def test_cli_commands_load_safely_too(copy_of, tmp_path, capsys, command):
     assert "internal error" not in capsys.readouterr().err
 
 
+ESCAPES = "\x1b[2J\x1b]0;pwned\x07\x1b[31m\u202e"  # clear screen, set the title, red, right-to-left
+
+
+@pytest.mark.parametrize("field", ["model", "input", "axis", "output", "report", "backend_option"])
+@pytest.mark.parametrize("command", ["bench", "compare", "generate"])
+def test_terminal_escapes_in_a_manifest_are_printed_as_text(copy_of, capsys, field, command):
+    """A manifest's strings reach the terminal escaped, whatever line prints them."""
+    directory = copy_of("onnxruntime")
+    manifest = json.loads((directory / "manifest.json").read_text())
+    if field == "model":
+        manifest["model"] = manifest["report"]["model"] = ESCAPES + "MLP"
+    elif field in ("input", "axis", "output"):
+        spec = manifest["outputs" if field == "output" else "inputs"][0]
+        spec["name" if field != "axis" else "shape"] = ESCAPES if field != "axis" else [ESCAPES, 4]
+    elif field == "report":
+        manifest["report"]["notes"] = [ESCAPES]
+        manifest["report"]["passes"] = [{**manifest["report"]["passes"][0], "notes": [ESCAPES]}] if manifest["report"]["passes"] else []
+    else:
+        manifest["backend_options"]["providers"] = ESCAPES
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    argv = {"bench": ["bench", str(directory), "--runs", "1"], "compare": ["compare", "mlp", str(directory)],
+            "generate": ["generate", str(directory), "--prompt-ids", "1,2"]}[command]  # fmt: skip
+    main(argv)
+    out, err = capsys.readouterr()
+    for stream in (out, err):
+        assert not set(stream) & {"\x1b", "\x07", "\u202e"}, stream[:400]
+    assert "internal error" not in err
+
+
 def _graph_edit(directory: Path, edit) -> None:
     program = json.loads((directory / "program.json").read_text())
     edit(program)
@@ -541,3 +570,38 @@ def test_an_output_node_without_its_argument_is_refused(copy_of):
     _graph_edit(directory, lambda p: p["nodes"][-1].update(args={"tuple": []}))
     with pytest.raises(ArtifactError, match="output node"):
         torchkiln.load(directory)
+
+
+# --- nesting: JSON and artifacts inside artifacts ---------------------------------------------------------
+
+
+def test_a_manifest_nested_100000_deep_is_an_artifact_error(copy_of, tmp_path, capsys):
+    """It was a raw RecursionError from json, on load and on `kiln export -o` of that directory."""
+    directory = copy_of("torch")
+    (directory / "manifest.json").write_text('{"format": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(ArtifactError, match="nested deeper than 200 levels"):
+        torchkiln.load(directory)
+    assert main(["export", "mlp", "--backend", "torch", "-o", str(directory)]) == 2  # not ours: refused
+    assert "is a directory that is not a torchkiln artifact" in capsys.readouterr().err
+    deep = "[" * 300 + "]" * 300  # within the parser's recursion, beyond the depth limit
+    with pytest.raises(ArtifactError, match="nested deeper"):
+        files.parse_json(deep, "x.json")
+
+
+def test_an_encoder_decoder_whose_part_is_an_encoder_decoder_is_refused(copy_of, tmp_path):
+    """Each part loaded the next: 500 levels gave a raw RecursionError."""
+    from torchkiln.driver.compiled import FORMAT, FORMAT_VERSION
+
+    def pair(directory: Path, encoder: Path, decoder: Path) -> Path:
+        directory.mkdir()
+        for name, part in (("encoder", encoder), ("decoder", decoder)):
+            os.rename(part, directory / name)
+        parts = {name: sha256(directory / name / "manifest.json") for name in ("encoder", "decoder")}
+        (directory / "manifest.json").write_text(json.dumps(
+            {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "encoder-decoder", "parts": parts}))
+        return directory
+
+    inner = pair(tmp_path / "inner", copy_of("torch"), copy_of("onnxruntime"))
+    outer = pair(tmp_path / "outer", inner, copy_of("onnxruntime"))
+    with pytest.raises(ArtifactError, match="is an encoder-decoder inside another artifact"):
+        torchkiln.load(outer)

@@ -181,7 +181,7 @@ def test_a_corrupt_cache_entry_is_a_miss_and_is_rewritten(tmp_path):
     recipe = write(tmp_path, CACHED)
     build_report(tmp_path, recipe, "a")
     (entry,) = (tmp_path / "cache" / "optimize").iterdir()
-    (entry / "program.pt").write_bytes(b"truncated")
+    (entry / "program.json").write_bytes(b"truncated")
     report = build_report(tmp_path, recipe, "b")
     assert report["cache"]["optimize"].startswith("miss")
     assert build_report(tmp_path, recipe, "c")["cache"]["optimize"].startswith("hit")

@@ -3,6 +3,8 @@ symbolic shapes), keys change with what a stage depends on, and what cannot be c
 
 from __future__ import annotations
 
+import errno
+import json
 import sys
 
 import pytest
@@ -73,8 +75,8 @@ def test_a_graph_calling_an_unnamed_function_is_not_cacheable():
     program = trace(nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval(), torch.randn(2, 4), frontend="export")
     node = next(n for n in program.graph_module.graph.nodes if n.op == "call_function")
     node.target = lambda *args, **kwargs: None  # noqa: E731 - what a user's graph might call
-    with pytest.raises(cache.NotCacheable, match="cannot name"):
-        cache.graph_state(program.graph_module)
+    with pytest.raises(cache.NotCacheable, match="which the cache cannot name"):
+        cache.round_trip(program)
 
 
 def test_compile_goes_on_without_the_cache_when_the_graph_is_not_cacheable(tmp_path, monkeypatch):
@@ -135,3 +137,99 @@ def test_a_cached_program_whose_eager_outputs_changed_is_stale(tmp_path, monkeyp
     again = compile_quietly(model, x, cache=tmp_path)
     assert again.report.cache["optimize"].startswith("miss") and "stale" in again.report.cache["optimize"]
     torch.testing.assert_close(again(x), model(x))
+
+
+# --- a cache entry is data: nothing in it runs ---------------------------------------------------------------
+
+
+def _cached_entry(tmp_path):
+    """A model compiled once into a fresh cache: (model, example, cache dir, its optimize entry)."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval(), torch.randn(2, 4)
+    compile_quietly(model, x, backend="torch", cache=tmp_path / "cache")
+    (entry,) = (tmp_path / "cache" / "optimize").iterdir()
+    return model, x, tmp_path / "cache", entry
+
+
+def test_a_pickle_planted_in_a_cache_entry_is_never_unpickled(tmp_path):
+    from tests.test_artifact_safety import pickle_payload, torch_zip_payload
+
+    model, x, directory, entry = _cached_entry(tmp_path)
+    # the old entry's name is never read (a hit on the JSON beside it); a payload in either file of the
+    # entry makes it a miss, rebuilt
+    for name, payload, verdict in (("program.pt", torch_zip_payload, "hit"), ("program.bin", pickle_payload, "miss"),
+                                   ("program.json", pickle_payload, "miss")):  # fmt: skip
+        sentinel = tmp_path / f"ran-{name}"
+        (entry / name).write_bytes(payload(sentinel))
+        compiled = compile_quietly(model, x, backend="torch", cache=directory)
+        assert not sentinel.exists(), f"a payload in {name} ran"
+        assert compiled.report.cache["optimize"].startswith(verdict), name
+        torch.testing.assert_close(compiled(x), model(x))
+
+
+def _tamper(entry, edit) -> None:
+    state = json.loads((entry / "program.json").read_text())
+    edit(state)
+    (entry / "program.json").write_text(json.dumps(state))
+
+
+HOSTILE_TARGETS = ["torch.save", "torch.load", "torch.from_file", "builtins.eval", "os.system", "subprocess.run",
+                   "torch.manual_seed", "op:aten::from_file.default", "op:aten::_print.default"]  # fmt: skip
+
+
+@pytest.mark.parametrize("target", HOSTILE_TARGETS)
+def test_a_cached_graph_naming_a_function_outside_the_allow_list_is_a_miss(tmp_path, target):
+    _, _, _, entry = _cached_entry(tmp_path)
+
+    def edit(state):
+        node = next(n for n in state["graph"]["nodes"] if n["op"] in ("call_function", "call_module"))
+        node["op"], node["target"] = "call_function", target
+
+    _tamper(entry, edit)
+    assert cache.load_program(entry) is None
+
+
+@pytest.mark.parametrize("cls", ["builtins:eval", "os:system", "subprocess:Popen", "torch.nn.modules.linear:os",
+                                 "torch.nn.modules.linear:Linear.__init__.__globals__", "tests.conftest:Perturb"])
+def test_a_cached_module_of_a_class_outside_torch_nn_is_a_miss(tmp_path, cls):
+    _, _, _, entry = _cached_entry(tmp_path)
+
+    def edit(state):
+        next(iter(state["graph"]["modules"].values()))["class"] = cls
+
+    _tamper(entry, edit)
+    assert cache.load_program(entry) is None
+
+
+def test_an_entry_nested_beyond_the_limit_is_a_miss_not_a_recursion_error(tmp_path):
+    _, _, _, entry = _cached_entry(tmp_path)
+    (entry / "program.json").write_text('{"format": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    assert cache.load_program(entry) is None
+
+
+def test_a_users_own_leaf_module_is_built_without_the_cache_and_says_why(tmp_path):
+    class Mine(nn.Module):
+        def forward(self, x):
+            return x * 2
+
+    model, x = nn.Sequential(nn.Linear(4, 4), Mine()).eval(), torch.randn(2, 4)
+    compiled = compile_quietly(model, x, backend="torch", cache=tmp_path, leaf_modules=["1"])
+    assert compiled.report.cache["optimize"].startswith("not cacheable: module '1' is a")
+    torch.testing.assert_close(compiled(x), model(x))
+    assert not (tmp_path / "optimize").exists()
+
+
+def test_a_cache_on_a_full_disk_is_skipped_with_a_warning(tmp_path, monkeypatch):
+    """torch.save raised a RuntimeError mid-write on a full disk: `kiln build` stopped with an internal error."""
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(cache, "write_atomic", full)
+    model, x = nn.Linear(4, 2).eval(), torch.randn(2, 4)
+    with pytest.warns(RuntimeWarning, match="optimize stage was not stored in the build cache .*[Nn]o space left"):
+        compiled = compile_quietly(model, x, backend="torch", cache=tmp_path)
+    assert "not stored: cannot write to" in compiled.report.cache["optimize"]
+    assert "No space left on device" in compiled.report.cache["optimize"]
+    torch.testing.assert_close(compiled(x), model(x))
+    assert not (tmp_path / "optimize").exists() or not any((tmp_path / "optimize").iterdir())  # nothing half-written

@@ -251,6 +251,9 @@ def _base_documents() -> dict[str, Any]:
             _BASE["program"] = _document(Path(tmp) / "torch" / "program.json")
             part = torchkiln.partition(model, {"input": torch.randn(2, 4)}, stages=2, balance="params")
             _BASE["partition"] = _document(part.save(Path(tmp) / "p") / "partition.json")
+            compile_quietly(model, torch.randn(2, 4), backend="torch", cache=Path(tmp) / "cache", dynamic_axes="batch")
+            (entry,) = (Path(tmp) / "cache" / "optimize").iterdir()
+            _BASE["cached-program"] = _document(entry / "program.json")
     return _BASE
 
 
@@ -272,6 +275,42 @@ def test_mutated_onnxruntime_manifests(artifacts, mutation):
 @fuzzed(st.deferred(lambda: mutations(_base_documents()["manifest-openvino"])))
 def test_mutated_openvino_manifests(artifacts, mutation):
     _run_artifact_case(artifacts["openvino"], "manifest.json", mutation)
+
+
+# --- the build cache's entries (a CI cache restored from another branch) --------------------------------
+
+
+def _cached_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+
+
+@pytest.fixture(scope="module")
+def cache_directory(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("fuzz-cache") / "cache"
+    compile_quietly(_cached_model(), torch.randn(2, 4), backend="torch", cache=directory, dynamic_axes="batch")
+    return directory
+
+
+@fuzzed(st.deferred(lambda: mutations(_base_documents()["cached-program"])))
+def test_mutated_cache_entries(cache_directory, mutation):
+    """A compile reading a tampered optimize entry gives the eager model's outputs (a miss is rebuilt;
+    a hit is verified) or a KilnError, and writes nothing but the cache."""
+    work = _case_directory(cache_directory)
+    try:
+        cache = work / "artifact"
+        (entry,) = (cache / "optimize").iterdir()
+        _write_json(entry / "program.json", mutated(_document(entry / "program.json"), mutation))
+        model, x = _cached_model(), torch.randn(3, 4)
+
+        def check(compiled: Any) -> None:
+            torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-4)
+
+        with guarded(work, writable=cache):
+            typed_or_described(lambda: compile_quietly(model, torch.randn(2, 4), backend="torch", cache=cache,
+                                                       dynamic_axes="batch"), check)  # fmt: skip
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 # --- partitions --------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ from torch import fx
 from torchkiln.backends.base import Artifact, Backend, BackendOptions, check_device, require_cuda
 from torchkiln.compiler import quant_ops
 from torchkiln.compiler.export import export_graph, quiet
-from torchkiln.compiler.files import remove_private
+from torchkiln.compiler.files import parse_json, remove_private
 from torchkiln.compiler.graph import add_attribute, drop_unused_attributes, get_attr_value, module_path
 from torchkiln.compiler.machine import cpu_flags, cpu_model, flag_of_compiler_option
 from torchkiln.compiler.options import option
@@ -129,7 +129,7 @@ class InductorArtifact(Artifact):
         assert isinstance(parsed, InductorOptions)
         where = str(directory / FILES[1])
         try:
-            record = json.loads((directory / FILES[1]).read_text())
+            record = parse_json((directory / FILES[1]).read_text(), where)
             if not isinstance(record, dict) or record.get("format") != FORMAT:
                 raise ValueError(f"format {record.get('format') if isinstance(record, dict) else '?'} (expected {FORMAT})")
         except (OSError, ValueError) as exc:

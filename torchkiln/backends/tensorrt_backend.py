@@ -41,7 +41,7 @@ from torchkiln.backends.tensorrt_profiles import (
     parse_ranges,
     profile_shapes,
 )
-from torchkiln.compiler.files import remove_private
+from torchkiln.compiler.files import parse_json, remove_private
 from torchkiln.compiler.options import option
 from torchkiln.compiler.program import Program
 from torchkiln.errors import ArtifactError, BackendError, InputError
@@ -182,7 +182,7 @@ class TensorRTArtifact(Artifact):
     def load(cls, directory: Path, options: dict[str, Any]) -> TensorRTArtifact:
         parsed = TensorRTOptions.from_mapping(options, owner="backend tensorrt")
         try:
-            info = json.loads((directory / INFO_FILE).read_text())
+            info = parse_json((directory / INFO_FILE).read_text(), str(directory / INFO_FILE))
         except (OSError, ValueError) as exc:
             raise ArtifactError(f"cannot read {INFO_FILE}: {exc}", where=str(directory / INFO_FILE)) from exc
         if not (isinstance(info, dict) and isinstance(info.get("device"), dict) and isinstance(info.get("profiles"), dict)):

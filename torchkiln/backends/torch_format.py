@@ -36,6 +36,7 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from torchkiln.backends.torch_operators import call_refusal, qualified_name, why_not_allowed
+from torchkiln.compiler.files import parse_json
 from torchkiln.errors import ArtifactError
 
 FORMAT = "torchkiln-torch-graph"
@@ -113,15 +114,19 @@ def _function_name(node: fx.Node) -> str:
 def _store_tensor(gm: fx.GraphModule, target: str, blob: bytearray) -> dict[str, Any]:
     owner_path, _, attr = target.rpartition(".")
     owner = gm.get_submodule(owner_path) if owner_path else gm
-    value = getattr(owner, attr)
+    return store_tensor(getattr(owner, attr), target, "parameter" if attr in owner._parameters else "buffer", blob)
+
+
+def store_tensor(value: Any, name: str, kind: str, blob: bytearray) -> dict[str, Any]:
+    """Append ``value``'s bytes (little-endian) to ``blob``; its entry for :func:`load_tensors`.
+    (Shared with the build cache's program files.)"""
     if not isinstance(value, torch.Tensor) or value.layout != torch.strided or value.is_quantized:
-        raise UnsupportedGraph(f"attribute '{target}' is a {type(value).__name__}, not a dense tensor")
+        raise UnsupportedGraph(f"attribute '{name}' is a {type(value).__name__}, not a dense tensor")
     dtype = str(value.dtype).removeprefix("torch.")
     if dtype not in DTYPES:
-        raise UnsupportedGraph(f"tensor '{target}' has dtype {dtype}")
+        raise UnsupportedGraph(f"tensor '{name}' has dtype {dtype}")
     data = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-    kind = "parameter" if attr in owner._parameters else "buffer"
-    entry = {"name": target, "dtype": dtype, "shape": list(value.shape), "offset": len(blob), "kind": kind}
+    entry = {"name": name, "dtype": dtype, "shape": list(value.shape), "offset": len(blob), "kind": kind}
     blob.extend(data if sys.byteorder == "little" else _swap(data, value.element_size()))
     return entry
 
@@ -133,14 +138,27 @@ def _swap(data: bytes, width: int) -> bytes:
 def _encode(value: Any, node: fx.Node) -> Any:
     if value is None or isinstance(value, (bool, int, str)):
         return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else {"float": repr(value)}
     if isinstance(value, fx.Node):
         return {"node": value.name}
     if isinstance(value, (list, tuple)):
         return {"tuple" if isinstance(value, tuple) else "list": [_encode(v, node) for v in value]}
     if isinstance(value, dict):
         return {"dict": [[str(k), _encode(v, node)] for k, v in value.items()]}
+    leaf = encode_leaf(value)
+    if leaf is NOT_A_LEAF:
+        raise UnsupportedGraph(f"node '{node.name}' has an argument of type {type(value).__name__}")
+    return leaf
+
+
+#: what :func:`encode_leaf` and :func:`decode_leaf` return for a value they do not handle
+NOT_A_LEAF: Any = object()
+
+
+def encode_leaf(value: Any) -> Any:
+    """A float (``{"float": "nan"}`` when not finite), dtype, device, layout or memory format as
+    JSON; :data:`NOT_A_LEAF` for anything else. (Shared with the build cache's program files.)"""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else {"float": repr(value)}
     if isinstance(value, torch.dtype):
         return {"dtype": str(value).removeprefix("torch.")}
     if isinstance(value, torch.device):
@@ -149,7 +167,22 @@ def _encode(value: Any, node: fx.Node) -> Any:
         return {"layout": str(value).removeprefix("torch.")}
     if isinstance(value, torch.memory_format):
         return {"memory_format": str(value).removeprefix("torch.")}
-    raise UnsupportedGraph(f"node '{node.name}' has an argument of type {type(value).__name__}")
+    return NOT_A_LEAF
+
+
+def decode_leaf(kind: str, payload: Any) -> Any:
+    """The value :func:`encode_leaf` wrote as ``{kind: payload}``, rebuilt from fixed tables;
+    :data:`NOT_A_LEAF` for anything else."""
+    if kind == "float" and payload in ("nan", "inf", "-inf"):
+        return float(payload)
+    tables: dict[str, dict[str, Any]] = {"dtype": DTYPES, "layout": _LAYOUTS, "memory_format": _MEMORY_FORMATS}
+    if kind in tables and isinstance(payload, str) and payload in tables[kind]:
+        return tables[kind][payload]
+    if kind == "dtype" and isinstance(payload, str) and isinstance(getattr(torch, payload, None), torch.dtype):
+        return getattr(torch, payload)  # dtype arguments beyond the stored-tensor dtypes (complex64, ...)
+    if kind == "device" and isinstance(payload, str) and payload.split(":")[0] in ("cpu", "cuda", "meta"):
+        return torch.device(payload)
+    return NOT_A_LEAF
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -160,10 +193,10 @@ def load(program_json: bytes, blob: bytes, where: str) -> fx.GraphModule:
     import torchkiln.compiler.quant_ops  # noqa: F401 - register the torchkiln IR operators
 
     try:
-        program = json.loads(program_json)
+        program = parse_json(program_json, where)
         if not isinstance(program, dict) or program.get("format") != FORMAT or program.get("version") != VERSION:
             raise _Bad("not a torchkiln torch graph (format/version)")
-        tensors = _load_tensors(_list(program, "tensors"), blob)
+        tensors = load_tensors(_list(program, "tensors"), blob)
         nodes = _list(program, "nodes")
         if len(nodes) > MAX_NODES:
             raise _Bad(f"{len(nodes)} nodes (at most {MAX_NODES})")
@@ -176,8 +209,11 @@ def load(program_json: bytes, blob: bytes, where: str) -> fx.GraphModule:
         ) from None
 
 
-class _Bad(Exception):
-    pass
+class Invalid(Exception):
+    """A rule of the format is broken (the message says which)."""
+
+
+_Bad = Invalid
 
 
 def _list(program: dict[str, Any], key: str) -> list[Any]:
@@ -187,8 +223,9 @@ def _list(program: dict[str, Any], key: str) -> list[Any]:
     return value
 
 
-def _load_tensors(entries: list[Any], blob: bytes) -> dict[str, tuple[torch.Tensor, str]]:
-    """Every entry's tensor; one copy per byte range however many entries share it."""
+def load_tensors(entries: list[Any], blob: bytes) -> dict[str, tuple[torch.Tensor, str]]:
+    """Every entry's tensor; one copy per byte range however many entries share it. Raises
+    :class:`Invalid` for an entry out of bounds or of another form."""
     copies: dict[tuple[int, int], bytearray] = {}
     tensors = {}
     for entry in entries:
@@ -333,13 +370,7 @@ def _decode(value: Any, env: dict[str, fx.Node], depth: int = 0) -> Any:
         return tuple(items) if kind == "tuple" else items
     if kind == "dict" and isinstance(payload, list):
         return {str(k): _decode(v, env, depth + 1) for k, v in payload}
-    if kind == "float" and payload in ("nan", "inf", "-inf"):
-        return float(payload)
-    tables: dict[str, dict[str, Any]] = {"dtype": DTYPES, "layout": _LAYOUTS, "memory_format": _MEMORY_FORMATS}
-    if kind in tables and payload in tables[kind]:
-        return tables[kind][payload]
-    if kind == "dtype" and isinstance(getattr(torch, str(payload), None), torch.dtype):
-        return getattr(torch, payload)  # dtype arguments beyond the stored-tensor dtypes (complex64, ...)
-    if kind == "device" and isinstance(payload, str) and payload.split(":")[0] in ("cpu", "cuda", "meta"):
-        return torch.device(payload)
+    leaf = decode_leaf(kind, payload)
+    if leaf is not NOT_A_LEAF:
+        return leaf
     raise _Bad(f"argument {value!r}")

@@ -164,3 +164,27 @@ def why_not_allowed(op: Any) -> str | None:
         return f"{name} is not on torchkiln's operator allow-list (torchkiln.backends.torch_operators)"
     reason = refusal(op)
     return f"{name}: {reason}" if reason else None
+
+
+#: the dropout a model in eval mode leaves in a graph before lowering (export keeps it as an operator
+#: that passes its input through unless train=True); random, so never in a saved torch artifact
+CACHED_DROPOUT = frozenset({"aten::dropout.default", "aten::feature_dropout.default", "aten::alpha_dropout.default",
+                            "aten::feature_alpha_dropout.default"})  # fmt: skip
+
+
+def why_not_cached(op: Any) -> str | None:
+    """None if the build cache's stored program (the graph before lowering) may call ``op``: one
+    :func:`why_not_allowed` allows, or the in-place form of one (``detach_``, which the export
+    frontend leaves: it computes the same thing, into its argument — the cached graph need not be
+    functional, only free of operators that do anything but compute), or dropout. Else why not."""
+    if not isinstance(op, torch._ops.OpOverload):
+        return "it is not an operator overload"
+    reason = why_not_allowed(op)
+    if reason is None or qualified_name(op) in CACHED_DROPOUT:
+        return None
+    name = op._schema.name.split("::")[-1]
+    if not name.endswith("_") or name.endswith("__"):
+        return reason
+    functional = getattr(getattr(torch.ops, op.namespace), name[:-1], None)
+    overload = getattr(functional, op._overloadname, None) if functional is not None else None
+    return reason if overload is None or why_not_allowed(overload) is not None else None

@@ -82,7 +82,7 @@ def is_ours(path: Path, kind: str) -> bool:
     marker, format_name = MARKERS[kind]
     try:
         with open_directory(path) as fd:
-            content = json.loads(read_member(fd, marker, str(path), limit=64 << 20))
+            content = parse_json(read_member(fd, marker, str(path), limit=64 << 20), str(path / marker))
     except (ArtifactError, ValueError):
         return False
     return isinstance(content, dict) and content.get("format") == format_name
@@ -456,6 +456,30 @@ def open_directory(path: Path) -> Iterator[int]:
         yield fd
     finally:
         os.close(fd)
+
+
+#: how deep a JSON file torchkiln reads may nest (a manifest nests under 20; a hostile one 100,000)
+MAX_JSON_DEPTH = 200
+
+
+def parse_json(data: bytes | str, where: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads`` of a file's text that never raises a bare RecursionError: deeper than
+    ``max_depth`` is an :class:`ArtifactError` naming ``where`` (the parser's recursion stops at the
+    interpreter's limit; what it parsed is walked without recursion). ValueError for malformed JSON."""
+    try:
+        value = json.loads(data)
+    except RecursionError:
+        raise ArtifactError(f"{where}: JSON nested deeper than {max_depth} levels", where=where) from None
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > max_depth:
+            raise ArtifactError(f"{where}: JSON nested deeper than {max_depth} levels", where=where)
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return value
 
 
 def read_member(directory_fd: int, name: str, where: str, limit: int = 64 << 20) -> bytes:

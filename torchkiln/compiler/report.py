@@ -95,6 +95,8 @@ class Report:
     candidates: list[CandidateRecord] = dataclasses.field(default_factory=list)
     #: a causal LM's int8 KV cache: its mode, bytes per cached position and distance from the float cache
     kv_cache: dict[str, Any] | None = None
+    #: the model was in training mode: what compile switched in its eval() copy (:func:`~torchkiln.compiler.trace.eval_copy`)
+    eval_copy: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -122,7 +124,8 @@ class Report:
         """The report as text, each line at most ``width`` columns: a pass's long "ops changed /
         stats" cell is cut (the count of what was left out said; ``to_dict()`` and ``width=None``
         have all of it), prose lines wrap."""
-        lines = [f"torchkiln report: {self.model} (captured with {self.flavour}, {self.trace_seconds:.2f} s)"]
+        lines = [f"torchkiln report: {self.model} (captured with {self.flavour}, {self.trace_seconds:.2f} s)"
+                 + (" from its eval() copy: the model was in training mode" if self.eval_copy else "")]
         header = ("pass", "modified", "seconds", "params", "max abs err", "ops changed / stats")
         rows = [header]
         for p in self.passes:
@@ -148,6 +151,7 @@ class Report:
             lines += textwrap.wrap(start.rstrip(), width, subsequent_indent=" " * 6, drop_whitespace=False) or [""]
             lines.append(" " * 6 + _cut(row[-1], width - 6))
         table_rows = len(lines)
+        lines.extend([f"  note: {self.eval_copy}"] if self.eval_copy else [])
         for p in self.passes:
             lines.extend(f"  note ({p.name}): {n}" for n in p.notes)
         lines.extend(f"  note: {n}" for n in self.notes)
@@ -165,7 +169,35 @@ class Report:
                 for wrapped in textwrap.wrap(line, width, initial_indent="", subsequent_indent="      ",
                                              break_on_hyphens=False, drop_whitespace=True) or [""]
             ]  # fmt: skip
-        return "\n".join(lines)
+        return printable("\n".join(lines))  # the model's name and notes may come from a loaded manifest
+
+
+#: control characters (C0 but tab, newline and carriage return; DEL; C1) and the bidirectional
+#: overrides, each shown as its escape: text read from a file never moves the cursor, recolours the
+#: terminal or reorders what is printed after it
+_UNPRINTABLE = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7f, 0xa0)) if chr(c) not in "\t\n\r"} | {
+    c: f"\\u{c:04x}" for c in (*range(0x202a, 0x202f), *range(0x2066, 0x206a))
+}
+
+
+def printable(text: str) -> str:
+    """``text`` with :data:`_UNPRINTABLE` characters escaped (``\\x1b`` for ESC)."""
+    return text.translate(_UNPRINTABLE)
+
+
+class PrintableStream:
+    """A text stream that writes through to ``stream`` with :func:`printable` applied (``kiln``'s
+    stdout and stderr while a command runs)."""
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(printable(text))
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:  # flush, fileno, isatty, encoding: the stream's own
+        return getattr(self._stream, name)
 
 
 def _cut(cell: str, room: int | None) -> str:

@@ -81,12 +81,7 @@ def trace(
         TensorSpec.of(f"output_{i}" if len(out_flat) > 1 else "output", t) for i, t in enumerate(out_flat)
     ]
     outputs = _mark_dynamic_outputs(outputs, checks)
-    notes = (
-        ["model is in training mode; call model.eval() before compiling for deployment"]
-        if model.training
-        else []
-    )
-    notes += [
+    notes = [
         f"output {i} has NaN/Inf on the example inputs; verification only covers its finite elements"
         for i, t in enumerate(out_flat)
         if t.is_floating_point() and not bool(torch.isfinite(t).all())
@@ -111,6 +106,27 @@ def private_copy(model: nn.Module, share_parameters: bool = False) -> nn.Module:
         raise TraceError(
             f"cannot copy the model: {type(exc).__name__}: {exc}", hint="make the module deep-copyable"
         ) from exc
+
+
+#: layers whose output depends on the training flag (others of torch.nn do not read it)
+_MODE_DEPENDENT = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def eval_copy(model: nn.Module) -> str:
+    """Put ``model`` (a private copy) in eval mode, as ``torch.onnx.export`` exports by default: an
+    artifact is for inference. Returns what changed, for the report ("" when it already was):
+    the mode-dependent layers by name, and how many modules of the user's own classes (whose
+    forward may read the flag) were in training mode."""
+    training = [(name, m) for name, m in model.named_modules() if m.training]
+    if not training:
+        return ""
+    model.eval()
+    layers = [f"{name or '(root)'} ({type(m).__name__})" for name, m in training if isinstance(m, _MODE_DEPENDENT)]
+    own = sum(1 for _, m in training if not type(m).__module__.startswith("torch.nn."))
+    shown = ", ".join(layers[:6]) + (f" and {len(layers) - 6} more" if len(layers) > 6 else "")
+    return ("the model was in training mode; compiled its eval() copy (the model itself is unchanged): "
+            + "; ".join(x for x in (f"{len(layers)} mode-dependent layer(s): {shown}" if layers else "",
+                                    f"{own} module(s) of its own classes" if own else "") if x))  # fmt: skip
 
 
 def _checks(

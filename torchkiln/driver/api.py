@@ -9,6 +9,7 @@ import shutil
 import statistics
 import tempfile
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -38,7 +39,7 @@ from torchkiln.compiler.manager import PassManager, default_instruments
 from torchkiln.compiler.passes import Pass, PassItem, parse_pipeline
 from torchkiln.compiler.program import Check, Program, deterministic, fresh
 from torchkiln.compiler.report import ArtifactRecord, Report
-from torchkiln.compiler.trace import DynamicAxes, private_copy, trace
+from torchkiln.compiler.trace import DynamicAxes, eval_copy, private_copy, trace
 from torchkiln.compiler.verify import FP32, ErrorStats, Tolerance, compare
 from torchkiln.driver import auto
 from torchkiln.driver import cache as cache_module
@@ -104,6 +105,9 @@ def compile(  # noqa: A001 - the public name users expect
     # Eager runs (checks, latency, the distillation teacher) use this copy, never the user's module;
     # trace makes its own full copy to rewrite.
     model = private_copy(model, share_parameters=True)
+    switched = eval_copy(model)
+    if switched:
+        warnings.warn(f"{switched}; call model.eval() before compiling to silence this", RuntimeWarning, stacklevel=2)
     kv_cache_module.check_mode(kv_cache)
     if kv_cache != "float" and (
         not causal_lm.wants_cache(model, example_inputs) or state_space.wants_state(model, example_inputs)
@@ -181,6 +185,7 @@ def compile(  # noqa: A001 - the public name users expect
         artifact, record = build(backend, options, strict=verify)
     report.artifact = record
     report.kv_cache = kv_record
+    report.eval_copy = switched
     if latency_runs > 0:
         _measure_latency(model, program, artifact, record, latency_runs)
     names = [p.spec for p in pipeline]
@@ -452,8 +457,11 @@ def _store(store: Cache, stage: str, key: str, write: Callable[[Path], Any]) -> 
     try:
         with store.store(stage, key) as staging:
             write(staging)
-    except (OSError, ArtifactError) as exc:
-        return f"miss {key[:12]} (not stored: {getattr(exc, 'message', exc)})"
+    except (OSError, ArtifactError, cache_module.NotCacheable) as exc:  # a full disk, a read-only cache
+        why = getattr(exc, "message", None) or str(exc)
+        warnings.warn(f"the {stage} stage was not stored in the build cache {store.directory}: {why}; "
+                      "building without it", RuntimeWarning, stacklevel=2)  # fmt: skip
+        return f"miss {key[:12]} (not stored: {why})"
     return f"miss {key[:12]}"
 
 

@@ -9,12 +9,14 @@ changing only backend options therefore reuses the optimized program and skips t
 calibration; an unchanged rebuild reuses the artifact as well.
 
 Entries are directories ``<cache>/<stage>/<key>/`` written atomically; a corrupt or unreadable
-entry is a miss (and is rewritten), never an error. The cache holds pickled graph modules and is
-as trusted as the directory it lives in: point it only at a directory you own.
+entry is a miss (and is rewritten), never an error. Nothing in an entry is unpickled: a program is
+JSON and raw tensor bytes rebuilt through allow-lists (:mod:`~torchkiln.driver.cache_format`), so a
+cache shared between CI branches is as safe to read as an artifact; a program outside that form (a
+user's own module class) is built without the cache, and the report says why.
 
-A cached program is its nodes (op, name, target, arguments, module paths) plus a module holding
-its submodules and tensors, saved with ``torch.save``; loading rebuilds the graph without
-re-tracing. The rebuilt module keeps code, weights and module paths but not container classes
+A cached program is its nodes (op, name, target, arguments, module paths), the modules its
+``call_module`` nodes call and its tensors; loading rebuilds the graph without re-tracing. The
+rebuilt module keeps code, weights and module paths but not container classes
 (an ``nn.Sequential`` becomes a plain ``nn.Module``), which changes the scope metadata the ONNX
 exporter records; :func:`round_trip` therefore rebuilds every optimized program the same way, hit
 or miss, so a build lowers the same graph either way and produces the same bytes.
@@ -29,23 +31,31 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
 import inspect
 import json
 import os
-import pickle
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import nn
 from torch.utils import _pytree as pytree
 
-from torchkiln.compiler.files import atomic_directory, default_directory, write_marker  # noqa: F401 - re-exported: where the cache lives
+from torchkiln.compiler import graph as G
+from torchkiln.compiler.files import (  # noqa: F401 - re-exported: where the cache lives
+    atomic_directory,
+    default_directory,
+    parse_json,
+    write_atomic,
+    write_marker,
+)
 from torchkiln.compiler.program import Check, Program, TensorSpec
+from torchkiln.driver import cache_format
+from torchkiln.driver.cache_format import NotCacheable  # noqa: F401 - re-exported: the compile driver catches it
 
-PROGRAM_FILE = "program.pt"
+PROGRAM_FILES = ("program.json", "program.bin")
+FORMAT, VERSION = "torchkiln-cached-program", 1
 STAGES = ("optimize", "lower")
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
@@ -160,31 +170,48 @@ class Cache:
 
 def save_program(program: Program, directory: Path, extra: dict[str, Any]) -> None:
     """Write the program's graph, specs and checks (and ``extra``, e.g. its report) to
-    ``directory/program.pt``. Raises :class:`NotCacheable` for a graph that calls something
-    that cannot be named for reloading (a lambda, a local function)."""
+    ``directory/program.json`` + ``program.bin`` (:mod:`~torchkiln.driver.cache_format`). Raises
+    :class:`NotCacheable` for a program outside the form (a user's own module class, a helper
+    function of the model's file)."""
+    tensors = cache_format.Tensors()
     state = {
-        "graph": graph_state(program.graph_module),
+        "format": FORMAT,
+        "version": VERSION,
+        "graph": cache_format.describe(program.graph_module, tensors),
         "inputs": [s.to_dict() for s in program.inputs],
         "outputs": [s.to_dict() for s in program.outputs],
         "out_spec": pytree.treespec_dumps(program.out_spec),
         "flavour": program.flavour,
-        "checks": [(c.inputs, c.outputs) for c in program.checks],
-        "held_back": [(c.inputs, c.outputs) for c in program.held_back],
+        "checks": cache_format.encode([[c.inputs, c.outputs] for c in program.checks], tensors, "checks"),
+        "held_back": cache_format.encode([[c.inputs, c.outputs] for c in program.held_back], tensors, "held_back"),
         "name": program.name,
         "notes": list(program.notes),
         "constants": dict(program.constants),
         "extra": extra,
     }
-    torch.save(state, directory / PROGRAM_FILE)
+    entries, blob = tensors.pack()
+    try:
+        text = json.dumps({**state, "tensors": entries}, allow_nan=True)
+    except (TypeError, ValueError) as exc:
+        raise NotCacheable(f"the program's report or constants are not JSON: {exc}") from None
+    write_atomic(directory / PROGRAM_FILES[0], text)
+    write_atomic(directory / PROGRAM_FILES[1], blob)
 
 
 def load_program(directory: Path) -> tuple[Program, dict[str, Any]] | None:
-    """The program saved by :func:`save_program`, or None when the entry cannot be read."""
+    """The program saved by :func:`save_program`, or None when the entry cannot be read or breaks
+    the form's rules (an entry of an older torchkiln, or one made by hand: a miss, rebuilt)."""
     try:
-        state = torch.load(directory / PROGRAM_FILE, weights_only=False, map_location="cpu")
-        checks = [Check(tuple(i), tuple(o)) for i, o in state["checks"]]
+        state = parse_json((directory / PROGRAM_FILES[0]).read_bytes(), str(directory / PROGRAM_FILES[0]))
+        if not isinstance(state, dict) or state.get("format") != FORMAT or state.get("version") != VERSION:
+            return None
+        tensors = cache_format.unpack(state["tensors"], (directory / PROGRAM_FILES[1]).read_bytes())
+        checks = [Check(tuple(i), tuple(o)) for i, o in cache_format.decode(state["checks"], {}, tensors)]
+        held_back = [Check(tuple(i), tuple(o)) for i, o in cache_format.decode(state["held_back"], {}, tensors)]
+        gm = cache_format.rebuild(state["graph"], tensors)
+        G.annotate(gm, checks[0].inputs)
         program = Program(
-            graph_module=graph_from_state(state["graph"], checks[0].inputs),
+            graph_module=gm,
             inputs=[TensorSpec.from_dict(s) for s in state["inputs"]],
             outputs=[TensorSpec.from_dict(s) for s in state["outputs"]],
             out_spec=pytree.treespec_loads(state["out_spec"]),
@@ -192,126 +219,22 @@ def load_program(directory: Path) -> tuple[Program, dict[str, Any]] | None:
             checks=checks,
             name=state["name"],
             notes=list(state["notes"]),
-            held_back=[Check(tuple(i), tuple(o)) for i, o in state.get("held_back", [])],
-            constants=dict(state.get("constants", {})),
+            held_back=held_back,
+            constants=dict(state["constants"]),
         )
-    except Exception:  # noqa: BLE001 - any unreadable entry is a miss; the build recomputes it
+        extra = dict(state["extra"])
+    except Exception:  # noqa: BLE001 - any unreadable or invalid entry is a miss; the build recomputes it
         return None
-    return program, dict(state["extra"])
+    return program, extra
 
 
 def round_trip(program: Program) -> None:
     """Rebuild the program's graph module the way :func:`load_program` does (see the module
     docstring: a build lowers the same graph whether or not the cache was hit). The rebuilt
-    module shares the original's submodules and tensors; nothing is copied."""
-    program.graph_module = graph_from_state(graph_state(program.graph_module), program.example_inputs)
-
-
-class NotCacheable(Exception):
-    """The graph calls a function that cannot be named for reloading."""
-
-
-_KEEP_META = ("nn_module_stack",)
-_NAMESPACES = ("torch.nn.functional", "torch", "operator")
-
-
-def graph_state(gm: fx.GraphModule) -> dict[str, Any]:
-    """A picklable description of ``gm``: its nodes (op, name, target, args with node references
-    by name, module paths) and a module holding its submodules, parameters, buffers and tensor
-    attributes. No re-tracing on load (fx's own pickling re-traces the code, which fails on
-    symbolic shapes)."""
-    nodes = []
-    for node in gm.graph.nodes:
-        args = fx.node.map_arg(node.args, _ref)
-        kwargs = fx.node.map_arg(node.kwargs, _ref)
-        target = _name_target(node.target) if node.op == "call_function" else node.target
-        meta = {k: _plain_meta(node.meta[k]) for k in _KEEP_META if k in node.meta}
-        nodes.append((node.op, node.name, target, args, kwargs, meta))
-    holder = nn.Module()
-    holder._modules = dict(gm._modules)
-    holder._parameters = dict(gm._parameters)
-    holder._buffers = dict(gm._buffers)
-    roots = {str(n.target).split(".")[0] for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
-    attributes = {r: getattr(gm, r) for r in roots if r not in holder._modules and r not in holder._parameters
-                  and r not in holder._buffers}  # fmt: skip
-    return {"nodes": nodes, "root": holder, "attributes": attributes, "class_name": type(gm).__name__,
-            "training": gm.training}  # fmt: skip
-
-
-def graph_from_state(state: dict[str, Any], example_inputs: tuple[torch.Tensor, ...]) -> fx.GraphModule:
-    """Rebuild the graph module :func:`graph_state` described, with shapes annotated again."""
-    import torchkiln.compiler.quant_ops  # noqa: F401 - the graph may call the quantized IR ops
-    from torchkiln.compiler import graph as G
-
-    root = state["root"]
-    for name, value in state["attributes"].items():
-        setattr(root, name, value)
-    graph = fx.Graph()
-    env: dict[str, fx.Node] = {}
-    for op, name, target, args, kwargs, meta in state["nodes"]:
-        args = _resolve(args, env)
-        kwargs = _resolve(kwargs, env)
-        real = _find_target(target) if op == "call_function" else target
-        node = graph.create_node(op, real, args, kwargs, name=name)
-        node.meta.update(meta)
-        env[name] = node
-    gm = fx.GraphModule(root, graph, class_name=state["class_name"])
-    gm.training = state["training"]
-    G.annotate(gm, example_inputs)
-    return gm
-
-
-class _Ref:
-    def __init__(self, name: str):
-        self.name = name
-
-
-def _ref(node: fx.Node) -> Any:
-    return _Ref(node.name)
-
-
-def _resolve(value: Any, env: dict[str, fx.Node]) -> Any:
-    if isinstance(value, _Ref):
-        return env[value.name]
-    if isinstance(value, (tuple, list)):
-        return type(value)(_resolve(v, env) for v in value)
-    if isinstance(value, dict):
-        return {k: _resolve(v, env) for k, v in value.items()}
-    if isinstance(value, slice):
-        return slice(_resolve(value.start, env), _resolve(value.stop, env), _resolve(value.step, env))
-    return value
-
-
-def _name_target(target: Any) -> tuple[Any, ...]:
-    if isinstance(target, torch._ops.OpOverload):
-        return ("op", target.namespace, target._schema.name.split("::")[-1], target._overloadname)
-    if isinstance(target, torch._ops.OpOverloadPacket):
-        return ("packet", target._qualified_op_name.split("::")[0], target._qualified_op_name.split("::")[-1])
-    try:  # plain functions pickle by reference (module + qualified name)
-        if pickle.loads(pickle.dumps(target)) is target:
-            return ("py", target)
-    except Exception:  # noqa: BLE001 - lambdas, local functions, unpicklable objects
-        pass
-    for module in _NAMESPACES:  # F.max_pool2d and friends are closures made by boolean_dispatch
-        name = next((k for k, v in vars(importlib.import_module(module)).items() if v is target), None)
-        if name is not None:
-            return ("attr", module, name)
-    raise NotCacheable(f"cannot name {target!r} for reloading")
-
-
-def _find_target(named: tuple[Any, ...]) -> Any:
-    kind = named[0]
-    if kind == "op":
-        return getattr(getattr(getattr(torch.ops, named[1]), named[2]), named[3] or "default")
-    if kind == "packet":
-        return getattr(getattr(torch.ops, named[1]), named[2])
-    if kind == "attr":
-        return getattr(importlib.import_module(named[1]), named[2])
-    return named[1]
-
-
-def _plain_meta(value: Any) -> Any:
-    """``nn_module_stack`` maps keys to (path, class); keep the class as its name."""
-    if isinstance(value, dict):
-        return {k: (v[0], str(v[1])) if isinstance(v, tuple) else v for k, v in value.items()}
-    return value
+    module shares the original's submodules and tensors; nothing is copied. Raises
+    :class:`NotCacheable` where :func:`save_program` would."""
+    gm = program.graph_module
+    tensors = cache_format.Tensors()
+    description = cache_format.describe(gm, tensors)
+    program.graph_module = cache_format.rebuild(description, tensors.items, gm.get_submodule)
+    G.annotate(program.graph_module, program.example_inputs)

@@ -31,6 +31,7 @@ from torchkiln.compiler.files import (
     check_member_name,
     copy_verified,
     open_directory,
+    parse_json,
     private_directory,
     read_member,
     remove_private,
@@ -303,7 +304,7 @@ class _Replaced(Exception):
     """The directory was swapped for another while it was read."""
 
 
-def _load_once(path: Path, allow_native_code: bool) -> CompiledModel:
+def _load_once(path: Path, allow_native_code: bool, nested: bool = False) -> CompiledModel:
     source = resolve_interrupted(path)
     if not source.is_dir():
         raise ArtifactError(
@@ -315,6 +316,9 @@ def _load_once(path: Path, allow_native_code: bool) -> CompiledModel:
             try:
                 manifest = _read_manifest(fd, source)
                 if manifest.get("kind") == ENCODER_DECODER:
+                    if nested:  # a part is one graph: an encoder-decoder of encoder-decoders would recurse
+                        raise ArtifactError(f"{source.name} is an encoder-decoder inside another artifact",
+                                            where=str(source / MANIFEST), hint="rebuild the artifact")  # fmt: skip
                     remove_private(private)
                     return _load_pair(fd, source, manifest, allow_native_code)
                 for name, digest in manifest["files"].items():
@@ -374,7 +378,7 @@ def load_bound(
                 where=f"{where}/{MANIFEST}",
                 hint="rebuild the artifact",
             )
-        compiled = _load_once(source / name, allow_native_code)
+        compiled = _load_once(source / name, allow_native_code, nested=True)
         if not same_file(part_fd, source / name):  # swapped between the check and the load
             raise ArtifactError(f"{name} was replaced while it was loaded", where=where, hint="load it again")
         return compiled
@@ -450,7 +454,7 @@ _SCHEMA: dict[str, type] = {
 def _read_manifest(fd: int, path: Path) -> dict[str, Any]:
     where = str(path / MANIFEST)
     try:
-        manifest = json.loads(read_member(fd, MANIFEST, where))
+        manifest = parse_json(read_member(fd, MANIFEST, where), where)
     except ArtifactError as exc:
         if "is missing" in exc.message:
             raise ArtifactError(

@@ -37,7 +37,14 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from torchkiln.compiler.files import MARKERS, atomic_directory, open_directory, read_member, sha256
+from torchkiln.compiler.files import (
+    MARKERS,
+    atomic_directory,
+    open_directory,
+    parse_json,
+    read_member,
+    sha256,
+)
 from torchkiln.compiler.graph import parameter_stats
 from torchkiln.compiler.program import dtype_name
 from torchkiln.compiler.verify import FP32, Tolerance, compare
@@ -141,7 +148,7 @@ def load_partition(directory: str | os.PathLike[str], stages: Sequence[int] | No
     where = str(path / PARTITION_FILE)
     with open_directory(path) as fd:
         try:
-            data = json.loads(read_member(fd, PARTITION_FILE, where))
+            data = parse_json(read_member(fd, PARTITION_FILE, where), where)
             if not isinstance(data, dict) or data.get("format") != FORMAT:
                 raise ValueError(f"it is not a torchkiln partition (format {data.get('format')!r})"
                                  if isinstance(data, dict) else "not a JSON object")  # fmt: skip

@@ -13,7 +13,6 @@ not JSON, truncated weights, a malformed tokenizer — is a one-line ConfigError
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,8 @@ import torch
 from torch import nn
 
 from torchkiln.compiler import causal_lm, seq2seq
-from torchkiln.errors import ConfigError, InputError
+from torchkiln.compiler.files import parse_json
+from torchkiln.errors import ArtifactError, ConfigError, InputError
 
 TASKS = ("text-generation", "text2text-generation", "automatic-speech-recognition")
 SPEECH_TASK = "automatic-speech-recognition"
@@ -78,8 +78,8 @@ def _loaded(load: Any, what: str, where: str, hint: str | None = None) -> Any:
 def inferred_task(directory: str) -> str:
     path = Path(directory) / "config.json"
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        config = parse_json(path.read_text(encoding="utf-8"), str(path))
+    except (OSError, ValueError, ArtifactError) as exc:
         raise ConfigError(f"cannot read {path}: {exc}", where=str(path)) from None
     if not isinstance(config, dict):
         raise ConfigError(f"{path} is not a JSON object", where=str(path), hint="is this a save_pretrained directory?")
