@@ -229,3 +229,24 @@ def test_a_model_in_eval_mode_compiles_without_the_note():
         warnings.simplefilter("error", RuntimeWarning)
         compiled = compile_quietly(model, x, backend="torch")
     assert compiled.report.eval_copy == "" and "training mode" not in compiled.report.table()
+
+
+def test_a_tolerance_of_zero_demands_bit_exact_outputs():
+    """atol=0, rtol=0 divided by zero inside the first pass's check (a PassError wrapping ZeroDivisionError)."""
+    model, x = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval(), torch.randn(2, 4)
+    exact = compile_quietly(model, x, passes=["cleanup"], backend="torch", tolerance=Tolerance(atol=0, rtol=0))
+    assert torch.equal(exact(x), model(x))
+    from torchkiln.compiler.verify import compare
+
+    y = model(x).detach()
+    assert compare([y], [y.clone()], Tolerance(atol=0, rtol=0)).within()
+    assert not compare([y.nextafter(y + 1)], [y], Tolerance(atol=0, rtol=0)).within()  # one ulp is an error
+
+
+@pytest.mark.parametrize("stages", [2.0, True, "2", 0])
+def test_partition_stages_must_be_an_integer(stages):
+    from torchkiln.errors import ConfigError
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    with pytest.raises(ConfigError, match="stages must be an integer >= 1"):
+        torchkiln.partition(model, {"input": torch.randn(2, 4)}, stages=stages)

@@ -17,7 +17,7 @@ from torch import nn
 import torchkiln
 from torchkiln.cli import main
 from torchkiln.compiler.files import sha256
-from torchkiln.errors import ArtifactError, BackendError, ConfigError, InputError, PassError, TraceError
+from torchkiln.errors import ArtifactError, BackendError, ConfigError, InputError, TraceError
 
 
 class TwoInputs(nn.Module):
@@ -42,6 +42,12 @@ def nan_at(shape, index=0, value=float("nan")):
 
 X, Y = torch.randn(2, 4), torch.randn(2, 5)
 LINEAR = nn.Linear(4, 2)
+
+
+def _failing_loader():
+    """A data loader whose second read fails, as a flaky network file system does."""
+    yield torch.randn(2, 4)
+    raise OSError(5, "Input/output error", "/data/shard-7.bin")
 
 COMPILE_CASES = [
     # (id, model, example inputs, compile keyword arguments, error type, message)
@@ -90,7 +96,7 @@ COMPILE_CASES = [
     ("dynamic-axis-range", LINEAR, X, {"dynamic_axes": {"input": [2]}}, ConfigError, "out of range"),
     ("dynamic-bad-string", LINEAR, X, {"dynamic_axes": "sequence"}, ConfigError, "not understood"),
     # quantization: calibration data and options
-    ("calibration-missing", LINEAR, X, {"passes": "quantize"}, PassError, "needs calibration data"),
+    ("calibration-missing", LINEAR, X, {"passes": "quantize"}, InputError, "needs calibration data"),
     ("calibration-empty", LINEAR, X, {"passes": "quantize", "calibration_data": []}, InputError, "is empty"),
     (
         "calibration-not-iterable",
@@ -160,7 +166,7 @@ COMPILE_CASES = [
     ("prune-round-to", LINEAR, X, {"passes": "prune:structured=true,round_to=0"}, ConfigError, "must be >= 1"),
     ("lowrank-energy", LINEAR, X, {"passes": "lowrank:energy=0"}, ConfigError, r"in \(0, 1\]"),
     ("cluster-too-few", LINEAR, X, {"passes": "cluster:clusters=1"}, ConfigError, "between 2 and 256"),
-    ("distill-without-data", LINEAR, X, {"passes": "distill"}, PassError, "distill needs training data"),
+    ("distill-without-data", LINEAR, X, {"passes": "distill"}, InputError, "distill needs training data"),
     # non-finite numbers turn range checks off (`nan < 0` is False): every float option refuses them
     ("distill-temperature-nan", LINEAR, X, {"passes": "distill:temperature=nan", "train_data": [X]}, ConfigError,
      "must be a finite number"),
@@ -181,7 +187,13 @@ COMPILE_CASES = [
     ("inputs-empty", LINEAR, torch.randn(0, 4), {}, InputError, "has no elements"),
     ("calibration-empty-batch", LINEAR, X, {"passes": "quantize", "dynamic_axes": "batch",
      "calibration_data": [X, torch.randn(0, 4)]}, InputError, "calibration batch 1: input 'input' has no elements"),
-    ("distill-empty-data", LINEAR, X, {"passes": "distill", "train_data": []}, PassError, "is empty"),
+    ("distill-empty-data", LINEAR, X, {"passes": "distill", "train_data": []}, InputError, "is empty"),
+    # issue 41: the Python API checks what the CLI checks
+    ("calibration-iterator-raises", LINEAR, X, {"passes": "quantize", "calibration_data": _failing_loader()},
+     InputError, "calibration_data: reading batch 1 failed: OSError: .Errno 5. Input/output error"),
+    ("block-size-wider-than-every-layer", nn.Linear(64, 128), torch.randn(2, 64),
+     {"passes": "quantize:mode=weight_only,block_size=1048576"}, ConfigError,
+     "block_size=1048576 is wider than every layer it would quantize .the widest has 64 inputs.: each row would be padded 16,384x"),
 ]  # fmt: skip
 
 
@@ -424,7 +436,7 @@ CLI_CASES = [
     (["passes", "nope"], 2, "unknown pass 'nope'"),
     (["build", "{tmp}/nope.toml"], 2, "cannot read recipe"),
     (["build", "{tmp}/file"], 2, "the [model] table is missing"),
-    (["export", "mlp", "--passes", "quantize", "-o", "{tmp}/o"], 1, "needs calibration data"),
+    (["export", "mlp", "--passes", "quantize", "-o", "{tmp}/o"], 2, "needs calibration data"),
     (["export", "mlp", "--passes", "quantize", "--calibration", "random:0", "-o", "{tmp}/o"], 2, "bad --calibration"),
     (["export", "mlp", "--passes", "quantize", "--calibration", "{tmp}/no.pt", "-o", "{tmp}/o"], 2, "not found"),
     (["export", "mlp", "--passes", "quantize", "--calibration", "{tmp}/file", "-o", "{tmp}/o"], 2, "unsupported"),
@@ -453,6 +465,14 @@ CLI_CASES = [
     # inputs and numbers that used to end in an internal error or a silent wrong verdict
     (["build", "{tmp}/latin1.toml"], 2, "the recipe is not UTF-8 text"),
     (["build", "{tmp}/comma_option.toml"], 2, "expected float, got '0.1,structured=true'"),
+    # issue 41: sizes priced against the memory budget before they are allocated; counts and seconds checked
+    (["bench", "mlp", "--batch-sizes", "1000000000", "--runs", "1"], 2,
+     "--batch-sizes=1000000000 needs 238.4 GiB for the inputs of one batch, over the memory budget"),
+    (["export", "mlp", "--passes", "quantize", "--calibration", "random:1000000000", "-o", "{tmp}/o"], 2,
+     "--calibration=random:1000000000 needs 238.4 GiB for 1000000000 batches like the example"),
+    (["tune", "{tmp}/negative_seed.toml", "--no-cache", "-o", "{tmp}/o"], 2, "[tune] seed must be an integer in [0, 2**32), got -1"),
+    (["tune", "{tmp}/tune.toml", "--no-cache", "--timeout", "nan", "-o", "{tmp}/o"], 2,
+     "timeout must be a finite number of seconds >= 0, got nan"),
     (["export", "mlp", "--input", "100000000000x64", "-o", "{tmp}/o"], 2, "is more than an example input needs"),
     (["export", "text_encoder", "--input", "1x16:int64:0", "-o", "{tmp}/o"], 2, "high must be in [1,"),
     (["export", "mlp", "--input", "1x64:int8:300", "-o", "{tmp}/o"], 2, "high must be in [1, 128]"),
@@ -492,6 +512,8 @@ FILES = {
     "wrong_shape.toml": _MLP_RECIPE.replace('"mlp"\n', '"mlp"\ninputs = [{ name = "x", shape = [1, 65] }]\n'),
     "latin1.toml": _MLP_RECIPE.encode() + '# caf\u00e9\n'.encode("latin-1"),
     "comma_option.toml": _MLP_RECIPE + '[[passes]]\nname = "prune"\noptions = { ratio = "0.1,structured=true" }\n',
+    "negative_seed.toml": _MLP_RECIPE + '[tune]\ntrials = 2\nseed = -1\n[tune.space]\n"backend" = ["torch", "onnxruntime"]\n',
+    "tune.toml": _MLP_RECIPE + '[tune]\ntrials = 2\n[tune.space]\n"backend" = ["torch", "onnxruntime"]\n',
 }
 
 

@@ -89,7 +89,7 @@ def test_an_artifact_is_timed_with_its_eager_model(tmp_path, capsys):
         (["--batch-sizes", "0"], "bad --batch-sizes '0'"),
         (["--batch-sizes", "a,b"], "bad --batch-sizes 'a,b'"),
         (["--runtimes", "eager,tvm"], "unknown runtime(s) tvm"),
-        (["--runs", "0"], "--runs must be at least 1"),
+        (["--runs", "0"], "--runs must be an integer >= 1, got 0"),
     ],
 )
 def test_bad_arguments_exit_2(capsys, argv, message):

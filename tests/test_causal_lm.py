@@ -189,6 +189,42 @@ def test_bad_generation_settings_are_input_errors(gpt2, settings, message):
     assert heard == []  # refused before the first token
 
 
+@pytest.mark.parametrize("temperature", [1e-40, 5e-324, 1e300])
+def test_sampling_at_extreme_temperatures_stays_finite(gpt2, temperature):
+    """1e-40 passed the check, then overflowed the scaled logits to inf (NaN probabilities) after
+    the prompt was printed. A temperature near 0 samples the greedy tokens; a huge one any token."""
+    _, compiled = gpt2
+    prompt = torch.randint(3, VOCAB, (2, 4))
+    sampled = compiled.generate(prompt, max_new_tokens=5, do_sample=True, temperature=temperature, seed=1,
+                                eos_token_id=None)  # fmt: skip
+    assert sampled.shape == (2, 9) and int(sampled.min()) >= 0 and int(sampled.max()) < VOCAB
+    if temperature < 1e-30:
+        assert torch.equal(sampled, compiled.generate(prompt, max_new_tokens=5, eos_token_id=None))
+
+
+def test_prompt_ids_outside_the_vocabulary_are_refused_through_a_view(gpt2):
+    """GPT-2 views its ids before the embedding: the range was not recorded, so ids of -1 or >= the
+    vocabulary generated silently on ONNX Runtime and OpenVINO (or failed inside the runtime)."""
+    _, compiled = gpt2
+    assert compiled.inputs[0].name == "input_ids" and compiled.inputs[0].value_range == (0, VOCAB)
+    for bad in (-1, VOCAB):
+        with pytest.raises(InputError, match=rf"outside \[0, {VOCAB}\)"):
+            compiled.generate(torch.tensor([[5, bad, 7]]), max_new_tokens=2)
+
+
+def test_max_new_tokens_is_priced_against_the_memory_budget_before_allocating(gpt2, monkeypatch):
+    """A model without a position limit allocated its whole in-place cache up front: a raw MemoryError."""
+    _, compiled = gpt2
+    monkeypatch.setitem(compiled.generation, "max_positions", None)
+    with pytest.raises(InputError, match=r"max_new_tokens=1000000000 needs .* GiB for a KV cache .* over the memory budget"):
+        compiled.generate(torch.randint(3, VOCAB, (1, 3)), max_new_tokens=10**9)
+    monkeypatch.setenv("TORCHKILN_MEMORY_BUDGET", "1KiB")
+    with pytest.raises(InputError, match=r"over the memory budget of 1.0 KiB \(\$TORCHKILN_MEMORY_BUDGET\)"):
+        compiled.generate(torch.randint(3, VOCAB, (1, 3)), max_new_tokens=40)
+    monkeypatch.delenv("TORCHKILN_MEMORY_BUDGET")
+    assert compiled.generate(torch.randint(3, VOCAB, (1, 3)), max_new_tokens=4).shape == (1, 7)
+
+
 def test_a_forced_token_outside_the_vocabulary_in_the_manifest_is_refused(gpt2, tmp_path):
     _, compiled = gpt2
     loaded = torchkiln.load(compiled.save(tmp_path / "lm"))

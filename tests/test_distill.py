@@ -13,7 +13,7 @@ from conftest import compile_quietly
 from torch import nn
 
 import torchkiln
-from torchkiln.errors import ConfigError, PassError
+from torchkiln.errors import ConfigError, InputError
 from torchkiln.models.digits import accuracy
 
 
@@ -71,7 +71,7 @@ def test_group_lasso_fine_tune_makes_half_the_channels_removable(digits):
 
 def test_group_lasso_without_a_prunable_group_is_refused():
     model = nn.Sequential(nn.Linear(4, 3)).eval()  # its only channels are the graph's output
-    with pytest.raises(PassError, match="distill:group_lasso=0.1 .*no channel group structured pruning could shrink"):
+    with pytest.raises(ConfigError, match="distill:group_lasso=0.1 .*no channel group structured pruning could shrink"):
         compile_quietly(model, torch.randn(2, 4), passes="distill:group_lasso=0.1", train_data=[torch.randn(8, 4)])
     with pytest.raises(ConfigError, match="group_lasso"):
         compile_quietly(model, torch.randn(2, 4), passes="distill:group_lasso=-1", train_data=[torch.randn(8, 4)])
@@ -109,7 +109,7 @@ def test_public_api_is_deterministic_and_keeps_the_best_epoch():
 
 
 def test_distill_needs_training_data():
-    with pytest.raises(PassError, match="distill needs training data"):
+    with pytest.raises(InputError, match="distill needs training data"):
         compile_quietly(nn.Linear(4, 2), torch.randn(1, 4), passes="distill")
 
 

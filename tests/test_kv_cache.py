@@ -207,3 +207,15 @@ def test_cli_export_with_an_int8_cache_then_generate(tmp_path, capsys):
                            **{causal_lm.cache_keyword(lm): _empty_int8_cache(1)})  # fmt: skip
     printed = capsys.readouterr().out
     assert " ".join(str(t) for t in expected[0, 3:].tolist()) in printed or all(str(t) in printed for t in expected[0, 3:].tolist())
+
+
+@pytest.mark.parametrize("kwargs", [{"kv_cache": "int8-calibrated"},
+                                    {"passes": "quantize:mode=weight_only,bits=4,method=gptq"}])  # fmt: skip
+def test_calibration_prompts_outside_the_vocabulary_are_named_not_a_raw_index_error(kwargs):
+    from torchkiln.errors import InputError
+
+    prompt = torch.randint(3, 128, (1, 6))
+    prompts = [torch.randint(3, 128, (1, 6)) for _ in range(3)] + [torch.tensor([[5, 300, 7, 8, 9, 10]])]
+    with pytest.raises(InputError, match=r"calibration batch 3: input_ids has values in \[5, 300\], outside the "
+                                         r"model's vocabulary \[0, 128\)"):  # fmt: skip
+        compile_quietly(tiny_llama(), {"input_ids": prompt}, backend="torch", calibration_data=prompts, **kwargs)

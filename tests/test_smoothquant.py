@@ -77,10 +77,10 @@ def test_smoothquant_options_are_checked(trained):
 
 
 def test_a_one_shot_generator_is_refused_with_a_fix(trained):
-    from torchkiln.errors import PassError
+    from torchkiln.errors import InputError
 
     model, train, held_out = trained
-    with pytest.raises(PassError, match="reads the calibration data twice") as caught:
+    with pytest.raises(InputError, match="reads the calibration data twice") as caught:
         compile_quietly(model, held_out[:8], passes="quantize:smoothquant=0.5", backend="torch",
                         calibration_data=((batch,) for batch in train.split(200)))  # fmt: skip
     assert "list" in (caught.value.hint or "")

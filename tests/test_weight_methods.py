@@ -11,7 +11,7 @@ from conftest import compile_quietly, fit_digits
 from torch import nn
 
 from torchkiln.compiler.quant_ops import pack_blocks, pack_codes, unpack_blocks
-from torchkiln.errors import ConfigError, InputError, PassError
+from torchkiln.errors import ConfigError, InputError
 from torchkiln.passes.quantize import gptq
 
 sklearn = pytest.importorskip("sklearn.datasets")
@@ -90,7 +90,7 @@ def test_int3_with_zero_points_runs_the_same_on_onnxruntime(trained):
 
 def test_gptq_needs_calibration_data_and_weight_only(trained):
     model, _, held_out = trained
-    with pytest.raises(PassError, match="method=gptq needs calibration data") as caught:
+    with pytest.raises(InputError, match="method=gptq needs calibration data") as caught:
         compile_quietly(model, held_out[:8], passes="quantize:mode=weight_only,method=gptq", backend="torch")
     assert "method=rtn" in (caught.value.hint or "")
     with pytest.raises(ConfigError, match="method"):
@@ -187,7 +187,7 @@ def test_method_options_are_checked_against_the_method(trained):
     ):
         with pytest.raises(ConfigError, match=key):
             compile_quietly(model, held_out[:8], passes=passes, backend="torch")
-    with pytest.raises(PassError, match="method=awq needs calibration data"):
+    with pytest.raises(InputError, match="method=awq needs calibration data"):
         compile_quietly(model, held_out[:8], passes="quantize:mode=weight_only,method=awq", backend="torch")
 
 
@@ -247,7 +247,7 @@ def test_quantization_aware_fine_tuning_lowers_the_error_of_round_to_nearest(tra
 
 def test_qat_needs_training_data_and_round_to_nearest(trained):
     model, train, held_out = trained
-    with pytest.raises(PassError, match="quantize qat needs training data"):
+    with pytest.raises(InputError, match="quantize qat needs training data"):
         compile_quietly(model, held_out[:8], passes="quantize:mode=weight_only,qat_epochs=1", backend="torch")
     for passes in ("quantize:mode=weight_only,method=gptq,qat_epochs=1", "quantize:mode=int8,qat_epochs=1",
                    "quantize:mode=weight_only,qat_lr=0"):  # fmt: skip

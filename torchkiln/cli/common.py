@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from torchkiln import models
+from torchkiln.compiler.budget import check_allocation
 from torchkiln.compiler.program import dtype_from_name
 from torchkiln.compiler.verify import Tolerance
 from torchkiln.errors import ConfigError, InputError
@@ -156,6 +157,8 @@ def calibration_batches(
             raise ConfigError(
                 f"bad --calibration '{source}'", where=source, hint="write random:N with N >= 1"
             )
+        batch = sum(t.numel() * t.element_size() for t in example.values())
+        check_allocation("--calibration", source, batch * int(count), f"{count} batches like the example", ConfigError)
         seeds = range(args.seed + 1, args.seed + 1 + int(count))
         return [example_inputs(argparse.Namespace(**{**vars(args), "seed": s}), entry) for s in seeds]
     batch = next(iter(example.values())).shape[0] if example else 1

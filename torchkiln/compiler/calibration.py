@@ -53,11 +53,30 @@ def take(source: Iterable[Any], limit: int | None, what: str, progress: Progress
         raise InputError(f"{what}: the number of batches must be >= 1, got {limit}", where=what)
     cap = limit if limit is not None else MAX_BATCHES + 1
     total = min(cap, len(source)) if isinstance(source, Sequence) else limit
-    batches = list(progress(itertools.islice(source, cap), total, f"reading {what}"))
+    batches = list(progress(itertools.islice(guarded(source, what), cap), total, f"reading {what}"))
     if limit is None and len(batches) > MAX_BATCHES:
         raise InputError(f"{what} yields more than {MAX_BATCHES} batches (endless?)", where=what,
                          hint="say how many to use (a recipe's batches = N; itertools.islice in Python)")  # fmt: skip
     return batches
+
+
+def guarded(source: Iterable[Any], what: str) -> Iterator[Any]:
+    """``source``'s items; an exception its iterator raises (a data loader's OSError, a bug in the
+    user's generator) is an :class:`InputError` naming ``what`` and the batch it was reading."""
+    index = 0
+    iterator = iter(source)
+    while True:
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        except KilnError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the user's code: any exception is theirs to see, named
+            raise InputError(f"{what}: reading batch {index} failed: {type(exc).__name__}: {exc}", where=what,
+                             hint=f"the error came from the iterable passed as {what}") from exc  # fmt: skip
+        yield item
+        index += 1
 
 
 def held_back_count(source: Any) -> int:
@@ -114,7 +133,7 @@ class CalibrationData:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         count = 0
-        for index, item in enumerate(self.source):
+        for index, item in enumerate(guarded(self.source, "calibration_data")):
             yield self._bind(index, item)
             count += 1
         if count == 0:

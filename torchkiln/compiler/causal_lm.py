@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from torchkiln.compiler import kv_cache
-from torchkiln.compiler.calibration import CACHE_AXIS, Expanded, held_back_count, hold_back
+from torchkiln.compiler.calibration import CACHE_AXIS, Expanded, guarded, held_back_count, hold_back
 from torchkiln.compiler.verify import cosine_similarity
 from torchkiln.errors import InputError
 
@@ -130,7 +130,7 @@ class _Streamed:
         self.wrapped, self.example, self.source = wrapped, example, source
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        for index, prompt in enumerate(self.source):
+        for index, prompt in enumerate(guarded(self.source, "calibration_data")):
             yield from _steps(self.wrapped, self.example, prompt, index)
 
 
@@ -169,6 +169,7 @@ class _Rollout:
                 "each prompt runs as a prefill, then greedy decode steps",
             )
         assert isinstance(prompt, Mapping)
+        _check_vocabulary(wrapped, ids, f"calibration batch {index}")
         self.wrapped, self.example, self.batch, self.dtype = wrapped, example, ids.shape[0], ids.dtype
         self.inputs: dict[str, torch.Tensor] = {"input_ids": ids}
         self.mask = None
@@ -202,6 +203,24 @@ class _Rollout:
         for name in self.names:
             following[name] = out[name.replace("past_", "present_")].detach()
         self.inputs = following
+
+
+def _check_vocabulary(wrapped: nn.Module, ids: torch.Tensor, where: str) -> None:
+    """Prompt ids within the model's input embedding (the eager model fails on others with a bare
+    ``IndexError: index out of range in self``)."""
+    model = getattr(wrapped, "model", wrapped)
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    rows = getattr(embedding, "num_embeddings", None)
+    if rows is None or not ids.numel():
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= rows:
+        raise InputError(
+            f"{where}: input_ids has values in [{low}, {high}], outside the model's vocabulary [0, {rows})",
+            where=where,
+            hint=f"ids must be in [0, {rows - 1}]: tokenize with this model's tokenizer",
+        )
 
 
 def prompt_step(wrapped: nn.Module, example: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:

@@ -162,22 +162,54 @@ def call_module_count(gm: fx.GraphModule, target: str) -> int:
 
 
 def embedding_ranges(gm: fx.GraphModule, names: Sequence[str]) -> dict[str, tuple[tuple[int, int], str]]:
-    """Integer inputs used directly as the indices of an embedding table: ``[0, rows)``, and the
-    table's name. fx graphs call the module (``nn.Embedding``) or ``F.embedding``; export graphs
-    call ``aten.embedding(weight, indices)``."""
+    """Integer inputs used as the indices of an embedding table, directly or through ops that keep
+    every value (GPT-2 views its ids first): ``[0, rows)``, and the table's name. fx graphs call the
+    module (``nn.Embedding``) or ``F.embedding``; export graphs call ``aten.embedding(weight, indices)``."""
     found: dict[str, tuple[tuple[int, int], str]] = {}
     for node in gm.graph.nodes:
         if node.op != "placeholder" or node.target not in names:
             continue
-        for user in node.users:
-            table = _embedding_table(gm, user, node)
-            if table is None:
-                continue
-            rows, label = table
-            known = found.get(node.target)
-            if known is None or rows < known[0][1]:
-                found[node.target] = ((0, rows), label)
+        for ids in _same_values(node):
+            for user in ids.users:
+                table = _embedding_table(gm, user, ids)
+                if table is None:
+                    continue
+                rows, label = table
+                known = found.get(node.target)
+                if known is None or rows < known[0][1]:
+                    found[node.target] = ((0, rows), label)
     return found
+
+
+#: ops whose output holds every value of their first argument, rearranged (not a slice: ids it drops
+#: never index the table, so they may lie outside it)
+_KEEP_VALUES_METHODS = {"view", "reshape", "flatten", "unsqueeze", "squeeze", "expand", "contiguous", "clone",
+                        "transpose", "permute", "view_as", "expand_as", "reshape_as"}  # fmt: skip
+_KEEP_VALUES_ATEN = {"view", "_unsafe_view", "reshape", "flatten", "unsqueeze", "squeeze", "expand", "clone",
+                     "contiguous", "transpose", "permute", "alias", "lift_fresh_copy"}  # fmt: skip
+
+
+def _same_values(start: fx.Node) -> list[fx.Node]:
+    """``start`` and every node reached from it through :data:`_KEEP_VALUES_METHODS` / ``_ATEN`` ops."""
+    reached, frontier = [start], [start]
+    while frontier:
+        node = frontier.pop()
+        for user in node.users:
+            if user not in reached and user.args and user.args[0] is node and _keeps_values(user):
+                reached.append(user)
+                frontier.append(user)
+    return reached
+
+
+def _keeps_values(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _KEEP_VALUES_METHODS
+    if node.op != "call_function":
+        return False
+    if isinstance(node.target, torch._ops.OpOverload):
+        return node.target.namespace == "aten" and node.target._schema.name.split("::")[-1] in _KEEP_VALUES_ATEN
+    return getattr(node.target, "__name__", None) in _KEEP_VALUES_METHODS and getattr(node.target, "__module__", "") in (
+        "torch", "torch.functional", None)  # torch.reshape, torch.flatten, ...
 
 
 def _embedding_table(gm: fx.GraphModule, user: fx.Node, ids: fx.Node) -> tuple[int, str] | None:

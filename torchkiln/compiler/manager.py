@@ -17,7 +17,7 @@ from torchkiln.compiler.passes import Pass
 from torchkiln.compiler.program import Program
 from torchkiln.compiler.report import PassRecord
 from torchkiln.compiler.verify import FP32, ErrorStats, Tolerance, compare
-from torchkiln.errors import KilnError, PassError
+from torchkiln.errors import ConfigError, InputError, KilnError, PassError
 
 
 class Instrument:
@@ -189,7 +189,10 @@ class PassManager:
                 done = ", ".join(r.spec for r in records)
                 cause = exc.message if isinstance(exc, KilnError) else _cause(exc)
                 hint = exc.hint if isinstance(exc, KilnError) else None
-                raise PassError(f"while running {pass_.spec} after [{done}]: {cause}", hint=hint) from exc
+                context = f"while running {pass_.spec} after [{done}]: {cause}"
+                if isinstance(exc, (InputError, ConfigError)):  # the user's data or settings, not the pass
+                    raise type(exc)(context, where=exc.where, hint=hint) from exc
+                raise PassError(context, hint=hint) from exc
             records.append(record)
         return records
 

@@ -118,15 +118,22 @@ def eval_copy(model: nn.Module) -> str:
     the mode-dependent layers by name, and how many modules of the user's own classes (whose
     forward may read the flag) were in training mode."""
     training = [(name, m) for name, m in model.named_modules() if m.training]
-    if not training:
-        return ""
     model.eval()
-    layers = [f"{name or '(root)'} ({type(m).__name__})" for name, m in training if isinstance(m, _MODE_DEPENDENT)]
+    layers = [f"{name or '(root)'} ({type(m).__name__})" for name, m in training if _reads_mode(m)]
     own = sum(1 for _, m in training if not type(m).__module__.startswith("torch.nn."))
+    if not layers and not own:  # torch.nn layers that never read the flag (Linear, Conv, ReLU, ...)
+        return ""
     shown = ", ".join(layers[:6]) + (f" and {len(layers) - 6} more" if len(layers) > 6 else "")
     return ("the model was in training mode; compiled its eval() copy (the model itself is unchanged): "
             + "; ".join(x for x in (f"{len(layers)} mode-dependent layer(s): {shown}" if layers else "",
                                     f"{own} module(s) of its own classes" if own else "") if x))  # fmt: skip
+
+
+def _reads_mode(module: nn.Module) -> bool:
+    """A torch.nn layer whose output depends on its training flag."""
+    if isinstance(module, _MODE_DEPENDENT):
+        return True
+    return isinstance(module, (nn.RNNBase, nn.MultiheadAttention)) and float(getattr(module, "dropout", 0) or 0) > 0
 
 
 def _checks(

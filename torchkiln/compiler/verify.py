@@ -82,7 +82,7 @@ class ErrorStats:
             return _cosine_ratio(self.cosine, self.min_cosine)
         if self.max_abs == 0:
             return 0.0
-        return self.max_abs / self.allowed if self.allowed > 0 else float("inf")
+        return _ratio(self.max_abs, self.allowed)
 
     def within(self) -> bool:
         return self.ratio <= 1.0
@@ -113,7 +113,7 @@ def compare(
         allowed = tolerance.atol + tolerance.rtol * scale
         cosine = cosine_similarity(a64[finite], r64[finite])
         lowest_cosine = min(lowest_cosine, cosine)
-        ratio = _cosine_ratio(cosine, floor) if floor is not None else max_abs / allowed
+        ratio = _cosine_ratio(cosine, floor) if floor is not None else _ratio(max_abs, allowed)
         if ratio > worst_ratio:
             worst_ratio = ratio
             worst = ErrorStats(max_abs, max_abs / scale if scale else max_abs, i, allowed, cosine, floor)
@@ -133,3 +133,10 @@ def _cosine_ratio(cosine: float, floor: float) -> float:
     if cosine >= 1.0 - 1e-12:  # identical up to the rounding of the dot product
         return 0.0
     return (1.0 - cosine) / (1.0 - floor) if floor < 1.0 else float("inf")
+
+
+def _ratio(error: float, allowed: float) -> float:
+    """``error / allowed``; a tolerance of 0 (atol=0, rtol=0: bit-exact) allows an error of 0 only."""
+    if allowed > 0:
+        return error / allowed
+    return 0.0 if error == 0 else float("inf")

@@ -26,6 +26,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from torchkiln.backends.base import CacheSession
+from torchkiln.compiler.budget import check_allocation
 from torchkiln.compiler.causal_lm import positions
 from torchkiln.compiler.program import bind_inputs, dtype_from_name
 from torchkiln.compiler.seq2seq import PROMPT, SPEECH
@@ -97,6 +98,7 @@ def generate(
     ))  # fmt: skip
     _check_positions(0 if speech else input_ids.shape[1], max_new_tokens, encoder is not None, settings)
     batch = input_ids.shape[0]
+    _check_cache_memory(model, batch, 1 if encoder is not None else input_ids.shape[1], max_new_tokens)
     mask = torch.ones(input_ids.shape[:2], dtype=torch.long) if attention_mask is None else attention_mask
     if not speech and (not isinstance(mask, torch.Tensor) or mask.shape != input_ids.shape):
         raise InputError(f"attention_mask must have input_ids' shape {list(input_ids.shape)}", where="attention_mask")
@@ -191,6 +193,20 @@ def _check_positions(prompt: int, new: int, encoder_decoder: bool, settings: dic
         where="input_ids" if prompt >= limit else "max_new_tokens",
         hint=f"keep within {limit} positions (shorten the prompt or ask for fewer tokens)",
     )
+
+
+def _check_cache_memory(model: Any, batch: int, prompt: int, new: int) -> None:
+    """The cache a generation grows to (every past input whose length grows, at prompt + new positions) priced
+    against the memory budget before it is allocated: a runtime that keeps it in place allocates
+    all of it at the first step, and a model without a position limit has no other bound."""
+    per_position, positions = 0, prompt + new
+    for spec in model.inputs:
+        shape = spec.shape
+        if spec.name.startswith(PAST) and len(shape) == 4 and not isinstance(shape[2], int):
+            fixed = math.prod(d for d in (shape[1], shape[3]) if isinstance(d, int))
+            per_position += batch * fixed * dtype_from_name(spec.dtype).itemsize
+    check_allocation("max_new_tokens", new, per_position * positions,
+                     f"a KV cache of {positions} positions at batch {batch}")  # fmt: skip
 
 
 class _Session:
@@ -422,7 +438,10 @@ def _pick(
 ) -> torch.Tensor:
     if not do_sample:
         return logits.argmax(-1)
-    logits = logits / temperature
+    # each row's best logit is 0 before scaling: every scaled logit is finite or -inf whatever the
+    # temperature (1e-40 overflowed float32 to inf, then NaN probabilities); T -> 0 is greedy
+    logits = logits.double()
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -float("inf"))

@@ -37,6 +37,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from torchkiln.compiler.budget import integer
 from torchkiln.compiler.files import (
     MARKERS,
     atomic_directory,
@@ -283,8 +284,7 @@ def legal_cuts(
 
 
 def _check_settings(stages: int, balance: str, example_inputs: Any) -> None:
-    if stages < 1:
-        raise ConfigError(f"stages must be >= 1, got {stages}", where="stages")
+    integer("stages", stages)  # 2.0 was a raw TypeError deep in the cut search
     if balance not in ("params", "memory", "latency"):
         raise ConfigError(f"unknown balance '{balance}'", where="balance", hint="params, memory or latency")
     if not isinstance(example_inputs, Mapping):

@@ -21,6 +21,7 @@ import copy
 import dataclasses
 import importlib.util
 import math
+import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 
 import torchkiln
+from torchkiln.compiler.budget import check_allocation, integer
 from torchkiln.compiler.files import check_file_destination
 from torchkiln.compiler.graph import parameter_stats
 from torchkiln.driver.auto import SETTLE
@@ -75,7 +77,9 @@ class BenchResult:
     plot: str | None = None
 
     def table(self) -> str:
-        return f"{self.machine}\n" + _table(self.rows) + (f"\n{self.plot}" if self.plot else "")
+        # the CPU line wraps at 120 columns like the rest (a Xeon with AMX lists 8 kernel flags: 123)
+        machine = "\n".join(textwrap.wrap(self.machine, 120, subsequent_indent="  ", break_on_hyphens=False))
+        return f"{machine}\n" + _table(self.rows) + (f"\n{self.plot}" if self.plot else "")
 
     def to_dict(self) -> dict[str, Any]:
         return {"machine": self.machine, "rows": [_as_dict(r) for r in self.rows], "plot": self.plot}
@@ -99,6 +103,7 @@ def bench_model(
     ``inputs`` — fine for latency, not for accuracy). A runtime that cannot be built is a row saying why.
     """
     sizes = _checked(batch_sizes, runs, plot)
+    _check_batches(inputs, sizes)
     say = progress or (lambda _: None)
     calls, rows = _model_runtimes(model, inputs, wanted_runtimes(runtimes), runtimes is None, sizes, calibration, say)
     return _timed(calls, rows, runs, plot, say, progress is not None)
@@ -125,11 +130,11 @@ def bench_artifact(
 
 
 def _checked(batch_sizes: Sequence[int], runs: int, plot: str | Path | None) -> list[int]:
-    sizes = [int(b) for b in batch_sizes]
-    if not sizes or any(b < 1 for b in sizes):
-        raise ConfigError(f"bad batch sizes {sizes}", where="--batch-sizes", hint="give sizes >= 1, e.g. 1,8,32")
-    if runs < 1:
-        raise ConfigError(f"--runs must be at least 1, got {runs}", where="--runs")
+    if isinstance(batch_sizes, (str, bytes)) or not isinstance(batch_sizes, Sequence) or not batch_sizes:
+        raise ConfigError(f"batch_sizes must be a list of integers >= 1, got {batch_sizes!r}", where="--batch-sizes",
+                          hint="e.g. [1, 8, 32] (kiln bench --batch-sizes 1,8,32)")  # fmt: skip
+    sizes = [integer("--batch-sizes", b) for b in batch_sizes]
+    integer("--runs", runs)
     if plot:
         check_file_destination(plot, "png")  # before the timing, not after it
     return sizes
@@ -152,6 +157,12 @@ def _timed(calls: dict[Any, Callable[[], Any]], rows: list[Row], runs: int, plot
     _ratios(rows)
     written = _plot(str(plot), rows) if plot else None
     return BenchResult(rows, machine_line(), written)
+
+
+def _check_batches(example: dict[str, torch.Tensor], sizes: list[int]) -> None:
+    """The largest batch's inputs priced against the memory budget before anything is built."""
+    row = sum(t.element_size() * (t.numel() // max(1, t.shape[0]) if t.dim() else t.numel()) for t in example.values())
+    check_allocation("--batch-sizes", max(sizes), row * max(sizes), "the inputs of one batch", ConfigError)
 
 
 def _at_batch(inputs: dict[str, torch.Tensor], batch: int, device: str = "cpu") -> dict[str, torch.Tensor]:
@@ -305,6 +316,7 @@ def _artifact_runtimes(
     with peak.measure():
         compiled = load(artifact, allow_native_code=allow_native_code)
     example = _inputs_from_specs(compiled, seed)
+    _check_batches(example, batches)
     calls: dict[Any, Callable[[], Any]] = {}
     rows: list[Row] = []
     size = (compiled.artifact.file_bytes() or 0) / 1e6
@@ -355,6 +367,8 @@ def _inputs_from_specs(compiled: CompiledModel, seed: int) -> dict[str, torch.Te
     for spec in compiled.inputs:
         shape = [d if isinstance(d, int) else 1 for d in spec.shape]
         dtype = getattr(torch, spec.dtype)
+        cost = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        check_allocation(f"input '{spec.name}'", shape, cost, "the shape the artifact's manifest declares", InputError)
         inputs[spec.name] = (
             torch.randn(shape, generator=generator).to(dtype)
             if dtype.is_floating_point

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from torchkiln.compiler.budget import integer
 from torchkiln.compiler.files import atomic_directory, check_destination, write_marker
 from torchkiln.driver.cache import default_directory
 from torchkiln.errors import ConfigError
@@ -75,9 +76,13 @@ def tune(
     """
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     settings = tuning.settings(recipe)
-    for flag, value in (("trials", trials), ("workers", workers), ("grace_period", grace_period)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{flag} must be >= 1, got {value}", where=flag)
+    for count, number in (("trials", trials), ("workers", workers)):
+        if number is not None:
+            integer(count, number)
+    for flag, value, low in (("timeout", timeout, 0), ("grace_period", grace_period, 1)):  # NaN never ends
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value < low):  # fmt: skip
+            raise ConfigError(f"{flag} must be a finite number of seconds >= {low}, got {value!r}", where=flag)
     if trials is not None:
         settings = dataclasses.replace(settings, trials=trials)
     destination = Path(output) if output else recipe.path.parent / "tune"

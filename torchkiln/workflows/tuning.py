@@ -141,7 +141,10 @@ def _settings(recipe: Recipe) -> TuneSettings:
         raise ConfigError("[tune] space is empty", where="tune.space", hint='e.g. space = { "prune.ratio" = [0.0, 0.7] }')
     for dim in space:
         _check_values(recipe, dim, space)
-    return TuneSettings(table["trials"], objectives, sampler, int(table.get("seed", 0)), space, pruner)
+    seed = table.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ConfigError(f"[tune] seed must be an integer in [0, 2**32), got {seed!r}", where="tune.seed")
+    return TuneSettings(table["trials"], objectives, sampler, seed, space, pruner)
 
 
 def _dimension(recipe: Recipe, key: str, value: Any) -> Dimension:

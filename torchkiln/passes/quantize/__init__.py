@@ -41,7 +41,7 @@ from torchkiln.compiler.passes import Pass, PassConfig, PassResult, register_pas
 from torchkiln.compiler.program import Program
 from torchkiln.compiler.ranks import join_process_group
 from torchkiln.compiler.verify import Tolerance
-from torchkiln.errors import InputError
+from torchkiln.errors import ConfigError, InputError
 from torchkiln.passes.distill import DistillConfig, train_graph
 from torchkiln.passes.layers import Layer, find_layers, find_layers_and_skips, ignored, weight_ops
 from torchkiln.passes.quantize import awq, coverage, gptq, half, linear, qat, sensitivity, smoothquant, static
@@ -318,6 +318,7 @@ class Quantize(Pass):
 
     def _weight_only(self, gm: fx.GraphModule, program: Program, chosen: list[Layer], notes: list[str]) -> None:
         config = self.config
+        _check_block_size(gm, chosen, config.block_size)
         grid = f"int{config.bits}" + (" (in 4-bit codes)" if config.bits == 3 else "") + (
             ", symmetric" if config.symmetric else ", asymmetric (zero point per block)")
         notes.append(f"weights {grid}, blocks of {config.block_size} inputs")
@@ -401,4 +402,21 @@ class Quantize(Pass):
         verdict = "within" if error <= self.config.max_error else "ABOVE"
         notes.append(f"error with {len(quantized)} int8 layers: {error:.4f} ({verdict} max_error={self.config.max_error:g})")
         return quantized
+
+
+def _check_block_size(gm: fx.GraphModule, chosen: list[Layer], block_size: int) -> None:
+    """A block wider than every layer pads each weight row to ``block_size`` zeros and scales, for
+    nothing: refused (block_size=2**20 on 64-wide layers wrote an artifact 4,762x larger)."""
+    widths = [int(G.get_attr_value(gm, str(layer.weight.target)).shape[-1]) for layer in chosen if layer.weight is not None]
+    if not widths:
+        return
+    widest = max(widths)
+    fits = max(16, 1 << (widest - 1).bit_length())  # the smallest allowed block that holds the widest row
+    if block_size > fits:
+        raise ConfigError(
+            f"quantize block_size={block_size} is wider than every layer it would quantize (the widest has "
+            f"{widest} inputs): each row would be padded {block_size / widest:,.0f}x",
+            where="quantize.block_size",
+            hint=f"use block_size <= {fits} (one block per row at {fits})",
+        )
 
