@@ -83,7 +83,7 @@ IR = frozenset("""
     aten::__and__.Tensor aten::_assert_tensor_metadata.default aten::adaptive_avg_pool2d.default
     aten::arange.default aten::arange.start aten::batch_norm.default aten::contiguous.default
     aten::conv1d.default aten::conv2d.default aten::conv_transpose2d.input aten::detach.default
-    aten::flatten.using_ints aten::group_norm.default aten::gru.input aten::layer_norm.default
+    aten::flatten.using_ints aten::group_norm.default aten::gru.input aten::histc.default aten::layer_norm.default
     aten::linear.default aten::lstm.input aten::matmul.default aten::max_pool2d.default aten::min.other
     aten::new_ones.default aten::pad.default aten::reshape.default
     aten::scaled_dot_product_attention.default aten::silu.default aten::softmax.int aten::split.Tensor

@@ -67,10 +67,3 @@ def check_allocation(setting: str, value: Any, cost: int, what: str, error: type
         where=setting,
         hint=f"ask for less, or raise the budget with {ENV}=<size> if the machine has the memory",
     )
-
-
-def integer(setting: str, value: Any, low: int = 1, error: type[KilnError] = ConfigError) -> int:
-    """``value`` as a count: an int (not a bool, not a float, however whole) of at least ``low``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise error(f"{setting} must be an integer >= {low}, got {value!r}", where=setting)
-    return value

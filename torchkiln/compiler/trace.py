@@ -27,6 +27,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from torchkiln.compiler import arguments
 from torchkiln.compiler import graph as G
 from torchkiln.compiler.export import export_graph, widen
 from torchkiln.compiler.program import (
@@ -59,7 +60,9 @@ def trace(
     keyword tensors) into a Program annotated with shapes and dtypes."""
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    if frontend not in FRONTENDS:
+    arguments.strings("leaf_modules", leaf_modules)
+    arguments.text("name", name, optional=True)
+    if not isinstance(frontend, str) or frontend not in FRONTENDS:
         raise ConfigError(
             f"unknown frontend '{frontend}'", where="frontend", hint=f"choose one of {FRONTENDS}"
         )

@@ -21,7 +21,7 @@ from torch.utils import _pytree as pytree
 
 from torchkiln.backends import Artifact, BackendOptions, get_backend
 from torchkiln.backends import backend_options as backend_options_for
-from torchkiln.compiler import causal_lm, seq2seq, state_space
+from torchkiln.compiler import arguments, causal_lm, seq2seq, state_space
 from torchkiln.compiler import graph as G
 from torchkiln.compiler import kv_cache as kv_cache_module
 from torchkiln.compiler.calibration import (
@@ -100,6 +100,8 @@ def compile(  # noqa: A001 - the public name users expect
     set on ``calibration_data``'s prompts). The int8 cache's distance from the float cache (logits
     over prompts run as prefill and decode steps) is checked and reported (``report.kv_cache``).
     """
+    _check_arguments(backend=backend, frontend=frontend, name=name, leaf_modules=leaf_modules, verify=verify,
+                     latency_runs=latency_runs, kv_cache=kv_cache, cache=cache)  # fmt: skip
     say = progress or (lambda _: None)
     pipeline = parse_pipeline(passes)
     # Eager runs (checks, latency, the distillation teacher) use this copy, never the user's module;
@@ -288,6 +290,17 @@ class Stage:
             "int8_saturates": int8_saturates(),
         })  # fmt: skip
         return hasher.hexdigest()
+
+
+def _check_arguments(**given: Any) -> None:
+    """compile()'s plain arguments, by type, before any work."""
+    for setting in ("backend", "frontend", "kv_cache"):
+        arguments.text(setting, given[setting])
+    arguments.text("name", given["name"], optional=True)
+    arguments.strings("leaf_modules", given["leaf_modules"])
+    arguments.flag("verify", given["verify"])
+    arguments.integer("latency_runs", given["latency_runs"], low=0, high=10_000)
+    arguments.path("cache", given["cache"], optional=True)
 
 
 def _optimize_cached(

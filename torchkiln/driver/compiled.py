@@ -24,6 +24,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from torchkiln.backends import Artifact, BackendOptions, backend_options, get_backend
+from torchkiln.compiler import arguments
 from torchkiln.compiler.files import (
     MARKERS,
     ChecksumMismatch,
@@ -289,7 +290,8 @@ def load(directory: str | os.PathLike[str], allow_native_code: bool = False) -> 
     file of the directory; it is copied into a private directory while its SHA-256 is checked, and
     the backend reads only those copies (an unlisted file is never read). A directory replaced by a
     concurrent save while it is read is read again."""
-    path = Path(directory)
+    path = Path(arguments.path("directory", directory))
+    arguments.flag("allow_native_code", allow_native_code)
     for attempt in range(20):
         try:
             return _load_once(path, allow_native_code)

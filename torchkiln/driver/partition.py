@@ -37,7 +37,8 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from torchkiln.compiler.budget import integer
+from torchkiln.compiler import arguments
+from torchkiln.compiler.arguments import integer
 from torchkiln.compiler.files import (
     MARKERS,
     atomic_directory,
@@ -245,6 +246,9 @@ def partition(
     differently from the IR). ``progress`` receives a line per phase (``kiln partition`` prints them)."""
     say = progress or (lambda _: None)
     _check_settings(stages, balance, example_inputs)
+    arguments.text("backend", backend)
+    if cuts is not None:
+        arguments.integers("cuts", cuts, low=0)
     say("tracing and optimizing the model")
     program, flat, names = _program(model, example_inputs, passes, dynamic_axes, calibration_data)
     say(f"costing {len(program.gm.graph.nodes)} nodes by {balance}" + (" (each timed)" if balance == "latency" else ""))
@@ -285,7 +289,7 @@ def legal_cuts(
 
 def _check_settings(stages: int, balance: str, example_inputs: Any) -> None:
     integer("stages", stages)  # 2.0 was a raw TypeError deep in the cut search
-    if balance not in ("params", "memory", "latency"):
+    if not isinstance(balance, str) or balance not in ("params", "memory", "latency"):
         raise ConfigError(f"unknown balance '{balance}'", where="balance", hint="params, memory or latency")
     if not isinstance(example_inputs, Mapping):
         raise ConfigError("partition takes example inputs by name (a dict)", where="example_inputs")

@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 import torchkiln
-from torchkiln.compiler.budget import check_allocation, integer
+from torchkiln.compiler import arguments
+from torchkiln.compiler.budget import check_allocation
 from torchkiln.compiler.files import check_file_destination
 from torchkiln.compiler.graph import parameter_stats
 from torchkiln.driver.auto import SETTLE
@@ -103,6 +104,9 @@ def bench_model(
     ``inputs`` — fine for latency, not for accuracy). A runtime that cannot be built is a row saying why.
     """
     sizes = _checked(batch_sizes, runs, plot)
+    inputs = dict(arguments.named("inputs", inputs))
+    if runtimes is not None and not isinstance(runtimes, str):
+        arguments.strings("runtimes", runtimes)
     _check_batches(inputs, sizes)
     say = progress or (lambda _: None)
     calls, rows = _model_runtimes(model, inputs, wanted_runtimes(runtimes), runtimes is None, sizes, calibration, say)
@@ -124,19 +128,24 @@ def bench_artifact(
     """Time a saved artifact (and ``eager_model``, called ``eager_name`` in errors, beside it) on random
     inputs of its specs."""
     sizes = _checked(batch_sizes, runs, plot)
+    arguments.path("artifact", artifact)
+    arguments.text("eager_name", eager_name)
+    arguments.integer("seed", seed, low=0)
+    arguments.flag("allow_native_code", allow_native_code)
     say = progress or (lambda _: None)
     calls, rows = _artifact_runtimes(str(artifact), eager_model, eager_name, sizes, seed, allow_native_code, say)
     return _timed(calls, rows, runs, plot, say, progress is not None)
 
 
+#: timed calls per runtime and batch at most (100 is the default; 10**9 ran for days)
+MAX_RUNS = 100_000
+
+
 def _checked(batch_sizes: Sequence[int], runs: int, plot: str | Path | None) -> list[int]:
-    if isinstance(batch_sizes, (str, bytes)) or not isinstance(batch_sizes, Sequence) or not batch_sizes:
-        raise ConfigError(f"batch_sizes must be a list of integers >= 1, got {batch_sizes!r}", where="--batch-sizes",
-                          hint="e.g. [1, 8, 32] (kiln bench --batch-sizes 1,8,32)")  # fmt: skip
-    sizes = [integer("--batch-sizes", b) for b in batch_sizes]
-    integer("--runs", runs)
-    if plot:
-        check_file_destination(plot, "png")  # before the timing, not after it
+    sizes = arguments.integers("--batch-sizes", batch_sizes)
+    arguments.integer("--runs", runs, high=MAX_RUNS)
+    if plot is not None:
+        check_file_destination(arguments.path("plot", plot), "png")  # before the timing, not after it
     return sizes
 
 

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 import torchkiln
+from torchkiln.compiler import arguments
 from torchkiln.compiler.calibration import take, tqdm_progress
 from torchkiln.compiler.files import atomic_directory, check_destination, sha256, write_atomic
 from torchkiln.compiler.graph import parameter_stats
@@ -84,7 +85,10 @@ def build(
     Raises ConfigError for a malformed recipe, GateError when a gate is missed (nothing written),
     and the compile errors (TraceError, PassError, VerificationError, ...) of the build itself.
     """
-    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    arguments.path("output", output, optional=True)
+    arguments.path("cache_dir", cache_dir, optional=True)
+    arguments.flag("use_cache", use_cache)
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(arguments.path("recipe", recipe))
     output = Path(output) if output else recipe.path.parent / "build"
     stages_to = output.parent / f"{output.name}.partition" if recipe.partition is not None else None
     reads = recipe.files()  # a destination holding the recipe or its model, weights or data is refused

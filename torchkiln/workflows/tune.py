@@ -19,7 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from torchkiln.compiler.budget import integer
+from torchkiln.compiler import arguments
+from torchkiln.compiler.arguments import integer
 from torchkiln.compiler.files import atomic_directory, check_destination, write_marker
 from torchkiln.driver.cache import default_directory
 from torchkiln.errors import ConfigError
@@ -74,15 +75,20 @@ def tune(
     ``progress`` receives a line per event; ``progress_bar`` (default: with ``progress``) shows a
     trial bar on stderr.
     """
-    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    arguments.path("output", output, optional=True)
+    arguments.path("cache_dir", cache_dir, optional=True)
+    arguments.text("storage", storage, optional=True)
+    arguments.flag("use_cache", use_cache)
+    arguments.flag("write", write)
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(arguments.path("recipe", recipe))
     settings = tuning.settings(recipe)
-    for count, number in (("trials", trials), ("workers", workers)):
+    for count, number, most in (("trials", trials, 100_000), ("workers", workers, 256)):
         if number is not None:
-            integer(count, number)
-    for flag, value, low in (("timeout", timeout, 0), ("grace_period", grace_period, 1)):  # NaN never ends
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not math.isfinite(value) or value < low):  # fmt: skip
-            raise ConfigError(f"{flag} must be a finite number of seconds >= {low}, got {value!r}", where=flag)
+            integer(count, number, high=most)
+    for seconds, given, low in (("timeout", timeout, 0), ("grace_period", grace_period, 1)):  # NaN never ends
+        if given is not None and (isinstance(given, bool) or not isinstance(given, (int, float))
+                                  or not math.isfinite(given) or given < low):  # fmt: skip
+            raise ConfigError(f"{seconds} must be a finite number of seconds >= {low}, got {given!r}", where=seconds)
     if trials is not None:
         settings = dataclasses.replace(settings, trials=trials)
     destination = Path(output) if output else recipe.path.parent / "tune"
