@@ -52,6 +52,7 @@ bench: $(STAMP)
 fuzz-long: $(STAMP)
 	TORCHKILN_FUZZ_EXAMPLES=1000 $(BIN)/python -m pytest tests/test_fuzz.py -k random_models
 	TORCHKILN_FORMAT_FUZZ_EXAMPLES=1000 $(BIN)/python -m pytest tests/test_format_fuzz.py --hypothesis-show-statistics
+	TORCHKILN_API_FUZZ_EXAMPLES=1000 $(BIN)/python -m pytest -n 2 tests/test_api_fuzz.py
 
 # On a lent GPU machine (runs from source with its own python3 + torch): GPU tests, CUDA round trip, bench rows.
 gpu-check:
