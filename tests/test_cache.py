@@ -233,3 +233,39 @@ def test_a_cache_on_a_full_disk_is_skipped_with_a_warning(tmp_path, monkeypatch)
     assert "No space left on device" in compiled.report.cache["optimize"]
     torch.testing.assert_close(compiled(x), model(x))
     assert not (tmp_path / "optimize").exists() or not any((tmp_path / "optimize").iterdir())  # nothing half-written
+
+
+def _rewrite_first_call(state, op, target, args):
+    node = next(n for n in state["graph"]["nodes"] if n["op"] in ("call_function", "call_module"))
+    node["op"], node["target"], node["args"] = op, target, {"tuple": args}
+
+
+@pytest.mark.parametrize(("op", "target", "args"), [
+    # getattr(x, "__class__") -> __init__ -> __globals__ -> os: any object in the process, then its methods
+    ("call_function", "builtins.getattr", [{"node": "x"}, "__class__"]),
+    ("call_function", "builtins.getattr", [{"node": "x"}, {"node": "x"}]),
+    ("call_method", "__reduce_ex__", [{"node": "x"}, 2]),
+    ("call_method", "system", [{"node": "x"}, "touch ran"]),
+    ("call_method", "register_hook", [{"node": "x"}, {"node": "x"}]),
+    ("call_function", "operator.methodcaller", ["system", "touch ran"]),
+    ("call_function", "operator.attrgetter", ["__class__"]),
+])  # fmt: skip
+def test_a_cached_graph_cannot_reach_past_tensors(tmp_path, op, target, args):
+    _, _, _, entry = _cached_entry(tmp_path)
+    state = json.loads((entry / "program.json").read_text())
+    placeholder = next(n["name"] for n in state["graph"]["nodes"] if n["op"] == "placeholder")
+    args = [{"node": placeholder} if a == {"node": "x"} else a for a in args]
+    _tamper(entry, lambda s: _rewrite_first_call(s, op, target, args))
+    assert cache.load_program(entry) is None
+
+
+def test_a_cached_get_attr_of_a_module_is_a_miss(tmp_path):
+    _, _, _, entry = _cached_entry(tmp_path)
+
+    def edit(state):
+        module = next(iter(state["graph"]["modules"]))
+        node = next(n for n in state["graph"]["nodes"] if n["op"] == "call_module")
+        node["op"], node["target"], node["args"] = "get_attr", module, {"tuple": []}
+
+    _tamper(entry, edit)
+    assert cache.load_program(entry) is None

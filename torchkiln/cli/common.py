@@ -135,6 +135,8 @@ def example_inputs(args: argparse.Namespace, entry: models.ZooEntry | None) -> d
     for index, text in enumerate(args.input):
         default = zoo_names[index] if index < len(zoo_names) else ("x" if index == 0 else f"input_{index}")
         name, shape, dtype, high = parse_input(text, default)
+        cost = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        check_allocation("--input", text, cost, f"input '{name}'", ConfigError)
         if dtype.is_floating_point:
             tensors[name] = torch.randn(shape, generator=generator).to(dtype)
         elif dtype is torch.bool:

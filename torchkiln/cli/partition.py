@@ -8,6 +8,7 @@ import sys
 
 from torchkiln.backends import BACKEND_NAMES
 from torchkiln.cli.common import add_model_arguments, example_inputs, stage_printer
+from torchkiln.compiler.arguments import integer
 from torchkiln.compiler.files import check_destination
 from torchkiln.driver.api import DEFAULT_PASSES
 from torchkiln.driver.partition import partition
@@ -38,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     model, entry = load_model(args.model)
     inputs = example_inputs(args, entry)
     if entry is not None and not args.input:
-        inputs = entry.example_inputs(batch=args.batch, seed=args.seed)
+        inputs = entry.example_inputs(batch=integer("--batch", args.batch, high=1 << 20), seed=args.seed)
     result = partition(model, inputs, stages=args.stages, balance=args.balance, backend=args.backend,
                        passes=args.passes, progress=stage_printer(args.quiet))  # fmt: skip
     result.save(args.output)

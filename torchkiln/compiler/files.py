@@ -102,6 +102,13 @@ def check_destination(
     replacing it could lose something that is not ours: a file, a non-empty directory that is not
     a ``kind`` of ours, the current directory or one of its parents, or a directory holding a file
     the writer reads (``reads``: ``(what, path)`` pairs, e.g. the recipe and the model's source)."""
+    with _unusable_path(destination):
+        return _check_destination(destination, kind, reads)
+
+
+def _check_destination(
+    destination: str | os.PathLike[str], kind: str, reads: Iterable[tuple[str, str | os.PathLike[str]]]
+) -> Path:
     if kind not in MARKERS:
         raise ValueError(f"unknown destination kind {kind!r}")
     dest = Path(destination)
@@ -129,6 +136,24 @@ def check_file_destination(
     """The file a writer of ``kind`` (:data:`FILE_KINDS`) will replace: a path with the kind's suffix
     that is missing or a file we wrote (it carries our marker) and not one the writer reads
     (``reads``, as for :func:`check_destination`); anything else is refused."""
+    with _unusable_path(destination):
+        return _check_file_destination(destination, kind, reads)
+
+
+@contextlib.contextmanager
+def _unusable_path(destination: str | os.PathLike[str]) -> Iterator[None]:
+    """A path the system cannot even look at (a name over 255 bytes, a component that is a file) is
+    a DestinationError naming it, not a bare OSError."""
+    try:
+        yield
+    except OSError as exc:
+        raise DestinationError(f"cannot write to {destination}: {exc.strerror or exc}", where=str(destination),
+                               hint="choose another output path") from None  # fmt: skip
+
+
+def _check_file_destination(
+    destination: str | os.PathLike[str], kind: str, reads: Iterable[tuple[str, str | os.PathLike[str]]]
+) -> Path:
     suffix = FILE_KINDS[kind]
     dest = Path(destination)
     if dest.suffix != suffix:

@@ -37,6 +37,10 @@ from torchkiln.backends.torch_operators import why_not_cached
 
 MAX_DEPTH = 16
 MAX_MODULE_DEPTH = 32
+#: the functions of ``operator`` a graph may call: arithmetic, comparison and indexing
+OPERATORS = frozenset({"getitem", "add", "sub", "mul", "matmul", "floordiv", "truediv", "mod", "pow", "neg", "pos",
+                       "abs", "invert", "eq", "ne", "lt", "le", "gt", "ge", "and_", "or_", "xor", "not_",
+                       "lshift", "rshift", "index", "truth", "contains"})  # fmt: skip
 FACTORIES = ("arange", "zeros", "ones", "full", "empty", "tensor", "as_tensor", "scalar_tensor", "linspace",
              "eye", "tril_indices", "triu_indices", "zeros_like", "ones_like", "full_like", "empty_like")  # fmt: skip
 _NAMESPACES: dict[str, Any] = {"torch": torch, "torch.nn.functional": torch.nn.functional, "operator": operator,
@@ -94,6 +98,7 @@ def describe(gm: fx.GraphModule, tensors: Tensors) -> dict[str, Any]:
     nodes, modules, attributes = [], {}, {}
     for node in gm.graph.nodes:
         where = f"node '{node.name}'"
+        _safe_call(node.op, node.target, node.args, where, NotCacheable)
         target = _function_name(node.target, where) if node.op == "call_function" else str(node.target)
         meta = {"nn_module_stack": _plain_stack(node.meta["nn_module_stack"])} if "nn_module_stack" in node.meta else {}
         nodes.append({"op": node.op, "name": node.name, "target": target, "meta": meta,
@@ -102,6 +107,8 @@ def describe(gm: fx.GraphModule, tensors: Tensors) -> dict[str, Any]:
             modules[target] = _describe_module(gm.get_submodule(target), tensors, target, 0)
         elif node.op == "get_attr" and target not in attributes:
             value = _fetch(gm, target)
+            if not isinstance(value, torch.Tensor):
+                raise NotCacheable(f"node '{node.name}' reads {target!r}, a {type(value).__name__}, not a tensor")
             attributes[target] = encode(value, tensors, f"attribute '{target}'")
     return {"nodes": nodes, "modules": modules, "attributes": attributes, "class_name": type(gm).__name__,
             "training": gm.training}  # fmt: skip
@@ -131,9 +138,24 @@ def _function_name(target: Any, where: str) -> str:
 
 
 def _allowed_function(namespace: str, name: str, function: Any) -> bool:
-    if namespace in ("operator", "math"):
+    if namespace == "operator":  # not attrgetter, methodcaller, call: they reach any attribute or method
+        return name in OPERATORS
+    if namespace == "math":
         return callable(function)
     return (namespace == "torch" and name in FACTORIES) or id(function) in _overridable()
+
+
+def _safe_call(op: str, target: Any, args: tuple[Any, ...], where: str, error: type[Exception]) -> None:
+    """A method call or ``getattr`` reaches only public tensor attributes: ``getattr(x, "__class__")``
+    and on to ``__init__.__globals__`` would reach any object in the process, and a method call on
+    it anything it can do."""
+    if op == "call_method" and (not isinstance(target, str) or target.startswith("_")
+                                or not hasattr(torch.Tensor, target)):  # fmt: skip
+        raise error(f"{where} calls method {target!r}, not a public tensor method")
+    if op == "call_function" and target is builtins.getattr and (
+        len(args) != 2 or not isinstance(args[1], str) or args[1].startswith("_")
+    ):
+        raise error(f"{where} reads attribute {args[1:]!r}: only public attributes named by a constant")
 
 
 _OVERRIDABLE: set[int] = set()
@@ -228,6 +250,7 @@ def rebuild(
         if not isinstance(args, tuple) or not isinstance(kwargs, dict):
             raise Invalid(f"node {name!r}: args must be a tuple and kwargs a dict")
         real = _find_function(target) if op == "call_function" else target
+        _safe_call(op, real, args, f"node {name!r}", Invalid)
         node = graph.create_node(op, real, args, kwargs, name=name)
         stack = _dict(_dict(entry.get("meta", {}), "meta").get("nn_module_stack", {}), "nn_module_stack")
         if stack:
@@ -235,6 +258,9 @@ def rebuild(
         env[name] = node
     graph.lint()
     gm = fx.GraphModule(root, graph, class_name=str(description["class_name"]))
+    for node in gm.graph.nodes:  # a value read from the module is data, never a module to call methods on
+        if node.op == "get_attr" and not isinstance(_fetch(gm, str(node.target)), torch.Tensor):
+            raise Invalid(f"node {node.name!r} reads {node.target!r}, which is not a tensor")
     gm.training = bool(description["training"])
     return gm
 

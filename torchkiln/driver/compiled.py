@@ -297,6 +297,8 @@ def load(directory: str | os.PathLike[str], allow_native_code: bool = False) -> 
             return _load_once(path, allow_native_code)
         except _Replaced:
             time.sleep(0.01 * attempt)
+        except OSError as exc:  # a path the system cannot look at (a name over 255 bytes, a loop of links)
+            raise ArtifactError(f"cannot read {path}: {exc.strerror or exc}", where=str(path)) from None
     raise ArtifactError(
         f"{path} kept changing while it was loaded", where=str(path), hint="load it again once it is written"
     )

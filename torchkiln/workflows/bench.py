@@ -105,6 +105,8 @@ def bench_model(
     """
     sizes = _checked(batch_sizes, runs, plot)
     inputs = dict(arguments.named("inputs", inputs))
+    if not inputs or not all(isinstance(v, torch.Tensor) for v in inputs.values()):
+        raise ConfigError("inputs must be a non-empty dict of tensors by input name", where="inputs")
     if runtimes is not None and not isinstance(runtimes, str):
         arguments.strings("runtimes", runtimes)
     _check_batches(inputs, sizes)
@@ -130,7 +132,7 @@ def bench_artifact(
     sizes = _checked(batch_sizes, runs, plot)
     arguments.path("artifact", artifact)
     arguments.text("eager_name", eager_name)
-    arguments.integer("seed", seed, low=0)
+    arguments.integer("seed", seed, low=0, high=2**63 - 1)
     arguments.flag("allow_native_code", allow_native_code)
     say = progress or (lambda _: None)
     calls, rows = _artifact_runtimes(str(artifact), eager_model, eager_name, sizes, seed, allow_native_code, say)

@@ -82,7 +82,9 @@ def tune(
     arguments.flag("write", write)
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(arguments.path("recipe", recipe))
     settings = tuning.settings(recipe)
-    for count, number, most in (("trials", trials, 100_000), ("workers", workers, 256)):
+    # each worker is a process with its own torch (~0.5 GiB): more than the cores only compete (a fuzzed
+    # workers=200 filled 24 GiB)
+    for count, number, most in (("trials", trials, 100_000), ("workers", workers, os.cpu_count() or 1)):
         if number is not None:
             integer(count, number, high=most)
     for seconds, given, low in (("timeout", timeout, 0), ("grace_period", grace_period, 1)):  # NaN never ends
