@@ -162,23 +162,28 @@ def _bookkeeping_threads(model: Any) -> Iterator[None]:
         return
     # torch's thread count is the process's: with generations in several threads, the first lowers
     # it and the last one out restores it
-    with _THREADS_LOCK:
-        if not _GENERATING:
-            _GENERATING.append(torch.get_num_threads())
+    with _THREADS.lock:
+        if _THREADS.running == 0:
+            _THREADS.saved = torch.get_num_threads()
             torch.set_num_threads(1)
-        _GENERATING.append(0)
+        _THREADS.running += 1
     try:
         yield
     finally:
-        with _THREADS_LOCK:
-            _GENERATING.pop()
-            if len(_GENERATING) == 1:
-                torch.set_num_threads(_GENERATING.pop())
+        with _THREADS.lock:
+            _THREADS.running -= 1
+            if _THREADS.running == 0:
+                torch.set_num_threads(_THREADS.saved)
 
 
-#: [torch's thread count before the first, then one entry per generation running] (_bookkeeping_threads)
-_GENERATING: list[int] = []
-_THREADS_LOCK = threading.Lock()
+class _Threads:
+    """How many generations outside torch are running, and torch's thread count before the first."""
+
+    def __init__(self) -> None:
+        self.lock, self.running, self.saved = threading.Lock(), 0, 1
+
+
+_THREADS = _Threads()
 
 
 def _check_positions(prompt: int, new: int, encoder_decoder: bool, settings: dict[str, Any]) -> None:
