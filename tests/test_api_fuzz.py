@@ -239,6 +239,7 @@ COMMANDS: dict[str, list[str]] = {
     "bench": ["bench", "mlp", "--runs", "2", "--runtimes", "eager"],
     "compare": ["compare", "mlp", "mlp"],
     "partition": ["partition", "mlp", "--stages", "2", "-o", "parts"],
+    "pipeline": ["pipeline", "parts", "--inputs", "in.npz", "-o", "out.npz"],  # outside torchrun: checks, then refused
     "inspect": ["inspect", "mlp"],
     "passes": ["passes"],
 }  # kiln models takes no options

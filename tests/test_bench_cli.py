@@ -143,3 +143,73 @@ def test_bench_generate_never_prints_a_negative_or_noise_decode_rate():
     rows = [("tiny", 1, "HF eager", 1.0, 100.0), ("tiny", 1, "torchkiln fp32", 1.0, math.nan)]
     text = script.table(rows)
     assert "| tiny | 1 | torchkiln fp32 | 1.0 | - | - |" in text and "not measurable" in text and "nan" not in text
+
+
+transformers = pytest.importorskip(
+    "transformers", reason="transformers is not installed (pip install 'torchkiln[hf]')"
+)
+
+
+@pytest.fixture(scope="module")
+def cached_llama(tmp_path_factory):
+    from tests.conftest import compile_quietly, tiny_llama
+
+    lm = tiny_llama()
+    ids = torch.randint(3, 128, (1, 6))
+    directory = tmp_path_factory.mktemp("bench-lm") / "artifact"
+    compile_quietly(lm, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}).save(directory)
+    return lm, directory
+
+
+def test_a_cached_lm_artifact_is_timed_as_prefill_and_decode_beside_its_eager_model(cached_llama):
+    """Random inputs of the specs were a mask and a cache that disagree (ONNX Runtime: 'GatherND invalid
+    index'); now each batch is a prefill over an empty cache and one decode step over the prefill's."""
+    lm, directory = cached_llama
+    result = bench.bench_artifact(directory, eager_model=lm, batch_sizes=[1, 3], runs=3, prompt_length=7)
+    timed = {(r.runtime, r.batch) for r in result.rows if r.latency}
+    phases = ("prefill 7", "decode @7")
+    assert timed == {
+        (f"{who} {p}", b) for who in ("artifact (onnxruntime)", "eager") for p in phases for b in (1, 3)
+    }
+    ratios = {r.runtime: r.vs_eager for r in result.rows if r.batch == 1}
+    assert ratios["eager decode @7"] == 1.0 and ratios["artifact (onnxruntime) decode @7"] > 0
+
+
+def test_the_decode_step_bench_times_is_the_one_generation_runs(cached_llama):
+    from torchkiln.driver.compiled import load
+    from torchkiln.driver.generate import empty_past, lm_steps
+
+    lm, directory = cached_llama
+    compiled = load(directory)
+    ids = torch.randint(3, 128, (2, 9))
+    _, decode = lm_steps(compiled, [s.name for s in compiled.inputs], empty_past(compiled, 2), ids)
+    assert decode["past_key_0"].shape[2] == 8 and decode["attention_mask"].shape == (2, 9)
+    with torch.no_grad():
+        expected = lm(input_ids=ids).logits[:, -1]
+    torch.testing.assert_close(compiled(**decode)["logits"][:, -1], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_mask_that_does_not_span_past_and_sequence_is_refused_by_name(cached_llama):
+    from torchkiln.driver.compiled import load
+    from torchkiln.driver.generate import empty_past, lm_steps
+    from torchkiln.errors import InputError
+
+    _, directory = cached_llama
+    compiled = load(directory)
+    _, decode = lm_steps(
+        compiled, [s.name for s in compiled.inputs], empty_past(compiled, 1), torch.randint(3, 128, (1, 4))
+    )
+    with pytest.raises(
+        InputError, match=r"'attention_mask' has 2 on axis 1 \(past\+sequence\).*past 3 \+ sequence 1 = 4"
+    ):
+        compiled(**{**decode, "attention_mask": decode["attention_mask"][:, :2]})
+
+
+def test_a_prompt_longer_than_the_positions_exits_2(cached_llama, capsys):
+    _, directory = cached_llama
+    assert main(["bench", str(directory), "--prompt-length", "64", "--quiet"]) == 2
+    assert (
+        "a prompt of 64 tokens and one decoded token exceed the model's 64 positions"
+        in capsys.readouterr().err
+    )
+    assert main(["bench", str(directory), "--prompt-length", "0", "--quiet"]) == 2

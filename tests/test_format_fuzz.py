@@ -341,8 +341,49 @@ def test_mutated_partitions(saved_partition, mutation):
 
         with guarded(work):
             typed_or_described(lambda: torchkiln.load_partition(directory), run)
+        _run_pipeline_verb(work, directory)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _run_pipeline_verb(work: Path, directory: Path) -> None:
+    """``kiln pipeline`` on the partition as rank 0 of a one-rank group (a two-stage partition is then
+    refused after rank 0 loaded its stage; a one-stage one runs): exit 0, 1 or 2 with the rank's error
+    line, never a traceback, and only its own -o written."""
+    import io
+    import socket
+
+    import numpy as np
+
+    from torchkiln.cli import main
+
+    np.savez(work / "in.npz", input=np.ones((4, 4), dtype=np.float32))
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    world = {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
+    saved = {k: os.environ.get(k) for k in world}
+    err = io.StringIO()
+    os.environ.update(world)
+    try:
+        with guarded(work, writable=work / "out"), contextlib.redirect_stderr(err):
+            (work / "out").mkdir()
+            code = main(["pipeline", str(directory), "--inputs", str(work / "in.npz"), "-o", str(work / "out" / "o.npz"),
+                         "--microbatches", "2", "--timeout", "20"])  # fmt: skip
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+    text = err.getvalue()
+    assert code in (0, 1, 2) and "Traceback" not in text, text[-800:]
+    assert (code == 0) == (work / "out" / "o.npz").exists(), text[-800:]
+    assert code == 0 or "[rank 0] error:" in text, text[-800:]
+    event(f"kiln pipeline exit {code}")
 
 
 # --- recipes and [tune] tables -----------------------------------------------------------------------------

@@ -18,10 +18,10 @@ from torch import nn
 import torchkiln
 from torchkiln import models
 from torchkiln.cli import main
+from torchkiln.compiler.files import mark_npz
 from torchkiln.driver.partition import Boundary
 from torchkiln.errors import ArtifactError, ConfigError, PipelineError
 from torchkiln.workflows.pipeline import check_boundary
-from torchkiln.workflows.pipeline import main as pipeline_main
 
 pytestmark = pytest.mark.xdist_group("pipeline")  # the torchrun cases share the two cores' ports and time
 
@@ -71,7 +71,7 @@ def test_save_load_and_refusing_a_directory_that_is_not_ours(tmp_path):
 def _torchrun(tmp_path, directory, inputs, timeout_s=60, microbatches=4):
     np.savez(tmp_path / "in.npz", **{k: v.numpy() for k, v in inputs.items()})
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "torchkiln.workflows.pipeline", str(directory), "--inputs", str(tmp_path / "in.npz"),
+               "-m", "torchkiln.cli", "pipeline", str(directory), "--inputs", str(tmp_path / "in.npz"),
                "--microbatches", str(microbatches), "-o", str(tmp_path / "out.npz"), "--timeout", str(timeout_s)]  # fmt: skip
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
@@ -327,8 +327,14 @@ def test_pipeline_inputs_are_checked_against_the_partition_before_they_are_read(
     np.savez(mine, keep=np.ones(1))
     np.savez(tmp_path / "in.npz", **{k: v.numpy() for k, v in inputs.items()})
     # refused on every rank before the group is joined: no torchrun needed to see it
-    assert pipeline_main([str(directory), "--inputs", str(tmp_path / "in.npz"), "-o", str(mine)]) == 1
-    assert "did not write" in capsys.readouterr().err and list(np.load(mine)) == ["keep"]
+    assert main(["pipeline", str(directory), "--inputs", str(tmp_path / "in.npz"), "-o", str(mine)]) == 2
+    assert "[rank 0] error:" in capsys.readouterr().err and list(np.load(mine)) == ["keep"]
+    # nor the file it reads, even one it wrote itself (an earlier run's outputs fed back in)
+    marked = tmp_path / "marked.npz"
+    np.savez(marked, **mark_npz({k: v.numpy() for k, v in inputs.items()}))
+    before = marked.read_bytes()
+    assert main(["pipeline", str(directory), "--inputs", str(marked), "-o", str(marked)]) == 2
+    assert "--inputs" in capsys.readouterr().err and marked.read_bytes() == before
 
 
 def test_a_model_whose_input_is_called_input_partitions(tmp_path):

@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         models,
         partition,
         passes,
+        pipeline,
         tune,
     )
 
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"torchkiln {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for command in (build, tune, export, partition, generate, bench, compare, inspect, passes, models):
+    for command in (build, tune, export, partition, pipeline, generate, bench, compare, inspect, passes, models):
         command.add_parser(sub)
     for command_parser in sub.choices.values():  # module docstrings are reST: --help shows plain text
         command_parser.description = plain(command_parser.description)

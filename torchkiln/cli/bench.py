@@ -27,6 +27,7 @@ from torchkiln.errors import ConfigError
 from torchkiln.workflows.bench import (
     MODEL_RUNTIMES,
     ON_REQUEST,
+    PROMPT_LENGTH,
     bench_artifact,
     bench_model,
     needs_calibration,
@@ -57,6 +58,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--calibration", metavar="SOURCE",
         help="int8 calibration: FILE.pt / FILE.npz / random:N (default: random:8, fine for latency only)",
     )  # fmt: skip
+    parser.add_argument("--prompt-length", type=int, default=PROMPT_LENGTH,
+                        help=f"with a causal LM artifact compiled with its cache: the prompt of the prefill row; the "
+                        f"decode row is one token after it (default: {PROMPT_LENGTH})")  # fmt: skip
     parser.add_argument("--plot", metavar="FILE.png", help="write throughput over batch sizes as a PNG (default: none)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -70,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     if Path(args.model).is_dir():  # a directory is an artifact; load() says what is wrong with it
         eager = load_model(args.eager_model)[0] if args.eager_model else None
         result = bench_artifact(args.model, eager_model=eager, eager_name=f"--model {args.eager_model}", seed=args.seed,
-                                allow_native_code=args.allow_native_code, **common)  # fmt: skip
+                                allow_native_code=args.allow_native_code, prompt_length=args.prompt_length, **common)  # fmt: skip
     else:
         wanted = wanted_runtimes(args.runtimes)
         model, entry = load_model(args.model)

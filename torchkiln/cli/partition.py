@@ -1,5 +1,5 @@
 """``kiln partition``: cut a model into pipeline stages, each its own artifact, for
-``torchrun -m torchkiln.workflows.pipeline``."""
+``kiln pipeline`` under ``torchrun``."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from torchkiln.workflows.loading import files_read, load_model
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "partition",
-        help="cut MODEL into pipeline stages (one artifact each) for torchrun -m torchkiln.workflows.pipeline",
+        help="cut MODEL into pipeline stages (one artifact each) for kiln pipeline (torchrun -m torchkiln.cli pipeline)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

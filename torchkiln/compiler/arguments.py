@@ -7,6 +7,7 @@ Each returns the value it accepted, so a door reads ``stages = integer("stages",
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -25,6 +26,13 @@ def integer(
     if high is not None and value > high:
         raise error(f"{setting}={value} is more than {high:,}", where=setting, hint=f"give at most {high:,}")
     return value
+
+
+def positive(setting: str, value: Any) -> float:
+    """A finite real number > 0 (seconds, megabytes): not a bool, not NaN or infinity."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{setting} must be a finite number > 0, got {_shown(value)}", where=setting)
+    return float(value)
 
 
 def text(setting: str, value: Any, optional: bool = False) -> Any:

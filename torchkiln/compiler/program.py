@@ -242,7 +242,32 @@ def bind_inputs(
         raise InputError(f"missing input(s): {', '.join(missing)}", hint=f"inputs are: {', '.join(names)}")
     for spec in specs:
         spec.check(values[spec.name])
+    check_sums(specs, [values[n] for n in names])
     return [values[n] for n in names]
+
+
+def check_sums(specs: Sequence[TensorSpec], values: Sequence[torch.Tensor]) -> None:
+    """An axis named for a sum of others (a causal LM's mask spans ``past+sequence``) must be that sum
+    of the sizes the other inputs give those axes: a mask of another length made ONNX Runtime fail
+    deep in a ``GatherND`` ("invalid index") and could read past the cache elsewhere."""
+    sizes: dict[str, int] = {}
+    for spec, value in zip(specs, values):
+        for axis, dim in enumerate(spec.shape):
+            if isinstance(dim, str) and "+" not in dim:
+                sizes.setdefault(dim, int(value.shape[axis]))
+    for spec, value in zip(specs, values):
+        for axis, dim in enumerate(spec.shape):
+            if not isinstance(dim, str) or "+" not in dim:
+                continue
+            parts = dim.split("+")
+            if all(p in sizes for p in parts) and int(value.shape[axis]) != sum(sizes[p] for p in parts):
+                given = " + ".join(f"{p} {sizes[p]}" for p in parts)
+                raise InputError(
+                    f"input '{spec.name}' has {value.shape[axis]} on axis {axis} ({dim}); the other inputs give {given}"
+                    f" = {sum(sizes[p] for p in parts)}",
+                    where=spec.name,
+                    hint=f"make '{spec.name}' cover {dim}: e.g. a causal LM's mask spans the cache and the new tokens",
+                )
 
 
 def check_constant(name: str, compiled: Constant, given: Any) -> None:

@@ -19,7 +19,7 @@ import math
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 import torch
@@ -98,7 +98,7 @@ def generate(
     ))  # fmt: skip
     _check_positions(0 if speech else input_ids.shape[1], max_new_tokens, encoder is not None, settings)
     batch = input_ids.shape[0]
-    _check_cache_memory(model, batch, 1 if encoder is not None else input_ids.shape[1], max_new_tokens)
+    check_cache_memory(model, batch, 1 if encoder is not None else input_ids.shape[1], max_new_tokens)
     mask = torch.ones(input_ids.shape[:2], dtype=torch.long) if attention_mask is None else attention_mask
     if not speech and (not isinstance(mask, torch.Tensor) or mask.shape != input_ids.shape):
         raise InputError(f"attention_mask must have input_ids' shape {list(input_ids.shape)}", where="attention_mask")
@@ -200,17 +200,20 @@ def _check_positions(prompt: int, new: int, encoder_decoder: bool, settings: dic
     )
 
 
-def _check_cache_memory(model: Any, batch: int, prompt: int, new: int) -> None:
+def check_cache_memory(
+    model: Any, batch: int, prompt: int, new: int, setting: str = "max_new_tokens", value: Any = None
+) -> None:
     """The cache a generation grows to (every past input whose length grows, at prompt + new positions) priced
     against the memory budget before it is allocated: a runtime that keeps it in place allocates
-    all of it at the first step, and a model without a position limit has no other bound."""
+    all of it at the first step, and a model without a position limit has no other bound. The
+    error names ``setting`` (default: ``max_new_tokens``) and ``value`` (default: ``new``)."""
     per_position, positions = 0, prompt + new
     for spec in model.inputs:
         shape = spec.shape
         if spec.name.startswith(PAST) and len(shape) == 4 and not isinstance(shape[2], int):
             fixed = math.prod(d for d in (shape[1], shape[3]) if isinstance(d, int))
             per_position += batch * fixed * dtype_from_name(spec.dtype).itemsize
-    check_allocation("max_new_tokens", new, per_position * positions,
+    check_allocation(setting, new if value is None else value, per_position * positions,
                      f"a KV cache of {positions} positions at batch {batch}")  # fmt: skip
 
 
@@ -361,14 +364,28 @@ def empty_past(model: Any, batch: int) -> dict[str, torch.Tensor]:
 def step_inputs(
     model: Any, input_ids: torch.Tensor, mask: torch.Tensor, past: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """The artifact's inputs for ``input_ids`` after ``past``: ``mask`` covers past + new tokens."""
-    names = {spec.name for spec in model.inputs}
+    """The artifact's inputs for ``input_ids`` after ``past``: ``mask`` covers past + new tokens.
+    ``model`` is an artifact or the names of its inputs."""
+    names = {spec.name for spec in model.inputs} if hasattr(model, "inputs") else set(model)
     inputs = {"input_ids": input_ids, **past}
     if "attention_mask" in names:
         inputs["attention_mask"] = mask
     if "position_ids" in names:
         inputs["position_ids"] = positions(mask, input_ids.shape[1])
     return inputs
+
+
+def lm_steps(
+    call: Callable[..., Any], names: Collection[str], past: dict[str, torch.Tensor], ids: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The inputs of two steps of a causal LM with its cache passed in and out: the prefill of the
+    prompt ``ids[:, :-1]`` over the empty ``past``, and the decode of ``ids[:, -1:]`` after it (its
+    past the present ``call`` returned for the prefill: what a generation's second step sees)."""
+    prompt, mask = ids[:, :-1], torch.ones_like(ids)
+    prefill = step_inputs(names, prompt, mask[:, :-1], past)
+    out = call(**prefill)
+    present = {name: out[_present(name)] for name in past}
+    return prefill, step_inputs(names, ids[:, -1:], mask, present)
 
 
 def prompt_logits(model: Any, input_ids: torch.Tensor) -> torch.Tensor:

@@ -32,11 +32,13 @@ from torch import nn
 import torchkiln
 from torchkiln.compiler import arguments
 from torchkiln.compiler.budget import check_allocation
+from torchkiln.compiler.causal_lm import wants_cache, with_cache
 from torchkiln.compiler.files import check_file_destination
 from torchkiln.compiler.graph import parameter_stats
 from torchkiln.driver.auto import SETTLE
 from torchkiln.driver.benchmark import Latency, PeakMemory, interleaved_times, machine_line
-from torchkiln.driver.compiled import CompiledModel, load
+from torchkiln.driver.compiled import CompiledEncoderDecoder, CompiledModel, load
+from torchkiln.driver.generate import PAST, check_cache_memory, empty_past, lm_steps, vocabulary
 from torchkiln.errors import ConfigError, InputError
 from torchkiln.workflows.plots import latency_plot
 
@@ -47,6 +49,8 @@ OPENVINO_RUNTIMES = ("openvino-fp32", "openvino-int8")
 # Asked for by name only: each is an AOTInductor C++ build (20-60 s on 2 cores), or, for auto, several.
 ON_REQUEST = ("inductor-fp32", "inductor-bf16", "inductor-int8", "inductor-cuda-bf16", "openvino-bf16", "auto")
 MODEL_RUNTIMES = CPU_RUNTIMES + OPENVINO_RUNTIMES + GPU_RUNTIMES + ON_REQUEST
+#: a cached LM's prompt in tokens (``kiln bench --prompt-length``)
+PROMPT_LENGTH = 32
 #: the widest line of a table (the full notes are in --json)
 WIDTH = 120
 #: what a builder returns: run(inputs) on the runtime's device, file size in MB, that device
@@ -124,18 +128,21 @@ def bench_artifact(
     runs: int = 100,
     seed: int = 0,
     allow_native_code: bool = False,
+    prompt_length: int = PROMPT_LENGTH,
     plot: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> BenchResult:
     """Time a saved artifact (and ``eager_model``, called ``eager_name`` in errors, beside it) on random
-    inputs of its specs."""
+    inputs of its specs. A causal LM compiled with its cache is timed as two rows per batch: the
+    prefill of a ``prompt_length``-token prompt and the decode of one token after it."""
     sizes = _checked(batch_sizes, runs, plot)
     arguments.path("artifact", artifact)
     arguments.text("eager_name", eager_name)
     arguments.integer("seed", seed, low=0, high=2**63 - 1)
     arguments.flag("allow_native_code", allow_native_code)
     say = progress or (lambda _: None)
-    calls, rows = _artifact_runtimes(str(artifact), eager_model, eager_name, sizes, seed, allow_native_code, say)
+    prompt = arguments.integer("prompt_length", prompt_length, high=1 << 20)
+    calls, rows = _artifact_runtimes(str(artifact), eager_model, eager_name, sizes, seed, allow_native_code, prompt, say)
     return _timed(calls, rows, runs, plot, say, progress is not None)
 
 
@@ -320,18 +327,20 @@ def _synchronized(run_one: Callable[[Any], Any], device: str) -> Callable[[Any],
 
 def _artifact_runtimes(
     artifact: str, model: nn.Module | None, name: str, batches: list[int], seed: int, allow_native_code: bool,
-    say: Callable[[str], None],
+    prompt: int, say: Callable[[str], None],
 ) -> tuple[dict[Any, Callable[[], Any]], list[Row]]:  # fmt: skip
     say(f"loading {artifact}")
     peak = PeakMemory()
     with peak.measure():
         compiled = load(artifact, allow_native_code=allow_native_code)
+    size = (compiled.artifact.file_bytes() or 0) / 1e6
+    label = f"artifact ({compiled.backend})" + (" decoder step" if isinstance(compiled, CompiledEncoderDecoder) else "")
+    if is_cached_lm(compiled):
+        return _lm_runtimes(compiled, label, model, name, batches, prompt, seed, peak, size)
     example = _inputs_from_specs(compiled, seed)
     _check_batches(example, batches)
     calls: dict[Any, Callable[[], Any]] = {}
     rows: list[Row] = []
-    size = (compiled.artifact.file_bytes() or 0) / 1e6
-    label = f"artifact ({compiled.backend})"
     static = next((s.shape[0] for s in compiled.inputs if s.shape and isinstance(s.shape[0], int)), None)
     for batch in batches:
         if static is not None and batch != static:
@@ -348,6 +357,80 @@ def _artifact_runtimes(
             calls[("eager", batch)] = _bound(lambda x: model(**x), inputs)
             rows.append(Row("eager", batch, size_mb=_state_mb(model)))
     return calls, rows
+
+
+def is_cached_lm(compiled: CompiledModel) -> bool:
+    """A causal LM compiled with its KV cache (``past_*`` inputs beside ``input_ids``): random inputs of
+    its specs would be a mask and a cache that disagree, so it is timed as a prefill and a decode step."""
+    names = [spec.name for spec in compiled.inputs]
+    return (
+        "input_ids" in names
+        and any(n.startswith(PAST) for n in names)
+        and not isinstance(compiled, CompiledEncoderDecoder)
+    )
+
+
+def _lm_runtimes(
+    compiled: CompiledModel, label: str, model: nn.Module | None, name: str, batches: list[int], prompt: int,
+    seed: int, peak: PeakMemory, size: float,
+) -> tuple[dict[Any, Callable[[], Any]], list[Row]]:  # fmt: skip
+    """A cached LM per batch: the prefill of a ``prompt``-token prompt (empty cache) and the decode of
+    one token after it (the prefill's cache): the two costs of a generation, which differ by orders
+    of magnitude. Prompts are random ids of the vocabulary; ``model`` (eager) is run through the
+    same cache wrapper the artifact was compiled from."""
+    limit = (compiled.generation or {}).get("max_positions")
+    if limit is not None and prompt + 1 > limit:
+        raise ConfigError(f"a prompt of {prompt} tokens and one decoded token exceed the model's {limit} positions",
+                          where="--prompt-length", hint=f"use --prompt-length {limit - 1} or less")  # fmt: skip
+    vocab = vocabulary(compiled) or 100
+    check_cache_memory(compiled, max(batches), prompt, 1, "--prompt-length", prompt)
+    generator = torch.Generator().manual_seed(seed)
+    calls: dict[Any, Callable[[], Any]] = {}
+    rows: list[Row] = []
+    eager = _eager_lm(model, name, vocab) if model is not None else None
+    for batch in batches:
+        ids = torch.randint(0, vocab, (batch, prompt + 1), generator=generator)
+        runners = [(label, compiled, [s.name for s in compiled.inputs], empty_past(compiled, batch), size)]
+        if eager is not None:
+            wrapped, names, empty = eager
+            runners.append(("eager", wrapped, names, {n: t[:, :, :0].expand(batch, -1, -1, -1).contiguous() for n, t in empty.items()},
+                            _state_mb(model)))  # type: ignore[arg-type]  # fmt: skip
+        for runtime, call, names, past, mb in runners:
+            with torch.no_grad():
+                steps = lm_steps(call, names, past, ids)
+            for phase, inputs in zip((f"prefill {prompt}", f"decode @{prompt}"), steps):
+                calls[(f"{runtime} {phase}", batch)] = _bound(_no_grad(call), inputs)
+                growth = _mb(peak.growth_bytes) if runtime == label else None
+                rows.append(Row(f"{runtime} {phase}", batch, peak_mb=growth, size_mb=mb))
+    return calls, rows
+
+
+def _eager_lm(
+    model: nn.Module, name: str, vocab: int
+) -> tuple[nn.Module, list[str], dict[str, torch.Tensor]]:
+    """The eager causal LM wrapped with its cache as tensors (as compile wraps it): the module, its
+    input names and its past inputs (at the example's length; cut to 0 for a prefill)."""
+    ids = torch.randint(0, vocab, (1, 2))
+    try:
+        if not wants_cache(model, {"input_ids": ids}):
+            raise InputError("it is not a causal LM with a KV cache")
+        with torch.no_grad():
+            wrapped, example, _ = with_cache(
+                model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            )
+    except Exception as exc:
+        raise InputError(f"{name} cannot be timed beside a causal LM artifact: {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}",
+                         where="--model", hint="give the Hugging Face model the artifact was compiled from") from exc  # fmt: skip
+    return wrapped, list(example), {n: t for n, t in example.items() if n.startswith(PAST)}
+
+
+def _no_grad(call: Callable[..., Any]) -> Callable[..., Any]:
+    def run(inputs: dict[str, torch.Tensor]) -> Any:
+        with torch.no_grad():
+            return call(**inputs)
+
+    return run
 
 
 def _check_runs(model: nn.Module, inputs: dict[str, torch.Tensor], name: str) -> None:
@@ -402,10 +485,14 @@ def _mb(value: int | None) -> float | None:
 
 
 def _ratios(rows: list[Row]) -> None:
-    eager = {r.batch: r.latency.p50 for r in rows if r.runtime == "eager" and r.latency}
+    """Each row against eager at its batch (and, for a cached LM, in its phase: ``eager prefill 32``)."""
+    eager = {(r.runtime.removeprefix("eager"), r.batch): r.latency.p50 for r in rows
+             if (r.runtime == "eager" or r.runtime.startswith("eager ")) and r.latency}  # fmt: skip
     for row in rows:
-        if row.latency and row.batch in eager:
-            row.vs_eager = eager[row.batch] / row.latency.p50
+        phases = [p for p, b in eager if b == row.batch and row.runtime.endswith(p)]
+        phase = max(phases, key=len, default=None)  # "eager decode @32" for "artifact (...) decode @32"
+        if row.latency and phase is not None and (phase, row.batch) in eager:
+            row.vs_eager = eager[(phase, row.batch)] / row.latency.p50
 
 
 def _plot(path: str, rows: list[Row]) -> str:

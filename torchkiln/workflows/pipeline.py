@@ -1,6 +1,9 @@
 """The pipeline runtime: rank r of a ``torchrun`` group runs stage r of a partition.
 
-    torchrun --nproc-per-node 2 -m torchkiln.workflows.pipeline DIR --inputs data.npz --microbatches 4 -o out.npz
+    torchrun --nproc-per-node 2 -m torchkiln.cli pipeline DIR --inputs data.npz --microbatches 4 -o out.npz
+
+(``kiln pipeline`` parses the arguments; :func:`pipeline` is this rank's part, :func:`run_pipeline`
+the same on a loaded partition and tensors.)
 
 Rank 0 reads the inputs (``.npz``, one array per model input, batch first) and cuts them into
 micro-batches along the batch axis; each rank runs its stage on a micro-batch and sends what the
@@ -25,7 +28,6 @@ stops the others. Several machines: ``torchrun --nnodes M --node-rank i --rdzv-e
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import math
 import os
@@ -41,10 +43,11 @@ import torch
 import torch.distributed as dist
 from torch.utils import _pytree as pytree
 
+from torchkiln.compiler import arguments
 from torchkiln.compiler.files import atomic_file, check_file_destination, mark_npz
 from torchkiln.compiler.program import dtype_from_name, dtype_name
 from torchkiln.driver.partition import Boundary, Partition, load_partition
-from torchkiln.errors import ConfigError, InputError, KilnError, PipelineError
+from torchkiln.errors import ConfigError, InputError, PipelineError
 
 DEFAULT_TIMEOUT_S = 300
 MAX_RANK = 8  # a header holds [status, ndim, size_0 .. size_7]
@@ -59,7 +62,7 @@ def join_group(timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, int]:
     if not dist.is_initialized():
         if "RANK" not in os.environ:
             raise ConfigError("the pipeline runs under torchrun (RANK / WORLD_SIZE are not set)",
-                              hint="torchrun --nproc-per-node N -m torchkiln.workflows.pipeline DIR ...")  # fmt: skip
+                              hint="torchrun --nproc-per-node N -m torchkiln.cli pipeline DIR ...")  # fmt: skip
         gpu = torch.cuda.is_available() and torch.cuda.device_count() > int(os.environ.get("LOCAL_RANK", 0))
         if gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -188,42 +191,44 @@ def _receive(source: int, boundary: list[Boundary], device: torch.device) -> dic
     return values
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m torchkiln.workflows.pipeline", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("directory", help="a partition written by kiln partition / Partition.save")
-    parser.add_argument("--inputs", required=True, help=".npz with one array per model input (read on rank 0)")
-    parser.add_argument("--microbatches", type=int, default=4)
-    parser.add_argument("-o", "--output", required=True, help=".npz the last rank writes")
-    parser.add_argument("--threads", type=int, help="torch threads per rank (default: torch's)")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds any collective may wait")
-    parser.add_argument("--max-input-mb", type=float, default=DEFAULT_MAX_INPUT_MB,
-                        help=f"refuse --inputs whose arrays declare more than this (default {DEFAULT_MAX_INPUT_MB})")  # fmt: skip
-    args = parser.parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-
-    def say(line: str) -> None:
-        print(f"[rank {rank}] {line}", file=sys.stderr, flush=True)
-
+def pipeline(
+    directory: str | os.PathLike[str],
+    inputs: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    *,
+    microbatches: int = 4,
+    threads: int | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    max_input_mb: float = DEFAULT_MAX_INPUT_MB,
+    say: Callable[[str], None] = lambda _: None,
+) -> Path | None:
+    """This rank's part of running the partition ``directory`` on the ``.npz`` ``inputs`` (read on rank
+    0), the last rank writing the outputs to ``output`` (``kiln pipeline`` under ``torchrun``); returns
+    ``output`` on the last rank, None on the others. Every argument is checked on every rank before
+    the group is joined, so all ranks stop alike; the group is left on return and on error."""
+    arguments.path("directory", directory)
+    arguments.path("inputs", inputs)
+    arguments.integer("--microbatches", microbatches, high=1 << 20)
+    threads = arguments.integer("--threads", threads, high=1 << 12) if threads is not None else None
+    timeout_s = arguments.positive("--timeout", timeout_s)
+    max_input_mb = arguments.positive("--max-input-mb", max_input_mb)
+    check_file_destination(arguments.path("output", output), "npz", reads=[("--inputs", inputs)])
+    if threads is not None:
+        torch.set_num_threads(threads)
     try:
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        check_file_destination(args.output, "npz")  # every rank, before any work: all stop alike
-        join_group(args.timeout)
-        part = load_partition(args.directory, stages=[rank])
+        rank, _ = join_group(timeout_s)
+        part = load_partition(directory, stages=[rank])
         stage = part.stages[rank] if rank < len(part.stages) else None
-        inputs = _read_inputs(Path(args.inputs), stage.inputs, args.max_input_mb) if rank == 0 and stage else None
-        outputs = run_pipeline(part, inputs, args.microbatches, say)
-        if outputs is not None:
-            _write_outputs(Path(args.output), outputs)
-            say(f"wrote {args.output}")
-    except Exception as exc:  # noqa: BLE001 - any failure ends this rank with its error, prefixed
-        say(f"error: {exc.message if isinstance(exc, KilnError) else f'{type(exc).__name__}: {exc}'}")
-        return 1
+        values = _read_inputs(Path(inputs), stage.inputs, max_input_mb) if rank == 0 and stage else None
+        outputs = run_pipeline(part, values, microbatches, say)
+        if outputs is None:
+            return None
+        _write_outputs(Path(output), outputs)
+        say(f"wrote {output}")
+        return Path(output)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    return 0
 
 
 def _read_inputs(path: Path, inputs: list[Any], max_mb: float) -> dict[str, torch.Tensor]:
@@ -274,5 +279,7 @@ def _write_outputs(path: Path, outputs: tuple[torch.Tensor, ...]) -> None:
         np.savez(partial, **mark_npz({f"output_{i}": o.numpy() for i, o in enumerate(outputs)}))
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the runtime's command moved to the kiln command line
+    print("torchkiln.workflows.pipeline is a Python API; run the pipeline with "
+          "torchrun --nproc-per-node N -m torchkiln.cli pipeline DIR --inputs IN.npz -o OUT.npz", file=sys.stderr)  # fmt: skip
+    sys.exit(2)
