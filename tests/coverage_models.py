@@ -25,9 +25,6 @@ class Arch:
     name: str
     family: str  # encoder | decoder | encoder-decoder | vision | audio | torch.nn
     build: Callable[[], tuple[nn.Module, dict[str, Any], dict[str, dict[int, str]]]]
-    # Axes the ONNX exporter cannot keep dynamic, and why: ONNX cases drop them (the torch
-    # backend keeps them); compiling to ONNX with them is an explained error, tested elsewhere.
-    onnx_static: tuple[tuple[str, str], ...] = ()
 
 
 def _text(model: nn.Module, *, mask: bool = True, seq: int = 8, **constants: Any):
@@ -225,8 +222,7 @@ ARCHITECTURES = [
         "ConvNextModel", "ConvNextConfig", num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2)),
     Arch("wav2vec2", "audio", _wav2vec2("Wav2Vec2Model", "Wav2Vec2Config")),
     Arch("whisper-encoder", "audio", _whisper_encoder),
-    Arch("lstm-gru", "torch.nn", _plain(LstmGru, 1, 10, 16, axes={0: "batch", 1: "sequence"}), onnx_static=(
-        ("sequence", "torch.export unrolls aten.lstm over the traced length"),)),  # fmt: skip
+    Arch("lstm-gru", "torch.nn", _plain(LstmGru, 1, 10, 16, axes={0: "batch", 1: "sequence"})),
     Arch("conv-audio", "torch.nn", _plain(ConvAudio, 1, 400, axes={0: "batch", 1: "samples"})),
     Arch("multihead-attention", "torch.nn", _plain(Attention, 1, 8, 16, axes={0: "batch", 1: "sequence"})),
     Arch("transformer-encoder", "torch.nn", _torch_transformer),

@@ -8,6 +8,7 @@ import torch
 from conftest import SWEEP_ZOO, compile_quietly
 from torch import nn
 
+import torchkiln
 from torchkiln import models
 from torchkiln.errors import BackendError, ConfigError, ExportError
 
@@ -181,3 +182,46 @@ def test_the_translation_table_picks_up_transformers_moe_op_registered_after_a_f
     monkeypatch.setattr(onnx_lowering, "_registered", lambda namespace, name: "transformers-op")
     table = onnx_lowering.translation_table()
     assert len(table) == 6 and callable(table["transformers-op"])
+
+
+class _LstmGruClassifier(nn.Module):
+    """A user's own recurrent classifier: an LSTM feeding a bidirectional GRU, the last step classified."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(16, 32, batch_first=True)
+        self.gru = nn.GRU(32, 24, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(48, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.gru(self.lstm(x)[0])[0][:, -1])
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_an_lstm_feeding_a_gru_keeps_a_dynamic_sequence_on_onnx(backend, tmp_path):
+    """torch shaped the recurrent ops by unrolling them over the traced length: the ONNX graph held a
+    Reshape to it and ONNX Runtime failed ('lstm/Reshape') even at the example's own size."""
+    if backend == "openvino":
+        pytest.importorskip("openvino", reason="openvino is not installed (pip install 'torchkiln[openvino]')")
+    model = _LstmGruClassifier().eval()
+    compiled = compile_quietly(model, {"x": torch.randn(2, 10, 16)}, backend=backend,
+                               dynamic_axes={"x": {0: "batch", 1: "sequence"}})  # fmt: skip
+    loaded = torchkiln.load(compiled.save(tmp_path / "artifact"))
+    for shape in [(1, 1, 16), (1, 3, 16), (3, 25, 16)]:
+        x = torch.randn(shape)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x=x), model(x), atol=1e-5, rtol=1e-4)
+
+
+def test_recurrent_shapes_leaves_real_tensors_to_the_real_kernels():
+    """The export-time shape kernels answer fake tensors only: a server thread running an LSTM while
+    another compiles gets real outputs, not empty tensors of the right shape."""
+    from torchkiln.compiler.export import recurrent_shapes
+
+    model = _LstmGruClassifier().eval()
+    x = torch.randn(2, 7, 16)
+    with torch.no_grad():
+        want = model(x)
+        with recurrent_shapes():
+            got = model(x)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)

@@ -74,12 +74,6 @@ def _cleaned(name: str) -> Any:
     return program
 
 
-def _onnx_axes(arch: Arch, axes: dict[str, dict[int, str]]) -> dict[str, dict[int, str]]:
-    """The dynamic axes without those the ONNX exporter cannot keep (``Arch.onnx_static``)."""
-    static = {name for name, _ in arch.onnx_static}
-    return {k: {a: n for a, n in spec.items() if n not in static} for k, spec in axes.items()}
-
-
 def _expected(program: Any, kinds: tuple[str, ...], experts: bool) -> tuple[int, int]:
     """(layers of these kinds with a stored weight, plus a mixture of experts' grouped matmuls when
     ``experts``; weight ops in all), counted on a copy."""
@@ -148,7 +142,6 @@ def test_fp16_on_the_torch_backend(arch):
 @pytest.mark.parametrize("arch", ORT)
 def test_lossless_onnxruntime_dynamic_axes_and_save_load(arch, tmp_path):
     model, inputs, axes, _ = _built(arch.name)
-    axes = _onnx_axes(arch, axes)
     compiled = compile_quietly(model, inputs, dynamic_axes=axes, passes="cleanup", backend="onnxruntime")
     assert compiled.report.artifact.max_abs_error < 1e-3
     _record(arch, "ONNX Runtime", "✓")
@@ -160,8 +153,7 @@ def test_lossless_onnxruntime_dynamic_axes_and_save_load(arch, tmp_path):
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-3)
     names = sorted({name for spec in axes.values() for name in spec.values()})
-    static = "".join(f"; {name} static: {why}" for name, why in arch.onnx_static)
-    _record(arch, "dynamic axes", "✓ " + ", ".join(names) + static)
+    _record(arch, "dynamic axes", "✓ " + ", ".join(names))
     loaded = torchkiln.load(compiled.save(tmp_path / arch.name))
     for g, w in zip(_floats(loaded(**other)), got):
         torch.testing.assert_close(g, w, atol=0, rtol=0)
@@ -193,7 +185,6 @@ def test_the_torch_backend_saves_and_loads_exactly_at_a_new_size(arch, tmp_path)
 @pytest.mark.parametrize("mode", ["dynamic", "int8"])
 def test_int8_onnxruntime_quantizes_every_layer(arch, mode):
     model, inputs, axes, _ = _built(arch.name)
-    axes = _onnx_axes(arch, axes)
     kinds = ("linear",) if mode == "dynamic" else ("linear", "conv")
     quantizable, weight_layers = _expected(_cleaned(arch.name), kinds, experts=mode == "dynamic")
     calibration = calibration_batches(inputs, axes, 8) if mode == "int8" else None

@@ -37,7 +37,7 @@ import torch
 from torchkiln.backends.base import Artifact, Backend, BackendOptions
 from torchkiln.backends.onnx_lowering import translation_table
 from torchkiln.compiler import graph as G
-from torchkiln.compiler.export import export_graph, quiet
+from torchkiln.compiler.export import export_graph, quiet, recurrent_shapes
 from torchkiln.compiler.files import remove_private
 from torchkiln.compiler.options import option
 from torchkiln.compiler.program import Program
@@ -218,7 +218,7 @@ def export_onnx(program: Program, options: OnnxOptions, directory: Path, compres
     except Exception as exc:
         raise ExportError(f"torch.export of the rewritten graph failed: {type(exc).__name__}: {exc}") from exc
     try:
-        with quiet():
+        with quiet(), recurrent_shapes():  # the exporter re-runs shapes: keep the sequence symbolic there too
             onnx_program = torch.onnx.export(
                 exported,
                 (),

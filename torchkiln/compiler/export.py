@@ -51,12 +51,64 @@ def export_graph(
     ``constants`` (non-tensor keywords) are specialized into the graph."""
     shapes = {n: {a: torch.export.Dim.AUTO for a in axes.get(n, {})} for n in names}
     examples = widen(tuple(flat), names, axes)
-    with quiet():
+    with quiet(), recurrent_shapes():
         program = torch.export.export(
             model, (), dict(zip(names, examples)) | dict(constants or {}),
             dynamic_shapes=(shapes | {k: None for k in constants or {}}) if axes else None, strict=False,
         )
     return program
+
+
+#: recurrent ops whose shape torch computes by running their Python kernel (``torch._decomp``'s
+#: ``lstm_impl`` and kin), a loop over the sequence that specializes its length: with a dynamic
+#: sequence axis, an LSTM feeding a bidirectional GRU exported a ``Reshape`` to the traced length
+#: (ONNX Runtime then failed at any other length)
+RECURRENT = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+_KEYS = (torch._C.DispatchKey.CompositeImplicitAutograd, torch._C.DispatchKey.Autograd)
+
+
+def _shaped(original: Any) -> Any:
+    """A recurrent op's kernel that, on fake tensors, makes outputs of the right shapes from the shapes alone:
+    (input, hx, params, has_biases, layers, dropout, train, bidirectional, batch_first) gives an
+    output with the input's sequence and batch and directions x the hidden size, and final states
+    shaped like the initial ones. Real tensors (another thread running the model meanwhile) go to
+    the original kernel."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    def kernel(*args: Any, **kwargs: Any) -> Any:
+        inp, hx = args[0], args[1]
+        if not isinstance(inp, FakeTensor):
+            return original(*args, **kwargs)
+        states = list(hx) if isinstance(hx, (list, tuple)) else [hx]
+        directions = 2 if args[7] else 1
+        output = inp.new_empty((*inp.shape[:2], directions * states[0].shape[2]))
+        return (output, *(state.new_empty(state.shape) for state in states))
+
+    return kernel
+
+
+@contextlib.contextmanager
+def recurrent_shapes() -> Iterator[None]:
+    """While exporting, recurrent ops are shaped by :func:`_shaped` (symbolic sizes pass through)
+    instead of by their sequence loop; the graph keeps the ops themselves either way."""
+    from torch._decomp import decomposition_table  # what fake tensors run for an op with symbolic sizes
+
+    ops = [getattr(torch.ops.aten, name).input for name in RECURRENT]
+    saved = [(op, key, op.py_kernels.get(key)) for op in ops for key in _KEYS]
+    tabled = {op: decomposition_table[op] for op in ops if op in decomposition_table}
+    try:
+        for op, key, original in saved:
+            if original is not None:
+                op.py_kernels[key] = _shaped(original)
+            op._dispatch_cache.clear()
+        decomposition_table.update({op: _shaped(original) for op, original in tabled.items()})
+        yield
+    finally:
+        for op, key, original in saved:
+            if original is not None:
+                op.py_kernels[key] = original
+            op._dispatch_cache.clear()
+        decomposition_table.update(tabled)
 
 
 @contextlib.contextmanager
