@@ -45,7 +45,7 @@ from torch import fx
 
 from torchkiln.backends.base import Artifact, Backend, BackendOptions, check_device, require_cuda
 from torchkiln.compiler import quant_ops
-from torchkiln.compiler.export import export_graph, quiet
+from torchkiln.compiler.export import RECURRENT, export_graph, quiet
 from torchkiln.compiler.files import parse_json, remove_private
 from torchkiln.compiler.graph import add_attribute, drop_unused_attributes, get_attr_value, module_path
 from torchkiln.compiler.machine import cpu_flags, cpu_model, flag_of_compiler_option
@@ -218,6 +218,10 @@ class InductorBackend(Backend):
         example = [t.to(options.device) for t in program.example_inputs]
         try:
             exported = export_graph(module, names, example, program.dynamic_axes)
+        except Exception as exc:
+            raise ExportError(f"torch.export for inductor failed: {type(exc).__name__}: {exc}") from exc
+        refuse_dynamic_recurrence(exported)
+        try:
             with quiet():
                 exported = exported.run_decompositions(decompositions())
         except Exception as exc:
@@ -235,6 +239,24 @@ class InductorBackend(Backend):
 
     def load(self, directory: Path, options: BackendOptions) -> InductorArtifact:
         return InductorArtifact.load(directory, options.to_dict())
+
+
+def refuse_dynamic_recurrence(exported: torch.export.ExportedProgram) -> None:
+    """An LSTM / GRU / RNN over a dynamic sequence axis is refused by name: Inductor unrolls the
+    recurrence over the traced length, so the package computed wrong outputs at every other length
+    (an LSTM feeding a GRU: 7e-2 off at the example itself, caught only by verification)."""
+    for node in exported.graph.nodes:
+        if node.op != "call_function" or getattr(node.target, "_opname", None) not in RECURRENT:
+            continue
+        shape = getattr(node.args[0].meta.get("val"), "shape", ())
+        axis = 1 if node.args[8] else 0  # batch_first
+        if len(shape) > axis and not isinstance(shape[axis], int):
+            raise ExportError(
+                f"the inductor backend cannot run '{node.name}' ({node.target}) over a dynamic sequence axis: "
+                "AOTInductor unrolls the recurrence over the traced length (torch 2.13)",
+                where=node.name,
+                hint="make the sequence axis static, or use backend onnxruntime, openvino or torch (they keep it dynamic)",
+            )
 
 
 def _compile(exported: torch.export.ExportedProgram, options: InductorOptions) -> tuple[bytes, dict[str, int]]:
