@@ -378,7 +378,10 @@ def _run_pipeline_verb(work: Path, directory: Path) -> None:
                          "--microbatches", "2", "--timeout", "20"])  # fmt: skip
     finally:
         for key, value in saved.items():
-            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+            if value is None:
+                del os.environ[key]
+            else:
+                os.environ[key] = value
     text = err.getvalue()
     assert code in (0, 1, 2) and "Traceback" not in text, text[-800:]
     assert (code == 0) == (work / "out" / "o.npz").exists(), text[-800:]

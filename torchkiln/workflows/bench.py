@@ -390,11 +390,12 @@ def _lm_runtimes(
     eager = _eager_lm(model, name, vocab) if model is not None else None
     for batch in batches:
         ids = torch.randint(0, vocab, (batch, prompt + 1), generator=generator)
-        runners = [(label, compiled, [s.name for s in compiled.inputs], empty_past(compiled, batch), size)]
-        if eager is not None:
-            wrapped, names, empty = eager
-            runners.append(("eager", wrapped, names, {n: t[:, :, :0].expand(batch, -1, -1, -1).contiguous() for n, t in empty.items()},
-                            _state_mb(model)))  # type: ignore[arg-type]  # fmt: skip
+        runners: list[tuple[str, Callable[..., Any], list[str], dict[str, torch.Tensor], float | None]] = [
+            (label, compiled, [s.name for s in compiled.inputs], empty_past(compiled, batch), size)]  # fmt: skip
+        if eager is not None and model is not None:
+            wrapped, names, example_past = eager
+            empty = {n: t[:, :, :0].expand(batch, -1, -1, -1).contiguous() for n, t in example_past.items()}
+            runners.append(("eager", wrapped, names, empty, _state_mb(model)))
         for runtime, call, names, past, mb in runners:
             with torch.no_grad():
                 steps = lm_steps(call, names, past, ids)
