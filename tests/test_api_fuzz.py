@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import compile_quietly, tiny_llama
-from hypothesis import HealthCheck, Phase, given, seed, settings
+from hypothesis import HealthCheck, Phase, example, given, seed, settings
 from hypothesis import strategies as st
 from test_format_fuzz import guarded, typed_or_described
 from torch import nn
@@ -115,6 +115,7 @@ COMPILE = dict(example_inputs=X, passes=("cleanup",), backend="torch", backend_o
 
 
 @fuzzed(COMPILE)
+@example(mutation=("tolerance", math.nan))  # a float reached the first comparison: 'no attribute min_cosine'
 def test_compile(mutation):
     call_door(lambda **k: torchkiln.compile(model(), **k), COMPILE, mutation, same_as_eager)
 
@@ -144,6 +145,7 @@ PARTITION = dict(example_inputs={"input": X}, stages=2, balance="params", backen
 
 
 @fuzzed(PARTITION)
+@example(mutation=("tolerance", math.nan))  # found at 1000 per door: AttributeError in verify.compare
 def test_partition(mutation):
     call_door(lambda **k: torchkiln.partition(model(), **k), PARTITION, mutation, is_type(torchkiln.Partition))
 
@@ -154,6 +156,18 @@ BENCH = dict(inputs={"input": X}, runtimes="eager", batch_sizes=(1,), runs=2, ca
 @fuzzed(BENCH)
 def test_bench_model(mutation):
     call_door(lambda **k: torchkiln.bench_model(model(), **k), BENCH, mutation, lambda r: r.table(), writes=True)
+
+
+PIPELINE = dict(directory="parts", inputs="in.npz", output="out.npz", microbatches=4, threads=None, timeout_s=300.0,
+                max_input_mb=4096.0)  # fmt: skip
+
+
+@fuzzed(PIPELINE)
+def test_pipeline(mutation):
+    """Outside torchrun every valid call ends at 'runs under torchrun'; what comes before is the checks."""
+    from torchkiln.workflows.pipeline import pipeline
+
+    call_door(pipeline, PIPELINE, mutation, lambda r: None)
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +181,7 @@ def test_load(saved, mutation):
     call_door(torchkiln.load, defaults, mutation, same_as_eager)
 
 
-@fuzzed(dict(batch_sizes=(1,), runs=2, seed=0, plot=None, eager_model=None, eager_name="eager"))
+@fuzzed(dict(batch_sizes=(1,), runs=2, seed=0, plot=None, eager_model=None, eager_name="eager", prompt_length=32))
 def test_bench_artifact(saved, mutation):
     defaults = dict(batch_sizes=(1,), runs=2, seed=0, plot=None, eager_model=None, eager_name="eager")
     call_door(lambda **k: torchkiln.bench_artifact(saved, **k), defaults, mutation, lambda r: r.table(), writes=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -41,6 +42,15 @@ class Tolerance:
             raise ConfigError(
                 f"tolerance min_cosine must be in (0, 1], got {floor!r}", where="tolerance.min_cosine"
             )
+
+    @classmethod
+    def given(cls, value: Any, setting: str = "tolerance") -> Tolerance | None:
+        """A public door's ``tolerance`` argument: a Tolerance or None, anything else a ConfigError
+        (a float reached the first comparison as "'float' object has no attribute 'min_cosine'")."""
+        if value is None or isinstance(value, cls):
+            return value
+        raise ConfigError(f"{setting} must be a torchkiln.Tolerance or None, got {type(value).__name__} {value!r:.60}",
+                          where=setting, hint="e.g. Tolerance(atol=1e-4, rtol=1e-3) or Tolerance(min_cosine=0.99)")  # fmt: skip
 
     def __str__(self) -> str:
         if self.min_cosine is not None:

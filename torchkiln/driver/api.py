@@ -101,7 +101,7 @@ def compile(  # noqa: A001 - the public name users expect
     over prompts run as prefill and decode steps) is checked and reported (``report.kv_cache``).
     """
     _check_arguments(backend=backend, frontend=frontend, name=name, leaf_modules=leaf_modules, verify=verify,
-                     latency_runs=latency_runs, kv_cache=kv_cache, cache=cache)  # fmt: skip
+                     latency_runs=latency_runs, kv_cache=kv_cache, cache=cache, tolerance=tolerance)  # fmt: skip
     say = progress or (lambda _: None)
     pipeline = parse_pipeline(passes)
     # Eager runs (checks, latency, the distillation teacher) use this copy, never the user's module;
@@ -301,6 +301,7 @@ def _check_arguments(**given: Any) -> None:
     arguments.flag("verify", given["verify"])
     arguments.integer("latency_runs", given["latency_runs"], low=0, high=10_000)
     arguments.path("cache", given["cache"], optional=True)
+    Tolerance.given(given["tolerance"])
 
 
 def _optimize_cached(

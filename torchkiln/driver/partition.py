@@ -247,6 +247,7 @@ def partition(
     say = progress or (lambda _: None)
     _check_settings(stages, balance, example_inputs)
     arguments.text("backend", backend)
+    Tolerance.given(tolerance)
     if cuts is not None:
         arguments.integers("cuts", cuts, low=0)
     say("tracing and optimizing the model")

@@ -127,9 +127,7 @@ def compare_artifact(
 
     if not isinstance(model, nn.Module):
         raise ConfigError(f"compare_artifact needs a torch.nn.Module, got {type(model).__name__}", where="model")
-    if tolerance is not None and not isinstance(tolerance, Tolerance):
-        raise ConfigError(f"tolerance must be a torchkiln.Tolerance or None, got {type(tolerance).__name__}",
-                          where="tolerance", hint="e.g. Tolerance(atol=1e-4, rtol=1e-3) or Tolerance(min_cosine=0.99)")  # fmt: skip
+    Tolerance.given(tolerance)
     arguments.flag("optimize", optimize)
     compiled = artifact if isinstance(artifact, CompiledModel) else load(artifact)
     model_path = getattr(compiled.artifact, "model_path", None)

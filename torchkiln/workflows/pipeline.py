@@ -213,10 +213,10 @@ def pipeline(
     timeout_s = arguments.positive("--timeout", timeout_s)
     max_input_mb = arguments.positive("--max-input-mb", max_input_mb)
     check_file_destination(arguments.path("output", output), "npz", reads=[("--inputs", inputs)])
-    if threads is not None:
-        torch.set_num_threads(threads)
     try:
         rank, _ = join_group(timeout_s)
+        if threads is not None:  # this rank's process only: set once it is one
+            torch.set_num_threads(threads)
         part = load_partition(directory, stages=[rank])
         stage = part.stages[rank] if rank < len(part.stages) else None
         values = _read_inputs(Path(inputs), stage.inputs, max_input_mb) if rank == 0 and stage else None
