@@ -104,3 +104,24 @@ def test_export_help_lists_backend_options(capsys):
     out = capsys.readouterr().out
     assert "opset (int, default 23)" in out and "opset (int, default 18)" in out and "providers (list of str" in out
     assert "device (str, default 'cpu')" in out and "  tensorrt:" in out and "precision (list of str" in out
+
+
+@pytest.mark.parametrize("command", [["partition", "mlp", "-o", "parts"], ["export", "mlp", "-o", "out"], ["inspect", "mlp"]])
+def test_a_seed_past_64_bits_exits_2(command, capsys, tmp_path, monkeypatch):
+    """Found by the API fuzzer: kiln partition --seed 2**70 was an internal error (Overflow when unpacking long long)."""
+    monkeypatch.chdir(tmp_path)
+    assert main([*command, "--seed", str(2**70)]) == 2
+    assert "--seed" in capsys.readouterr().err
+
+
+def test_an_input_the_allocator_refuses_exits_2(capsys, monkeypatch):
+    """Within the memory budget yet refused by the allocator (a ulimit, fragmentation): torch's
+    'RuntimeError: [enforce fail at alloc_cpu.cpp]' was an internal error; now it names the input."""
+    import torch
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. you tried to allocate 4000000000 bytes")
+
+    monkeypatch.setattr(torch, "randn", refuse)
+    assert main(["inspect", "mlp", "--input", "1000000000"]) == 2
+    assert "cannot allocate input 'x' (3.73 GiB)" in capsys.readouterr().err

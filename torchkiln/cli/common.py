@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from torchkiln import models
+from torchkiln.compiler import arguments
 from torchkiln.compiler.budget import check_allocation
 from torchkiln.compiler.program import dtype_from_name
 from torchkiln.compiler.verify import Tolerance
@@ -116,6 +117,7 @@ def parse_input(text: str, default_name: str) -> tuple[str, tuple[int, ...], tor
 
 
 MAX_INPUT_BYTES = 4 * 2**30
+MAX_SEED = 2**63 - 1
 _INPUT_DTYPES = {
     getattr(torch, n): n
     for n in ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")
@@ -123,6 +125,7 @@ _INPUT_DTYPES = {
 
 
 def example_inputs(args: argparse.Namespace, entry: models.ZooEntry | None) -> dict[str, torch.Tensor]:
+    arguments.integer("--seed", args.seed, low=0, high=MAX_SEED)  # torch.Generator takes 64 bits
     if not args.input:
         if entry is None:
             raise InputError(
@@ -137,12 +140,16 @@ def example_inputs(args: argparse.Namespace, entry: models.ZooEntry | None) -> d
         name, shape, dtype, high = parse_input(text, default)
         cost = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         check_allocation("--input", text, cost, f"input '{name}'", ConfigError)
-        if dtype.is_floating_point:
-            tensors[name] = torch.randn(shape, generator=generator).to(dtype)
-        elif dtype is torch.bool:
-            tensors[name] = torch.randint(0, 2, shape, generator=generator).bool()
-        else:
-            tensors[name] = torch.randint(0, high, shape, generator=generator, dtype=dtype)
+        try:
+            if dtype.is_floating_point:
+                tensors[name] = torch.randn(shape, generator=generator).to(dtype)
+            elif dtype is torch.bool:
+                tensors[name] = torch.randint(0, 2, shape, generator=generator).bool()
+            else:
+                tensors[name] = torch.randint(0, high, shape, generator=generator, dtype=dtype)
+        except (MemoryError, RuntimeError) as exc:  # within the budget, yet the allocator (or a ulimit) said no
+            raise InputError(f"cannot allocate input '{name}' ({cost / 2**30:.2f} GiB): {str(exc).splitlines()[0][:120]}",
+                             where="--input", hint="give the shape of one real batch, e.g. 1x3x224x224") from exc  # fmt: skip
     return tensors
 
 
@@ -161,7 +168,7 @@ def calibration_batches(
             )
         batch = sum(t.numel() * t.element_size() for t in example.values())
         check_allocation("--calibration", source, batch * int(count), f"{count} batches like the example", ConfigError)
-        seeds = range(args.seed + 1, args.seed + 1 + int(count))
+        seeds = [(args.seed + k) % (MAX_SEED + 1) for k in range(1, 1 + int(count))]
         return [example_inputs(argparse.Namespace(**{**vars(args), "seed": s}), entry) for s in seeds]
     batch = next(iter(example.values())).shape[0] if example else 1
     return load_batches(source, list(example), max(int(batch), 1))

@@ -9,6 +9,7 @@ import sys
 import torchkiln
 from torchkiln.backends import BACKEND_NAMES, get_backend
 from torchkiln.cli.common import (
+    MAX_SEED,
     add_model_arguments,
     calibration_batches,
     example_inputs,
@@ -16,6 +17,7 @@ from torchkiln.cli.common import (
     stage_printer,
     tolerance_from_flags,
 )
+from torchkiln.compiler import arguments
 from torchkiln.compiler.files import check_destination
 from torchkiln.compiler.kv_cache import MODES
 from torchkiln.compiler.report import WIDTH
@@ -126,6 +128,7 @@ def _backend_options(items: list[str]) -> dict[str, str]:
 def run(args: argparse.Namespace) -> int:
     # before the work, not after it; never a directory holding the model or the calibration data
     check_destination(args.output, "artifact", files_read(args.model, calibration=args.calibration))
+    arguments.integer("--seed", args.seed, low=0, high=MAX_SEED)
     model, entry = load_model(args.model, args.task)
     task = args.task or (
         tasks.inferred_task(args.model) if tasks.is_pretrained_directory(args.model) else None

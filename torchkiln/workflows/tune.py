@@ -84,9 +84,9 @@ def tune(
     settings = tuning.settings(recipe)
     # each worker is a process with its own torch (~0.5 GiB): more than the cores only compete (a fuzzed
     # workers=200 filled 24 GiB)
-    for count, number, most in (("trials", trials, 100_000), ("workers", workers, os.cpu_count() or 1)):
-        if number is not None:
-            integer(count, number, high=most)
+    if trials is not None:  # None: the recipe's
+        integer("trials", trials, high=100_000)
+    integer("workers", workers, high=os.cpu_count() or 1)
     for seconds, given, low in (("timeout", timeout, 0), ("grace_period", grace_period, 1)):  # NaN never ends
         if given is not None and (isinstance(given, bool) or not isinstance(given, (int, float))
                                   or not math.isfinite(given) or given < low):  # fmt: skip
