@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 
+import torchkiln
 from torchkiln.cli import main
 
 transformers = pytest.importorskip(
@@ -286,3 +287,22 @@ def test_the_cli_makes_as_many_tokens_as_the_api_by_default(exported, capsys):
     assert main(["generate", str(root / "artifact"), "--prompt-ids", "5,6,7", "--min-new-tokens", str(MAX_NEW_TOKENS)]) == 0
     out, err = capsys.readouterr()
     assert len(out.partition(" | ")[2].split()) == MAX_NEW_TOKENS == 20 and f"kiln: {MAX_NEW_TOKENS} tokens in " in err
+
+
+def test_a_bf16_checkpoint_exports_in_float32_and_generates_like_its_model(tmp_path, capsys):
+    """Llama 3 and Qwen 2.5 checkpoints store bf16: transformers 5 loaded them as bf16 and the cache
+    wrapper's float32 past failed the first call ('query, key, and value to have the same dtype')."""
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64,
+                                      bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+    torch.manual_seed(0)
+    lm = transformers.LlamaForCausalLM(config).eval().to(torch.bfloat16)
+    lm.save_pretrained(tmp_path / "model")
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert main(["export", str(tmp_path / "model"), "-o", str(tmp_path / "artifact"), "--quiet"]) == 0
+    manifest = json.loads((tmp_path / "artifact" / "manifest.json").read_text())
+    assert {s["dtype"] for s in manifest["inputs"] if s["name"].startswith("past_")} == {"float32"}
+    ids = torch.tensor([[5, 6, 7, 8]])
+    expected = lm.float().generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    got = torchkiln.load(tmp_path / "artifact").generate(ids, max_new_tokens=5, min_new_tokens=5)
+    assert got.tolist() == expected.tolist()

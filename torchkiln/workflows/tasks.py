@@ -49,7 +49,10 @@ def load_pretrained(directory: str, task: str | None) -> nn.Module:
     }[task]
     _refuse_pickled_weights(Path(directory))
     model = _loaded(
-        lambda: auto.from_pretrained(directory, local_files_only=True, trust_remote_code=False, use_safetensors=True),
+        # float32 whatever the checkpoint stores: transformers 5 loads a bf16 checkpoint (every Llama 3,
+        # Qwen 2.5) as bf16 by default, and its cache wrapper's float32 past made the first call fail
+        lambda: auto.from_pretrained(directory, local_files_only=True, trust_remote_code=False, use_safetensors=True,
+                                     dtype=torch.float32),  # fmt: skip
         f"{directory} for {task}", directory, "MODEL must be a save_pretrained directory of a model that has this task",
     )  # fmt: skip
     return model.eval()
