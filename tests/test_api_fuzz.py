@@ -257,6 +257,7 @@ TUNE = dict(recipe="kiln.toml", output="out", trials=1, timeout=None, workers=1,
 
 @fuzzed(TUNE)
 @example(mutation=("workers", None))  # found at 1000 per door: TypeError comparing None > 1
+@example(mutation=("grace_period", None))  # and then: TypeError in None // 2
 def test_tune(mutation):
     call_door(torchkiln.tune, TUNE, mutation, lambda r: None, writes=True, files={"kiln.toml": RECIPE})
 
@@ -275,10 +276,20 @@ COMMANDS: dict[str, list[str]] = {
 }  # kiln models takes no options
 
 
+#: the option that stands for the command's first positional argument (MODEL, ARTIFACT, PARTITION)
+POSITIONAL = "<positional>"
+
+
 def _options(command: str) -> list[str]:
     parser = build_parser()
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction").choices[command]
-    return sorted(o for a in sub._actions for o in a.option_strings if o.startswith("--") and o != "--help")
+    options = sorted(o for a in sub._actions for o in a.option_strings if o.startswith("--") and o != "--help")
+    return options + ([POSITIONAL] if len(COMMANDS[command]) > 1 else [])
+
+
+def _argv(command: str, option: str, value: str) -> list[str]:
+    base = COMMANDS[command]
+    return [base[0], value, *base[2:]] if option == POSITIONAL else [*base, option, value]
 
 
 CLI_VALUES = st.sampled_from(["nan", "inf", "-inf", "0", "-1", "1.5", str(2**70), "1000000000", "", "x",
@@ -298,7 +309,7 @@ def test_every_kiln_option_with_hostile_values(command, capsys):
         with in_work() as work:
             with guarded(work, writable=work):
                 try:
-                    code = main([*COMMANDS[command], option, value])
+                    code = main(_argv(command, option, value))
                 except SystemExit as exit_:  # argparse's own usage error: the process exits 2, as kiln's do
                     code = exit_.code
         err = capsys.readouterr().err

@@ -125,3 +125,17 @@ def test_an_input_the_allocator_refuses_exits_2(capsys, monkeypatch):
     monkeypatch.setattr(torch, "randn", refuse)
     assert main(["inspect", "mlp", "--input", "1000000000"]) == 2
     assert "cannot allocate input 'x' (3.73 GiB)" in capsys.readouterr().err
+
+
+LONG = "a" * 300  # longer than any file name may be: Path.exists() raises ENAMETOOLONG
+
+
+@pytest.mark.parametrize("argv", [["bench", LONG], ["export", LONG, "-o", "out"], ["inspect", LONG],
+                                  ["export", f"{LONG}.py:build", "-o", "out"], ["export", "mlp", "-o", "out", "--calibration", LONG],
+                                  ["partition", LONG, "-o", "parts"]])  # fmt: skip
+def test_a_name_too_long_for_a_file_is_a_usage_error(argv, capsys, tmp_path, monkeypatch):
+    """Found by the API fuzzer: 'internal error: OSError: [Errno 36] File name too long'."""
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "internal error" not in err and "aaaa" in err

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from torchkiln.cli.common import (
     add_model_arguments,
@@ -23,6 +22,7 @@ from torchkiln.cli.common import (
     example_inputs,
     stage_printer,
 )
+from torchkiln.compiler.files import names_existing
 from torchkiln.errors import ConfigError
 from torchkiln.workflows.bench import (
     MODEL_RUNTIMES,
@@ -71,7 +71,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     sizes = _batch_sizes(args.batch_sizes)
     common = {"batch_sizes": sizes, "runs": args.runs, "plot": args.plot, "progress": stage_printer(args.quiet)}
-    if Path(args.model).is_dir():  # a directory is an artifact; load() says what is wrong with it
+    if names_existing(args.model, "dir"):  # a directory is an artifact; load() says what is wrong with it
         eager = load_model(args.eager_model)[0] if args.eager_model else None
         result = bench_artifact(args.model, eager_model=eager, eager_name=f"--model {args.eager_model}", seed=args.seed,
                                 allow_native_code=args.allow_native_code, prompt_length=args.prompt_length, **common)  # fmt: skip

@@ -567,3 +567,13 @@ def default_directory() -> Path:
         return Path(explicit)
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "torchkiln"
+
+
+def names_existing(path: str | os.PathLike[str], kind: str = "any") -> bool:
+    """Whether ``path`` names an existing file (``kind="file"``), directory (``"dir"``) or anything: a name no file can have
+    (too long: ENAMETOOLONG, which ``Path.exists`` / ``is_file`` raise; a NUL) names nothing, so a
+    reader can say "not found" in its own words instead of an internal OSError."""
+    try:
+        return {"file": Path.is_file, "dir": Path.is_dir}.get(kind, Path.exists)(Path(path))
+    except (OSError, ValueError):
+        return False

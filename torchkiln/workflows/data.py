@@ -13,13 +13,14 @@ from typing import Any
 
 import torch
 
+from torchkiln.compiler.files import names_existing
 from torchkiln.errors import InputError
 
 
 def load_batches(path: str | Path, names: Sequence[str], batch_size: int) -> list[Any]:
     """Batches (tensors, tuples or dicts of tensors) from a ``.pt`` or ``.npz`` file."""
     path = Path(path)
-    if not path.is_file():
+    if not names_existing(path, "file"):
         raise InputError(f"data file not found: {path}", where=str(path))
     try:
         if path.suffix == ".npz":

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from torchkiln.compiler.files import names_existing
 from torchkiln.errors import ConfigError
 from torchkiln.workflows import tasks
 
@@ -62,10 +63,10 @@ def files_read(model: str, **data: str | None) -> list[tuple[str, Path]]:
     directory; not a zoo or package name) and each named data file that exists."""
     found = []
     location = model.rpartition(":")[0] if ".py:" in model else model
-    if Path(location).exists():
+    if names_existing(location):
         found.append(("the model", Path(location)))
     for what, value in data.items():
-        if value and Path(value).exists():
+        if value and names_existing(value):
             found.append((f"the {what}", Path(value)))
     return found
 
@@ -86,7 +87,7 @@ def load_callable(spec: str, what: str = "function") -> Any:
 def _import(location: str, spec: str) -> Any:
     if location.endswith(".py"):
         path = Path(location)
-        if not path.is_file():
+        if not names_existing(path, "file"):
             raise ConfigError(f"model file {path} does not exist", where=spec)
         # A unique module name: the file's bare stem could shadow a real package (a model file
         # called onnx.py or json.py would replace `onnx` for everything imported after it).

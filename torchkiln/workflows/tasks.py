@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from torchkiln.compiler import causal_lm, seq2seq
-from torchkiln.compiler.files import parse_json
+from torchkiln.compiler.files import names_existing, parse_json
 from torchkiln.errors import ArtifactError, ConfigError, InputError
 
 TASKS = ("text-generation", "text2text-generation", "automatic-speech-recognition")
@@ -29,7 +29,7 @@ EXAMPLE_TOKENS = 8
 
 
 def is_pretrained_directory(spec: str) -> bool:
-    return Path(spec).is_dir() and (Path(spec) / "config.json").is_file()
+    return names_existing(spec, "dir") and names_existing(Path(spec) / "config.json", "file")
 
 
 def load_pretrained(directory: str, task: str | None) -> nn.Module:

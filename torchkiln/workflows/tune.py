@@ -88,8 +88,8 @@ def tune(
         integer("trials", trials, high=100_000)
     integer("workers", workers, high=os.cpu_count() or 1)
     for seconds, given, low in (("timeout", timeout, 0), ("grace_period", grace_period, 1)):  # NaN never ends
-        if given is not None and (isinstance(given, bool) or not isinstance(given, (int, float))
-                                  or not math.isfinite(given) or given < low):  # fmt: skip
+        if (given is not None or seconds == "grace_period") and (isinstance(given, bool) or not isinstance(given, (int, float))
+                                                                 or not math.isfinite(given) or given < low):  # fmt: skip
             raise ConfigError(f"{seconds} must be a finite number of seconds >= {low}, got {given!r}", where=seconds)
     if trials is not None:
         settings = dataclasses.replace(settings, trials=trials)
