@@ -13,7 +13,9 @@ checkpoint is written on a 24 GiB machine. Then, each tool in its own process un
   level 4: int8 compute, the builder's CPU default);
 * run: a child process loads the artifact and times prefill (a ``--prompt``-token prompt, empty
   cache) and decode (``--new`` tokens, per token after the first) at batch 1 and 8, through
-  ``CompiledModel.generate`` and GenAI's ``Generator`` loop.
+  ``CompiledModel.generate`` and GenAI's ``Generator`` loop; for ours also the loop's own cost per
+  token at batch 1 (a generation's wall time less the time inside ONNX Runtime's run calls, per new
+  token; GenAI's loop is C++ and not separable this way).
 
 A tool that fails or runs out of memory is a row saying so. The machine line names the CPU.
 
@@ -168,6 +170,27 @@ rows = {{}}
 for batch in (1, 8):
     prefill, decode = g.measure({{"v": variant}}, batch, prompt, new, 2, vocab)["v"]
     rows[batch] = [prefill, decode]
+if tool == "ours":  # the loop's own cost per token at batch 1: wall time less the time inside ONNX Runtime
+    import statistics, time, onnxruntime as ort
+    inside = [0.0]
+    def timing(method):
+        def run(self, *args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                inside[0] += time.perf_counter() - start
+        return run
+    ort.InferenceSession.run = timing(ort.InferenceSession.run)
+    ort.InferenceSession.run_with_iobinding = timing(ort.InferenceSession.run_with_iobinding)
+    ids = torch.randint(3, vocab, (1, prompt))
+    spent = []
+    for _ in range(5):
+        inside[0] = 0.0
+        start = time.perf_counter()
+        variant.generate(ids, new)
+        spent.append((time.perf_counter() - start - inside[0]) / new * 1e3)
+    rows["overhead_ms"] = statistics.median(spent)
 print("RESULT " + json.dumps(rows))
 """
 
@@ -241,18 +264,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def table(rows: list[dict[str, Any]], size_gib_of: dict[str, float]) -> str:
-    lines = ["| size | precision | tool | compile s | peak RSS GiB (x checkpoint) | artifact GiB | cosine vs eager | prefill ms b1 | decode tok/s b1 | decode tok/s b8 |",
-             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| size | precision | tool | compile s | peak RSS GiB (x checkpoint) | artifact GiB | cosine vs eager | prefill ms b1 | decode tok/s b1 | decode tok/s b8 | loop ms/token b1 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in rows:
         built, run = row["compile"], (row.get("run") or {}).get("rows")
         if built["code"] != 0:
-            lines.append(f"| {row['size']} | {row['precision']} | {row['tool']} | failed (exit {built['code']}): {built['last']} | | | | | | |")
+            lines.append(f"| {row['size']} | {row['precision']} | {row['tool']} | failed (exit {built['code']}): {built['last']} | | | | | | | |")
             continue
         ratio = built["peak_gib"] / size_gib_of[row["size"]]
         speed = [f"{run['1'][0]:.1f}", f"{run['1'][1]:.1f}", f"{run['8'][1]:.1f}"] if run else ["-", "-", "-"]
+        loop = f"{run['overhead_ms']:.3f}" if run and "overhead_ms" in run else "not separable (C++ loop)"
         cosine = f"{row['cosine']:.4f}" if row.get("cosine") is not None else "not measured"
         lines.append(f"| {row['size']} | {row['precision']} | {row['tool']} | {built['seconds']:.0f} | {built['peak_gib']:.2f} ({ratio:.1f}x) "
-                     f"| {row['artifact_gib']:.2f} | {cosine} | {' | '.join(speed)} |")  # fmt: skip
+                     f"| {row['artifact_gib']:.2f} | {cosine} | {' | '.join(speed)} | {loop} |")  # fmt: skip
     return "\n".join(lines)
 
 

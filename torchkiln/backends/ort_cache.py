@@ -272,6 +272,10 @@ class SharedCacheSession(CacheSession):
             self.buffers.append((buffer, value))  # the array must outlive the OrtValue that shares it
             self.binding.bind_ortvalue_input(past, value)
         self.presents = [(out, value) for (_, out), (_, value) in zip(pairs, self.buffers)]
+        # the buffers are the present outputs for the whole generation: bound once, first (get_outputs
+        # follows the binding order); a step rebinds only the other outputs, whose shapes change
+        for name, value in self.presents:
+            self.binding.bind_ortvalue_output(name, value)
 
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if not inputs or inputs[0].dim() != 2 or inputs[0].is_floating_point():
@@ -284,11 +288,8 @@ class SharedCacheSession(CacheSession):
         for name, value in zip(self.inputs, inputs):
             binding.bind_cpu_input(name, value.detach().cpu().contiguous().numpy())
         binding.bind_cpu_input(PAST_LENGTH, np.array([self.length], np.int64))
-        # outputs bound anew each step, the buffers first: ONNX Runtime would otherwise reuse the
-        # previous step's logits array, whose shape no longer fits; get_outputs follows this order
-        binding.clear_binding_outputs()
-        for name, value in self.presents:
-            binding.bind_ortvalue_output(name, value)
+        # the other outputs bound anew each step (in their places): ONNX Runtime would otherwise
+        # reuse the previous step's logits array, whose shape no longer fits
         for name in [*self.outputs, CACHED_LENGTH]:
             binding.bind_output(name, "cpu")
         try:

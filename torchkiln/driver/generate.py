@@ -312,12 +312,13 @@ class _CausalSession(_Session):
     def __init__(self, model: Any, mask: torch.Tensor, capacity: int):
         super().__init__(model, empty_past(model, len(mask)), capacity)
         self.mask, self.started = mask, False
+        self.names = frozenset(spec.name for spec in model.inputs)  # once, not per token
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.started:
             self.mask = torch.cat([self.mask, torch.ones_like(tokens)], 1)
         self.started = True
-        inputs = step_inputs(self.model, tokens, self.mask, {})
+        inputs = step_inputs(self.names, tokens, self.mask, {})
         return self.run(inputs)
 
 
