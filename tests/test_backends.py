@@ -225,3 +225,36 @@ def test_recurrent_shapes_leaves_real_tensors_to_the_real_kernels():
         with recurrent_shapes():
             got = model(x)
     torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_recurrent_shapes_from_many_threads_restores_the_kernels():
+    """Exports in two threads, the first in leaving first: the last one out restores torch's own
+    kernels (saved and restored per context, the second would have saved the first's shape-only
+    kernels and put them back at its end)."""
+    import threading
+
+    from torch._decomp import decomposition_table
+
+    from torchkiln.compiler.export import recurrent_shapes
+
+    op = torch.ops.aten.lstm.input
+    key = torch._C.DispatchKey.CompositeImplicitAutograd
+    before = (op.py_kernels.get(key), decomposition_table.get(op))
+    entered = [threading.Event(), threading.Event()]
+    leave = [threading.Event(), threading.Event()]
+
+    def export_for_a_while(index: int) -> None:
+        with recurrent_shapes():
+            entered[index].set()
+            leave[index].wait()
+
+    threads = [threading.Thread(target=export_for_a_while, args=(i,)) for i in range(2)]
+    threads[0].start()
+    entered[0].wait()
+    threads[1].start()
+    entered[1].wait()
+    assert op.py_kernels.get(key) is not before[0]  # installed while they run
+    for index in (0, 1):
+        leave[index].set()
+        threads[index].join()
+    assert (op.py_kernels.get(key), decomposition_table.get(op)) == before

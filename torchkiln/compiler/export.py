@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import threading
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -87,28 +88,52 @@ def _shaped(original: Any) -> Any:
     return kernel
 
 
+_RECURRENT_LOCK = threading.Lock()
+_recurrent_users: list[Any] = []  # while exports run: [their count, the kernels and table entries to restore]
+
+
 @contextlib.contextmanager
 def recurrent_shapes() -> Iterator[None]:
     """While exporting, recurrent ops are shaped by :func:`_shaped` (symbolic sizes pass through)
-    instead of by their sequence loop; the graph keeps the ops themselves either way."""
+    instead of by their sequence loop; the graph keeps the ops themselves either way. Exports in
+    several threads share one installation: the first installs, the last restores (nested saves
+    would otherwise restore each other's kernels and leave the shape-only ones behind)."""
+    with _RECURRENT_LOCK:
+        if not _recurrent_users:
+            _recurrent_users[:] = [0, _install_recurrent_shapes()]
+        _recurrent_users[0] += 1
+    try:
+        yield
+    finally:
+        with _RECURRENT_LOCK:
+            _recurrent_users[0] -= 1
+            if _recurrent_users[0] == 0:
+                _restore_recurrent(*_recurrent_users[1])
+                _recurrent_users.clear()
+
+
+def _install_recurrent_shapes() -> tuple[list[Any], dict[Any, Any]]:
     from torch._decomp import decomposition_table  # what fake tensors run for an op with symbolic sizes
 
     ops = [getattr(torch.ops.aten, name).input for name in RECURRENT]
     saved = [(op, key, op.py_kernels.get(key)) for op in ops for key in _KEYS]
     tabled = {op: decomposition_table[op] for op in ops if op in decomposition_table}
-    try:
-        for op, key, original in saved:
-            if original is not None:
-                op.py_kernels[key] = _shaped(original)
-            op._dispatch_cache.clear()
-        decomposition_table.update({op: _shaped(original) for op, original in tabled.items()})
-        yield
-    finally:
-        for op, key, original in saved:
-            if original is not None:
-                op.py_kernels[key] = original
-            op._dispatch_cache.clear()
-        decomposition_table.update(tabled)
+    for op, key, original in saved:
+        if original is not None:
+            op.py_kernels[key] = _shaped(original)
+        op._dispatch_cache.clear()
+    decomposition_table.update({op: _shaped(original) for op, original in tabled.items()})
+    return saved, tabled
+
+
+def _restore_recurrent(saved: list[Any], tabled: dict[Any, Any]) -> None:
+    from torch._decomp import decomposition_table
+
+    for op, key, original in saved:
+        if original is not None:
+            op.py_kernels[key] = original
+        op._dispatch_cache.clear()
+    decomposition_table.update(tabled)
 
 
 @contextlib.contextmanager
