@@ -472,7 +472,7 @@ CLI_CASES = [
      "--calibration=random:1000000000 needs 238.4 GiB for 1000000000 batches like the example"),
     (["tune", "{tmp}/negative_seed.toml", "--no-cache", "-o", "{tmp}/o"], 2, "[tune] seed must be an integer in [0, 2**32), got -1"),
     (["tune", "{tmp}/tune.toml", "--no-cache", "--timeout", "nan", "-o", "{tmp}/o"], 2,
-     "timeout must be a finite number of seconds >= 0, got nan"),
+     "timeout must be a finite number of seconds >= 0, got float nan"),
     (["export", "mlp", "--input", "100000000000x64", "-o", "{tmp}/o"], 2, "is more than an example input needs"),
     (["export", "text_encoder", "--input", "1x16:int64:0", "-o", "{tmp}/o"], 2, "high must be in [1,"),
     (["export", "mlp", "--input", "1x64:int8:300", "-o", "{tmp}/o"], 2, "high must be in [1, 128]"),

@@ -28,10 +28,13 @@ def integer(
     return value
 
 
-def positive(setting: str, value: Any) -> float:
-    """A finite real number > 0 (seconds, megabytes): not a bool, not NaN or infinity."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{setting} must be a finite number > 0, got {_shown(value)}", where=setting)
+def real(setting: str, value: Any, low: float = 0.0, strict: bool = True, unit: str = "") -> float:
+    """A finite real number > ``low`` (>= with ``strict=False``): not a bool, not NaN or infinity (a
+    NaN bound turns every comparison off: ``nan < 0`` is False). ``unit`` reads "of seconds"."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not number or not (value > low if strict else value >= low):
+        what = f"a finite number{f' {unit}' if unit else ''} {'>' if strict else '>='} {low:g}"
+        raise ConfigError(f"{setting} must be {what}, got {_shown(value)}", where=setting)
     return float(value)
 
 

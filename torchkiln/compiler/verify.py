@@ -11,12 +11,12 @@ when every output's cosine similarity to the reference (flattened) is at least t
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from torchkiln.compiler import arguments
 from torchkiln.errors import ConfigError
 
 
@@ -30,11 +30,7 @@ class Tolerance:
         """A NaN bound turns every comparison off (``error <= nan`` is False, ``not >`` is True):
         refuse it, and every other value that cannot describe a check."""
         for key in ("atol", "rtol"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ConfigError(
-                    f"tolerance {key} must be a finite number >= 0, got {value!r}", where=f"tolerance.{key}"
-                )
+            arguments.real(f"tolerance {key}", getattr(self, key), low=0, strict=False)
         floor = self.min_cosine
         if floor is not None and (
             isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 < floor <= 1

@@ -210,8 +210,8 @@ def pipeline(
     arguments.path("inputs", inputs)
     arguments.integer("--microbatches", microbatches, high=1 << 20)
     threads = arguments.integer("--threads", threads, high=1 << 12) if threads is not None else None
-    timeout_s = arguments.positive("--timeout", timeout_s)
-    max_input_mb = arguments.positive("--max-input-mb", max_input_mb)
+    timeout_s = arguments.real("--timeout", timeout_s, unit="of seconds")
+    max_input_mb = arguments.real("--max-input-mb", max_input_mb)
     check_file_destination(arguments.path("output", output), "npz", reads=[("--inputs", inputs)])
     try:
         rank, _ = join_group(timeout_s)

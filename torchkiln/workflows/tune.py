@@ -87,10 +87,9 @@ def tune(
     if trials is not None:  # None: the recipe's
         integer("trials", trials, high=100_000)
     integer("workers", workers, high=os.cpu_count() or 1)
-    for seconds, given, low in (("timeout", timeout, 0), ("grace_period", grace_period, 1)):  # NaN never ends
-        if (given is not None or seconds == "grace_period") and (isinstance(given, bool) or not isinstance(given, (int, float))
-                                                                 or not math.isfinite(given) or given < low):  # fmt: skip
-            raise ConfigError(f"{seconds} must be a finite number of seconds >= {low}, got {given!r}", where=seconds)
+    if timeout is not None:  # None: no limit; NaN would never end
+        arguments.real("timeout", timeout, low=0, strict=False, unit="of seconds")
+    arguments.real("grace_period", grace_period, low=1, strict=False, unit="of seconds")
     if trials is not None:
         settings = dataclasses.replace(settings, trials=trials)
     destination = Path(output) if output else recipe.path.parent / "tune"
